@@ -1,0 +1,218 @@
+"""The typed edit: one fact change, validated and normalised once, here.
+
+An edit says: for ``subject``, the completion of ``prompt`` (a template with ``{}`` where the
+subject goes) is now ``target_new``. Everything else in kem (stores, retrieval, prompt composition,
+consolidation, evaluation) takes an :class:`Edit` and never re-normalises its text.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from kem.errors import ValidationError
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:\-]{0,127}$")
+_WS = re.compile(r"\s+")
+MAX_TEXT = 2000
+MAX_PARAPHRASES = 32
+
+
+def _clean(text: str) -> str:
+    """Collapse runs of whitespace to one space and strip the ends."""
+    return _WS.sub(" ", text).strip()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EditStatus(StrEnum):
+    """Lifecycle of an edit. ``active`` edits are applied in context; ``consolidated`` ones live in a
+    published model version (and are still applied to older versions); ``retired`` ones were deleted
+    or superseded and are kept only in the history."""
+
+    active = "active"
+    consolidated = "consolidated"
+    retired = "retired"
+
+
+class LocalityProbe(BaseModel):
+    """A prompt the edit must NOT change, with its expected (pre-edit) answer when known."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+    answer: str | None = Field(None, max_length=MAX_TEXT)
+
+    @field_validator("prompt", "answer")
+    @classmethod
+    def _norm(cls, v: str | None) -> str | None:
+        return None if v is None else _clean(v)
+
+
+class Edit(BaseModel):
+    """One fact edit.
+
+    Attributes:
+        id: Stable identifier (a uuid4 hex unless given).
+        namespace: Tenant; edits of one namespace are never seen from another.
+        subject: The entity the fact is about, e.g. ``"Danielle Darrieux"``.
+        prompt: Template with ``{}`` where the subject goes, e.g. ``"The mother tongue of {} is"``.
+            A prompt that contains the subject verbatim instead is accepted and templated here.
+        target_new: The new completion, e.g. ``"English"`` (stored without a leading space; use
+            :attr:`target_completion` when a tokenizer needs the space).
+        target_true: The old completion, when known.
+        relation: Optional relation id (e.g. Wikidata ``"P103"``). Two active edits with the same
+            subject and relation cannot coexist: the newer supersedes the older. Without a relation,
+            the prompt template stands for the relation.
+        paraphrases: Other phrasings of the same question (full text, subject included).
+        locality: Probes the edit must leave unchanged.
+        source: Free-form provenance (``"counterfact:0"``, ``"api"``, a user name...).
+        status: See :class:`EditStatus`.
+        supersedes: Id of the edit this one replaced.
+        consolidated_in: Model version that absorbed this edit (when status is ``consolidated``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    namespace: str = "default"
+    subject: str = Field(min_length=1, max_length=MAX_TEXT)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+    target_new: str = Field(min_length=1, max_length=MAX_TEXT)
+    target_true: str | None = Field(None, max_length=MAX_TEXT)
+    relation: str | None = Field(None, max_length=128)
+    paraphrases: list[str] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
+    locality: list[LocalityProbe] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
+    source: str | None = Field(None, max_length=MAX_TEXT)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    status: EditStatus = EditStatus.active
+    supersedes: str | None = None
+    consolidated_in: str | None = None
+
+    # ---- normalisation (the only place it happens) -------------------------------------------
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        v = v.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.:\-]{1,128}", v):
+            raise ValueError(f"must be 1-128 characters of letters, digits, _ . : - (got {v!r})")
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        v = v.strip()
+        if not NAMESPACE_RE.fullmatch(v):
+            raise ValueError(
+                "must start with a letter or digit and use only letters, digits, _ . @ : - "
+                f"(at most 128 characters; got {v!r})"
+            )
+        return v
+
+    @field_validator("subject", "target_new", "target_true", "source", "relation")
+    @classmethod
+    def _text(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        v = _clean(v)
+        if not v and info.field_name in ("subject", "target_new"):
+            raise ValueError("must not be empty or only whitespace")
+        return v or None
+
+    @field_validator("paraphrases")
+    @classmethod
+    def _paraphrases(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for i, p in enumerate(v):
+            p = _clean(p)
+            if not p:
+                raise ValueError(f"item {i} is empty")
+            if len(p) > MAX_TEXT:
+                raise ValueError(f"item {i} is longer than {MAX_TEXT} characters")
+            if p not in out:
+                out.append(p)
+        return out
+
+    @model_validator(mode="after")
+    def _template(self) -> Edit:
+        prompt = _clean(self.prompt)
+        if "{}" not in prompt:
+            if self.subject not in prompt:
+                raise ValueError(
+                    f'prompt must contain "{{}}" where the subject goes, or the subject '
+                    f"{self.subject!r} verbatim (got {prompt!r})"
+                )
+            prompt = prompt.replace(self.subject, "{}", 1)
+        if prompt.count("{}") != 1:
+            raise ValueError(f'prompt must contain "{{}}" exactly once (got {prompt!r})')
+        if prompt.strip() == "{}":
+            raise ValueError(f"prompt must say something besides the subject (got {prompt!r})")
+        self.prompt = prompt
+        if self.status == EditStatus.consolidated and not self.consolidated_in:
+            raise ValueError("consolidated_in must name the model version when status is 'consolidated'")
+        return self
+
+    # ---- derived text ---------------------------------------------------------------------------
+    @property
+    def rendered_prompt(self) -> str:
+        """The prompt with the subject filled in: ``"The mother tongue of Danielle Darrieux is"``."""
+        return self.prompt.replace("{}", self.subject)
+
+    @property
+    def target_completion(self) -> str:
+        """``target_new`` with the leading space a tokenizer expects after the prompt."""
+        return " " + self.target_new
+
+    @property
+    def fact(self) -> str:
+        """The edit as one statement: ``"The mother tongue of Danielle Darrieux is English."``."""
+        text = f"{self.rendered_prompt} {self.target_new}"
+        return text if text[-1] in ".!?" else text + "."
+
+    @property
+    def relation_key(self) -> str:
+        """What "the same relation" means for superseding: the relation id, else the template."""
+        return (self.relation or self.prompt).casefold()
+
+    @property
+    def subject_key(self) -> str:
+        return self.subject.casefold()
+
+    def retrieval_keys(self) -> list[str]:
+        """Texts embedded for retrieval: the rendered prompt, the fact, then the paraphrases."""
+        keys = [self.rendered_prompt, self.fact, *self.paraphrases]
+        return keys[:16]
+
+    # ---- construction with kem's own error type ------------------------------------------------
+    @classmethod
+    def parse(cls, data: dict[str, Any] | Edit, **overrides: Any) -> Edit:
+        """Validate ``data`` (plus ``overrides``) into an Edit, raising :class:`kem.errors.ValidationError`
+        whose message names every bad field."""
+        if isinstance(data, Edit):
+            data = data.model_dump()
+        payload = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            return cls.model_validate(payload)
+        except PydanticValidationError as exc:
+            raise validation_error("Edit", exc) from None
+
+
+def validation_error(model_name: str, exc: PydanticValidationError) -> ValidationError:
+    """Turn pydantic's error into kem's, naming each field: ``Edit.prompt must contain ...``."""
+    parts = []
+    first_field = None
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "(record)"
+        first_field = first_field or loc
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{model_name}.{loc} {msg}" if loc != "(record)" else f"{model_name}: {msg}")
+    return ValidationError("; ".join(parts), field=first_field)

@@ -1,0 +1,93 @@
+"""kem's exception tree. Every error kem raises on purpose derives from KemError.
+
+    KemError
+    ├── ValidationError          bad input; names the field and the fix (HTTP 400)
+    │   └── DatasetFormatError   a dataset record is malformed; names the record (HTTP 400)
+    ├── NotFoundError            an edit, version or model that does not exist (HTTP 404)
+    ├── ConflictError            the request contradicts stored state (HTTP 409)
+    ├── AuthError                missing or wrong API key (HTTP 401)
+    │   └── ForbiddenError       a key asking for another namespace (HTTP 403)
+    ├── ModelError               a model could not be found, converted or loaded (HTTP 500)
+    ├── StoreError               the edit store is unreadable or of a newer schema (HTTP 500)
+    ├── EngineError              the generation engine failed (HTTP 502 / upstream's status)
+    └── ConsolidationError       a consolidation job failed; nothing was published (HTTP 500)
+        └── GateError            the edited model did not pass the checks (HTTP 422)
+"""
+
+from __future__ import annotations
+
+
+class KemError(Exception):
+    """Base class of every error kem raises on purpose."""
+
+    status_code: int = 500
+    code: str = "kem_error"
+
+
+class ValidationError(KemError, ValueError):
+    """Bad input. The message names the field and says how to fix it."""
+
+    status_code = 400
+    code = "invalid_request_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DatasetFormatError(ValidationError):
+    """A record of an imported dataset is malformed."""
+
+
+class NotFoundError(KemError, KeyError):
+    status_code = 404
+    code = "not_found"
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ConflictError(KemError):
+    status_code = 409
+    code = "conflict"
+
+
+class AuthError(KemError):
+    status_code = 401
+    code = "invalid_api_key"
+
+
+class ForbiddenError(AuthError):
+    status_code = 403
+    code = "forbidden"
+
+
+class ModelError(KemError):
+    status_code = 500
+    code = "model_error"
+
+
+class StoreError(KemError):
+    status_code = 500
+    code = "store_error"
+
+
+class EngineError(KemError):
+    status_code = 502
+    code = "engine_error"
+
+    def __init__(self, message: str, *, status_code: int | None = None, body: object = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+        self.body = body
+
+
+class ConsolidationError(KemError):
+    status_code = 500
+    code = "consolidation_error"
+
+
+class GateError(ConsolidationError):
+    status_code = 422
+    code = "gate_failed"

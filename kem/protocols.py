@@ -1,0 +1,158 @@
+"""The small interfaces kem's parts meet at: generator, embedder, edit store, vector index.
+
+Each is a ``typing.Protocol`` with a handful of methods. Implementations: generators in
+``kem.adapters`` (transformers, vLLM, OpenAI-compatible HTTP), the embedder in ``kem.embedding``,
+stores in ``kem.store`` (in-memory reference) and ``kem.stores`` (SQLite), the index in ``kem.index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from kem.edit import Edit, EditStatus
+
+Message = dict[str, Any]  # OpenAI-style chat message: {"role": "user", "content": "..."}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling settings. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)  # passed through to engines that know them
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A text generation engine. ``generate`` continues raw text; ``chat`` applies the chat template."""
+
+    name: str
+
+    def generate(self, prompt: str, params: GenerationParams) -> str: ...
+
+    def chat(self, messages: Sequence[Message], params: GenerationParams) -> str: ...
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]: ...
+
+    def stream_chat(self, messages: Sequence[Message], params: GenerationParams) -> Iterator[str]: ...
+
+
+@runtime_checkable
+class AsyncGenerator(Protocol):
+    """The async face of a generator (servers use it; ``kem.adapters.base.to_async`` wraps a sync one)."""
+
+    name: str
+
+    async def agenerate(self, prompt: str, params: GenerationParams) -> str: ...
+
+    async def achat(self, messages: Sequence[Message], params: GenerationParams) -> str: ...
+
+    def astream(self, prompt: str, params: GenerationParams) -> AsyncIterator[str]: ...
+
+    def astream_chat(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[str]: ...
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Sentence embedder. ``embed`` returns L2-normalised float32 rows, shape ``(len(texts), dim)``."""
+
+    name: str
+    dim: int
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of a store's append-only history."""
+
+    seq: int  # strictly increasing over the whole store
+    edit_id: str
+    namespace: str
+    op: str  # "add" | "update" | "delete" | "supersede" | "consolidate"
+    at: str  # ISO timestamp
+    snapshot: dict[str, Any] | None  # the edit after the change (before it, for "delete")
+
+
+@runtime_checkable
+class EditStore(Protocol):
+    """Durable record of edits; the source of truth. Every mutation is atomic and appends history.
+
+    Semantics every store shares (``tests/store_conformance.py`` checks them):
+    - ``add`` rejects an existing id (ConflictError); an active edit with the same namespace, subject
+      and relation is superseded: it becomes ``retired`` and the new edit's ``supersedes`` names it.
+    - ``delete`` removes the edit from listings (it stays in ``history``); unknown ids raise NotFoundError.
+    - Namespaces are hard boundaries: a read with a namespace never returns another namespace's edit.
+    - ``revision`` increases with every change; ``changes_since(r)`` lists what happened after ``r``.
+    - Embeddings are stored beside edits (per embedder name) so indexes rebuild without re-embedding.
+    """
+
+    def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit: ...
+
+    def add_many(
+        self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None, embedder: str | None = None
+    ) -> list[Edit]: ...
+
+    def get(self, edit_id: str, namespace: str | None = None) -> Edit: ...
+
+    def update(self, edit_id: str, changes: dict[str, Any], namespace: str | None = None) -> Edit: ...
+
+    def delete(self, edit_id: str, namespace: str | None = None) -> Edit: ...
+
+    def list(
+        self,
+        namespace: str | None = None,
+        status: EditStatus | Sequence[EditStatus] | None = None,
+        limit: int | None = None,
+        offset: int = 0,
+    ) -> list[Edit]: ...
+
+    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int: ...
+
+    def namespaces(self) -> list[str]: ...
+
+    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]: ...
+
+    def revision(self) -> int: ...
+
+    def changes_since(self, revision: int) -> list[Change]: ...
+
+    def mark_consolidated(self, edit_ids: Sequence[str], version: str) -> None: ...
+
+    def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]: ...
+
+    def put_embeddings(self, edit_id: str, embedder: str, vectors: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScoredEdit:
+    """An edit retrieved for a request, with its scope decision.
+
+    ``score`` is the best cosine similarity between the request and the edit's retrieval keys;
+    ``subject_match`` is the fraction of the subject's words found in the request (0..1);
+    ``in_scope`` is the scope classifier's verdict.
+    """
+
+    edit: Edit
+    score: float
+    subject_match: float = 0.0
+    in_scope: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.edit.id,
+            "score": round(float(self.score), 4),
+            "subject_match": round(float(self.subject_match), 3),
+            "in_scope": self.in_scope,
+            "subject": self.edit.subject,
+            "target_new": self.edit.target_new,
+        }

@@ -1,0 +1,43 @@
+"""Runtime settings: one pydantic-settings object, read from ``KEM_*`` environment variables.
+
+Nothing is read at import time: build a ``Settings()`` where it is needed (the CLI, the server,
+``KnowledgeEditor.open``) and pass it down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """kem's runtime settings. Every field can be set as ``KEM_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="KEM_", extra="ignore")
+
+    home: Path = Field(Path("kem-data"), description="Where the edit store, index and model versions live.")
+    cache_dir: Path = Field(
+        Path("~/.cache/kem").expanduser(),
+        description="Converted models, covariance statistics and other rebuildable caches.",
+    )
+    device: str = Field("auto", description='"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...')
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="Generator: a known name (see kem.models.KNOWN_MODELS) or a local Hugging Face folder.",
+    )
+    embedder: str = Field(
+        "all-minilm-l6-v2", description="Embedder: a known name or a local sentence-transformers folder."
+    )
+    namespace: str = Field("default", description="Namespace used when a request names none.")
+    top_k: int = Field(4, ge=1, le=64, description="Edits retrieved per request before the scope decision.")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Default generation length.")
+
+    def resolved_device(self) -> str:
+        """The torch device string to use: CUDA when asked for "auto" and one is present."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
