@@ -1,0 +1,43 @@
+"""What a method's compute function may use besides the model: caches, the corpus, and running state.
+
+State is explicit: the caller builds one :class:`EditContext`, reuses it across calls, and owns it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from kem.consolidation.covariance import CovarianceCache
+from kem.consolidation.shared.templates import TemplateCache
+
+
+@dataclass
+class EditContext:
+    """Resources shared across compute calls.
+
+    Attributes:
+        covariance: Covariance statistics cache (disk-backed when given a root).
+        templates: Context-template cache.
+        corpus: Text corpus for covariance statistics; None samples texts from the model.
+        state: Per-method running state, keyed by method name (AlphaEdit keeps its past keys here).
+        progress: Show progress bars for long steps.
+    """
+
+    covariance: CovarianceCache = field(default_factory=lambda: CovarianceCache(None))
+    templates: TemplateCache = field(default_factory=TemplateCache)
+    corpus: str | os.PathLike[str] | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False
+
+    @classmethod
+    def from_cache_dir(cls, cache_dir: str | os.PathLike[str] | None, corpus: str | os.PathLike[str] | None = None) -> EditContext:
+        """A context whose covariance statistics persist under ``cache_dir``."""
+        return cls(covariance=CovarianceCache(cache_dir), corpus=corpus)
+
+    def second_moments(self, model: Any, tok: Any, layers: list[int], n_samples: int, max_tokens: int, fingerprint: str | None = None) -> dict[int, Any]:
+        """``{layer: E[k k^T]}`` from the cache (see :class:`CovarianceCache`)."""
+        return self.covariance.get(
+            model, tok, layers, self.corpus, n_samples, max_tokens, fingerprint=fingerprint, progress=self.progress
+        )

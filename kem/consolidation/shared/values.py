@@ -1,0 +1,163 @@
+"""Target values: the vector ``delta`` that, added to the MLP output at the subject's last token of a
+given layer, makes the model say the new target (ROME's v*, MEMIT's z, step "compute_v" / "compute_z").
+
+All edits of a batch are optimised together in one padded forward pass per step (their losses are
+independent sums, and Adam is element-wise, so this equals optimising them one by one). Logits are
+computed only at the target positions, and the loss stops early once every edit's target is likely.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from kem.consolidation.arch import layer_module, mlp_out_module
+from kem.consolidation.shared.prompts import Row, make_rows, pad, pad_id
+from kem.edit import Edit
+
+log = logging.getLogger(__name__)
+
+
+class ValueOptions(BaseModel):
+    """How the target value is optimised (shared by ROME, MEMIT and AlphaEdit)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(25, ge=1, le=500, description="Maximum Adam steps.")
+    lr: float = Field(0.5, gt=0, description="Adam learning rate on delta.")
+    stop_prob: float = Field(0.9, gt=0, le=1.0, description="Stop once every edit's mean target probability exceeds this.")
+    kl_factor: float = Field(0.0625, ge=0, description="Weight of the KL term that keeps '<subject> is a' unchanged.")
+    weight_decay: float = Field(1e-3, ge=0, description="Penalty on ||delta||^2 / ||reference||^2.")
+    clamp_factor: float = Field(4.0, gt=0, description="||delta|| is clamped to this times the reference norm.")
+    norm_ref: str = Field("mlp", pattern="^(mlp|block)$", description="Reference norm: MLP output or block output.")
+    edit_batch: int = Field(16, ge=1, description="Edits optimised together in one forward pass.")
+
+
+@dataclass
+class ValueResult:
+    """Optimised deltas for a batch of edits.
+
+    Attributes:
+        delta: ``(n_edits, d_model)`` float32, added at the subject's last token of ``layer``.
+        probs: ``(n_edits,)`` mean target probability over the templates at the end.
+        steps: Steps taken per edit chunk.
+    """
+
+    delta: torch.Tensor
+    probs: torch.Tensor
+    steps: list[int]
+
+
+def optimise_values(
+    model: Any, tok: Any, edits: Sequence[Edit], layer: int, templates: Sequence[str], opts: ValueOptions
+) -> ValueResult:
+    """Optimise one delta per edit at ``layer`` (see module docstring); the model is not modified."""
+    deltas, probs, steps = [], [], []
+    for start in range(0, len(edits), opts.edit_batch):
+        d, p, s = _optimise_chunk(model, tok, edits[start : start + opts.edit_batch], layer, templates, opts)
+        deltas.append(d)
+        probs.append(p)
+        steps.append(s)
+    return ValueResult(torch.cat(deltas), torch.cat(probs), steps)
+
+
+def _kl_rows(tok: Any, edits: Sequence[Edit]) -> list[Row]:
+    rows = []
+    for i, e in enumerate(edits):
+        subj = tok(e.subject, add_special_tokens=False)["input_ids"]
+        ids = tok(f"{e.subject} is a", add_special_tokens=False)["input_ids"]
+        rows.append(Row(ids, min(len(subj), len(ids)) - 1, [], i))
+    return rows
+
+
+def _optimise_chunk(
+    model: Any, tok: Any, edits: Sequence[Edit], layer: int, templates: Sequence[str], opts: ValueOptions
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    device = next(model.parameters()).device
+    n = len(edits)
+    rows = make_rows(tok, edits, templates, with_target=True)
+    kl_rows = _kl_rows(tok, edits)
+    all_rows = rows + kl_rows
+    ids, mask = pad(all_rows, pad_id(tok), device)
+    n_all = len(all_rows)
+    sel = torch.arange(n_all, device=device)
+    pos = torch.tensor([r.subject_pos for r in all_rows], device=device)
+    owner = torch.tensor([r.edit for r in all_rows], device=device)
+
+    # Flat index of every (row, position, target token) for the NLL.
+    t_row, t_pos, t_id = [], [], []
+    for i, r in enumerate(rows):
+        start = len(r.ids) - len(r.target)
+        for j, tid in enumerate(r.target):
+            t_row.append(i)
+            t_pos.append(start + j)
+            t_id.append(tid)
+    t_row_t = torch.tensor(t_row, device=device)
+    t_pos_t = torch.tensor(t_pos, device=device)
+    t_id_t = torch.tensor(t_id, device=device)
+    tok_owner = owner[t_row_t]
+    tok_count = torch.bincount(t_row_t, minlength=len(rows)).float()
+    rows_per_edit = torch.bincount(owner[: len(rows)], minlength=n).float()
+    kl_last = torch.tensor([len(r.ids) - 1 for r in kl_rows], device=device)
+    kl_sel = torch.arange(len(rows), n_all, device=device)
+
+    delta = torch.zeros(n, model.config.hidden_size, device=device, requires_grad=True)
+    refs: dict[str, torch.Tensor] = {}
+
+    def add_delta(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+        if "mlp" not in refs:
+            refs["mlp"] = out[sel, pos].detach().float()
+        return torch.index_put(out, (sel, pos), delta[owner].to(out.dtype), accumulate=True)
+
+    def read_block(module: Any, args: Any, out: Any) -> None:
+        if "block" not in refs:
+            h = out[0] if isinstance(out, tuple) else out
+            refs["block"] = h[sel, pos].detach().float()
+
+    base = model.base_model
+    head = model.get_output_embeddings()
+    opt = torch.optim.Adam([delta], lr=opts.lr)
+    kl_ref: torch.Tensor | None = None
+    probs = torch.zeros(n)
+    handles = [
+        mlp_out_module(model, layer).register_forward_hook(add_delta),
+        layer_module(model, layer).register_forward_hook(read_block),
+    ]
+    step = 0
+    try:
+        for step in range(opts.steps + 1):
+            hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            logp = F.log_softmax(head(hidden[t_row_t, t_pos_t]).float(), -1)
+            tok_nll = -logp.gather(1, t_id_t[:, None])[:, 0]
+            row_nll = torch.zeros(len(rows), device=device).index_add(0, t_row_t, tok_nll) / tok_count
+            edit_nll = torch.zeros(n, device=device).index_add(0, owner[: len(rows)], row_nll) / rows_per_edit
+            row_prob = torch.exp(-row_nll.detach())
+            probs = (torch.zeros(n, device=device).index_add(0, owner[: len(rows)], row_prob) / rows_per_edit).cpu()
+            kl_logp = F.log_softmax(head(hidden[kl_sel, kl_last]).float(), -1)
+            if kl_ref is None:
+                kl_ref = kl_logp.detach()
+            kl = F.kl_div(kl_logp, kl_ref, log_target=True, reduction="none").sum(-1)
+            ref = refs[opts.norm_ref][: n * len(templates) : len(templates)].norm(dim=-1)
+            wd = opts.weight_decay * delta.norm(dim=-1) ** 2 / ref**2
+            if bool((probs >= opts.stop_prob).all()) or step == opts.steps:
+                break
+            loss = (edit_nll + opts.kl_factor * kl + wd).sum()
+            (grad,) = torch.autograd.grad(loss, [delta])
+            opt.zero_grad()
+            delta.grad = grad
+            opt.step()
+            with torch.no_grad():
+                limit = opts.clamp_factor * ref
+                scale = (limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    finally:
+        for h in handles:
+            h.remove()
+    log.debug("values at layer %d: %d steps, target probs %s", layer, step, probs.tolist())
+    return delta.detach(), probs, step

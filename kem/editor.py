@@ -1,0 +1,233 @@
+"""The facade: ``KnowledgeEditor`` ties the edit memory, the scope decision, prompt composition and a
+generator together. A user's first three lines::
+
+    ke = KnowledgeEditor.open("kem-data")
+    ke.add(Edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English"))
+    print(ke.generate("The mother tongue of Danielle Darrieux is").text)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kem.compose import COMPLETION_STOP, Composer, last_user_text, load_demos
+from kem.edit import Edit, EditStatus
+from kem.protocols import Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
+from kem.scope import ScopeClassifier, ScopeConfig
+from kem.settings import Settings
+from kem.store import InMemoryStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rewrite:
+    """A request after the fast path: the (possibly) rewritten request and why.
+
+    Attributes:
+        request: The prompt string or message list to send to the engine. When no edit is in scope
+            it is the caller's object itself, unchanged.
+        applied: In-scope edits that entered the request.
+        considered: Every retrieved edit with its score and verdict.
+        stop: Stop strings the rewrite needs (added to the caller's).
+    """
+
+    request: str | list[Message]
+    applied: list[ScoredEdit] = field(default_factory=list)
+    considered: list[ScoredEdit] = field(default_factory=list)
+    stop: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied)
+
+
+@dataclass
+class Answer:
+    """What :meth:`KnowledgeEditor.generate` / :meth:`~KnowledgeEditor.chat` return."""
+
+    text: str
+    edits: list[ScoredEdit]
+    model: str
+    considered: list[ScoredEdit] = field(default_factory=list)
+    request: str | list[Message] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "edits": [s.as_dict() for s in self.edits], "model": self.model}
+
+
+class KnowledgeEditor:
+    """Edit memory + in-context editing in front of a generator.
+
+    Build it with :meth:`open` (persistent, SQLite + FAISS under a folder) or :meth:`in_memory`.
+    The generator and embedder load lazily on first use unless given.
+    """
+
+    def __init__(self, memory: Any, *, settings: Settings | None = None, generator: Generator | None = None,
+                 scope: ScopeConfig | None = None, demos: str | Path | None = None) -> None:
+        from kem.memory import EditMemory
+
+        self.settings = settings or Settings()
+        self.memory: EditMemory = memory
+        self.scope = ScopeClassifier(scope)
+        self.composer = Composer(load_demos(demos), memory.embedder)
+        self._generator = generator
+        self.absorbed_versions: frozenset[str] = frozenset()  # versions whose edits are in the weights
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, settings: Settings | None = None,
+             generator: Generator | None = None, embedder: Embedder | None = None,
+             scope: ScopeConfig | None = None, demos: str | Path | None = None) -> KnowledgeEditor:
+        """Open (or create) the persistent memory under ``path`` (default: ``settings.home``)."""
+        from kem.memory import EditMemory
+        from kem.stores.sqlite import SQLiteStore
+
+        settings = settings or Settings()
+        home = Path(path) if path is not None else settings.home
+        settings = settings.model_copy(update={"home": home})
+        store = SQLiteStore(home / "edits.sqlite")
+        try:
+            memory = EditMemory(store, embedder or default_embedder(settings), home / "index")
+        except BaseException:
+            store.close()
+            raise
+        return cls(memory, settings=settings, generator=generator, scope=scope, demos=demos)
+
+    @classmethod
+    def in_memory(cls, *, settings: Settings | None = None, generator: Generator | None = None,
+                  embedder: Embedder | None = None, scope: ScopeConfig | None = None,
+                  demos: str | Path | None = None) -> KnowledgeEditor:
+        """An ephemeral editor (in-memory store and index), for tests and one-off runs."""
+        from kem.memory import EditMemory
+
+        settings = settings or Settings()
+        memory = EditMemory(InMemoryStore(), embedder or default_embedder(settings), None)
+        return cls(memory, settings=settings, generator=generator, scope=scope, demos=demos)
+
+    @property
+    def generator(self) -> Generator:
+        """The engine (the embedded default loads on first use)."""
+        if self._generator is None:
+            from kem.adapters.transformers import TransformersGenerator
+
+            s = self.settings
+            self._generator = TransformersGenerator.load(s.model, s.cache_dir, device=s.resolved_device())
+        return self._generator
+
+    @generator.setter
+    def generator(self, value: Generator) -> None:
+        self._generator = value
+
+    @property
+    def store(self) -> Any:
+        return self.memory.store
+
+    # ---- edits --------------------------------------------------------------------------------------
+    def add(self, edit: Edit | dict[str, Any]) -> Edit:
+        """Validate, embed, store and index one edit. Returns it as stored (``supersedes`` set when it
+        replaced an older edit of the same subject and relation)."""
+        return self.memory.add_many([Edit.parse(edit)])[0]
+
+    def add_many(self, edits: Iterable[Edit | dict[str, Any]], progress: bool = False) -> list[Edit]:
+        """Add many edits in one transaction (all or none)."""
+        return self.memory.add_many([Edit.parse(e) for e in edits], progress=progress)
+
+    def get(self, edit_id: str, namespace: str | None = None) -> Edit:
+        return self.store.get(edit_id, namespace)
+
+    def update(self, edit_id: str, changes: dict[str, Any], namespace: str | None = None) -> Edit:
+        return self.store.update(edit_id, changes, namespace)
+
+    def remove(self, edit_id: str, namespace: str | None = None) -> Edit:
+        """Delete an edit (it stays in :meth:`history`)."""
+        return self.store.delete(edit_id, namespace)
+
+    def list(self, namespace: str | None = None, status: EditStatus | Sequence[EditStatus] | None = None,
+             limit: int | None = None, offset: int = 0) -> list[Edit]:
+        return self.store.list(namespace, status, limit, offset)
+
+    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]:
+        return self.store.history(edit_id, namespace)
+
+    # ---- the fast path ------------------------------------------------------------------------------
+    def retrieve(self, query: str, namespace: str | None = None, k: int | None = None,
+                 query_vec: np.ndarray | None = None) -> list[ScoredEdit]:
+        """Retrieve the top-``k`` edits of ``namespace`` for ``query`` with their scope verdicts."""
+        ns = namespace or self.settings.namespace
+        hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions)
+        return self.scope.decide(query, hits)
+
+    def rewrite_prompt(self, prompt: str, namespace: str | None = None) -> Rewrite:
+        """The fast path for a completion prompt: IKE prompt when edits are in scope, else ``prompt``."""
+        qv = self.memory.embedder.embed([prompt])[0]
+        considered = self.retrieve(prompt, namespace, query_vec=qv)
+        applied = [s for s in considered if s.in_scope]
+        if not applied:
+            return Rewrite(prompt, [], considered)
+        text = self.composer.completion(prompt, [s.edit for s in applied], qv)
+        return Rewrite(text, applied, considered, COMPLETION_STOP)
+
+    def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None) -> Rewrite:
+        """The fast path for a chat request: retrieval on the last user message."""
+        query = last_user_text(messages)
+        if not query.strip():
+            return Rewrite(list(messages), [], [])
+        qv = self.memory.embedder.embed([query])[0]
+        considered = self.retrieve(query, namespace, query_vec=qv)
+        applied = [s for s in considered if s.in_scope]
+        if not applied:
+            return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered)
+        return Rewrite(self.composer.chat(messages, [s.edit for s in applied], qv), applied, considered)
+
+    def _params(self, params: GenerationParams | None, max_new_tokens: int | None, extra_stop: tuple[str, ...]) -> GenerationParams:
+        p = params or GenerationParams(max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
+        if max_new_tokens is not None and params is not None:
+            p = GenerationParams(max_new_tokens, p.temperature, p.top_p, p.stop, p.extra)
+        if extra_stop:
+            p = GenerationParams(p.max_new_tokens, p.temperature, p.top_p, tuple(dict.fromkeys(p.stop + extra_stop)), p.extra)
+        return p
+
+    def generate(self, prompt: str, namespace: str | None = None, *, max_new_tokens: int | None = None,
+                 params: GenerationParams | None = None, use_edits: bool = True) -> Answer:
+        """Complete ``prompt`` with the in-scope edits applied in context."""
+        rw = self.rewrite_prompt(prompt, namespace) if use_edits else Rewrite(prompt)
+        assert isinstance(rw.request, str)
+        text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw.stop))
+        return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
+
+    def chat(self, messages: Sequence[Message] | str, namespace: str | None = None, *,
+             max_new_tokens: int | None = None, params: GenerationParams | None = None,
+             use_edits: bool = True) -> Answer:
+        """Answer a chat (a message list, or one user message as a string) with the edits in context."""
+        msgs: list[Message] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        rw = self.rewrite_chat(msgs, namespace) if use_edits else Rewrite(msgs)
+        assert isinstance(rw.request, list)
+        text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw.stop))
+        return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
+
+    # ---- life cycle ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Save the index and close the store."""
+        try:
+            self.memory.save()
+        finally:
+            self.store.close()
+
+    def __enter__(self) -> KnowledgeEditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def default_embedder(settings: Settings) -> Embedder:
+    from kem.embedding import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(settings.embedder, settings.cache_dir, device=settings.resolved_device())

@@ -1,0 +1,182 @@
+"""Edit memory: the store (source of truth) + embeddings + the derived FAISS index, kept in step.
+
+Every read first compares the store's revision with the index's (one cheap SQLite query) and replays
+the store's history since then, so edits written by another process (the CLI while a server runs)
+are seen at once. A missing, corrupt or foreign index is rebuilt from the store's saved embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from kem.edit import Edit
+from kem.index import NamespacedIndex
+from kem.protocols import EditStore, Embedder
+from kem.store import LIVE
+
+log = logging.getLogger(__name__)
+
+
+class EditMemory:
+    """Keeps a :class:`~kem.index.NamespacedIndex` in step with an :class:`~kem.protocols.EditStore`.
+
+    Args:
+        store: The edit store.
+        embedder: Embeds retrieval keys and queries.
+        index_dir: Where the index is saved (``None``: memory only).
+        hnsw_threshold: See :class:`~kem.index.NamespacedIndex`.
+    """
+
+    def __init__(self, store: EditStore, embedder: Embedder, index_dir: str | Path | None = None,
+                 hnsw_threshold: int = 200_000) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.index_dir = Path(index_dir) if index_dir else None
+        self.hnsw_threshold = hnsw_threshold
+        self._lock = threading.RLock()
+        self._dirty = False
+        self.index = self._open_index()
+        self.sync()
+
+    # ---- index life cycle -------------------------------------------------------------------------
+    def _open_index(self) -> NamespacedIndex:
+        if self.index_dir is not None and (self.index_dir / "meta.json").is_file():
+            try:
+                idx, info = NamespacedIndex.load(self.index_dir, self.hnsw_threshold)
+                if info.get("embedder") == self.embedder.name and idx.dim == self.embedder.dim \
+                        and idx.revision <= self.store.revision():
+                    return idx
+                log.warning("index at %s is for another embedder or a newer store: rebuilding", self.index_dir)
+            except Exception as exc:  # corrupt or partial files: the store has everything
+                log.warning("index at %s is unreadable (%s): rebuilding from the store", self.index_dir, exc)
+        elif self.index_dir is not None:
+            log.info("no index at %s: building it from the store", self.index_dir)
+        return self.rebuild(save=False)
+
+    def rebuild(self, save: bool = True, progress: bool = False) -> NamespacedIndex:
+        """Build a fresh index from every live edit in the store (re-embedding only what lacks vectors)."""
+        with self._lock:
+            rev = self.store.revision()
+            idx = NamespacedIndex(self.embedder.dim, self.hnsw_threshold)
+            total = self.store.count(status=None)
+            page, offset = 2000, 0
+            with tqdm(total=total, desc="indexing edits", disable=not progress, unit="edit") as bar:
+                while True:
+                    edits = self.store.list(status=LIVE, limit=page, offset=offset)
+                    if not edits:
+                        break
+                    for e, v in zip(edits, self._vectors_for(edits), strict=True):
+                        idx.add(e.namespace, e.id, v)
+                    offset += page
+                    bar.update(len(edits))
+            idx.revision = rev
+            self.index = idx
+            self._dirty = True
+            if save:
+                self.save()
+            return idx
+
+    def _vectors_for(self, edits: Sequence[Edit]) -> list[np.ndarray]:
+        """Key vectors for ``edits``: from the store, embedding (and saving) the missing ones."""
+        have = self.store.embeddings([e.id for e in edits], self.embedder.name)
+        missing = [e for e in edits if e.id not in have or len(have[e.id]) != len(e.retrieval_keys())]
+        if missing:
+            for e, v in zip(missing, self.embed_edits(missing), strict=True):
+                self.store.put_embeddings(e.id, self.embedder.name, v)
+                have[e.id] = v
+        return [have[e.id] for e in edits]
+
+    def embed_edits(self, edits: Sequence[Edit], progress: bool = False) -> list[np.ndarray]:
+        """Embed every edit's retrieval keys in one batch; returns one ``(n_keys, dim)`` array per edit."""
+        keys = [e.retrieval_keys() for e in edits]
+        flat = [k for ks in keys for k in ks]
+        chunks = range(0, len(flat), 1024)
+        parts = [self.embedder.embed(flat[i:i + 1024])
+                 for i in tqdm(chunks, desc="embedding", unit="chunk", disable=not progress or len(chunks) < 2)]
+        vecs = np.concatenate(parts) if parts else np.zeros((0, self.embedder.dim), np.float32)
+        out, i = [], 0
+        for ks in keys:
+            out.append(vecs[i:i + len(ks)])
+            i += len(ks)
+        return out
+
+    def sync(self) -> None:
+        """Replay the store's changes since the index's revision (cheap when nothing changed)."""
+        rev = self.store.revision()
+        if rev == self.index.revision:
+            return
+        with self._lock:
+            if rev < self.index.revision:  # the store went back in time (restored file): start over
+                self.rebuild(save=False)
+                return
+            latest: dict[str, tuple[str, str, dict | None]] = {}
+            for ch in self.store.changes_since(self.index.revision):
+                latest[ch.edit_id] = (ch.op, ch.namespace, ch.snapshot)
+            live: list[Edit] = []
+            for edit_id, (op, ns, snap) in latest.items():
+                edit = Edit.model_validate(snap) if snap and op != "delete" else None
+                if edit is not None and edit.status in LIVE:
+                    live.append(edit)
+                else:
+                    self.index.remove(ns, edit_id)
+            for start in range(0, len(live), 2000):
+                chunk = live[start:start + 2000]
+                for e, v in zip(chunk, self._vectors_for_existing(chunk), strict=True):
+                    if v is not None:
+                        self.index.add(e.namespace, e.id, v)
+            self.index.revision = rev
+            self._dirty = True
+
+    def _vectors_for_existing(self, edits: Sequence[Edit]) -> list[np.ndarray | None]:
+        have = self.store.embeddings([e.id for e in edits], self.embedder.name)
+        out: list[np.ndarray | None] = []
+        for e in edits:
+            v = have.get(e.id)
+            if v is None or len(v) != len(e.retrieval_keys()):
+                v = self.embed_edits([e])[0]
+                try:
+                    self.store.put_embeddings(e.id, self.embedder.name, v)
+                except KeyError:  # deleted meanwhile
+                    v = None
+            out.append(v)
+        return out
+
+    def save(self) -> None:
+        """Write the index beside the store (atomic), if it changed since the last save."""
+        if self.index_dir is None or not self._dirty:
+            return
+        with self._lock:
+            self.index.save(self.index_dir, {"embedder": self.embedder.name})
+            self._dirty = False
+
+    # ---- writes and reads ---------------------------------------------------------------------------
+    def add_many(self, edits: Iterable[Edit], progress: bool = False) -> list[Edit]:
+        """Embed and store edits (one transaction), then index them."""
+        edits = [Edit.parse(e) for e in edits]
+        vecs = self.embed_edits(edits, progress=progress)
+        stored = self.store.add_many(edits, vecs, self.embedder.name)
+        self.sync()
+        return stored
+
+    def search(self, query: str, namespace: str, k: int, query_vec: np.ndarray | None = None,
+               exclude_versions: frozenset[str] = frozenset()) -> list[tuple[Edit, float]]:
+        """Top ``k`` live edits of ``namespace`` for ``query``, as ``(edit, cosine)``."""
+        self.sync()
+        if query_vec is None:
+            query_vec = self.embedder.embed([query])[0]
+        hits = self.index.search(namespace, query_vec, k)[0]
+        out = []
+        for edit_id, score in hits:
+            try:
+                e = self.store.get(edit_id, namespace)
+            except KeyError:
+                continue  # deleted between sync and now
+            if e.status in LIVE and not (e.consolidated_in and e.consolidated_in in exclude_versions):
+                out.append((e, score))
+        return out

@@ -1,0 +1,217 @@
+"""The in-memory reference edit store, and the rules every store shares.
+
+:class:`InMemoryStore` is the reference implementation of :class:`kem.protocols.EditStore`: plain
+dicts, no persistence, for tests and ephemeral use. ``kem.stores.sqlite.SQLiteStore`` is the durable
+default. Both apply the same rules through the helpers here, and both pass
+``tests/store_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kem.edit import Edit, EditStatus, utcnow
+from kem.errors import ConflictError, NotFoundError, ValidationError
+from kem.protocols import Change
+
+# Fields a caller may change with update(); the rest is kem's bookkeeping.
+UPDATABLE = frozenset(
+    {"subject", "prompt", "target_new", "target_true", "relation", "paraphrases", "locality", "source", "status"}
+)
+LIVE = (EditStatus.active, EditStatus.consolidated)
+
+
+def statuses(status: EditStatus | str | Sequence[EditStatus | str] | None) -> tuple[EditStatus, ...] | None:
+    if status is None:
+        return None
+    if isinstance(status, str | EditStatus):
+        return (EditStatus(status),)
+    return tuple(EditStatus(s) for s in status)
+
+
+def apply_update(edit: Edit, changes: dict[str, Any]) -> Edit:
+    """Validate ``changes`` against ``edit`` and return the updated edit (a new object)."""
+    bad = sorted(set(changes) - UPDATABLE)
+    if bad:
+        raise ValidationError(
+            f"Edit.{bad[0]} cannot be changed with update (changeable: {', '.join(sorted(UPDATABLE))})",
+            field=bad[0],
+        )
+    if "status" in changes and EditStatus(changes["status"]) == EditStatus.consolidated:
+        raise ValidationError("Edit.status cannot be set to 'consolidated' by hand; consolidation does it",
+                              field="status")
+    data = edit.model_dump()
+    data.update(changes)
+    data["updated_at"] = utcnow()
+    if "status" in changes and EditStatus(changes["status"]) != EditStatus.consolidated:
+        data["consolidated_in"] = None
+    return Edit.parse(data)
+
+
+def superseding(new: Edit, old: Edit) -> tuple[Edit, Edit]:
+    """Return ``(new', old')`` after ``new`` supersedes ``old``: old retired, new pointing at it."""
+    old2 = old.model_copy(update={"status": EditStatus.retired, "updated_at": utcnow()})
+    new2 = new.model_copy(update={"supersedes": old.id})
+    return new2, old2
+
+
+def fact_key(e: Edit) -> tuple[str, str, str]:
+    """Edits with equal keys state the same relation of the same subject in the same namespace;
+    a new one supersedes a live (active or consolidated) old one."""
+    return (e.namespace, e.subject_key, e.relation_key)
+
+
+def check_vectors(edit: Edit, vectors: np.ndarray | None) -> np.ndarray | None:
+    if vectors is None:
+        return None
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim != 2 or arr.shape[0] != len(edit.retrieval_keys()):
+        raise ValidationError(
+            f"embeddings for edit {edit.id} must have one row per retrieval key "
+            f"({len(edit.retrieval_keys())}), got shape {arr.shape}", field="embeddings")
+    return arr
+
+
+class InMemoryStore:
+    """Reference :class:`~kem.protocols.EditStore` kept in dicts (lost when the process ends)."""
+
+    def __init__(self) -> None:
+        self._edits: dict[str, Edit] = {}
+        self._order: list[str] = []
+        self._history: list[Change] = []
+        self._vectors: dict[tuple[str, str], np.ndarray] = {}
+        self._live_by_fact: dict[tuple[str, str, str], str] = {}
+        self._lock = threading.RLock()
+
+    # -- helpers
+    def _log(self, edit: Edit, op: str) -> None:
+        self._history.append(
+            Change(len(self._history) + 1, edit.id, edit.namespace, op, utcnow().isoformat(),
+                   edit.model_dump(mode="json"))
+        )
+
+    def _get(self, edit_id: str, namespace: str | None) -> Edit:
+        e = self._edits.get(edit_id)
+        if e is None or (namespace is not None and e.namespace != namespace):
+            raise NotFoundError(f"no edit with id {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return e
+
+    def _rekey(self, old: Edit, new: Edit | None) -> None:
+        if self._live_by_fact.get(fact_key(old)) == old.id:
+            del self._live_by_fact[fact_key(old)]
+        if new is not None and new.status in LIVE:
+            self._live_by_fact.setdefault(fact_key(new), new.id)
+
+    # -- writes
+    def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit:
+        return self.add_many([edit], None if embeddings is None else [embeddings], embedder)[0]
+
+    def add_many(self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None,
+                 embedder: str | None = None) -> list[Edit]:
+        edits = [Edit.parse(e) for e in edits]
+        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]
+        if embeddings is not None and not embedder:
+            raise ValidationError("embedder must be named when embeddings are given", field="embedder")
+        with self._lock:
+            ids = [e.id for e in edits]
+            dup = next((i for i in ids if i in self._edits), None) or next(
+                (i for n, i in enumerate(ids) if i in ids[:n]), None)
+            if dup:
+                raise ConflictError(f"an edit with id {dup!r} already exists")
+            out = []
+            for e, v in zip(edits, vecs, strict=True):
+                old_id = self._live_by_fact.get(fact_key(e))
+                if old_id is not None and e.status in LIVE:
+                    e, old = superseding(e, self._edits[old_id])
+                    self._edits[old.id] = old
+                    self._log(old, "supersede")
+                if e.status in LIVE:
+                    self._live_by_fact[fact_key(e)] = e.id
+                self._edits[e.id] = e
+                self._order.append(e.id)
+                if v is not None and embedder:
+                    self._vectors[(e.id, embedder)] = v
+                self._log(e, "add")
+                out.append(e)
+            return out
+
+    def update(self, edit_id: str, changes: dict[str, Any], namespace: str | None = None) -> Edit:
+        with self._lock:
+            old = self._get(edit_id, namespace)
+            new = apply_update(old, changes)
+            self._edits[edit_id] = new
+            self._rekey(old, new)
+            for key in [k for k in self._vectors if k[0] == edit_id]:
+                del self._vectors[key]  # text may have changed: re-embed
+            self._log(new, "update")
+            return new
+
+    def delete(self, edit_id: str, namespace: str | None = None) -> Edit:
+        with self._lock:
+            e = self._get(edit_id, namespace)
+            self._rekey(e, None)
+            del self._edits[edit_id]
+            self._order.remove(edit_id)
+            for key in [k for k in self._vectors if k[0] == edit_id]:
+                del self._vectors[key]
+            self._log(e, "delete")
+            return e
+
+    def mark_consolidated(self, edit_ids: Sequence[str], version: str) -> None:
+        with self._lock:
+            for i in edit_ids:
+                self._get(i, None)
+            for i in edit_ids:
+                e = self._edits[i].model_copy(update={"status": EditStatus.consolidated, "consolidated_in": version,
+                                                      "updated_at": utcnow()})
+                self._edits[i] = e
+                self._log(e, "consolidate")
+
+    def put_embeddings(self, edit_id: str, embedder: str, vectors: np.ndarray) -> None:
+        with self._lock:
+            self._vectors[(edit_id, embedder)] = check_vectors(self._get(edit_id, None), vectors)  # type: ignore[assignment]
+
+    # -- reads
+    def get(self, edit_id: str, namespace: str | None = None) -> Edit:
+        with self._lock:
+            return self._get(edit_id, namespace)
+
+    def list(self, namespace: str | None = None, status: Any = None, limit: int | None = None,
+             offset: int = 0) -> list[Edit]:
+        want = statuses(status)
+        with self._lock:
+            rows = [self._edits[i] for i in self._order]
+        rows = [e for e in rows if (namespace is None or e.namespace == namespace) and (want is None or e.status in want)]
+        return rows[offset: None if limit is None else offset + limit]
+
+    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
+        return len(self.list(namespace, status))
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return sorted({e.namespace for e in self._edits.values()})
+
+    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]:
+        with self._lock:
+            rows = [c for c in self._history if c.edit_id == edit_id and (namespace is None or c.namespace == namespace)]
+        if not rows:
+            raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return rows
+
+    def revision(self) -> int:
+        return len(self._history)
+
+    def changes_since(self, revision: int) -> list[Change]:
+        with self._lock:
+            return self._history[revision:]
+
+    def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]:
+        with self._lock:
+            return {i: self._vectors[(i, embedder)] for i in edit_ids if (i, embedder) in self._vectors}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,268 @@
+"""The default durable edit store: one SQLite file (WAL), the source of truth for kem.
+
+Tables: ``edits`` (current state, one JSON document per edit plus indexed columns), ``history``
+(append-only: every add, update, delete, supersede and consolidation, with a snapshot of the edit),
+``embeddings`` (retrieval-key vectors per embedder, so the FAISS index can be rebuilt without
+re-embedding) and ``schema_version``. Every mutation runs in one ``BEGIN IMMEDIATE`` transaction:
+it lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kem.edit import Edit, EditStatus, utcnow
+from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
+from kem.protocols import Change
+from kem.store import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS edits (
+    pk INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    namespace TEXT NOT NULL,
+    subject_key TEXT NOT NULL,
+    relation_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS edits_ns_status ON edits (namespace, status, pk);
+CREATE INDEX IF NOT EXISTS edits_fact ON edits (namespace, subject_key, relation_key, status);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    edit_id TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    op TEXT NOT NULL,
+    at TEXT NOT NULL,
+    snapshot TEXT
+);
+CREATE INDEX IF NOT EXISTS history_edit ON history (edit_id, seq);
+CREATE TABLE IF NOT EXISTS embeddings (
+    edit_id TEXT NOT NULL,
+    embedder TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    vectors BLOB NOT NULL,
+    PRIMARY KEY (edit_id, embedder)
+);
+"""
+
+
+class SQLiteStore:
+    """:class:`~kem.protocols.EditStore` in one SQLite file.
+
+    Args:
+        path: The database file (created with its parent folder if missing).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._lock = threading.RLock()
+            with self._tx() as db:
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                row = db.execute("SELECT version FROM schema_version").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                elif row[0] > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path} has schema version {row[0]}; this kem reads up to {SCHEMA_VERSION}: upgrade kem"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open the edit store {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    # -- helpers
+    @staticmethod
+    def _log(db: sqlite3.Connection, e: Edit, op: str) -> None:
+        db.execute(
+            "INSERT INTO history (edit_id, namespace, op, at, snapshot) VALUES (?, ?, ?, ?, ?)",
+            (e.id, e.namespace, op, utcnow().isoformat(), e.model_dump_json()),
+        )
+
+    @staticmethod
+    def _write(db: sqlite3.Connection, e: Edit, insert: bool) -> None:
+        ns, subj, rel = fact_key(e)
+        if insert:
+            db.execute(
+                "INSERT INTO edits (id, namespace, subject_key, relation_key, status, data) VALUES (?,?,?,?,?,?)",
+                (e.id, ns, subj, rel, e.status.value, e.model_dump_json()),
+            )
+        else:
+            db.execute(
+                "UPDATE edits SET namespace=?, subject_key=?, relation_key=?, status=?, data=? WHERE id=?",
+                (ns, subj, rel, e.status.value, e.model_dump_json(), e.id),
+            )
+
+    def _get(self, db: sqlite3.Connection, edit_id: str, namespace: str | None) -> Edit:
+        row = db.execute("SELECT data, namespace FROM edits WHERE id=?", (edit_id,)).fetchone()
+        if row is None or (namespace is not None and row[1] != namespace):
+            raise NotFoundError(f"no edit with id {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return Edit.model_validate_json(row[0])
+
+    # -- writes
+    def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit:
+        return self.add_many([edit], None if embeddings is None else [embeddings], embedder)[0]
+
+    def add_many(self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None,
+                 embedder: str | None = None) -> list[Edit]:
+        edits = [Edit.parse(e) for e in edits]
+        if embeddings is not None and not embedder:
+            raise ValidationError("embedder must be named when embeddings are given", field="embedder")
+        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]
+        out: list[Edit] = []
+        with self._tx() as db:
+            for e, v in zip(edits, vecs, strict=True):
+                if db.execute("SELECT 1 FROM edits WHERE id=?", (e.id,)).fetchone():
+                    raise ConflictError(f"an edit with id {e.id!r} already exists")
+                if e.status in LIVE:
+                    ns, subj, rel = fact_key(e)
+                    rows = db.execute(
+                        "SELECT data FROM edits WHERE namespace=? AND subject_key=? AND relation_key=? "
+                        "AND status IN ('active', 'consolidated')", (ns, subj, rel)).fetchall()
+                    for (data,) in rows:
+                        e, old = superseding(e, Edit.model_validate_json(data))
+                        self._write(db, old, insert=False)
+                        self._log(db, old, "supersede")
+                self._write(db, e, insert=True)
+                if v is not None:
+                    db.execute("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?)",
+                               (e.id, embedder, v.shape[1], v.tobytes()))
+                self._log(db, e, "add")
+                out.append(e)
+        return out
+
+    def update(self, edit_id: str, changes: dict[str, Any], namespace: str | None = None) -> Edit:
+        with self._tx() as db:
+            new = apply_update(self._get(db, edit_id, namespace), changes)
+            self._write(db, new, insert=False)
+            db.execute("DELETE FROM embeddings WHERE edit_id=?", (edit_id,))  # text may have changed
+            self._log(db, new, "update")
+        return new
+
+    def delete(self, edit_id: str, namespace: str | None = None) -> Edit:
+        with self._tx() as db:
+            e = self._get(db, edit_id, namespace)
+            db.execute("DELETE FROM edits WHERE id=?", (edit_id,))
+            db.execute("DELETE FROM embeddings WHERE edit_id=?", (edit_id,))
+            self._log(db, e, "delete")
+        return e
+
+    def mark_consolidated(self, edit_ids: Sequence[str], version: str) -> None:
+        with self._tx() as db:
+            for i in edit_ids:
+                e = self._get(db, i, None).model_copy(
+                    update={"status": EditStatus.consolidated, "consolidated_in": version, "updated_at": utcnow()})
+                self._write(db, e, insert=False)
+                self._log(db, e, "consolidate")
+
+    def put_embeddings(self, edit_id: str, embedder: str, vectors: np.ndarray) -> None:
+        with self._tx() as db:
+            v = check_vectors(self._get(db, edit_id, None), vectors)
+            assert v is not None
+            db.execute("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?)", (edit_id, embedder, v.shape[1], v.tobytes()))
+
+    # -- reads
+    def get(self, edit_id: str, namespace: str | None = None) -> Edit:
+        with self._lock:
+            return self._get(self._db, edit_id, namespace)
+
+    def _where(self, namespace: str | None, status: Any) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if namespace is not None:
+            clauses.append("namespace = ?")
+            args.append(namespace)
+        want = statuses(status)
+        if want is not None:
+            clauses.append(f"status IN ({','.join('?' * len(want))})")
+            args.extend(s.value for s in want)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def list(self, namespace: str | None = None, status: Any = None, limit: int | None = None,
+             offset: int = 0) -> list[Edit]:
+        where, args = self._where(namespace, status)
+        sql = f"SELECT data FROM edits{where} ORDER BY pk LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db.execute(sql, [*args, -1 if limit is None else limit, offset]).fetchall()
+        return [Edit.model_validate_json(r[0]) for r in rows]
+
+    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
+        where, args = self._where(namespace, status)
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM edits{where}", args).fetchone()[0])
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT DISTINCT namespace FROM edits ORDER BY namespace")]
+
+    @staticmethod
+    def _change(row: tuple[Any, ...]) -> Change:
+        return Change(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None)
+
+    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]:
+        sql = "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE edit_id=?"
+        args: list[Any] = [edit_id]
+        if namespace is not None:
+            sql += " AND namespace=?"
+            args.append(namespace)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        if not rows:
+            raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return [self._change(r) for r in rows]
+
+    def revision(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM history").fetchone()[0])
+
+    def changes_since(self, revision: int) -> list[Change]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE seq > ? ORDER BY seq",
+                (revision,)).fetchall()
+        return [self._change(r) for r in rows]
+
+    def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        ids = list(edit_ids)
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                rows = self._db.execute(
+                    f"SELECT edit_id, dim, vectors FROM embeddings WHERE embedder=? AND edit_id IN "
+                    f"({','.join('?' * len(chunk))})", [embedder, *chunk]).fetchall()
+                for edit_id, dim, blob in rows:
+                    out[edit_id] = np.frombuffer(blob, dtype=np.float32).reshape(-1, dim)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
