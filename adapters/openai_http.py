@@ -1,0 +1,226 @@
+"""An engine over any OpenAI-compatible HTTP server (``vllm serve``, another ``kem serve``, llama.cpp...).
+
+:class:`OpenAIHTTPGenerator` is a :class:`~kem.protocols.Generator` (sync and async, streaming) and
+also forwards whole request bodies (:meth:`~OpenAIHTTPGenerator.forward`), which ``kem serve
+--upstream`` uses so that out-of-scope requests reach the upstream byte-for-byte. Upstream errors come
+back as :class:`~kem.errors.EngineError` carrying the upstream's status and error body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from kem.errors import EngineError
+from kem.protocols import GenerationParams, Message
+
+log = logging.getLogger(__name__)
+
+
+def _error_from(status: int, content: bytes, url: str) -> EngineError:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    msg = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            msg = err.get("message")
+        elif isinstance(err, str):  # some servers send {"error": "text"}
+            msg = err
+            body = None
+        msg = msg or body.get("message") if isinstance(body, dict) else msg
+    text = msg or content[:500].decode("utf-8", "replace") or f"HTTP {status}"
+    return EngineError(f"upstream {url} answered {status}: {text}", status_code=status, body=body)
+
+
+class OpenAIHTTPGenerator:
+    """Generator over an OpenAI-compatible server.
+
+    Args:
+        base_url: The server's root, with or without ``/v1`` (``http://127.0.0.1:8000``).
+        model: The upstream's model name; ``None``: the first one ``GET /v1/models`` lists.
+        api_key: Sent as ``Authorization: Bearer ...`` when given.
+        timeout: Seconds for connect/read (streams wait this long between events).
+    """
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
+                 timeout: float = 600.0) -> None:
+        import httpx
+
+        root = base_url.rstrip("/")
+        self.base_url = root[:-3] if root.endswith("/v1") else root
+        self.api_key = api_key
+        headers = {"content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        t = httpx.Timeout(timeout, connect=10.0)
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=t)
+        self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=t, limits=limits)
+        self.name = model or self._discover_model()
+
+    def _discover_model(self) -> str:
+        import httpx
+
+        try:
+            r = self._client.get("/v1/models")
+        except httpx.HTTPError as exc:
+            raise EngineError(f"cannot reach the upstream {self.base_url}: {exc}", status_code=502) from exc
+        if r.status_code != 200:
+            raise _error_from(r.status_code, r.content, self.base_url)
+        data = r.json().get("data") or []
+        if not data:
+            raise EngineError(f"the upstream {self.base_url} lists no models", status_code=502)
+        return str(data[0]["id"])
+
+    # ---- raw forwarding (kem serve --upstream) --------------------------------------------------------
+    async def forward(self, path: str, body: bytes, stream: bool = False) -> Any:
+        """POST ``body`` to ``path``. Non-streaming: the response JSON. Streaming: an async iterator over
+        the SSE events (each ``b"data: ...\\n\\n"``), opened before returning so that an upstream error
+        status is raised here, with the upstream's status and body."""
+        import httpx
+
+        url = f"{self.base_url}{path}"
+        if not stream:
+            try:
+                r = await self._aclient.post(path, content=body)
+            except httpx.HTTPError as exc:
+                raise EngineError(f"upstream {url} failed: {exc}", status_code=502) from exc
+            if r.status_code >= 400:
+                raise _error_from(r.status_code, r.content, url)
+            try:
+                return r.json()
+            except ValueError as exc:
+                raise EngineError(f"upstream {url} sent invalid JSON", status_code=502) from exc
+        req = self._aclient.build_request("POST", path, content=body)
+        try:
+            resp = await self._aclient.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"upstream {url} failed: {exc}", status_code=502) from exc
+        if resp.status_code >= 400:
+            content = await resp.aread()
+            await resp.aclose()
+            raise _error_from(resp.status_code, content, url)
+        return _events(resp, url)
+
+    # ---- Generator protocol ---------------------------------------------------------------------------
+    def _body(self, params: GenerationParams, **kw: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {**params.extra, "model": self.name, "max_tokens": params.max_new_tokens,
+                                "temperature": params.temperature, "top_p": params.top_p, **kw}
+        if params.stop:
+            body["stop"] = list(params.stop)
+        return body
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            r = self._client.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"upstream {self.base_url}{path} failed: {exc}", status_code=502) from exc
+        if r.status_code >= 400:
+            raise _error_from(r.status_code, r.content, self.base_url + path)
+        return r.json()
+
+    def generate(self, prompt: str, params: GenerationParams) -> str:
+        return self._post("/v1/completions", self._body(params, prompt=prompt))["choices"][0]["text"]
+
+    def chat(self, messages: Sequence[Message], params: GenerationParams) -> str:
+        out = self._post("/v1/chat/completions", self._body(params, messages=list(messages)))
+        return out["choices"][0]["message"].get("content") or ""
+
+    def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str]:
+        import httpx
+
+        try:
+            with self._client.stream("POST", path, json={**body, "stream": True}) as r:
+                if r.status_code >= 400:
+                    raise _error_from(r.status_code, r.read(), self.base_url + path)
+                for line in r.iter_lines():
+                    piece = _piece(line, chat)
+                    if piece is None:
+                        break
+                    if piece:
+                        yield piece
+        except httpx.HTTPError as exc:
+            raise EngineError(f"upstream stream failed: {exc}", status_code=502) from exc
+
+    def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
+        return self._stream("/v1/completions", self._body(params, prompt=prompt), chat=False)
+
+    def stream_chat(self, messages: Sequence[Message], params: GenerationParams) -> Iterator[str]:
+        return self._stream("/v1/chat/completions", self._body(params, messages=list(messages)), chat=True)
+
+    # ---- async face -----------------------------------------------------------------------------------
+    async def agenerate(self, prompt: str, params: GenerationParams) -> str:
+        out = await self.forward("/v1/completions", json.dumps(self._body(params, prompt=prompt)).encode())
+        return out["choices"][0]["text"]
+
+    async def achat(self, messages: Sequence[Message], params: GenerationParams) -> str:
+        body = json.dumps(self._body(params, messages=list(messages))).encode()
+        out = await self.forward("/v1/chat/completions", body)
+        return out["choices"][0]["message"].get("content") or ""
+
+    async def _astream(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+        events = await self.forward(path, json.dumps({**body, "stream": True}).encode(), stream=True)
+        async for ev in events:
+            piece = _piece(ev.decode().strip(), chat)
+            if piece is None:
+                return
+            if piece:
+                yield piece
+
+    def astream(self, prompt: str, params: GenerationParams) -> AsyncIterator[str]:
+        return self._astream("/v1/completions", self._body(params, prompt=prompt), chat=False)
+
+    def astream_chat(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[str]:
+        return self._astream("/v1/chat/completions", self._body(params, messages=list(messages)), chat=True)
+
+    async def aclose(self) -> None:
+        await self._aclient.aclose()
+        self._client.close()
+
+
+def _piece(line: str, chat: bool) -> str | None:
+    """Text of one SSE ``data:`` line ("" for other lines, ``None`` at ``[DONE]``)."""
+    if not line.startswith("data:"):
+        return ""
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return None
+    obj = json.loads(data)
+    if isinstance(obj, dict) and obj.get("error"):
+        err = obj["error"]
+        raise EngineError(f"upstream stream error: {err.get('message') if isinstance(err, dict) else err}",
+                          body=obj)
+    choices = obj.get("choices") or []
+    if not choices:
+        return ""
+    if chat:
+        return (choices[0].get("delta") or {}).get("content") or ""
+    return choices[0].get("text") or ""
+
+
+async def _events(resp: Any, url: str) -> AsyncIterator[bytes]:
+    """Group an SSE response into events (``b"data: ...\\n\\n"``) as they arrive; errors propagate."""
+    import httpx
+
+    lines: list[str] = []
+    try:
+        async for line in resp.aiter_lines():
+            if line:
+                lines.append(line)
+                continue
+            if lines:
+                yield ("\n".join(lines) + "\n\n").encode()
+                lines = []
+        if lines:
+            yield ("\n".join(lines) + "\n\n").encode()
+    except httpx.HTTPError as exc:
+        raise EngineError(f"upstream {url} failed mid-stream: {exc}", status_code=502) from exc
+    finally:
+        await resp.aclose()

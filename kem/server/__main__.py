@@ -1,0 +1,5 @@
+"""``python -m kem.server serve ...``."""
+
+from kem.server.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""``kem serve``: the Typer command that builds the editor, the engine and the app, then runs uvicorn.
+
+The main CLI mounts it with ``app.command("serve")(kem.server.cli.serve)``; it also runs on its own as
+``python -m kem.server serve ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kem.errors import KemError, ValidationError
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("transformers", "vllm")
+
+
+def build_engine(kind: str, model: str, settings: Any, name: str | None = None) -> Any:
+    """Load an in-process engine: ``transformers`` (the embedded default) or ``vllm`` (``vllm.LLM``)."""
+    if kind == "transformers":
+        from kem.adapters.transformers import TransformersGenerator
+
+        gen = TransformersGenerator.load(model, settings.cache_dir, device=settings.resolved_device())
+    elif kind == "vllm":
+        from kem.adapters.vllm import VLLMGenerator
+        from kem.models import resolve_model
+
+        gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)))
+    else:
+        raise ValidationError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})", field="engine")
+    if name:
+        gen.name = name
+    return gen
+
+
+def make_reloader(kind: str, settings: Any, base_name: str) -> Any:
+    """The ``/admin/reload`` hook: load the new version folder into a fresh engine (requests keep running
+    on the old one meanwhile; the caller swaps)."""
+
+    def reload(req: Any) -> Any:
+        path = Path(req.path).expanduser()
+        if not path.is_dir():
+            raise ValidationError(f"path {req.path!r} is not a model folder", field="path")
+        name = req.name or (f"{base_name}@{req.version}" if req.version else str(path))
+        return build_engine(kind, str(path), settings, name=name)
+
+    return reload
+
+
+def create(*, home: Path | None = None, upstream: str | None = None, upstream_key: str | None = None,
+           engine: str = "transformers", keys: Path | None = None, model: str | None = None,
+           served_name: str | None = None, settings: Any = None) -> Any:
+    """Build the app ``kem serve`` runs (also useful to embed kem in another ASGI server)."""
+    from kem.editor import KnowledgeEditor
+    from kem.server.app import build_app
+    from kem.server.auth import KeyRing
+    from kem.settings import Settings
+
+    settings = settings or Settings()
+    if home is not None:
+        settings = settings.model_copy(update={"home": Path(home)})
+    ring = KeyRing.from_env(keys)
+    reloader = None
+    if upstream:
+        from kem.adapters.openai_http import OpenAIHTTPGenerator
+
+        eng: Any = OpenAIHTTPGenerator(upstream, model=model,
+                                       api_key=upstream_key or os.environ.get("KEM_UPSTREAM_API_KEY"))
+    else:
+        if model:
+            settings = settings.model_copy(update={"model": model})
+        eng = build_engine(engine, settings.model, settings)
+        reloader = make_reloader(engine, settings, served_name or eng.name)
+    editor = KnowledgeEditor.open(settings.home, settings=settings, generator=eng)
+    return build_app(settings, editor, eng, keys=ring, served_name=served_name, reloader=reloader)
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    home: Path | None = typer.Option(None, help="Edit store folder (default: KEM_HOME or ./kem-data)."),
+    upstream: str | None = typer.Option(
+        None, help="An OpenAI-compatible server to forward to (e.g. a running `vllm serve`): http://host:port"),
+    upstream_key: str | None = typer.Option(None, help="API key for the upstream (or KEM_UPSTREAM_API_KEY)."),
+    engine: str = typer.Option("transformers", help="In-process engine when no --upstream: transformers | vllm."),
+    keys: Path | None = typer.Option(
+        None, help="API keys file, lines 'KEY NAMESPACE [admin]' (or KEM_API_KEYS_FILE); none: auth off."),
+    model: str | None = typer.Option(
+        None, help="Model name or folder for the in-process engine; with --upstream, the upstream's model name."),
+    served_name: str | None = typer.Option(None, help="Model name clients use (default: the engine's)."),
+    log_level: str = typer.Option("info", help="uvicorn/kem log level."),
+) -> None:
+    """Serve the OpenAI-compatible API with the edits applied (chat, completions, edits, metrics)."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}", param_hint="--engine")
+    try:
+        app = create(home=home, upstream=upstream, upstream_key=upstream_key, engine=engine, keys=keys,
+                     model=model, served_name=served_name)
+    except KemError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+
+
+def main() -> None:
+    """Entry point of ``python -m kem.server``."""
+    cli = typer.Typer(add_completion=False, help="kem's OpenAI-compatible server.")
+    cli.callback()(lambda: None)
+    cli.command("serve")(serve)
+    cli()
+
+
+if __name__ == "__main__":
+    main()
