@@ -1,0 +1,37 @@
+"""kem's evaluation harness: the field's metrics (EasyEdit teacher forcing, ROME/MEMIT probability
+tests, greedy generation), on CounterFact, ZsRE and MQuAKE, for registered methods.
+
+``kem.eval.datasets`` imports no torch (``edits_from_file`` serves ``kem edit import``); the rest
+loads models lazily::
+
+    from kem.eval import run_eval
+    results = run_eval("none,ike", "counterfact", n=200, mode="batch", out="eval-out")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kem.eval.datasets import EvalCase, Probe, edits_from_file, load_cases
+from kem.eval.methods import EvalContext, Prepared, Request, WeightMethod, eval_methods, register_eval_method
+
+__all__ = [
+    "EvalCase",
+    "EvalContext",
+    "Prepared",
+    "Probe",
+    "Request",
+    "WeightMethod",
+    "edits_from_file",
+    "eval_methods",
+    "load_cases",
+    "register_eval_method",
+    "run_eval",
+]
+
+
+def run_eval(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """See :func:`kem.eval.run.run_eval` (imported lazily)."""
+    from kem.eval.run import run_eval as _run
+
+    return _run(*args, **kwargs)

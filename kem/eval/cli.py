@@ -1,0 +1,56 @@
+"""``kem eval``: the Typer command. Mount it in ``kem/cli.py`` with
+``app.command("eval")(eval_command)``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+log = logging.getLogger(__name__)
+
+
+def eval_command(
+    method: str = typer.Option("ike", "--method", "-m",
+                               help="Registered method(s), comma-separated: none, ike, ... (several share the model)."),
+    dataset: str = typer.Option("counterfact", "--dataset", "-d",
+                                help="counterfact, zsre, mquake, or the path of a file in one of those formats."),
+    n: int = typer.Option(200, "--n", "-n", min=1, help="Number of cases."),
+    seed: int | None = typer.Option(None, "--seed", help="Sample cases with this seed (default: the first N)."),
+    mode: str = typer.Option("single", "--mode", help="single: each case's edits alone; batch: all N edits at once."),
+    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Folder for results.json, results.md and plots."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of the named datasets "
+                                         "(default: $KEM_EVAL_DATA or ../shared/data)."),
+    cloze_tokens: int = typer.Option(16, help="Greedy budget for cloze prompts (stops at a newline)."),
+    chat_tokens: int = typer.Option(32, help="Greedy budget for chat answers."),
+    fluency_cases: int = typer.Option(50, help="Cases whose reliability continuation is scored for fluency."),
+    engine: str = typer.Option("cached", help="cached (one prefill per request) or served (the generator's generate)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Evaluate knowledge-editing methods: generation, EasyEdit and CounterFact protocols, scope."""
+    from kem.errors import KemError
+    from kem.eval.harness import EvalConfig
+    from kem.eval.report import markdown_table
+    from kem.eval.run import run_eval
+
+    if mode not in ("single", "batch"):
+        raise typer.BadParameter("must be single or batch", param_hint="--mode")
+    try:
+        cfg = EvalConfig(mode=mode, cloze_tokens=cloze_tokens, chat_tokens=chat_tokens,
+                         fluency_cases=fluency_cases, engine=engine)
+        res = run_eval(method, dataset, n=n, seed=seed, mode=mode, out=out, data_dir=data_dir, config=cfg,
+                       progress=not quiet)
+    except (KemError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(markdown_table(res["summary"], f"{dataset} n={res['config']['n']} {mode}"))
+    typer.echo(f"wall time {res['wall_s']:.0f} s; wrote {out / 'results.json'}")
+
+
+def main() -> None:  # pragma: no cover - `python -m kem.eval.cli`
+    typer.run(eval_command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,256 @@
+"""Evaluation methods: a registry of factories, and the interface the harness drives.
+
+A method is prepared with some edits (one case's in ``single`` mode, all N in ``batch`` mode) and
+returns a :class:`Prepared` object that says, for each probe, which text the engine would see and
+which model to score it with; ``close()`` undoes the preparation. The harness never branches on a
+method's name. Built in:
+
+- ``none``: the unedited model (plain prompts, chat template for questions);
+- ``ike``: kem's fast path as served: :class:`~kem.editor.KnowledgeEditor` retrieval + scope +
+  composition (``rewrite_prompt`` / ``rewrite_chat``), each case in its own namespace in single mode.
+
+A weight-editing method plugs in with :class:`WeightMethod`: give it a function that applies the
+edits to the model in place and returns a function that reverts them, e.g. for kem's consolidation::
+
+    def apply_rome(model, tokenizer, edits):
+        delta = spec.compute(model, tokenizer, edits, spec.hparams_for(model), ctx)
+        return apply_delta(model, delta).revert
+
+    register_eval_method("rome", lambda ctx: WeightMethod("rome", ctx, apply_rome))
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kem.edit import Edit
+from kem.errors import ConflictError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a method sends to the engine for one probe.
+
+    Attributes:
+        text: The exact text the model sees (chat template already applied for chat requests).
+        stop: Stop strings the method needs.
+        applied: Ids of the edits the method put into this request (retrieval methods).
+        considered: ``(edit id, score, in_scope)`` of every retrieved edit (retrieval methods).
+        messages: The chat messages, for chat requests (kept in the per-case records).
+    """
+
+    text: str
+    stop: tuple[str, ...] = ()
+    applied: tuple[str, ...] = ()
+    considered: tuple[tuple[str, float, bool], ...] = ()
+    messages: list[dict[str, Any]] | None = None
+
+
+class Prepared(Protocol):
+    """A method with its edits in place.
+
+    Attributes:
+        model_key: Names the weights requests run on (results are memoised per key): ``"base"``
+            when the model is the unedited one; a weight-editing method gives a key unique to its edits.
+        model: The causal LM to score with.
+        has_scope: Whether requests carry a scope decision (``applied`` / ``considered``).
+    """
+
+    model_key: str
+    model: Any
+    has_scope: bool
+
+    def completion(self, prompt: str) -> Request: ...
+
+    def chat(self, question: str) -> Request: ...
+
+    def close(self) -> None: ...
+
+
+class EvalMethod(Protocol):
+    """A registered method, built once per run over the shared model (see :class:`EvalContext`)."""
+
+    name: str
+
+    def prepare(self, edits: Sequence[Edit]) -> Prepared: ...
+
+
+@dataclass
+class EvalContext:
+    """Shared resources: one loaded generator (model + tokenizer) and one embedder for every method.
+
+    Attributes:
+        generator: A :class:`~kem.adapters.transformers.TransformersGenerator` (``.model``,
+            ``.tokenizer``, ``.chat_prompt``).
+        embedder: The retrieval embedder (None when no method retrieves).
+        settings: kem settings (top_k, scope...) for editors built here.
+        options: Free-form per-method options (``{"ike": {"scope": ScopeConfig(...)}}``).
+    """
+
+    generator: Any
+    embedder: Any = None
+    settings: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> Any:
+        return self.generator.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.generator.tokenizer
+
+
+MethodFactory = Callable[[EvalContext], EvalMethod]
+_METHODS: dict[str, MethodFactory] = {}
+
+
+def register_eval_method(name: str, factory: MethodFactory) -> None:
+    """Register ``factory(ctx) -> EvalMethod`` under ``name``.
+
+    Raises:
+        ConflictError: ``name`` is already registered.
+    """
+    key = name.strip().lower()
+    if not key:
+        raise ValueError("an eval method needs a name")
+    if key in _METHODS:
+        raise ConflictError(f"eval method {key!r} is already registered")
+    _METHODS[key] = factory
+
+
+def eval_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_METHODS)
+
+
+def build_method(name: str, ctx: EvalContext) -> EvalMethod:
+    """Build the registered method ``name`` over ``ctx``."""
+    key = name.strip().lower()
+    if key not in _METHODS:
+        raise NotFoundError(f"unknown eval method {name!r} (registered: {', '.join(eval_methods())})")
+    return _METHODS[key](ctx)
+
+
+# ---- none --------------------------------------------------------------------------------------------
+class PlainPrepared:
+    """Plain requests (the prompt itself; the chat template around a question) on a given model."""
+
+    has_scope = False
+
+    def __init__(self, ctx: EvalContext, model_key: str = "base", on_close: Callable[[], None] | None = None) -> None:
+        self.ctx = ctx
+        self.model = ctx.model
+        self.model_key = model_key
+        self._on_close = on_close
+
+    def completion(self, prompt: str) -> Request:
+        return Request(prompt)
+
+    def chat(self, question: str) -> Request:
+        msgs = [{"role": "user", "content": question}]
+        return Request(self.ctx.generator.chat_prompt(msgs), messages=msgs)
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+
+
+class NoneMethod:
+    """The unedited model."""
+
+    name = "none"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.ctx = ctx
+
+    def prepare(self, edits: Sequence[Edit]) -> Prepared:
+        return PlainPrepared(self.ctx)
+
+
+# ---- weight-editing methods ---------------------------------------------------------------------------
+ApplyFn = Callable[[Any, Any, Sequence[Edit]], Callable[[], None]]
+
+
+class WeightMethod:
+    """Adapter for weight-editing methods: ``apply(model, tokenizer, edits)`` edits the model in
+    place and returns a revert function, called by ``close()``. Requests are plain (no retrieval)."""
+
+    def __init__(self, name: str, ctx: EvalContext, apply: ApplyFn) -> None:
+        self.name = name
+        self.ctx = ctx
+        self._apply = apply
+        self._n = itertools.count()
+
+    def prepare(self, edits: Sequence[Edit]) -> Prepared:
+        revert = self._apply(self.ctx.model, self.ctx.tokenizer, list(edits))
+        return PlainPrepared(self.ctx, model_key=f"{self.name}:{next(self._n)}", on_close=revert)
+
+
+# ---- ike (kem's fast path) ---------------------------------------------------------------------------
+class IkePrepared:
+    """Requests rewritten by a :class:`~kem.editor.KnowledgeEditor` in one namespace."""
+
+    has_scope = True
+    model_key = "base"
+
+    def __init__(self, method: IkeMethod, namespace: str, ids: list[str]) -> None:
+        self.method = method
+        self.namespace = namespace
+        self.ids = ids
+        self.model = method.ctx.model
+
+    def completion(self, prompt: str) -> Request:
+        rw = self.method.editor.rewrite_prompt(prompt, self.namespace)
+        assert isinstance(rw.request, str)
+        return Request(rw.request, tuple(rw.stop), _ids(rw.applied), _considered(rw.considered))
+
+    def chat(self, question: str) -> Request:
+        rw = self.method.editor.rewrite_chat([{"role": "user", "content": question}], self.namespace)
+        msgs = list(rw.request)
+        return Request(self.method.ctx.generator.chat_prompt(msgs), tuple(rw.stop), _ids(rw.applied),
+                       _considered(rw.considered), messages=[dict(m) for m in msgs])
+
+    def close(self) -> None:
+        for i in self.ids:
+            self.method.editor.remove(i, self.namespace)
+
+
+class IkeMethod:
+    """kem's in-context fast path exactly as served. Each ``prepare`` adds the edits to a fresh
+    namespace of one in-memory editor (so cases never see each other's edits in single mode)."""
+
+    name = "ike"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        from kem.editor import KnowledgeEditor
+
+        opts = dict(ctx.options.get("ike", {}))
+        self.ctx = ctx
+        self.editor = KnowledgeEditor.in_memory(settings=ctx.settings, generator=ctx.generator,
+                                                embedder=ctx.embedder, **opts)
+        self._n = itertools.count()
+
+    def prepare(self, edits: Sequence[Edit]) -> Prepared:
+        ns = f"eval-{next(self._n)}"
+        stored = self.editor.add_many([Edit.parse(e, namespace=ns) for e in edits])
+        return IkePrepared(self, ns, [e.id for e in stored])
+
+
+def _ids(applied: Sequence[Any]) -> tuple[str, ...]:
+    return tuple(s.edit.id for s in applied)
+
+
+def _considered(considered: Sequence[Any]) -> tuple[tuple[str, float, bool], ...]:
+    return tuple((s.edit.id, float(s.score), bool(s.in_scope)) for s in considered)
+
+
+register_eval_method("none", NoneMethod)
+register_eval_method("ike", IkeMethod)
