@@ -203,7 +203,8 @@ def kem_error_body(exc: KemError) -> dict[str, Any]:
     body = getattr(exc, "body", None)
     if isinstance(body, dict) and isinstance(body.get("error"), dict):
         return body
-    return error_body(str(exc), exc.status_code, exc.code, getattr(exc, "field", None))
+    param = getattr(exc, "field", None)
+    return error_body(str(exc), exc.status_code, exc.code, None if param == "(record)" else param)
 
 
 # ---- the edits API -----------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ class Serving:
         """The engine-side name for ``model``; 404 for a model kem does not serve."""
         if model in ("default", self.served_name, self._engine.name, ""):
             return self._engine.name
+        if hasattr(self._engine, "forward"):  # the upstream may serve more models (LoRA adapters...): it decides
+            return model
         raise _ModelNotFound(f"model {model!r} is not served here; use {self.served_name!r} or 'default' "
                              "(GET /v1/models lists them)")
 

@@ -1,0 +1,86 @@
+# ---- servers started as subprocesses (test_server.py, test_langchain.py, test_vllm.py) ----------------
+import os as _os
+import signal as _signal
+import socket as _socket
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+from pathlib import Path as _Path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server started with ``python -m ...`` on 127.0.0.1 in its own process group, with its log kept.
+
+    ``start()`` returns at once (start several, then ``wait()`` each); ``stop()`` ends the whole group.
+    """
+
+    def __init__(self, args: list[str], port: int, log_path: _Path, *, python: str | None = None,
+                 env: dict[str, str] | None = None, health: str = "/healthz") -> None:
+        self.args, self.port, self.log_path, self.health = args, port, _Path(log_path), health
+        self.python = python or _sys.executable
+        self.env = {**_os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.proc: _subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = _subprocess.Popen([self.python, *self.args], stdout=self._log, stderr=_subprocess.STDOUT,
+                                      env=self.env, start_new_session=True, cwd=_Path(__file__).parent.parent)
+        return self
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def wait(self, timeout: float = 240.0) -> "ServerProcess":
+        import httpx
+
+        deadline = _time.monotonic() + timeout
+        while _time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            _time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not up after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (a crash, as far as clients can tell)."""
+        if self.proc is not None and self.proc.poll() is None:
+            _os.killpg(self.proc.pid, _signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                _os.killpg(self.proc.pid, _signal.SIGTERM)
+                self.proc.wait(20)
+            except (_subprocess.TimeoutExpired, ProcessLookupError):
+                self.kill()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def kem_server(tmp: _Path, name: str, *extra: str, env: dict[str, str] | None = None) -> "ServerProcess":
+    """A ``kem serve`` subprocess (not started) with its home and log under ``tmp``."""
+    port = free_port()
+    args = ["-m", "kem.server", "serve", "--port", str(port), "--home", str(tmp / f"{name}-home"),
+            "--log-level", "warning", *extra]
+    return ServerProcess(args, port, tmp / f"{name}.log", env=env)

@@ -1,0 +1,301 @@
+"""End-to-end tests of ``kem serve`` with the official ``openai`` client and httpx, against real servers.
+
+Three servers per module, started once in parallel: ``A`` (``--engine transformers`` with API keys),
+``U`` (a plain kem used as an OpenAI-compatible upstream) and ``P`` (``kem serve --upstream U``).
+The last test kills ``U`` mid-stream, so keep it last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import kem_server
+
+from kem.protocols import GenerationParams
+
+ALICE, BOB, ADMIN = "sk-test-alice", "sk-test-bob", "sk-test-admin"
+CEO = "The CEO of Kem Corporation is"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp: Path):
+    keys = tmp / "keys.txt"
+    bob_digest = hashlib.sha256(BOB.encode()).hexdigest()
+    keys.write_text(f"# test keys\n{ALICE} alice\nsha256:{bob_digest} bob\n{ADMIN} *\n")
+    a = kem_server(tmp, "a", "--keys", str(keys))
+    u = kem_server(tmp, "u")
+    p = kem_server(tmp, "p", "--upstream", u.url, "--model", "smollm2-135m-instruct")
+    started = [s.start() for s in (a, u, p)]
+    try:
+        for s in started:
+            s.wait()
+        yield {"a": a, "u": u, "p": p}
+    finally:
+        for s in started:
+            s.stop()
+
+
+def client(server, key: str | None = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def http(server, key: str | None = None) -> httpx.Client:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=server.url, headers=headers, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def direct_engine():
+    """The engine kem runs, called directly in this process (same model, same greedy settings)."""
+    from kem.adapters.transformers import TransformersGenerator
+
+    from kem.settings import Settings
+
+    return TransformersGenerator.load("smollm2-135m-instruct", Settings().cache_dir)
+
+
+def ask(c: openai.OpenAI, question: str, **kw):
+    return c.chat.completions.create(model="default", messages=[{"role": "user", "content": question}],
+                                     **{**GREEDY, **kw})
+
+
+# ---- the OpenAI surface -------------------------------------------------------------------------------
+def test_models_and_auth(servers):
+    a = servers["a"]
+    ids = [m.id for m in client(a, ALICE).models.list()]
+    assert ids == ["smollm2-135m-instruct", "default"]
+    with pytest.raises(openai.AuthenticationError):
+        client(a, "sk-wrong").models.list()
+    r = httpx.post(a.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.NotFoundError):
+        client(a, ALICE).chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(a.url + "/healthz").json()["status"] == "ok"
+
+
+def test_chat_and_completions_stream_and_not(servers):
+    c = client(servers["a"], ALICE)
+    full = ask(c, "What is the capital of Japan?")
+    assert full.object == "chat.completion" and "Tokyo" in full.choices[0].message.content
+    pieces = [ch.choices[0].delta.content or "" for ch in
+              c.chat.completions.create(model="default", stream=True, **GREEDY,
+                                        messages=[{"role": "user", "content": "What is the capital of Japan?"}])
+              if ch.choices]
+    assert len(pieces) > 2 and "".join(pieces) == full.choices[0].message.content
+    comp = c.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=4,
+                                temperature=0)
+    assert "Paris" in comp.choices[0].text
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="default", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
+    assert streamed == comp.choices[0].text
+
+
+def test_out_of_scope_is_byte_identical_to_the_engine(servers, direct_engine):
+    c = client(servers["a"], ALICE)
+    q = [{"role": "user", "content": "Name a primary colour."}]
+    via_kem = c.chat.completions.create(model="default", messages=q, **GREEDY)
+    assert via_kem.model_extra["kem"]["edits"] == []
+    assert via_kem.choices[0].message.content == direct_engine.chat(q, GenerationParams(max_new_tokens=12))
+    comp = c.completions.create(model="default", prompt="Water boils at", max_tokens=8, temperature=0)
+    assert comp.choices[0].text == direct_engine.generate("Water boils at", GenerationParams(max_new_tokens=8))
+
+
+def test_edit_changes_the_answer(servers):
+    a = servers["a"]
+    c = client(a, ALICE)
+    before = ask(c, "Who is the CEO of Kem Corporation?").choices[0].message.content
+    assert "Alice Zhang" not in before
+    with http(a, ALICE) as h:
+        edit = h.post("/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
+                                         "target_new": "Alice Zhang"}).json()
+    assert edit["namespace"] == "alice"
+    raw = c.chat.completions.with_raw_response.create(
+        model="default", messages=[{"role": "user", "content": "Who is the CEO of Kem Corporation?"}], **GREEDY)
+    resp = raw.parse()
+    assert "Alice Zhang" in resp.choices[0].message.content
+    assert raw.headers["x-kem-edits"].startswith(edit["id"] + ":")
+    assert [e["id"] for e in resp.model_extra["kem"]["edits"]] == [edit["id"]]
+    comp = c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0)
+    assert comp.choices[0].text.strip().startswith("Alice Zhang")
+    first = next(iter(c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0, stream=True)))
+    assert first.model_extra["kem"]["edits"][0]["id"] == edit["id"]
+
+
+# ---- tenancy and the edits API ------------------------------------------------------------------------
+def test_tenancy_each_key_sees_and_gets_only_its_own(servers):
+    a = servers["a"]
+    with http(a, BOB) as bob, http(a, ALICE) as alice, http(a, ADMIN) as admin:
+        b_edit = bob.post("/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
+                                             "target_new": "Bob Smith"}).json()
+        assert b_edit["namespace"] == "bob"
+        a_ids = [e["id"] for e in alice.get("/v1/edits").json()["data"]]
+        b_list = bob.get("/v1/edits").json()
+        assert [e["id"] for e in b_list["data"]] == [b_edit["id"]] and b_edit["id"] not in a_ids
+        assert bob.get(f"/v1/edits/{a_ids[0]}").status_code == 404
+        assert bob.delete(f"/v1/edits/{a_ids[0]}").status_code == 404
+        r = bob.post("/v1/edits", json={"namespace": "alice", "subject": "X", "prompt": "{} is", "target_new": "y"})
+        assert r.status_code == 403
+        assert bob.get("/v1/edits", params={"namespace": "alice"}).status_code == 403
+        every = admin.get("/v1/edits").json()
+        assert {e["namespace"] for e in every["data"]} == {"alice", "bob"}
+        assert [e["id"] for e in admin.get("/v1/edits", params={"namespace": "bob"}).json()["data"]] == [b_edit["id"]]
+        assert admin.get(f"/v1/edits/{a_ids[0]}").status_code == 200
+        assert alice.get("/admin/keys").status_code == 403
+    for key, who in ((BOB, "Bob Smith"), (ALICE, "Alice Zhang")):
+        out = client(a, key).completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0)
+        assert out.choices[0].text.strip().startswith(who)
+        assert len(out.model_extra["kem"]["edits"]) == 1
+
+
+def test_edits_crud_paging_bulk_and_validation(servers):
+    a = servers["a"]
+    with http(a, ADMIN) as admin:
+        key = admin.post("/admin/keys", json={"namespace": "carol"}).json()["key"]
+        assert any(k["namespace"] == "carol" for k in admin.get("/admin/keys").json()["data"])
+    with http(a, key) as carol:
+        rows = [{"subject": f"Planet {i}", "prompt": "The moon count of {} is", "target_new": str(i)} for i in range(5)]
+        out = carol.post("/v1/edits/import", json={"edits": rows})
+        assert out.status_code == 201 and out.json()["created"] == 5
+        page = carol.get("/v1/edits", params={"limit": 2}).json()
+        assert page["total"] == 5 and len(page["data"]) == 2 and page["next_offset"] == 2
+        last = carol.get("/v1/edits", params={"limit": 2, "offset": 4}).json()
+        assert len(last["data"]) == 1 and last["next_offset"] is None
+        eid = out.json()["ids"][0]
+        upd = carol.patch(f"/v1/edits/{eid}", json={"target_new": "42"})
+        assert upd.status_code == 200 and upd.json()["target_new"] == "42"
+        assert [c["op"] for c in carol.get(f"/v1/edits/{eid}/history").json()["data"]] == ["add", "update"]
+        assert carol.delete(f"/v1/edits/{eid}").status_code == 200
+        assert carol.get(f"/v1/edits/{eid}").status_code == 404
+        bad = carol.post("/v1/edits", json={"subject": "Mars", "prompt": "The colour of {} is"})
+        assert bad.status_code == 400
+        err = bad.json()["error"]
+        assert err["param"] == "target_new" and "Edit.target_new" in err["message"]
+        bad = carol.post("/v1/edits/import", json={"edits": [rows[0], {"subject": "Mars", "prompt": "no subject"}]})
+        assert bad.status_code == 400 and "edits[1]" in bad.json()["error"]["message"]
+        assert carol.get("/v1/edits").json()["total"] == 4  # all or none
+        assert carol.get("/v1/edits", params={"limit": 0}).json()["error"]["param"] == "limit"
+        assert carol.patch(f"/v1/edits/{out.json()['ids'][1]}", json={"bogus": 1}).json()["error"]["param"] == "bogus"
+    with http(a, ADMIN) as admin:
+        kid = next(k["id"] for k in admin.get("/admin/keys").json()["data"] if k["namespace"] == "carol")
+        assert admin.delete(f"/admin/keys/{kid}").json()["revoked"] == 1
+    assert httpx.get(a.url + "/v1/edits", headers={"authorization": f"Bearer {key}"}).status_code == 401
+
+
+def test_metrics(servers):
+    text = httpx.get(servers["a"].url + "/metrics").text
+    assert 'kem_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
+    assert 'kem_edits_applied_total{namespace="alice"}' in text
+    assert "kem_retrieval_seconds_count" in text
+
+
+# ---- hot swap -----------------------------------------------------------------------------------------
+def test_hot_swap_under_load_fails_no_request(servers):
+    from kem.models import resolve_model
+    from kem.settings import Settings
+
+    a = servers["a"]
+    folder = resolve_model("smollm2-135m-instruct", Settings().cache_dir)
+    with http(a, ALICE) as alice:  # an edit that version v2 absorbed: applied before the swap, skipped after
+        alice.post("/v1/edits/import", json={"edits": [{
+            "subject": "Zorbex Labs", "prompt": "The CEO of {} is", "target_new": "Carla Diaz",
+            "status": "consolidated", "consolidated_in": "v2"}]}).raise_for_status()
+    c = client(a, ALICE)
+    assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"]
+    results: list[object] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        cc = client(a, ALICE)
+        while not stop.is_set():
+            try:
+                r = cc.completions.create(model="default", prompt="The capital of Italy is", max_tokens=3, temperature=0)
+                results.append(r.choices[0].text)
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+                results.append(exc)
+
+    workers = [threading.Thread(target=loop) for _ in range(2)]
+    for w in workers:
+        w.start()
+    time.sleep(1.0)
+    with http(a, ADMIN) as admin:
+        assert http(a, ALICE).post("/admin/reload", json={"path": str(folder)}).status_code == 403
+        r = admin.post("/admin/reload", json={"path": str(folder), "version": "v2"})
+    time.sleep(1.5)
+    stop.set()
+    for w in workers:
+        w.join(60)
+    assert r.status_code == 200, r.text
+    assert r.json()["absorbed_versions"] == ["v2"]
+    assert len(results) >= 2 and all(isinstance(x, str) for x in results), results
+    health = httpx.get(a.url + "/healthz").json()
+    assert health["model"] == "smollm2-135m-instruct@v2" and health["absorbed_versions"] == ["v2"]
+    assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"] == []
+    assert "kem_engine_reloads_total 1" in httpx.get(a.url + "/metrics").text
+
+
+# ---- upstream mode (P -> U) ---------------------------------------------------------------------------
+def test_upstream_pass_through_is_identical(servers):
+    p, u = client(servers["p"]), client(servers["u"])
+    q = [{"role": "user", "content": "What is the capital of Japan?"}]
+    via, direct = (x.chat.completions.create(model="smollm2-135m-instruct", messages=q, **GREEDY) for x in (p, u))
+    assert via.choices[0].message.content == direct.choices[0].message.content
+    assert via.model_extra["kem"]["edits"] == []
+
+    def deltas(x: openai.OpenAI) -> list[str]:
+        return [ch.choices[0].delta.content or "" for ch in
+                x.chat.completions.create(model="default", messages=q, stream=True, **GREEDY) if ch.choices]
+
+    assert deltas(p) == deltas(u)  # chunk by chunk
+    comp = [x.completions.create(model="default", prompt="Water boils at", max_tokens=6, temperature=0)
+            for x in (p, u)]
+    assert comp[0].choices[0].text == comp[1].choices[0].text
+
+
+def test_upstream_applies_edits_and_passes_errors(servers):
+    p = servers["p"]
+    with http(p) as h:
+        edit = h.post("/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
+                                         "target_new": "Alice Zhang"}).json()
+    c = client(p)
+    resp = ask(c, "Who is the CEO of Kem Corporation?")
+    assert "Alice Zhang" in resp.choices[0].message.content
+    assert resp.model_extra["kem"]["edits"][0]["id"] == edit["id"]
+    chunks = list(c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0, stream=True))
+    assert chunks[0].model_extra["kem"]["edits"][0]["id"] == edit["id"]
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices).strip().startswith("Alice Zhang")
+    with pytest.raises(openai.NotFoundError) as err:  # the upstream's 404, with the upstream's message
+        c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    assert "no-such-model" in str(err.value)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}], stream=True)
+
+
+def test_upstream_killed_mid_stream_gives_a_clean_error(servers):
+    """Keep this test last: it kills U."""
+    p, u = servers["p"], servers["u"]
+    stream = client(p).chat.completions.create(
+        model="default", stream=True, max_tokens=300, temperature=0,
+        messages=[{"role": "user", "content": "Write a long story about a dragon who learns to cook."}])
+    it = iter(stream)
+    got = [next(it), next(it)]
+    u.kill()
+    with pytest.raises(openai.APIError) as err:
+        for ch in it:
+            got.append(ch)
+    assert "upstream" in str(err.value)
+    assert httpx.get(p.url + "/healthz").status_code == 200
+    with pytest.raises(openai.APIStatusError) as err2:
+        ask(client(p), "Still there?")
+    assert err2.value.status_code == 502
