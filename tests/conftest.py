@@ -1,3 +1,56 @@
+"""Shared test fixtures. The real tiny models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) load ONCE per
+test session; tests that mutate weights deep-copy the model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def shared_data(*parts: str) -> str:
+    """Path of a file under ../shared/data (the repo's sibling folder, in CI too)."""
+    path = os.path.normpath(os.path.join(DATA, *parts))
+    if not os.path.exists(path):
+        pytest.fail(f"benchmark data missing: {path} (../shared/data must sit beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kem_settings():
+    from kem.settings import Settings
+
+    return Settings(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lm_and_tok(kem_settings):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on CPU, loaded once. Do not mutate: deep-copy."""
+    from kem.models import load_causal_lm
+
+    return load_causal_lm(kem_settings.model, kem_settings.cache_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def generator(lm_and_tok):
+    from kem.adapters.transformers import TransformersGenerator
+
+    model, tok = lm_and_tok
+    return TransformersGenerator(model, tok, name="smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def embedder(kem_settings):
+    from kem.embedding import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder(kem_settings.embedder, kem_settings.cache_dir)
+
+
 # ---- servers started as subprocesses (test_server.py, test_langchain.py, test_vllm.py) ----------------
 import os as _os
 import signal as _signal
