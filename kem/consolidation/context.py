@@ -23,6 +23,7 @@ class EditContext:
         corpus: Text corpus for covariance statistics; None samples texts from the model.
         state: Per-method running state, keyed by method name (AlphaEdit keeps its past keys here).
         progress: Show progress bars for long steps.
+        cov_fingerprint: When set, covariance statistics are looked up under this model fingerprint.
     """
 
     covariance: CovarianceCache = field(default_factory=lambda: CovarianceCache(None))
@@ -30,6 +31,14 @@ class EditContext:
     corpus: str | os.PathLike[str] | None = None
     state: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
+    cov_fingerprint: str | None = None
+
+    def pin_covariance(self, model: Any) -> None:
+        """Key covariance statistics by ``model``'s fingerprint from now on, even after edits change its
+        weights (the papers keep the base model's statistics across sequential batches)."""
+        from kem.consolidation.shared.prompts import model_fingerprint
+
+        self.cov_fingerprint = model_fingerprint(model)
 
     @classmethod
     def from_cache_dir(cls, cache_dir: str | os.PathLike[str] | None, corpus: str | os.PathLike[str] | None = None) -> EditContext:

@@ -108,7 +108,7 @@ def compute_second_moments(
     """``E[k k^T]`` of each layer's MLP key over every non-pad token of ``texts``.
 
     Returns:
-        ``({layer: (d_mlp, d_mlp) float32}, number of tokens)``; accumulated in float64.
+        ``({layer: (d_mlp, d_mlp) float32}, number of tokens)``; summed per batch in float32 and over batches in float64.
     """
     from tqdm.auto import tqdm
 
@@ -120,10 +120,10 @@ def compute_second_moments(
 
     def hook(layer: int) -> Any:
         def fn(module: Any, args: tuple[Any, ...]) -> None:
-            k = args[0][mask_box["m"]].double()  # (tokens, d_mlp)
+            k = args[0][mask_box["m"]].float()  # (tokens, d_mlp); the batch sum in float32, the total in float64
             if layer not in acc:
                 acc[layer] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
-            acc[layer].addmm_(k.T, k)
+            acc[layer] += (k.T @ k).double()
             if layer == last:
                 raise _Stop
 

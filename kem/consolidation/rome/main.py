@@ -28,7 +28,9 @@ def compute_rome(model: Any, tok: Any, edits: Sequence[Edit], hparams: RomeHPara
     """ROME's :class:`WeightDelta` for ``edits`` (rank one per edit, all on ``hparams.layer``)."""
     t0 = time.perf_counter()
     fp = model_fingerprint(model)
-    cov = ctx.second_moments(model, tok, [hparams.layer], hparams.mom2_samples, hparams.mom2_max_tokens, fp)[hparams.layer]
+    cov = ctx.second_moments(model, tok, [hparams.layer], hparams.mom2_samples, hparams.mom2_max_tokens, ctx.cov_fingerprint or fp)[
+        hparams.layer
+    ]
     t_cov = time.perf_counter() - t0
     templates = ctx.templates.get(model, tok, hparams.context_templates, hparams.template_length, fingerprint=fp)
     delta = WeightDelta(method="rome")

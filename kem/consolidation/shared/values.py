@@ -76,49 +76,78 @@ def _kl_rows(tok: Any, edits: Sequence[Edit]) -> list[Row]:
     return rows
 
 
+class TargetBatch:
+    """Teacher-forced target rows (edit x template) plus one ``"<subject> is a"`` KL row per edit, padded.
+
+    Attributes:
+        ids, mask: ``(rows, width)`` input ids and attention mask.
+        sel, pos, owner: per row: its index, subject position and edit index.
+    """
+
+    def __init__(self, tok: Any, edits: Sequence[Edit], templates: Sequence[str], device: Any, kl: bool = True) -> None:
+        self.n = len(edits)
+        self.rows = make_rows(tok, edits, templates, with_target=True)
+        kl_rows = _kl_rows(tok, edits) if kl else []
+        all_rows = self.rows + kl_rows
+        self.ids, self.mask = pad(all_rows, pad_id(tok), device)
+        self.sel = torch.arange(len(all_rows), device=device)
+        self.pos = torch.tensor([r.subject_pos for r in all_rows], device=device)
+        self.owner = torch.tensor([r.edit for r in all_rows], device=device)
+        t_row, t_pos, t_id = [], [], []
+        for i, r in enumerate(self.rows):
+            start = len(r.ids) - len(r.target)
+            for j, tid in enumerate(r.target):
+                t_row.append(i)
+                t_pos.append(start + j)
+                t_id.append(tid)
+        self.t_row = torch.tensor(t_row, device=device)
+        self.t_pos = torch.tensor(t_pos, device=device)
+        self.t_id = torch.tensor(t_id, device=device)
+        self.tok_count = torch.bincount(self.t_row, minlength=len(self.rows)).float()
+        self.row_owner = self.owner[: len(self.rows)]
+        self.rows_per_edit = torch.bincount(self.row_owner, minlength=self.n).float()
+        self.kl_last = torch.tensor([len(r.ids) - 1 for r in kl_rows], device=device, dtype=torch.long)
+        self.kl_sel = torch.arange(len(self.rows), len(all_rows), device=device)
+        self.first_row = torch.arange(self.n, device=device) * len(templates)
+
+    def nll(self, hidden: torch.Tensor, head: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-edit mean target NLL ``(n,)`` (differentiable) and mean target probability ``(n,)`` (detached).
+
+        Args:
+            hidden: ``(rows, width, d_model)`` final hidden states.
+            head: The LM head (applied only at target positions).
+        """
+        logp = F.log_softmax(head(hidden[self.t_row, self.t_pos]).float(), -1)
+        tok_nll = -logp.gather(1, self.t_id[:, None])[:, 0]
+        row_nll = torch.zeros(len(self.rows), device=hidden.device).index_add(0, self.t_row, tok_nll) / self.tok_count
+        edit_nll = torch.zeros(self.n, device=hidden.device).index_add(0, self.row_owner, row_nll) / self.rows_per_edit
+        row_prob = torch.exp(-row_nll.detach())
+        probs = torch.zeros(self.n, device=hidden.device).index_add(0, self.row_owner, row_prob) / self.rows_per_edit
+        return edit_nll, probs
+
+    def kl_logp(self, hidden: torch.Tensor, head: Any) -> torch.Tensor:
+        """Next-token log-probabilities after ``"<subject> is a"``, ``(n, vocab)``."""
+        return F.log_softmax(head(hidden[self.kl_sel, self.kl_last]).float(), -1)
+
+
 def _optimise_chunk(
     model: Any, tok: Any, edits: Sequence[Edit], layer: int, templates: Sequence[str], opts: ValueOptions
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     device = next(model.parameters()).device
-    n = len(edits)
-    rows = make_rows(tok, edits, templates, with_target=True)
-    kl_rows = _kl_rows(tok, edits)
-    all_rows = rows + kl_rows
-    ids, mask = pad(all_rows, pad_id(tok), device)
-    n_all = len(all_rows)
-    sel = torch.arange(n_all, device=device)
-    pos = torch.tensor([r.subject_pos for r in all_rows], device=device)
-    owner = torch.tensor([r.edit for r in all_rows], device=device)
-
-    # Flat index of every (row, position, target token) for the NLL.
-    t_row, t_pos, t_id = [], [], []
-    for i, r in enumerate(rows):
-        start = len(r.ids) - len(r.target)
-        for j, tid in enumerate(r.target):
-            t_row.append(i)
-            t_pos.append(start + j)
-            t_id.append(tid)
-    t_row_t = torch.tensor(t_row, device=device)
-    t_pos_t = torch.tensor(t_pos, device=device)
-    t_id_t = torch.tensor(t_id, device=device)
-    tok_owner = owner[t_row_t]
-    tok_count = torch.bincount(t_row_t, minlength=len(rows)).float()
-    rows_per_edit = torch.bincount(owner[: len(rows)], minlength=n).float()
-    kl_last = torch.tensor([len(r.ids) - 1 for r in kl_rows], device=device)
-    kl_sel = torch.arange(len(rows), n_all, device=device)
-
+    tb = TargetBatch(tok, edits, templates, device)
+    n = tb.n
     delta = torch.zeros(n, model.config.hidden_size, device=device, requires_grad=True)
     refs: dict[str, torch.Tensor] = {}
 
     def add_delta(module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
         if "mlp" not in refs:
-            refs["mlp"] = out[sel, pos].detach().float()
-        return torch.index_put(out, (sel, pos), delta[owner].to(out.dtype), accumulate=True)
+            refs["mlp"] = out[tb.sel, tb.pos].detach().float()
+        return torch.index_put(out, (tb.sel, tb.pos), delta[tb.owner].to(out.dtype), accumulate=True)
 
     def read_block(module: Any, args: Any, out: Any) -> None:
         if "block" not in refs:
             h = out[0] if isinstance(out, tuple) else out
-            refs["block"] = h[sel, pos].detach().float()
+            refs["block"] = h[tb.sel, tb.pos].detach().float()
 
     base = model.base_model
     head = model.get_output_embeddings()
@@ -132,21 +161,17 @@ def _optimise_chunk(
     step = 0
     try:
         for step in range(opts.steps + 1):
-            hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logp = F.log_softmax(head(hidden[t_row_t, t_pos_t]).float(), -1)
-            tok_nll = -logp.gather(1, t_id_t[:, None])[:, 0]
-            row_nll = torch.zeros(len(rows), device=device).index_add(0, t_row_t, tok_nll) / tok_count
-            edit_nll = torch.zeros(n, device=device).index_add(0, owner[: len(rows)], row_nll) / rows_per_edit
-            row_prob = torch.exp(-row_nll.detach())
-            probs = (torch.zeros(n, device=device).index_add(0, owner[: len(rows)], row_prob) / rows_per_edit).cpu()
-            kl_logp = F.log_softmax(head(hidden[kl_sel, kl_last]).float(), -1)
+            hidden = base(input_ids=tb.ids, attention_mask=tb.mask, use_cache=False).last_hidden_state
+            edit_nll, p = tb.nll(hidden, head)
+            probs = p.cpu()
+            if bool((probs >= opts.stop_prob).all()) or step == opts.steps:
+                break
+            kl_logp = tb.kl_logp(hidden, head)
             if kl_ref is None:
                 kl_ref = kl_logp.detach()
             kl = F.kl_div(kl_logp, kl_ref, log_target=True, reduction="none").sum(-1)
-            ref = refs[opts.norm_ref][: n * len(templates) : len(templates)].norm(dim=-1)
+            ref = refs[opts.norm_ref][tb.first_row].norm(dim=-1)
             wd = opts.weight_decay * delta.norm(dim=-1) ** 2 / ref**2
-            if bool((probs >= opts.stop_prob).all()) or step == opts.steps:
-                break
             loss = (edit_nll + opts.kl_factor * kl + wd).sum()
             (grad,) = torch.autograd.grad(loss, [delta])
             opt.zero_grad()

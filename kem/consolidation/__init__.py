@@ -1,0 +1,25 @@
+"""Consolidation: write accumulated edits into the weights (ROME, MEMIT, AlphaEdit, FT-L).
+
+Each method computes a :class:`~kem.consolidation.delta.WeightDelta` without touching the model;
+:func:`~kem.consolidation.delta.apply_delta` applies it (and reverts exactly). Methods are looked up
+by name in :mod:`kem.consolidation.registry`; module paths come from :mod:`kem.consolidation.arch`.
+"""
+
+from __future__ import annotations
+
+from kem.consolidation.context import EditContext
+from kem.consolidation.covariance import CovarianceCache
+from kem.consolidation.delta import AppliedDelta, WeightDelta, apply_delta, delta_hooks
+from kem.consolidation.registry import get_method, list_methods, register_method
+
+__all__ = [
+    "AppliedDelta",
+    "CovarianceCache",
+    "EditContext",
+    "WeightDelta",
+    "apply_delta",
+    "delta_hooks",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,58 @@
+"""FT-L step 1: Adam on a dense ``delta_W`` of one layer (added through a forward hook), clamped to
+``[-eps, eps]`` after every step (the norm constraint), on the edits' target NLL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kem.consolidation.arch import arch_for, mlp_out_module
+from kem.consolidation.ftl.hparams import FtlHParams
+from kem.consolidation.shared.values import TargetBatch
+from kem.edit import Edit
+
+log = logging.getLogger(__name__)
+
+
+def train_layer(model: Any, tok: Any, edits: Sequence[Edit], templates: Sequence[str], hp: FtlHParams) -> tuple[torch.Tensor, int, list[float]]:
+    """Fine-tune ``delta_W`` of ``hp.layer``.
+
+    Returns:
+        ``(delta_W, steps, probs)``: ``delta_W`` ``(d_model, d_mlp)`` float32 in math layout.
+    """
+    device = next(model.parameters()).device
+    module = mlp_out_module(model, hp.layer)
+    w = module.weight
+    shape = w.shape if not arch_for(model).transposed else (w.shape[1], w.shape[0])
+    dw = torch.zeros(shape, device=device, requires_grad=True)
+    tb = TargetBatch(tok, edits, templates, device, kl=False)
+
+    def hook(mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        return out + (args[0].float() @ dw.T).to(out.dtype)
+
+    handle = module.register_forward_hook(hook)
+    opt = torch.optim.Adam([dw], lr=hp.lr)
+    base = model.base_model
+    head = model.get_output_embeddings()
+    probs = torch.zeros(len(edits))
+    step = 0
+    try:
+        for step in range(hp.steps + 1):
+            hidden = base(input_ids=tb.ids, attention_mask=tb.mask, use_cache=False).last_hidden_state
+            nll, p = tb.nll(hidden, head)
+            probs = p.cpu()
+            if bool((probs >= hp.stop_prob).all()) or step == hp.steps:
+                break
+            (grad,) = torch.autograd.grad(nll.mean(), [dw])
+            opt.zero_grad()
+            dw.grad = grad
+            opt.step()
+            with torch.no_grad():
+                dw.clamp_(-hp.norm_constraint, hp.norm_constraint)
+    finally:
+        handle.remove()
+    log.debug("FT-L layer %d: %d steps, probs %s", hp.layer, step, probs.tolist())
+    return dw.detach(), step, probs.tolist()

@@ -1,0 +1,11 @@
+"""MEMIT (Meng et al., 2023): many edits at once, the residual spread over several layers."""
+
+from __future__ import annotations
+
+from kem.consolidation.memit.hparams import PRESETS, MemitHParams
+from kem.consolidation.memit.main import compute_memit
+from kem.consolidation.registry import register_method
+
+register_method("memit", MemitHParams, compute_memit, PRESETS)
+
+__all__ = ["MemitHParams", "compute_memit"]
