@@ -1,0 +1,269 @@
+"""kem's command line: ``kem edit ...``, ``kem ask``, ``kem demo`` (+ eval, consolidate, serve when
+their extras are installed). Every command that prints results takes ``--json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kem.errors import KemError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="kem: knowledge-editing middleware for LLMs.")
+edit_app = typer.Typer(no_args_is_help=True, help="Add, list, show, remove and import edits.")
+app.add_typer(edit_app, name="edit")
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="Data folder (default: $KEM_HOME or ./kem-data).")]
+NsOpt = Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace (default: $KEM_NAMESPACE or 'default').")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _settings(home: Path | None) -> Any:
+    from kem.settings import Settings
+
+    s = Settings()
+    return s.model_copy(update={"home": home}) if home is not None else s
+
+
+def _editor(home: Path | None) -> Any:
+    from kem.editor import KnowledgeEditor
+
+    s = _settings(home)
+    return KnowledgeEditor.open(s.home, settings=s)
+
+
+def _ns(namespace: str | None, home: Path | None = None) -> str:
+    return namespace or _settings(home).namespace
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=1, default=str))
+
+
+def _edit_row(e: Any) -> dict[str, Any]:
+    return e.model_dump(mode="json")
+
+
+# ---- kem edit ---------------------------------------------------------------------------------------
+@edit_app.command("add")
+def edit_add(
+    subject: Annotated[str, typer.Option(help="The entity, e.g. 'Danielle Darrieux'.")],
+    prompt: Annotated[str, typer.Option(help="Prompt with {} for the subject (or the subject verbatim).")],
+    target: Annotated[str, typer.Option(help="The new completion, e.g. 'English'.")],
+    target_true: Annotated[str | None, typer.Option(help="The old completion, if known.")] = None,
+    relation: Annotated[str | None, typer.Option(help="Relation id; same subject+relation supersedes.")] = None,
+    paraphrase: Annotated[list[str] | None, typer.Option("--paraphrase", help="Another phrasing (repeatable).")] = None,
+    source: Annotated[str | None, typer.Option(help="Provenance.")] = None,
+    namespace: NsOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add one edit."""
+    from kem.edit import Edit
+
+    edit = Edit.parse({"subject": subject, "prompt": prompt, "target_new": target, "target_true": target_true,
+                       "relation": relation, "paraphrases": paraphrase or [], "source": source or "cli",
+                       "namespace": _ns(namespace, home)})
+    with _editor(home) as ke:
+        stored = ke.add(edit)
+    if as_json:
+        _print_json(_edit_row(stored))
+    else:
+        extra = f" (supersedes {stored.supersedes})" if stored.supersedes else ""
+        typer.echo(f"added {stored.id} [{stored.namespace}]: {stored.fact}{extra}")
+
+
+@edit_app.command("list")
+def edit_list(
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: all).")] = None,
+    status: Annotated[str | None, typer.Option(help="active, consolidated or retired (default: all).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List edits (newest last)."""
+    from kem.edit import EditStatus
+    from kem.stores.sqlite import SQLiteStore
+
+    try:
+        st = EditStatus(status) if status else None
+    except ValueError:
+        raise KemError(f"--status must be one of active, consolidated, retired (got {status!r})") from None
+    store = SQLiteStore(_settings(home).home / "edits.sqlite")  # listing needs no embedder
+    try:
+        rows = store.list(namespace, st, limit, offset)
+    finally:
+        store.close()
+    if as_json:
+        _print_json([_edit_row(e) for e in rows])
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "namespace", "status", "fact")
+    for e in rows:
+        table.add_row(e.id, e.namespace, e.status.value, e.fact)
+    Console().print(table)
+
+
+def _store(home: Path | None) -> Any:
+    from kem.stores.sqlite import SQLiteStore
+
+    return SQLiteStore(_settings(home).home / "edits.sqlite")
+
+
+@edit_app.command("show")
+def edit_show(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show one edit and its history."""
+    store = _store(home)
+    try:
+        e = store.get(edit_id, namespace)
+        hist = store.history(edit_id, namespace)
+    finally:
+        store.close()
+    row = {**_edit_row(e), "history": [{"seq": h.seq, "op": h.op, "at": h.at} for h in hist]}
+    if as_json:
+        _print_json(row)
+    else:
+        for k, v in row.items():
+            typer.echo(f"{k:>16}: {v}")
+
+
+@edit_app.command("rm")
+def edit_rm(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Delete an edit (its history is kept)."""
+    store = _store(home)
+    try:
+        e = store.delete(edit_id, namespace)
+    finally:
+        store.close()
+    _print_json({"deleted": e.id}) if as_json else typer.echo(f"deleted {e.id}")
+
+
+@edit_app.command("import")
+def edit_import(
+    file: Annotated[Path, typer.Argument(help="CounterFact / ZsRE JSON (as in ../shared/data) or JSONL of kem edits.")],
+    namespace: NsOpt = None,
+    limit: Annotated[int | None, typer.Option(help="Import at most this many records.")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import edits from a file, all or none (one transaction)."""
+    from kem.importers import edits_from_file
+
+    edits = edits_from_file(file, namespace=_ns(namespace, home), limit=limit)
+    with _editor(home) as ke:
+        stored = ke.add_many(edits, progress=not as_json)
+    if as_json:
+        _print_json({"imported": len(stored), "ids": [e.id for e in stored]})
+    else:
+        typer.echo(f"imported {len(stored)} edits from {file}")
+
+
+# ---- kem ask ----------------------------------------------------------------------------------------
+@app.command("ask")
+def ask(
+    text: Annotated[str, typer.Argument(help="A question (chat) or, with --complete, a prompt to continue.")],
+    namespace: NsOpt = None,
+    complete: Annotated[bool, typer.Option("--complete", help="Plain completion instead of chat.")] = False,
+    no_edits: Annotated[bool, typer.Option("--no-edits", help="Bypass the fast path (weights alone).")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
+    model_version: Annotated[str | None, typer.Option("--model-version", help="Ask a published version (vN).")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the model with the edits of a namespace applied in context."""
+    ke = _editor(home)
+    try:
+        if model_version is not None:
+            _use_version(ke, model_version)
+        ns = _ns(namespace, home)
+        ans = (ke.generate(text, ns, max_new_tokens=max_new_tokens, use_edits=not no_edits) if complete
+               else ke.chat(text, ns, max_new_tokens=max_new_tokens, use_edits=not no_edits))
+    finally:
+        ke.close()
+    if as_json:
+        _print_json(ans.as_dict())
+    else:
+        typer.echo(ans.text.strip())
+        for s in ans.edits:
+            typer.secho(f"  [edit {s.edit.id} score={s.score:.3f}] {s.edit.fact}", fg="cyan", err=True)
+
+
+def _use_version(ke: Any, version: str) -> None:
+    """Point the editor at a published model version (needs the consolidation module)."""
+    try:
+        from kem.consolidation.versions import use_version
+    except ImportError as exc:
+        raise KemError(f"--model-version needs kem.consolidation ({exc})") from None
+    use_version(ke, version)
+
+
+# ---- kem demo ---------------------------------------------------------------------------------------
+@app.command("demo")
+def demo(
+    as_json: JsonOpt = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation length.")] = 12,
+) -> None:
+    """Add a few CounterFact edits to a temporary store and show answers before and after."""
+    from kem.demo import run_demo
+
+    rows = run_demo(max_new_tokens=max_new_tokens, progress=not as_json)
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kind", "question", "unedited", "with kem", "edit applied", show_lines=True)
+    for r in rows:
+        table.add_row(r["kind"], r["question"], r["unedited"], r["edited"],
+                      ", ".join(f"{e['subject']}→{e['target_new']} ({e['score']:.2f})" for e in r["edits"]) or "-")
+    Console(width=160).print(table)
+
+
+def _mount_optional() -> None:
+    """Mount the commands that live in optional modules (eval, consolidation, serving)."""
+    try:
+        from kem.eval.cli import eval_command
+
+        app.command("eval")(eval_command)
+    except ImportError:
+        pass
+    try:
+        from kem.consolidation.cli import consolidate, models_app
+
+        app.command("consolidate")(consolidate)
+        app.add_typer(models_app, name="models")
+    except ImportError:
+        pass
+    try:
+        from kem.server.cli import serve
+
+        app.command("serve")(serve)
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _mount_optional()
+    try:
+        app(standalone_mode=False)
+    except KemError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,53 @@
+"""``kem demo``: a few CounterFact edits in a temporary store, answers before and after."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from importlib import resources
+from typing import Any
+
+from kem.settings import Settings
+
+UNRELATED = [
+    "The capital of France is",
+    "What is the capital of Japan?",
+    "Who wrote Romeo and Juliet?",
+]
+
+
+def demo_records() -> list[dict[str, Any]]:
+    data = json.loads(resources.files("kem").joinpath("data/counterfact_demo.json").read_text(encoding="utf-8"))
+    return list(data["records"])
+
+
+def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Returns one row per question: kind, question, unedited and edited answers, applied edits."""
+    from kem.editor import KnowledgeEditor
+    from kem.importers import counterfact_edit
+
+    settings = settings or Settings()
+    records = demo_records()
+    questions: list[tuple[str, str, bool]] = []  # (kind, text, chat?)
+    for r in records:
+        questions.append(("edited", r["prompt"], False))
+        questions.append(("paraphrase", r["rephrase_prompt"], False))
+    questions.append(("edited (chat)", f"What is the mother tongue of {records[0]['subject']}?", True))
+    questions.append(("unrelated", records[0]["locality_prompt"], False))
+    questions.extend(("unrelated", q, q.endswith("?")) for q in UNRELATED)
+
+    with tempfile.TemporaryDirectory(prefix="kem-demo-") as home:
+        with KnowledgeEditor.open(home, settings=settings) as ke:
+            ke.add_many([counterfact_edit(r, n, "demo") for n, r in enumerate(records)])
+            rows = []
+            from tqdm.auto import tqdm
+
+            for kind, q, chat in tqdm(questions, desc="asking", disable=not progress):
+                ask = ke.chat if chat else ke.generate
+                before = ask(q, max_new_tokens=max_new_tokens, use_edits=False)
+                after = ask(q, max_new_tokens=max_new_tokens)
+                rows.append({
+                    "kind": kind, "question": q, "unedited": before.text.strip(), "edited": after.text.strip(),
+                    "edits": [s.as_dict() for s in after.edits],
+                })
+    return rows

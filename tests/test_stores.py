@@ -1,0 +1,53 @@
+"""Every store passes the conformance suite; the SQLite store also persists and guards its schema."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from kem.errors import StoreError
+from kem.store import InMemoryStore
+from kem.stores.sqlite import SQLiteStore
+from tests.store_conformance import StoreConformance, mk
+
+
+class TestInMemoryStore(StoreConformance):
+    @pytest.fixture
+    def store(self):
+        return InMemoryStore()
+
+
+class TestSQLiteStore(StoreConformance):
+    @pytest.fixture
+    def store(self, tmp_path):
+        s = SQLiteStore(tmp_path / "edits.sqlite")
+        yield s
+        s.close()
+
+
+def test_sqlite_persists_across_connections(tmp_path):
+    s = SQLiteStore(tmp_path / "e.sqlite")
+    a = s.add(mk())
+    s.delete(s.add(mk("Other")).id)
+    s.close()
+    s2 = SQLiteStore(tmp_path / "e.sqlite")
+    assert [e.id for e in s2.list()] == [a.id] and s2.get(a.id) == a
+    assert s2.revision() == 3
+    s2.close()
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path):
+    SQLiteStore(tmp_path / "e.sqlite").close()
+    db = sqlite3.connect(tmp_path / "e.sqlite")
+    db.execute("UPDATE schema_version SET version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        SQLiteStore(tmp_path / "e.sqlite")
+
+
+def test_sqlite_wal_mode(tmp_path):
+    s = SQLiteStore(tmp_path / "e.sqlite")
+    assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    s.close()
