@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import kem_server
 
 from kem.protocols import GenerationParams
+from tests.conftest import kem_server
 
 ALICE, BOB, ADMIN = "sk-test-alice", "sk-test-bob", "sk-test-admin"
 CEO = "The CEO of Kem Corporation is"
@@ -57,13 +57,9 @@ def http(server, key: str | None = None) -> httpx.Client:
 
 
 @pytest.fixture(scope="module")
-def direct_engine():
+def direct_engine(generator):
     """The engine kem runs, called directly in this process (same model, same greedy settings)."""
-    from kem.adapters.transformers import TransformersGenerator
-
-    from kem.settings import Settings
-
-    return TransformersGenerator.load("smollm2-135m-instruct", Settings().cache_dir)
+    return generator
 
 
 def ask(c: openai.OpenAI, question: str, **kw):

