@@ -4,6 +4,8 @@
   in-scope edits put into the request first (``invoke`` / ``stream`` / ``batch`` and their async forms;
   composes with ``|``). The applied edits are in ``response_metadata["kem"]`` of the output.
 * :class:`EditRetriever` is a ``BaseRetriever`` over the edit memory (one Document per edit).
+* :class:`KemChatModel` is a LangChain chat model over any kem generator (the embedded SmolLM2 by
+  default), so the above runs without a hosted model.
 
 ``langchain_core`` is imported when this module is, so import it only where LangChain is installed.
 """
@@ -14,16 +16,23 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
-from langchain_core.messages import BaseMessage, HumanMessage, convert_to_messages, convert_to_openai_messages
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    convert_to_messages,
+    convert_to_openai_messages,
+)
+from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.prompt_values import PromptValue
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import ConfigDict
 
-from kem.protocols import ScoredEdit
+from kem.protocols import GenerationParams, ScoredEdit
 
 
 def _as_messages(value: LanguageModelInput) -> list[BaseMessage]:
@@ -137,3 +146,32 @@ class EditRetriever(BaseRetriever):
             "id": s.edit.id, "namespace": s.edit.namespace, "subject": s.edit.subject,
             "target_new": s.edit.target_new, "score": float(s.score), "in_scope": s.in_scope})
             for s in hits if s.in_scope or not self.in_scope_only]
+
+
+class KemChatModel(BaseChatModel):
+    """A LangChain chat model over a kem :class:`~kem.protocols.Generator` (greedy unless
+    ``temperature`` > 0). No edits are applied here: wrap it with :func:`with_edits` for that.
+
+    Attributes:
+        generator: e.g. ``KnowledgeEditor.generator`` (the embedded SmolLM2) or any kem engine.
+        max_tokens: Generation length.
+        temperature: Sampling temperature (0: greedy).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    generator: Any
+    max_tokens: int = 32
+    temperature: float = 0.0
+
+    @property
+    def _llm_type(self) -> str:
+        return "kem"
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        params = GenerationParams(max_new_tokens=kwargs.get("max_tokens", self.max_tokens),
+                                  temperature=self.temperature, stop=tuple(stop or ()))
+        text = self.generator.chat(convert_to_openai_messages(messages), params)
+        return ChatResult(generations=[ChatGeneration(message=AIMessage(
+            text, response_metadata={"model_name": getattr(self.generator, "name", "kem")}))])

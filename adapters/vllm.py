@@ -36,6 +36,7 @@ class VLLMGenerator:
         self.name = name
         self.max_batch = max_batch
         self.tokenizer = llm.get_tokenizer()
+        self._closed = False
         self._queue: queue.Queue[tuple[str, GenerationParams, Future[str]] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="vllm-batcher", daemon=True)
         self._worker.start()
@@ -99,6 +100,8 @@ class VLLMGenerator:
             raise EngineError(f"cannot apply the chat template of {self.name}: {exc}", status_code=400) from exc
 
     def generate(self, prompt: str, params: GenerationParams) -> str:
+        if self._closed:
+            raise EngineError(f"the engine {self.name} was closed (swapped out); retry", status_code=503)
         fut: Future[str] = Future()
         self._queue.put((prompt, params, fut))
         return fut.result()
@@ -114,8 +117,9 @@ class VLLMGenerator:
 
     def close(self) -> None:
         """Stop the batcher and shut the engine down (frees its process and KV cache)."""
-        self._queue.put(None)
-        self._worker.join(timeout=30)
+        self._closed = True
+        self._queue.put(None)  # queued requests are served first
+        self._worker.join(timeout=120)
         engine = getattr(self.llm, "llm_engine", None)
         for obj in (engine, getattr(engine, "engine_core", None)):
             shutdown = getattr(obj, "shutdown", None)

@@ -21,7 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
-have() { "$VENV/bin/python" - "$@" <<'PY'
+have() { "$VENV/bin/python" -I - "$@" <<'PY'
 import importlib.metadata as m, sys
 try:
     v = m.version(sys.argv[1])

@@ -276,6 +276,12 @@ def test_upstream_applies_edits_and_passes_errors(servers):
     assert "no-such-model" in str(err.value)
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}], stream=True)
+    # upstream hot swap: point kem at the server of the new version (here the same one) + absorbed versions
+    r = httpx.post(p.url + "/admin/reload", json={"upstream": servers["u"].url, "version": "v9"})
+    assert r.status_code == 200 and r.json()["absorbed_versions"] == ["v9"], r.text
+    assert "Tokyo" in ask(c, "What is the capital of Japan?").choices[0].message.content
+    r = httpx.post(p.url + "/admin/reload", json={"path": "/tmp"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "upstream"
 
 
 def test_upstream_killed_mid_stream_gives_a_clean_error(servers):

@@ -76,6 +76,16 @@ class _CountRequests:
             self.metrics.request(_route_label(scope.get("path", "")), status[0])
 
 
+async def _close_later(engine: Any, grace: float = 2.0) -> None:
+    """Close a swapped-out engine after a grace period (requests that took it before the swap finish
+    first: its queue drains before it stops)."""
+    await asyncio.sleep(grace)
+    try:
+        await asyncio.to_thread(engine.close)
+    except Exception as exc:  # best effort; the new engine is serving already
+        log.warning("closing the old engine failed: %s", exc)
+
+
 def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyRing | None = None,
               served_name: str | None = None, reloader: Reloader | None = None,
               metrics: Metrics | None = None) -> Any:
@@ -296,18 +306,22 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
     @app.post("/admin/reload")
     async def reload(request: Request) -> dict[str, Any]:
         admin(request)
-        if reloader is None:
-            raise ValidationError("this engine cannot be reloaded (hot swap needs --engine transformers or vllm; "
-                                  "in upstream mode restart the upstream, see docs/serving.md)", field="engine")
         req = parse(ReloadRequest, await request.body(), "ReloadRequest")
         async with reload_lock:
-            new_engine = await asyncio.to_thread(reloader, req)
             absorbed = editor.absorbed_versions
             if req.absorbed_versions is not None:
                 absorbed = frozenset(req.absorbed_versions)
             elif req.version:
                 absorbed = absorbed | {req.version}
-            serving.swap(new_engine, absorbed)
+            if req.path is None and req.upstream is None:  # only the absorbed versions change
+                editor.absorbed_versions = absorbed
+            else:
+                if reloader is None:
+                    raise ValidationError("this server cannot reload its engine", field="path")
+                new_engine = await asyncio.to_thread(reloader, req)
+                old = serving.swap(new_engine, absorbed)
+                if callable(getattr(old, "close", None)):  # e.g. vLLM: free its process and KV cache
+                    app.state.closing = asyncio.create_task(_close_later(old))
         return {"status": "ok", "model": serving.engine.name, "absorbed_versions": sorted(absorbed)}
 
     @app.get("/admin/keys")

@@ -38,11 +38,21 @@ def build_engine(kind: str, model: str, settings: Any, name: str | None = None) 
     return gen
 
 
-def make_reloader(kind: str, settings: Any, base_name: str) -> Any:
-    """The ``/admin/reload`` hook: load the new version folder into a fresh engine (requests keep running
-    on the old one meanwhile; the caller swaps)."""
+def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | None = None) -> Any:
+    """The ``/admin/reload`` hook. In-process engines (``kind`` transformers/vllm): load ``path`` into a
+    fresh engine. Upstream mode (``kind == "upstream"``): connect to the new ``upstream`` URL. Requests
+    keep running on the old engine meanwhile; the caller swaps."""
 
     def reload(req: Any) -> Any:
+        if kind == "upstream":
+            if req.upstream is None:
+                raise ValidationError("upstream mode: send {\"upstream\": \"http://host:port\"} (the server "
+                                      "that serves the new version)", field="upstream")
+            from kem.adapters.openai_http import OpenAIHTTPGenerator
+
+            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key)
+        if req.path is None:
+            raise ValidationError("send {\"path\": \"/the/new/model/folder\"}", field="path")
         path = Path(req.path).expanduser()
         if not path.is_dir():
             raise ValidationError(f"path {req.path!r} is not a model folder", field="path")
@@ -69,8 +79,9 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     if upstream:
         from kem.adapters.openai_http import OpenAIHTTPGenerator
 
-        eng: Any = OpenAIHTTPGenerator(upstream, model=model,
-                                       api_key=upstream_key or os.environ.get("KEM_UPSTREAM_API_KEY"))
+        upstream_key = upstream_key or os.environ.get("KEM_UPSTREAM_API_KEY")
+        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key)
+        reloader = make_reloader("upstream", settings, eng.name, upstream_key)
     else:
         if model:
             settings = settings.model_copy(update={"model": model})
@@ -99,6 +110,7 @@ def serve(
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kem").setLevel(log_level.upper())  # also when the main CLI configured logging first
     if engine not in ENGINES:
         raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}", param_hint="--engine")
     try:

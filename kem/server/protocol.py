@@ -226,11 +226,13 @@ class BulkResult(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    """``POST /admin/reload``: switch the engine to a new model version folder."""
+    """``POST /admin/reload``: switch to a new model version (a folder for in-process engines, an upstream
+    URL in upstream mode) and/or declare the versions whose edits the weights absorbed."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(min_length=1)
+    path: str | None = Field(None, min_length=1, description="New model folder (in-process engines).")
+    upstream: str | None = Field(None, min_length=1, description="New upstream URL (upstream mode).")
     version: str | None = None
     absorbed_versions: list[str] | None = None
     name: str | None = None

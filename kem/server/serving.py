@@ -121,14 +121,17 @@ class Serving:
         self._engine = engine
         self.metrics.model = engine.name
 
-    def swap(self, engine: Any, absorbed_versions: frozenset[str] | None = None) -> None:
-        """Hot swap to a new model version's engine and from then on skip the edits it absorbed."""
+    def swap(self, engine: Any, absorbed_versions: frozenset[str] | None = None) -> Any:
+        """Hot swap to a new model version's engine and from then on skip the edits it absorbed.
+        Returns the old engine (the caller closes it once its running requests are done)."""
+        old = self._engine
         if absorbed_versions is not None:
             self.editor.absorbed_versions = frozenset(absorbed_versions)
         self.set_engine(engine, self.served_name)
         self.metrics.reloads += 1
         log.info("engine swapped to %s (absorbed versions: %s)", engine.name,
                  sorted(self.editor.absorbed_versions))
+        return getattr(old, "sync", old)
 
     def models(self) -> ModelList:
         root = self._engine.name
