@@ -17,7 +17,7 @@ from typing import Any
 from kem.eval import metrics as M
 from kem.eval.datasets import EvalCase, Probe
 from kem.eval.methods import EvalContext, Prepared, Request, build_method
-from kem.eval.scoring import Scorer
+from kem.eval.scoring import Job, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -63,69 +63,148 @@ class MethodRun:
     summary: dict[str, float] = field(default_factory=dict)
     scope_in: list[float] = field(default_factory=list)
     scope_out: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole run (methods of one run share the model's work)
+    reference_seconds: float = 0.0  # of which: the unedited model's locality reference
+
+
+@dataclass
+class _Pending:
+    """A probe whose requests are built and whose jobs are queued, waiting for the batch to run."""
+
+    model_key: str
+    case: EvalCase
+    kind: str
+    probe: Probe
+    req: Request  # completion request (teacher forcing; generation for clozes)
+    greq: Request  # generation request
+    gen: tuple[int, tuple[str, ...]]  # budget, stop
+    flu: tuple[int, tuple[str, ...]] | None  # fluency continuation: budget, stop
+    has_scope: bool
 
 
 class Evaluator:
     """Scores probes for the methods of one run over one shared model.
 
+    Requests are built per probe (retrieval, scope, composition run as served); the model work is
+    queued and run in batches (:class:`~kem.eval.scoring.Scorer`), then the records are filled in.
+
     Args:
         ctx: The shared generator / embedder.
         config: See :class:`EvalConfig`.
         scorer: A :class:`~kem.eval.scoring.Scorer` to share memoised results between runs.
+        flush_jobs: Queued jobs that trigger a batch run.
     """
 
-    def __init__(self, ctx: EvalContext, config: EvalConfig | None = None, scorer: Scorer | None = None) -> None:
+    def __init__(self, ctx: EvalContext, config: EvalConfig | None = None, scorer: Scorer | None = None,
+                 flush_jobs: int = 48) -> None:
         self.ctx = ctx
         self.config = config or EvalConfig()
         self.scorer = scorer or Scorer(ctx.tokenizer)
+        self.flush_jobs = flush_jobs
+        self._jobs: dict[str, tuple[Any, list[Job]]] = {}
+        self._waiting: list[tuple[MethodRun | None, int, list[_Pending]]] = []
+        self._refs: dict[int, list[dict[str, Any]]] = {}
 
-    # ---- one probe ---------------------------------------------------------------------------------
+    # ---- queueing ------------------------------------------------------------------------------------
     def _targets(self, case: EvalCase, kind: str, probe: Probe) -> list[str]:
         ts = [probe.target] if probe.target.strip() else []
         if case.target_true and kind in ("reliability", "generalization", "locality"):
             ts += [case.target_new, case.target_true]
         return list(dict.fromkeys(ts))
 
-    def _generate(self, prep: Prepared, req: Request, max_new: int, stop: tuple[str, ...]) -> str:
+    def _job(self, prep: Prepared, job: Job) -> None:
+        self._jobs.setdefault(prep.model_key, (prep.model, []))[1].append(job)
+
+    def _queue(self, prep: Prepared, case: EvalCase, kind: str, probe: Probe, fluency: bool) -> _Pending:
+        c = self.config
+        served = c.engine == "served"
+        req = prep.completion(probe.text)
+        self._job(prep, Job(req.text, self._targets(case, kind, probe)))
+        if probe.chat:
+            greq = prep.chat(probe.text)
+            gen = (c.chat_tokens, greq.stop)
+        else:
+            greq, gen = req, (c.cloze_tokens, tuple(dict.fromkeys(req.stop + ("\n",))))
+        if not served:
+            self._job(prep, Job(greq.text, [], *gen))
+        flu = None
+        if fluency and not probe.chat:
+            flu = (c.fluency_tokens, req.stop)
+            if not served:
+                self._job(prep, Job(req.text, [], *flu))
+        return _Pending(prep.model_key, case, kind, probe, req, greq, gen, flu, prep.has_scope)
+
+    def _queue_case(self, run: MethodRun | None, prep: Prepared, case: EvalCase, index: int) -> None:
+        """Queue every probe of ``case`` (``run`` None: the pre-edit reference, locality only)."""
+        pend = []
+        for kind in (KINDS if run is not None else ("locality",)):
+            for j, p in enumerate(getattr(case, kind)):
+                fl = run is not None and kind == "reliability" and j == 0 and (p.chat or index < self.config.fluency_cases)
+                pend.append(self._queue(prep, case, kind, p, fl))
+        self._waiting.append((run, index, pend))
+        if sum(len(v[1]) for v in self._jobs.values()) >= self.flush_jobs:
+            self.flush()
+
+    # ---- running and filling in ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Run the queued jobs, then fill in the waiting records (references first: they are queued first)."""
+        for key, (model, jobs) in self._jobs.items():
+            self.scorer.run_many(model, key, jobs)
+        self._jobs = {}
+        waiting, self._waiting = self._waiting, []
+        for run, index, pend in waiting:
+            recs = [self._record(p) for p in pend]
+            if run is None:
+                self._refs[index] = recs
+                continue
+            ref = self._refs[index]
+            for rec in recs:
+                if rec["kind"] != "locality":
+                    continue
+                pre = ref[rec.pop("_j")]
+                rec["pre_generated"] = pre["generated"]
+                rec["unchanged"] = M.unchanged(pre["generated"], rec["generated"])
+                if "tf_pred" in rec and "tf_pred" in pre:
+                    rec["tf_locality"] = M.locality_agreement(pre["tf_pred"], rec["tf_pred"])
+            case = pend[0].case if pend else None
+            run.cases.append({"case_id": case.case_id if case else "?", "index": index,
+                              "edits": [_edit_view(e) for e in case.edits] if case else [], "probes": recs})
+
+    def _gen_text(self, key: str, req: Request, budget: int, stop: tuple[str, ...]) -> str:
         if self.config.engine == "served":
             from kem.adapters.base import cut_at_stop
             from kem.protocols import GenerationParams
 
-            text = self.ctx.generator.generate(req.text, GenerationParams(max_new_tokens=max_new, stop=stop))
+            text = self.ctx.generator.generate(req.text, GenerationParams(max_new_tokens=budget, stop=stop))
             return cut_at_stop(text, stop)[0]
-        return self.scorer.run(prep.model, prep.model_key, req.text, (), max_new, stop)[1] or ""
+        out = self.scorer.generated(key, req.text, budget, stop)
+        if out is None:
+            raise RuntimeError(f"generation for {req.text[-60:]!r} was not run")
+        return out
 
-    def probe(self, prep: Prepared, case: EvalCase, kind: str, probe: Probe, *, fluency: bool = False) -> dict[str, Any]:
-        """Score one probe under ``prep``: teacher forcing on the completion request, generation on the
-        completion (cloze) or chat (question) request."""
-        c = self.config
-        req = prep.completion(probe.text)
-        targets = self._targets(case, kind, probe)
-        scores, _ = self.scorer.run(prep.model, prep.model_key, req.text, targets)
-        if probe.chat:
-            greq = prep.chat(probe.text)
-            gen = self._generate(prep, greq, c.chat_tokens, greq.stop)
-        else:
-            greq = req
-            gen = self._generate(prep, req, c.cloze_tokens, tuple(dict.fromkeys(req.stop + ("\n",))))
+    def _record(self, p: _Pending) -> dict[str, Any]:
+        probe, case, kind, req, key = p.probe, p.case, p.kind, p.req, p.model_key
+        gen = self._gen_text(key, p.greq, *p.gen)
         rec: dict[str, Any] = {
             "kind": kind, "prompt": probe.text, "expected": probe.target, "generated": gen,
             "rewritten": req.text != probe.text, "applied": list(req.applied),
         }
-        if greq.messages is not None and greq.messages != [{"role": "user", "content": probe.text}]:
-            rec["messages"] = greq.messages
-        answers = [probe.target, *probe.aliases]
+        if kind == "locality":
+            rec["_j"] = case.locality.index(probe)
+        if p.greq.messages is not None and p.greq.messages != [{"role": "user", "content": probe.text}]:
+            rec["messages"] = p.greq.messages
         if probe.target.strip():
-            rec["tf_accuracy"] = scores[probe.target].accuracy
-            rec["tf_pred"] = list(scores[probe.target].pred_ids)
+            ts = self.scorer.score(key, req.text, probe.target)
+            rec["tf_accuracy"], rec["tf_pred"] = ts.accuracy, list(ts.pred_ids)
         if kind != "locality":
+            answers = [probe.target, *probe.aliases]
             rec["exact_match"] = M.exact_match(gen, answers)
             rec["contains"] = M.contains(gen, answers)
         if case.target_true and kind in ("reliability", "generalization", "locality"):
-            nn, nt = scores[case.target_new].nll, scores[case.target_true].nll
+            nn = self.scorer.score(key, req.text, case.target_new).nll
+            nt = self.scorer.score(key, req.text, case.target_true).nll
             rec.update(nll_new=nn, nll_true=nt, prob_success=M.prob_success(nn, nt, neighborhood=kind == "locality"))
-        if prep.has_scope:
+        if p.has_scope:
             own = {e.id for e in case.edits}
             own_scores = [s for i, s, _ in req.considered if i in own]
             rec["scope"] = {
@@ -135,84 +214,62 @@ class Evaluator:
                 "n_applied": len(req.applied),
                 "n_wrong": len(set(req.applied) - own),
             }
-        if fluency:
-            if probe.chat:
-                rec["fluency"] = M.ngram_entropy(gen)
-            else:
-                text = self._generate(prep, req, c.fluency_tokens, req.stop)
-                rec["fluency_text"] = text
-                rec["fluency"] = M.ngram_entropy(text)
+        if probe.chat and kind == "reliability" and case.reliability.index(probe) == 0:
+            rec["fluency"] = M.ngram_entropy(gen)
+        elif p.flu is not None:
+            text = self._gen_text(key, req, *p.flu)
+            rec["fluency_text"], rec["fluency"] = text, M.ngram_entropy(text)
         return rec
-
-    def reference(self, case: EvalCase) -> dict[str, Any]:
-        """The unedited model on the locality probes: answer tokens (teacher forced) and generation."""
-        from kem.eval.methods import PlainPrepared
-
-        base = PlainPrepared(self.ctx)
-        out = []
-        for p in case.locality:
-            out.append(self.probe(base, case, "locality", p))
-        return {"locality": out}
-
-    # ---- one case under one prepared method -----------------------------------------------------------
-    def case(self, prep: Prepared, case: EvalCase, ref: dict[str, Any], index: int) -> dict[str, Any]:
-        probes = []
-        for kind in KINDS:
-            for j, p in enumerate(getattr(case, kind)):
-                fl = kind == "reliability" and j == 0 and (p.chat or index < self.config.fluency_cases)
-                rec = self.probe(prep, case, kind, p, fluency=fl)
-                if kind == "locality":
-                    pre = ref["locality"][j]
-                    rec["pre_generated"] = pre["generated"]
-                    rec["unchanged"] = M.unchanged(pre["generated"], rec["generated"])
-                    if "tf_pred" in rec:
-                        rec["tf_locality"] = M.locality_agreement(pre["tf_pred"], rec["tf_pred"])
-                probes.append(rec)
-        return {"case_id": case.case_id, "edits": [_edit_view(e) for e in case.edits], "probes": probes}
 
     # ---- a whole run ---------------------------------------------------------------------------------
     def run(self, methods: Sequence[str], cases: Sequence[EvalCase], progress: bool = True) -> list[MethodRun]:
         """Evaluate ``methods`` on ``cases`` in the configured mode."""
         from tqdm.auto import tqdm
 
+        from kem.eval.methods import PlainPrepared
+
         built = [build_method(m, self.ctx) for m in methods]
         runs = [MethodRun(m.name) for m in built]
+        self._refs = {}
         bar = tqdm(total=len(cases) * (len(built) + 1), desc=f"eval ({self.config.mode})", unit="case",
                    disable=not progress)
         t0 = time.perf_counter()
-        refs = []
-        for case in cases:  # before any method touches the model
-            refs.append(self.reference(case))
+        base = PlainPrepared(self.ctx)
+        for i, case in enumerate(cases):  # the unedited model, before any method touches it
+            self._queue_case(None, base, case, i)
             bar.update(1)
+        self.flush()
         ref_s = time.perf_counter() - t0
+
+        def one(m: Any, r: MethodRun, prep_edits: Sequence[Any], todo: Sequence[tuple[int, EvalCase]]) -> None:
+            if getattr(m, "modifies_model", False):
+                self.flush()
+            prep = m.prepare(prep_edits)
+            try:
+                for i, case in todo:
+                    self._queue_case(r, prep, case, i)
+                    bar.update(1)
+                if prep.model_key != "base":
+                    self.flush()  # before the weights change back
+            finally:
+                prep.close()
+
         if self.config.mode == "single":
             for i, case in enumerate(cases):
                 for m, r in zip(built, runs, strict=True):
-                    t = time.perf_counter()
-                    prep = m.prepare(case.edits)
-                    try:
-                        r.cases.append(self.case(prep, case, refs[i], i))
-                    finally:
-                        prep.close()
-                    r.seconds += time.perf_counter() - t
-                    bar.update(1)
+                    one(m, r, case.edits, [(i, case)])
         else:
             all_edits = [e for c in cases for e in c.edits]
             for m, r in zip(built, runs, strict=True):
-                t = time.perf_counter()
-                prep = m.prepare(all_edits)
-                try:
-                    for i, case in enumerate(cases):
-                        r.cases.append(self.case(prep, case, refs[i], i))
-                        bar.update(1)
-                finally:
-                    prep.close()
-                r.seconds += time.perf_counter() - t
+                one(m, r, all_edits, list(enumerate(cases)))
+                self.flush()
+        self.flush()
         bar.close()
         for r in runs:
+            r.cases.sort(key=lambda c: c["index"])
             r.summary = summarize(r.cases)
-            r.summary["runtime.method_s"] = r.seconds
-            r.summary["runtime.reference_s"] = ref_s
+            r.seconds = time.perf_counter() - t0
+            r.reference_seconds = ref_s
             r.scope_in, r.scope_out = scope_scores(r.cases)
         return runs
 

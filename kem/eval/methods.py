@@ -74,9 +74,16 @@ class Prepared(Protocol):
 
 
 class EvalMethod(Protocol):
-    """A registered method, built once per run over the shared model (see :class:`EvalContext`)."""
+    """A registered method, built once per run over the shared model (see :class:`EvalContext`).
+
+    Attributes:
+        name: Registry name.
+        modifies_model: True when ``prepare`` changes the shared model's weights (the harness then
+            finishes pending work on the unedited model first).
+    """
 
     name: str
+    modifies_model: bool
 
     def prepare(self, edits: Sequence[Edit]) -> Prepared: ...
 
@@ -167,6 +174,7 @@ class NoneMethod:
     """The unedited model."""
 
     name = "none"
+    modifies_model = False
 
     def __init__(self, ctx: EvalContext) -> None:
         self.ctx = ctx
@@ -182,6 +190,8 @@ ApplyFn = Callable[[Any, Any, Sequence[Edit]], Callable[[], None]]
 class WeightMethod:
     """Adapter for weight-editing methods: ``apply(model, tokenizer, edits)`` edits the model in
     place and returns a revert function, called by ``close()``. Requests are plain (no retrieval)."""
+
+    modifies_model = True
 
     def __init__(self, name: str, ctx: EvalContext, apply: ApplyFn) -> None:
         self.name = name
@@ -228,6 +238,7 @@ class IkeMethod:
     namespace of one in-memory editor (so cases never see each other's edits in single mode)."""
 
     name = "ike"
+    modifies_model = False
 
     def __init__(self, ctx: EvalContext) -> None:
         from kem.editor import KnowledgeEditor

@@ -95,6 +95,8 @@ def run_eval(
         "scope_scores": {r.method: {"in": r.scope_in, "out": r.scope_out} for r in runs},
         "cases": {r.method: r.cases for r in runs},
         "wall_s": time.perf_counter() - t0,
+        "reference_s": runs[0].reference_seconds if runs else 0.0,
+        "scorer": dict(evaluator.scorer.stats),
     }
     if out is not None:
         from kem.eval.report import write_results
