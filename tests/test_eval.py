@@ -1,0 +1,275 @@
+"""kem.eval: metric functions on hand-computed cases, loaders, the method registry, and a real
+end-to-end run (n=5) of ``none`` and ``ike`` on CounterFact."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from kem.errors import ConflictError, DatasetFormatError, NotFoundError
+from kem.eval import metrics as M
+from kem.eval.datasets import detect_format, edits_from_file, load_cases
+from kem.eval.harness import scope_metrics, summarize
+from kem.eval.methods import EvalContext, WeightMethod, build_method, eval_methods, register_eval_method
+from kem.eval.scoring import TargetScore
+from tests.conftest import shared_data
+
+# ---- metrics --------------------------------------------------------------------------------------------
+
+
+def test_token_accuracy_and_locality_vs_pre_edit():
+    assert M.token_accuracy([1, 2, 3], [1, 5, 3]) == pytest.approx(2 / 3)
+    # locality compares post-edit argmax with the PRE-EDIT argmax, not with the dataset's answer:
+    answer = [7, 8]  # dataset answer tokens
+    pre = [4, 8]  # unedited model got the first token "wrong"
+    post = [4, 8]  # edited model predicts exactly what the unedited one did
+    assert M.locality_agreement(pre, post) == 1.0
+    assert M.token_accuracy(post, answer) == 0.5  # (what a dataset-answer definition would give)
+    assert M.locality_agreement(pre, [4, 9]) == 0.5
+    with pytest.raises(ValueError):
+        M.token_accuracy([1], [1, 2])
+
+
+def test_target_score_from_known_model_output():
+    s = TargetScore(target_ids=(5, 6), pred_ids=(5, 9), logprobs=(math.log(0.5), math.log(0.25)))
+    assert s.accuracy == 0.5
+    assert s.nll == pytest.approx((math.log(2) + math.log(4)) / 2)
+
+
+def test_probability_tests_and_harmonic_mean():
+    assert M.prob_success(nll_new=1.0, nll_true=2.0)  # P(new) > P(true)
+    assert not M.prob_success(nll_new=2.0, nll_true=1.0)
+    assert M.prob_success(nll_new=2.0, nll_true=1.0, neighborhood=True)  # neighbour keeps its true object
+    assert M.harmonic_mean([1.0, 0.5, 0.25]) == pytest.approx(3 / 7)
+    assert M.harmonic_mean([0.9, 0.0, 1.0]) == 0.0
+    assert math.isnan(M.harmonic_mean([]))
+
+
+def test_generation_metrics():
+    assert M.exact_match(" English.\nMore text", ["English"])
+    assert not M.exact_match(" English and French", ["English"])
+    assert M.contains("The mother tongue of Danielle Darrieux is English.", ["English"])
+    assert not M.contains("Englishman", ["English"])  # whole words only
+    assert M.contains("Élysée", ["elysee"])  # accents and case
+    assert not M.contains("first line\nEnglish", ["English"])  # only the answer span (first line)
+    assert M.unchanged(" French, and", " french and\nother")
+    assert not M.unchanged(" French", " English")
+
+
+def test_ngram_entropy_hand_computed():
+    # words a b a b: bigrams ab, ba, ab -> H2 = H(2/3, 1/3); trigrams aba, bab -> H3 = 1 bit
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert M.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert M.ngram_entropy("") == 0.0
+    assert M.ngram_entropy("the the the the the") == 0.0  # degenerate repetition
+
+
+def _probe(kind, **kw):
+    return {"kind": kind, **kw}
+
+
+def test_summary_and_scope_metrics_hand_computed():
+    cases = [
+        {"probes": [
+            _probe("reliability", tf_accuracy=1.0, contains=True, exact_match=True, prob_success=True,
+                   scope={"own_applied": True, "n_wrong": 0, "n_applied": 1}),
+            _probe("generalization", tf_accuracy=0.5, contains=False, exact_match=False, prob_success=True,
+                   scope={"own_applied": False, "n_wrong": 1, "n_applied": 1}),
+            _probe("locality", tf_locality=1.0, unchanged=True, prob_success=True,
+                   scope={"own_applied": False, "n_wrong": 0, "n_applied": 0}),
+        ]},
+        {"probes": [
+            _probe("reliability", tf_accuracy=0.0, contains=True, exact_match=False, prob_success=False,
+                   scope={"own_applied": True, "n_wrong": 0, "n_applied": 1}),
+            _probe("generalization", tf_accuracy=1.0, contains=True, exact_match=True, prob_success=True,
+                   scope={"own_applied": True, "n_wrong": 0, "n_applied": 1}),
+            _probe("locality", tf_locality=0.5, unchanged=False, prob_success=False,
+                   scope={"own_applied": False, "n_wrong": 1, "n_applied": 1}),
+        ]},
+    ]
+    s = summarize(cases)
+    assert s["easyedit.reliability"] == 0.5
+    assert s["easyedit.generalization"] == 0.75
+    assert s["easyedit.locality"] == 0.75
+    assert s["generation.reliability"] == 1.0 and s["generation.reliability_em"] == 0.5
+    assert s["generation.locality"] == 0.5
+    es, ps, ns = 0.5, 1.0, 0.5
+    assert s["counterfact.score"] == pytest.approx(3 / (1 / es + 1 / ps + 1 / ns))
+    assert math.isnan(s["easyedit.portability"])
+    # scope: 3 of 4 in-scope probes got their edit; 3 right pairs, 2 wrong (one on a paraphrase, one on locality)
+    sc = scope_metrics(cases)
+    assert sc["scope.recall"] == 0.75
+    assert sc["scope.precision"] == pytest.approx(3 / 5)
+    assert sc["scope.false_positive_rate"] == 0.5
+
+
+# ---- datasets --------------------------------------------------------------------------------------------
+
+
+def test_loaders_build_cases_from_the_shared_data():
+    cf = load_cases(shared_data("counterfact", "counterfact-edit.json"), n=2)
+    c = cf[0]
+    assert c.case_id == "counterfact:0" and c.edits[0].prompt == "The mother tongue of {} is"
+    assert c.target_true == "French" and c.generalization[0].text.startswith("Where Danielle Darrieux")
+    assert c.edits[0].paraphrases == []  # probes stay unseen by the method
+    zs = load_cases(shared_data("zsre", "zsre_mend_eval_portability_gpt4.json"), n=1)[0]
+    assert zs.reliability[0].chat and zs.portability and zs.target_true is None
+    mq = load_cases(shared_data("mquake", "MQuAKE-hard.json"), n=1)[0]
+    assert len(mq.edits) == 4 and len(mq.portability) == 3 and mq.portability[0].aliases
+    assert [c.case_id for c in load_cases(shared_data("counterfact", "counterfact-edit-1k.json"), n=3, seed=1)] \
+        == [c.case_id for c in load_cases(shared_data("counterfact", "counterfact-edit-1k.json"), n=3, seed=1)]
+
+
+@pytest.mark.parametrize("records,fmt,needle", [
+    ([{"case_id": 0, "prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
+       "ground_truth": "Paris", "rephrase_prompt": "x"},
+      {"case_id": 1, "prompt": "The capital of Spain is", "subject": "Spain", "ground_truth": "Madrid",
+       "rephrase_prompt": "x"}], "counterfact", "record 1: field 'target_new' is missing"),
+    ([{"subject": "X", "src": "Who made X?", "alt": "Y", "loc": "q", "loc_ans": "a"},
+      {"subject": "Z", "src": "Who made Z?", "alt": "", "loc": "q", "loc_ans": "a"}], "zsre",
+     "record 1: field 'alt' must be a non-empty string"),
+    ([{"subject": "X", "src": "Who made X?", "alt": "Y", "portability": {"New Question": "q?"}}], "zsre",
+     "record 0: field 'New Answer' is missing"),
+    ([{"case_id": 3, "requested_rewrite": [{"prompt": "{} is in", "subject": "A", "target_new": {"str": "B"},
+                                             "target_true": {}}], "questions": ["q"], "new_answer": "B"}],
+     "mquake", "record 0: field 'requested_rewrite.target_true.str'"),
+    ([{"subject": "Paris", "prompt": "The capital of France is", "target_new": "Rome"}], "counterfact",
+     "record 0: field 'ground_truth' is missing"),
+])
+def test_loader_errors_name_the_record_and_field(tmp_path, records, fmt, needle):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DatasetFormatError) as err:
+        load_cases(path, fmt=fmt)
+    assert needle in str(err.value)
+
+
+def test_loader_error_from_the_edit_schema_names_the_record(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    good = {"subject": "Paris", "prompt": "{} is the capital of", "target_new": "Italy"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt": "no subject here"}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"record 1: .*Edit.*prompt"):
+        edits_from_file(path)
+
+
+def test_edits_from_file_all_formats(tmp_path):
+    cf = edits_from_file(shared_data("counterfact", "counterfact-edit-1k.json"))
+    assert len(cf) == 1000 and cf[0].paraphrases and cf[0].locality and cf[0].target_true
+    mq = edits_from_file(shared_data("mquake", "MQuAKE-hard.json"))
+    assert len(mq) == 4 * 429 and mq[0].relation == "P175"
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"subject": f"S{i}", "prompt": "{} lives in", "target_new": "Oslo"})
+                              for i in range(3)))
+    mine = edits_from_file(path, namespace="team-a")
+    assert [e.subject for e in mine] == ["S0", "S1", "S2"] and {e.namespace for e in mine} == {"team-a"}
+    assert detect_format([{"src": 1, "alt": 2}]) == "zsre"
+    with pytest.raises(DatasetFormatError, match="cannot tell the format"):
+        detect_format([{"foo": 1}])
+
+
+def test_datasets_import_without_torch():
+    code = "import sys, kem.eval.datasets, kem.eval; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- registry --------------------------------------------------------------------------------------------
+
+
+class _Gen:
+    model = object()
+    tokenizer = object()
+
+    def chat_prompt(self, messages):
+        return "<chat>" + messages[-1]["content"]
+
+
+def test_registry_rejects_duplicates_and_unknown_names():
+    assert {"none", "ike"} <= set(eval_methods())
+    with pytest.raises(ConflictError):
+        register_eval_method("ike", lambda ctx: None)
+    with pytest.raises(NotFoundError):
+        build_method("no-such-method", EvalContext(_Gen()))
+
+
+def test_weight_method_applies_then_reverts():
+    calls = []
+
+    def apply(model, tok, edits):
+        calls.append(("apply", len(edits)))
+        return lambda: calls.append(("revert", len(edits)))
+
+    m = WeightMethod("toy", EvalContext(_Gen()), apply)
+    p1, p2 = m.prepare([1, 2]), m.prepare([3])
+    assert m.modifies_model and p1.model_key != p2.model_key != "base"
+    assert p1.completion("The capital of X is").text == "The capital of X is"
+    assert p1.chat("Where?").text == "<chat>Where?"
+    p1.close()
+    p1.close()  # idempotent
+    assert calls == [("apply", 2), ("apply", 1), ("revert", 2)]
+
+
+# ---- end to end (the real SmolLM2-135M-Instruct and MiniLM) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def e2e(generator, embedder, tmp_path_factory):
+    """One evaluator; CounterFact n=5 in single mode, then batch mode (reusing memoised answers)."""
+    from kem.eval.harness import EvalConfig, Evaluator
+    from kem.eval.run import run_eval
+
+    ev = Evaluator(EvalContext(generator, embedder), EvalConfig(fluency_cases=2))
+    data = shared_data("counterfact", "counterfact-edit.json")
+    out = tmp_path_factory.mktemp("eval")
+    single = run_eval("none,ike", data, n=5, mode="single", out=out / "single", evaluator=ev, progress=False)
+    batch = run_eval("none,ike", data, n=5, mode="batch", out=out / "batch", evaluator=ev, progress=False)
+    return single, batch, out
+
+
+def test_e2e_outputs_every_field(e2e):
+    single, batch, out = e2e
+    for res, mode in ((single, "single"), (batch, "batch")):
+        assert res["config"]["mode"] == mode and res["config"]["n"] == 5
+        for m in ("none", "ike"):
+            s = res["summary"][m]
+            for k in ("generation.reliability", "generation.generalization", "generation.locality",
+                      "easyedit.reliability", "easyedit.generalization", "easyedit.locality",
+                      "counterfact.efficacy", "counterfact.paraphrase", "counterfact.neighborhood",
+                      "counterfact.score", "fluency.ngram_entropy"):
+                assert 0.0 <= s[k] <= (100.0 if k.startswith("fluency") else 1.0), (m, k, s[k])
+            assert len(res["cases"][m]) == 5
+            rec = res["cases"][m][0]["probes"][0]
+            assert {"prompt", "expected", "generated", "tf_accuracy", "nll_new", "nll_true"} <= set(rec)
+        assert res["summary"]["none"]["generation.locality"] == 1.0  # the unedited model vs itself
+        assert res["summary"]["none"]["easyedit.locality"] == 1.0
+        assert 0.0 <= res["summary"]["ike"]["scope.recall"] <= 1.0
+    for name in ("single", "batch"):
+        saved = json.loads((out / name / "results.json").read_text())
+        assert set(saved["summary"]) == {"none", "ike"}
+        assert (out / name / "results.md").read_text().count("|") > 20
+        assert (out / name / "metrics.png").stat().st_size > 1000
+        assert (out / name / "scope.png").stat().st_size > 1000
+
+
+def test_e2e_ike_beats_none_on_reliability(e2e):
+    single, batch, _ = e2e
+    for res in (single, batch):
+        s = res["summary"]
+        assert s["ike"]["generation.reliability"] > s["none"]["generation.reliability"]
+        assert s["ike"]["easyedit.reliability"] > s["none"]["easyedit.reliability"]
+
+
+def test_batched_greedy_matches_the_engine(generator):
+    """The scorer's batched greedy decoding gives the engine's own greedy texts."""
+    from kem.eval.scoring import Job, Scorer
+    from kem.protocols import GenerationParams
+
+    texts = ["The capital of France is", "The mother tongue of Danielle Darrieux is",
+             generator.chat_prompt([{"role": "user", "content": "What is the capital of Japan?"}])]
+    sc = Scorer(generator.tokenizer, batch_size=3)
+    sc.run_many(generator.model, "base", [Job(t, ["Paris"], 8, ("\n",)) for t in texts])
+    for t in texts:
+        assert sc.generated("base", t, 8, ("\n",)) == generator.generate(t, GenerationParams(8, stop=("\n",)))
