@@ -26,7 +26,13 @@ def main() -> None:
     ap.add_argument("--out", default="eval-out")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", nargs="*", metavar="DIR",
+                    help="Only print combined tables of finished runs (their --out prefixes) and exit.")
+    ap.add_argument("--first", type=int, default=0, help="With --render: also a table of the first K cases.")
     args = ap.parse_args()
+    if args.render is not None:
+        render(args.render, args.modes.split(","), args.first)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from kem.eval.harness import EvalConfig, Evaluator
@@ -48,6 +54,30 @@ def main() -> None:
         print(f"{mode}: {res['wall_s']:.0f} s; scorer {res['scorer']}", flush=True)
     Path(f"{args.out}-timings.json").write_text(json.dumps(timings, indent=1))
     print(json.dumps(timings))
+
+
+def render(prefixes: list[str], modes: list[str], first: int) -> None:
+    """Print one markdown table per run prefix: columns ``method (mode)``."""
+    from kem.eval.harness import summarize
+    from kem.eval.report import markdown_table
+
+    for prefix in prefixes:
+        cols, sub, info = {}, {}, []
+        for mode in modes:
+            path = Path(f"{prefix}-{mode}") / "results.json"
+            if not path.is_file():
+                continue
+            res = json.loads(path.read_text())
+            info.append(f"{mode}: n={res['config']['n']}, wall {res['wall_s']:.0f} s")
+            for m, s in res["summary"].items():
+                cols[f"{m} ({mode})"] = s
+                if first:
+                    sub[f"{m} ({mode})"] = summarize(res["cases"][m][:first])
+        print(f"## {prefix} ({'; '.join(info)})\n")
+        print(markdown_table(cols))
+        if first:
+            print(f"First {first} cases:\n")
+            print(markdown_table(sub))
 
 
 if __name__ == "__main__":

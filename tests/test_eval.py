@@ -158,7 +158,9 @@ def test_loader_error_from_the_edit_schema_names_the_record(tmp_path):
 
 def test_edits_from_file_all_formats(tmp_path):
     cf = edits_from_file(shared_data("counterfact", "counterfact-edit-1k.json"))
-    assert len(cf) == 1000 and cf[0].paraphrases and cf[0].locality and cf[0].target_true
+    assert len(cf) == 1000 and cf[0].locality and cf[0].target_true
+    assert not cf[0].paraphrases  # probes are not retrieval keys unless asked
+    assert edits_from_file(shared_data("counterfact", "counterfact-edit-1k.json"), with_paraphrases=True)[0].paraphrases
     mq = edits_from_file(shared_data("mquake", "MQuAKE-hard.json"))
     assert len(mq) == 4 * 429 and mq[0].relation == "P175"
     path = tmp_path / "mine.jsonl"

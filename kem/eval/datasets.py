@@ -342,11 +342,14 @@ def load_cases(dataset: str | os.PathLike[str], n: int | None = None, seed: int 
     return cases
 
 
-def edits_from_file(path: str | os.PathLike[str], fmt: str | None = None, namespace: str | None = None) -> list[Edit]:
+def edits_from_file(path: str | os.PathLike[str], fmt: str | None = None, namespace: str | None = None,
+                    with_paraphrases: bool = False) -> list[Edit]:
     """Every edit of a CounterFact / ZsRE / MQuAKE file, or of a JSONL (or JSON list) of kem edits.
 
-    Unlike the evaluation cases, imported edits carry the dataset's paraphrases and locality probes
-    (they are useful to a consolidation gate); do not evaluate generalization on edits imported this way.
+    Imported dataset edits carry the dataset's locality probes (a consolidation gate can use them).
+    The dataset's paraphrases are generalization *probes*: they become the edit's ``paraphrases``
+    (which are retrieval keys) only with ``with_paraphrases=True``; do not evaluate generalization
+    on edits imported that way.
 
     Raises:
         DatasetFormatError: naming the record index and field of the first malformed record.
@@ -365,7 +368,7 @@ def edits_from_file(path: str | os.PathLike[str], fmt: str | None = None, namesp
             e = case.edits[-1]
             if len(case.edits) == 1:
                 e = e.model_copy(update={
-                    "paraphrases": [p.text for p in case.generalization][:32],
+                    "paraphrases": [p.text for p in case.generalization][:32] if with_paraphrases else [],
                     "locality": [LocalityProbe(prompt=p.text, answer=p.target or None) for p in case.locality][:32],
                 })
         if namespace is not None:
