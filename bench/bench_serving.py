@@ -102,7 +102,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32, help="Request pairs per scope at concurrency 1.")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--home", type=Path, default=ROOT / "bench" / ".serving-home")
+    ap.add_argument("--home", type=Path, default=Path("~/.cache/kem/bench-serving-home").expanduser(),
+                    help="Edit store with the synthetic edits (built once, then reused).")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     args = ap.parse_args()
 

