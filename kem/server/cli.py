@@ -100,7 +100,7 @@ def serve(
     upstream_key: str | None = typer.Option(None, help="API key for the upstream (or KEM_UPSTREAM_API_KEY)."),
     engine: str = typer.Option("transformers", help="In-process engine when no --upstream: transformers | vllm."),
     keys: Path | None = typer.Option(
-        None, help="API keys file, lines 'KEY NAMESPACE [admin]' (or KEM_API_KEYS_FILE); none: auth off."),
+        None, help="API keys file: lines 'KEY NAMESPACE', 'sha256:HEX NAMESPACE', NAMESPACE '*' or a trailing 'admin' for admins (or KEM_API_KEYS_FILE); none: auth off."),
     model: str | None = typer.Option(
         None, help="Model name or folder for the in-process engine; with --upstream, the upstream's model name."),
     served_name: str | None = typer.Option(None, help="Model name clients use (default: the engine's)."),
