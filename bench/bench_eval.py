@@ -59,6 +59,7 @@ def main() -> None:
 def render(prefixes: list[str], modes: list[str], first: int) -> None:
     """Print one markdown table per run prefix: columns ``method (mode)``."""
     from kem.eval.harness import summarize
+    from kem.eval.metrics import fluency
     from kem.eval.report import markdown_table
 
     for prefix in prefixes:
@@ -69,10 +70,15 @@ def render(prefixes: list[str], modes: list[str], first: int) -> None:
                 continue
             res = json.loads(path.read_text())
             info.append(f"{mode}: n={res['config']['n']}, wall {res['wall_s']:.0f} s")
-            for m, s in res["summary"].items():
-                cols[f"{m} ({mode})"] = s
+            for m in res["summary"]:
+                cases = res["cases"][m]
+                for c in cases:  # fluency as defined now (runs before it was: entropy of any length)
+                    for p in c["probes"]:
+                        if "fluency" in p:
+                            p["fluency"] = fluency(p.get("fluency_text", p.get("generated", "")))
+                cols[f"{m} ({mode})"] = {**res["summary"][m], **summarize(cases)}
                 if first:
-                    sub[f"{m} ({mode})"] = summarize(res["cases"][m][:first])
+                    sub[f"{m} ({mode})"] = summarize(cases[:first])
         print(f"## {prefix} ({'; '.join(info)})\n")
         print(markdown_table(cols))
         if first:

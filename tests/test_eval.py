@@ -66,6 +66,8 @@ def test_ngram_entropy_hand_computed():
     assert M.ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
     assert M.ngram_entropy("") == 0.0
     assert M.ngram_entropy("the the the the the") == 0.0  # degenerate repetition
+    assert M.fluency(" Islam") is None  # too short to say anything
+    assert M.fluency("a b a b c") == pytest.approx(M.ngram_entropy("a b a b c"))
 
 
 def _probe(kind, **kw):
@@ -241,6 +243,8 @@ def test_e2e_outputs_every_field(e2e):
                       "easyedit.reliability", "easyedit.generalization", "easyedit.locality",
                       "counterfact.efficacy", "counterfact.paraphrase", "counterfact.neighborhood",
                       "counterfact.score", "fluency.ngram_entropy"):
+                if k.startswith("fluency") and m == "ike" and math.isnan(s[k]):
+                    continue  # ike's served completions stop at the line's end: often too short to measure
                 assert 0.0 <= s[k] <= (100.0 if k.startswith("fluency") else 1.0), (m, k, s[k])
             assert len(res["cases"][m]) == 5
             rec = res["cases"][m][0]["probes"][0]

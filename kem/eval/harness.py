@@ -215,10 +215,10 @@ class Evaluator:
                 "n_wrong": len(set(req.applied) - own),
             }
         if probe.chat and kind == "reliability" and case.reliability.index(probe) == 0:
-            rec["fluency"] = M.ngram_entropy(gen)
+            rec["fluency"] = M.fluency(gen)
         elif p.flu is not None:
             text = self._gen_text(key, req, *p.flu)
-            rec["fluency_text"], rec["fluency"] = text, M.ngram_entropy(text)
+            rec["fluency_text"], rec["fluency"] = text, M.fluency(text)
         return rec
 
     # ---- a whole run ---------------------------------------------------------------------------------
@@ -304,6 +304,8 @@ def summarize(cases: Sequence[dict[str, Any]]) -> dict[str, float]:
         s[f"generation.{kind}_em"] = _case_mean(cases, [kind], "exact_match")
     s["generation.locality"] = _case_mean(cases, ["locality"], "unchanged")
     s["fluency.ngram_entropy"] = _case_mean(cases, ["reliability"], "fluency")
+    flu = [p for c in cases for p in c["probes"] if p["kind"] == "reliability" and "fluency" in p]
+    s["fluency.measured"] = M.mean(p["fluency"] is not None for p in flu) if flu else float("nan")
     s.update(scope_metrics(cases))
     return s
 

@@ -110,6 +110,14 @@ def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float
     return sum(h * w for h, w in zip(hs, weights, strict=True)) / len(hs)
 
 
+def fluency(text: str, min_words: int = 5) -> float | None:
+    """:func:`ngram_entropy` of ``text``, or None when it has fewer than ``min_words`` words (a
+    one-word answer has no bigrams: its entropy says nothing about fluency)."""
+    if len(_WORD.findall(text)) < min_words:
+        return None
+    return ngram_entropy(text)
+
+
 # ---- scope -------------------------------------------------------------------------------------------
 def precision_recall(tp: int, fp: int, fn: int) -> tuple[float, float]:
     """``(precision, recall)``; NaN where the denominator is 0."""

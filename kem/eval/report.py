@@ -39,7 +39,8 @@ TABLE: dict[str, list[tuple[str, str]]] = {
         ("scope.recall", "recall"),
         ("scope.false_positive_rate", "false-positive rate (locality probes)"),
     ],
-    "Fluency": [("fluency.ngram_entropy", "n-gram entropy (bits, ROME weights)")],
+    "Fluency": [("fluency.ngram_entropy", "n-gram entropy (bits, ROME weights)"),
+                ("fluency.measured", "continuations long enough to measure (>= 5 words)")],
 }
 _RAW = {"fluency.ngram_entropy"}  # not a percentage
 
