@@ -28,7 +28,7 @@ def train_layer(model: Any, tok: Any, edits: Sequence[Edit], templates: Sequence
     w = module.weight
     shape = w.shape if not arch_for(model).transposed else (w.shape[1], w.shape[0])
     dw = torch.zeros(shape, device=device, requires_grad=True)
-    tb = TargetBatch(tok, edits, templates, device, kl=False)
+    tb = TargetBatch(tok, edits, templates, device, kl=False, prefix=False)  # dW changes every token
 
     def hook(mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
         return out + (args[0].float() @ dw.T).to(out.dtype)
@@ -41,7 +41,7 @@ def train_layer(model: Any, tok: Any, edits: Sequence[Edit], templates: Sequence
     step = 0
     try:
         for step in range(hp.steps + 1):
-            hidden = base(input_ids=tb.ids, attention_mask=tb.mask, use_cache=False).last_hidden_state
+            hidden = tb.hidden(base)
             nll, p = tb.nll(hidden, head)
             probs = p.cpu()
             if bool((probs >= hp.stop_prob).all()) or step == hp.steps:

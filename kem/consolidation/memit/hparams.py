@@ -24,7 +24,7 @@ class MemitHParams(BaseModel):
     values: ValueOptions = Field(default_factory=_memit_values, description="Target-value optimisation.")
     mom2_samples: int = Field(1000, ge=1, description="Corpus texts for the key covariance.")
     mom2_max_tokens: int = Field(128, ge=8, description="Tokens per covariance text.")
-    mom2_update_weight: float = Field(15000.0, gt=0, description="lambda: weight of preserved keys (C) against new keys.")
+    mom2_update_weight: float = Field(3000.0, gt=0, description="lambda: weight of preserved keys (C) against new keys.")
     ridge: float = Field(1e-3, ge=0, description="Ridge added to C, relative to its mean diagonal.")
 
     @field_validator("layers")
@@ -36,5 +36,5 @@ class MemitHParams(BaseModel):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"layers": (3, 4, 5, 6, 7), "mom2_update_weight": 15000.0},
+    "smollm2-135m": {"layers": (3, 4, 5, 6, 7), "mom2_update_weight": 3000.0},
 }

@@ -24,5 +24,5 @@ class RomeHParams(BaseModel):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"layer": 5, "context_templates": 4, "values": {"steps": 25, "lr": 0.5}},
+    "smollm2-135m": {"layer": 5, "context_templates": 4, "values": {"steps": 25, "lr": 1.0}},
 }
