@@ -143,3 +143,33 @@ def test_kem_serve_engine_vllm(kem_vllm):
         outs = list(pool.map(lambda i: c.completions.create(model="default", prompt=f"{i} + {i} =", max_tokens=3,
                                                             temperature=0), range(8)))
     assert all(o.choices[0].text for o in outs)
+
+
+def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir):
+    """Reload the (same) model folder as version v2 under a client loop: no request fails."""
+    import threading
+
+    results: list[object] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        c = client(kem_vllm)
+        while not stop.is_set():
+            try:
+                results.append(c.completions.create(model="default", prompt="The capital of Italy is", max_tokens=3,
+                                                    temperature=0).choices[0].text)
+            except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+                results.append(exc)
+
+    workers = [threading.Thread(target=loop) for _ in range(2)]
+    for w in workers:
+        w.start()
+    r = httpx.post(kem_vllm.url + "/admin/reload", json={"path": model_dir, "version": "v2"}, timeout=900)
+    stop.set()
+    for w in workers:
+        w.join(120)
+    assert r.status_code == 200, r.text
+    assert len(results) >= 2 and all(isinstance(x, str) for x in results), results
+    assert httpx.get(kem_vllm.url + "/healthz").json()["absorbed_versions"] == ["v2"]
+    assert client(kem_vllm).completions.create(model="default", prompt=CEO, max_tokens=6,
+                                               temperature=0).choices[0].text.strip().startswith("Alice Zhang")
