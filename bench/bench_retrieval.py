@@ -81,10 +81,13 @@ def make_embedder():  # noqa: ANN201
 N_QUERIES = 2000
 
 
+def query_pick(records: list[dict]) -> np.ndarray:
+    return np.random.default_rng(0).choice(len(records), N_QUERIES, replace=False)
+
+
 def query_texts(records: list[dict]) -> list[str]:
     """Real, non-indexed queries: locality prompts and paraphrases of the first ``N_QUERIES`` records."""
-    rng = np.random.default_rng(0)
-    pick = rng.choice(len(records), N_QUERIES, replace=False)
+    pick = query_pick(records)
     out = [records[i]["locality_prompt"] for i in pick[: N_QUERIES // 2]]
     return out + [records[i]["rephrase_prompt"] for i in pick[N_QUERIES // 2:]]
 
@@ -195,7 +198,7 @@ class Row:
 
 
 def table(rows: Sequence[Row]) -> str:
-    head = "| measurement | edits | p50 ms | p99 ms | vs baseline | recall@4 / @10 | notes |"
+    head = "| measurement | edits | p50 ms | p99 ms | vs baseline | recall@4 / @10 / own@4 | notes |"
     lines = [head, "|" + "---|" * 7]
 
     def f(v: float | None) -> str:
@@ -213,7 +216,12 @@ def bench_search(data: RealData, n_edits: int, args: argparse.Namespace, rows: l
 
     from kem.index import NamespacedIndex
 
-    qv = np.stack([data.text_vec[t] for t in query_texts(data.records)])
+    # locality prompts and paraphrases interleaved; a paraphrase's own edit is the record it came from
+    texts = query_texts(data.records)
+    order = np.column_stack([np.arange(N_QUERIES // 2), np.arange(N_QUERIES // 2, N_QUERIES)]).ravel()
+    qv = np.stack([data.text_vec[texts[i]] for i in order])
+    pick = query_pick(data.records)
+    own = [f"e{pick[i]}" if i >= N_QUERIES // 2 else None for i in order]
     x3 = tiled_vectors(data, n_edits, args.noise)
     keys = x3.shape[1]
     x = x3.reshape(-1, x3.shape[2])
@@ -234,19 +242,30 @@ def bench_search(data: RealData, n_edits: int, args: argparse.Namespace, rows: l
     truth4 = exact_topk(x, keys, qv[:nq], 4)  # 2 threads: a batch
     truth10 = exact_topk(x, keys, qv[:nq], 10)
     faiss.omp_set_num_threads(1)
-    base_n = min(nq, args.baseline_queries if n_edits > 100_000 else nq)
+    base_n = min(nq, args.baseline_queries if n_edits >= 100_000 else nq)
     flat_ms = timed(lambda i: faiss.knn(qv[i:i + 1], x, keys * args.k + 8, metric=faiss.METRIC_INNER_PRODUCT),
                     base_n)
     b50, b99 = pct(flat_ms)
+    def quality(got4: list[list[str]], got10: list[list[str]]) -> str:
+        hits = [o in g for o, g in zip(own[:nq], got4, strict=True) if o is not None]
+        return f"{recall_at(got4, truth4):.3f} / {recall_at(got10, truth10):.3f} / {np.mean(hits):.3f}"
+
+    exact_own = quality([[f"e{e}" for e in t] for t in truth4], [[f"e{e}" for e in t] for t in truth10])
     rows.append(Row("search only: exact flat baseline (1 thread)", label, b50, b99, "1.00",
-                    "1.000 / 1.000", f"{len(x):,} vectors, {base_n} queries"))
+                    exact_own, f"{len(x):,} vectors, {base_n} queries"))
+    from kem import index as kem_index
+
     for threads in (1, 2):
         faiss.omp_set_num_threads(threads)
+        # kem runs searches of a few queries on one thread; the 2-thread row turns that off to show why
+        single = kem_index.SINGLE_THREAD_QUERIES
+        kem_index.SINGLE_THREAD_QUERIES = single if threads == 1 else 0
         ms = timed(lambda i: idx.search("bench", qv[i], args.k), nq)
+        kem_index.SINGLE_THREAD_QUERIES = single
         p50, p99 = pct(ms)
         got4 = [[e for e, _ in r] for r in idx.search("bench", qv[:nq], 4)]
         got10 = [[e for e, _ in r] for r in idx.search("bench", qv[:nq], 10)]
-        rec = f"{recall_at(got4, truth4):.3f} / {recall_at(got10, truth10):.3f}"
+        rec = quality(got4, got10)
         rows.append(Row(f"search only: kem index, {part.kind} ({threads} thread{'s' * (threads > 1)})", label,
                         p50, p99, f"{b50 / p50:.1f}x faster", rec,
                         f"{kind}; built in {build:.0f} s" if threads == 1 else ""))
@@ -262,24 +281,35 @@ def bench_search(data: RealData, n_edits: int, args: argparse.Namespace, rows: l
             got10 = [[e for e, _ in r] for r in idx.search("bench", qv[:nq], 10)]
             p50, p99 = pct(ms)
             rows.append(Row(f"  nprobe sweep: ivf nprobe={npb}", label, p50, p99, f"{b50 / p50:.1f}x faster",
-                            f"{recall_at(got4, truth4):.3f} / {recall_at(got10, truth10):.3f}", f"nlist={nlist}"))
+                            quality(got4, got10), f"nlist={nlist}"))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
         part.index.nprobe = min(args.nprobe, nlist)
         faiss.omp_set_num_threads(2)
     if n_edits in args.hnsw_sizes:
-        bench_hnsw(x, keys, qv[:nq], truth4, truth10, b50, label, args, rows)
+        bench_alt("hnsw", x, keys, qv[:nq], quality, b50, label, args, rows)
+    if part.kind == "ivf" and args.alt_nlist_factor and n_edits in args.alt_sizes:
+        bench_alt("ivf", x, keys, qv[:nq], quality, b50, label, args, rows)
     return idx
 
 
-def bench_hnsw(x: np.ndarray, keys: int, qv: np.ndarray, truth4: list[list[int]], truth10: list[list[int]],
-               b50: float, label: str, args: argparse.Namespace, rows: list[Row]) -> None:
-    """The alternative: HNSW (M=32, efConstruction=40) over the same vectors."""
+def bench_alt(kind: str, x: np.ndarray, keys: int, qv: np.ndarray, quality: Callable[..., str], b50: float,
+              label: str, args: argparse.Namespace, rows: list[Row]) -> None:
+    """Alternatives over the same vectors, built in one go: HNSW (M=32, efConstruction=40, the type
+    kem used before), or an IVF trained once on everything with ``--alt-nlist-factor * sqrt(n)`` lists."""
     import faiss
 
+    from kem.index import _Partition
+
     faiss.omp_set_num_threads(2)
-    h = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    h.hnsw.efConstruction = 40
     t0 = time.perf_counter()
+    if kind == "hnsw":
+        h = faiss.IndexHNSWFlat(x.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        h.hnsw.efConstruction = 40
+        settings = [64, 128]
+    else:
+        nlist = int(args.alt_nlist_factor * len(x) ** 0.5)
+        h = _Partition(x.shape[1])._new_ivf(x, nlist)
+        settings = args.sweep
     h.add(x)
     build = time.perf_counter() - t0
     faiss.omp_set_num_threads(1)
@@ -295,13 +325,16 @@ def bench_hnsw(x: np.ndarray, keys: int, qv: np.ndarray, truth4: list[list[int]]
             out.append(seen[:k])
         return out
 
-    for ef in (64, 128):
-        h.hnsw.efSearch = ef
-        ms = timed(lambda i: h.search(qv[i:i + 1], keys * args.k + 8), len(qv))
+    for v in settings:
+        if kind == "hnsw":
+            h.hnsw.efSearch = v
+            what = f"  alternative: HNSW M=32 efSearch={v} (1 thread)"
+        else:
+            h.nprobe = v
+            what = f"  alternative: IVF nlist={h.nlist} (trained once) nprobe={v}"
+        ms = timed(lambda i: h.search(qv[i:i + 1], keys * args.k + 8), min(len(qv), 500))
         p50, p99 = pct(ms)
-        rows.append(Row(f"  alternative: HNSW M=32 efSearch={ef} (1 thread)", label, p50, p99,
-                        f"{b50 / p50:.1f}x faster",
-                        f"{recall_at(edits(qv, 4), truth4):.3f} / {recall_at(edits(qv, 10), truth10):.3f}",
+        rows.append(Row(what, label, p50, p99, f"{b50 / p50:.1f}x faster", quality(edits(qv, 4), edits(qv, 10)),
                         f"built in {build:.0f} s"))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     faiss.omp_set_num_threads(2)
@@ -346,6 +379,7 @@ def bench_full_path(data: RealData, n_edits: int, idx: object, embedder: object,
         nq = min(args.full_queries, len(texts))
         for t in ("warm-up query one", "warm-up query two"):
             scope.decide(t, memory.search(t, "bench", args.k))
+        embedder._lru.clear()  # type: ignore[attr-defined]  # the embedder memoises single texts: time real work
         faiss.omp_set_num_threads(1)
         ms = timed(lambda i: scope.decide(texts[i], memory.search(texts[i], "bench", args.k)), nq)
         faiss.omp_set_num_threads(2)
@@ -405,16 +439,21 @@ def bench_import(data: RealData, embedder: object, args: argparse.Namespace, row
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    def ints(s: str) -> list[int]:
+        return [int(v) for v in s.split(",") if v.strip()]
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prepare", action="store_true", help="only embed and cache the CounterFact texts")
-    p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1000, 100_000, 1_000_000])
-    p.add_argument("--full-sizes", type=lambda s: [int(v) for v in s.split(",")], default=None,
+    p.add_argument("--sizes", type=ints, default=[1000, 20_000, 100_000, 1_000_000])
+    p.add_argument("--full-sizes", type=ints, default=None,
                    help="sizes that also get the full per-request path with a SQLite store (default: --sizes)")
-    p.add_argument("--hnsw-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[20_000, 100_000])
-    p.add_argument("--sweep", type=lambda s: [int(v) for v in s.split(",")], default=[8, 16, 64])
+    p.add_argument("--hnsw-sizes", type=ints, default=[20_000, 100_000])
+    p.add_argument("--sweep", type=ints, default=[16, 32, 128, 256], help="nprobe values to try besides the default")
     p.add_argument("--k", type=int, default=4, help="edits retrieved per request (kem's default top_k)")
-    p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--baseline-queries", type=int, default=50, help="exact-search queries past 100k edits")
+    p.add_argument("--queries", type=int, default=2000)
+    p.add_argument("--baseline-queries", type=int, default=100, help="exact-search queries from 100k edits")
+    p.add_argument("--alt-nlist-factor", type=float, default=8.0, help="also try an IVF with this many x sqrt(n) lists")
+    p.add_argument("--alt-sizes", type=ints, default=[20_000, 100_000], help="sizes that get that IVF")
     p.add_argument("--full-queries", type=int, default=200)
     p.add_argument("--import-embedded", type=int, default=1000)
     p.add_argument("--noise", type=float, default=0.02, help="per-dimension std of the noise on tiled copies")
@@ -435,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     embedder = make_embedder()
     rows: list[Row] = []
+    print(f"load average at the start: {os.getloadavg()} ({os.cpu_count()} cores)", flush=True)
     t_all = time.perf_counter()
     sizes = sorted(set(a.sizes) | ({len(data.records)} & set(a.hnsw_sizes)))
     for n in sizes:
@@ -449,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench_import(data, embedder, a, rows)
     print()
     print(table(rows))
+    print(f"\nload average at the end: {os.getloadavg()}")
     print(f"\nqueries: {N_QUERIES} real CounterFact texts (locality prompts and held-out paraphrases), not indexed; "
           f"2 keys per edit (rendered prompt, fact); tiled copies: noise std {a.noise}/dim; "
           f"ann_threshold={a.ann_threshold} vectors, nprobe={a.nprobe}; peak RSS {rss_gib():.1f} GiB; "

@@ -26,7 +26,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,19 +41,35 @@ INDEX_FORMAT = 2  # 1: flat/HNSW with tombstones (rebuilt from the store on load
 
 FLAT, IVF = "flat", "ivf"
 DEFAULT_ANN_THRESHOLD = 20_000  # vectors in one namespace above which it leaves exact search
-DEFAULT_NPROBE = 32  # inverted lists visited per query
+DEFAULT_NPROBE = 64  # inverted lists visited per query
 NLIST_FACTOR = 4.0  # nlist = NLIST_FACTOR * sqrt(vectors at training time)
 MIN_NLIST, MAX_NLIST = 64, 65_536
 RETRAIN_GROWTH = 4  # retrain the coarse quantizer once the partition is this many times larger
 TRAIN_POINTS_PER_LIST = 32  # k-means sample size per list (faiss subsamples above this)
 TRAIN_ITERATIONS = 10
 TRAIN_SEED = 1234
+SINGLE_THREAD_QUERIES = 4  # searches of at most this many queries run on one thread (docs/retrieval.md)
 
 
 def _faiss() -> Any:
     import faiss
 
     return faiss
+
+
+@contextmanager
+def _omp_threads(n: int) -> Iterator[None]:
+    """Run FAISS with at most ``n`` OpenMP threads in this thread (OpenMP's setting is per thread)."""
+    faiss = _faiss()
+    before = faiss.omp_get_max_threads()
+    if before <= n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def ivf_nlist(n: int, factor: float = NLIST_FACTOR) -> int:
@@ -195,7 +212,9 @@ class _Partition:
         todo = list(range(len(queries)))
         results: dict[int, list[tuple[str, float]]] = {}
         while todo:
-            scores, ids = self.index.search(np.ascontiguousarray(queries[todo], dtype=np.float32), fetch)
+            # one query gains nothing from threads and loses to their wake-up on a busy machine
+            with _omp_threads(1 if len(todo) <= SINGLE_THREAD_QUERIES else 1 << 16):
+                scores, ids = self.index.search(np.ascontiguousarray(queries[todo], dtype=np.float32), fetch)
             again = []
             for q, srow, irow in zip(todo, scores, ids, strict=True):
                 best: dict[str, float] = {}
