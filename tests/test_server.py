@@ -190,7 +190,11 @@ def test_edits_crud_paging_bulk_and_validation(servers):
 
 
 def test_metrics(servers):
-    text = httpx.get(servers["a"].url + "/metrics").text
+    assert httpx.get(servers["a"].url + "/metrics").status_code == 401  # auth on: admins only
+    with http(servers["a"], ALICE) as alice:
+        assert alice.get("/metrics").status_code == 403
+    with http(servers["a"], ADMIN) as admin:
+        text = admin.get("/metrics").text
     assert 'kem_requests_total{endpoint="/v1/chat/completions",status="200"}' in text
     assert 'kem_edits_applied_total{namespace="alice"}' in text
     assert "kem_retrieval_seconds_count" in text
@@ -238,7 +242,7 @@ def test_hot_swap_under_load_fails_no_request(servers):
     health = httpx.get(a.url + "/healthz").json()
     assert health["model"] == "smollm2-135m-instruct@v2" and health["absorbed_versions"] == ["v2"]
     assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"] == []
-    assert "kem_engine_reloads_total 1" in httpx.get(a.url + "/metrics").text
+    assert "kem_engine_reloads_total 1" in http(a, ADMIN).get("/metrics").text
 
 
 # ---- upstream mode (P -> U) ---------------------------------------------------------------------------

@@ -200,7 +200,9 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
                 "absorbed_versions": sorted(editor.absorbed_versions)}
 
     @app.get("/metrics")
-    async def metrics_text() -> Response:
+    async def metrics_text(request: Request) -> Response:
+        if keys.enabled:  # labels name namespaces: only admins (a scraper with an admin bearer token)
+            admin(request)
         return PlainTextResponse(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # ---- the edits API --------------------------------------------------------------------------------
