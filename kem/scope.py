@@ -21,19 +21,26 @@ _STOP = frozenset("the of a an and in on at to for de la le von van der du da di
 
 
 def subject_match(query: str, subject: str) -> float:
-    """Fraction (0..1) of the subject's content words that appear as words in ``query``.
+    """Fraction (0..1) of the subject's words (stopwords aside) that appear as words in ``query``.
 
-    The whole subject appearing verbatim (case-insensitive) scores 1.0.
+    The whole subject appearing verbatim (case-insensitive, on word boundaries) scores 1.0; so
+    "Renault 4" does not match "Renault 14".
     """
     q = query.casefold()
-    s = subject.casefold()
-    if s in q:
+    s = subject.casefold().strip()
+    if s and re.search(r"(?<!\w)" + re.escape(s) + r"(?!\w)", q):
         return 1.0
-    words = [w for w in _WORD.findall(s) if w not in _STOP and len(w) > 1] or _WORD.findall(s)
+    words = [w for w in _WORD.findall(s) if w not in _STOP] or _WORD.findall(s)
     if not words:
         return 0.0
-    qwords = set(_WORD.findall(q))
-    return sum(w in qwords for w in words) / len(words)
+    qwords = _WORD.findall(q)
+    remaining = list(qwords)
+    found = 0
+    for w in words:  # each query word matches at most one subject word ("Jackson Jackson")
+        if w in remaining:
+            remaining.remove(w)
+            found += 1
+    return found / len(words)
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,9 @@ class ScopeConfig:
         max_edits: At most this many in-scope edits enter one prompt.
     """
 
-    threshold: float = 0.80
+    threshold: float = 0.85
     subject_threshold: float = 0.35
-    min_subject_match: float = 0.5
+    min_subject_match: float = 0.67
     max_edits: int = 3
 
     def __post_init__(self) -> None:
