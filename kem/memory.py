@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kem.edit import Edit
-from kem.index import NamespacedIndex
+from kem.index import DEFAULT_ANN_THRESHOLD, NamespacedIndex
 from kem.protocols import EditStore, Embedder
 from kem.store import LIVE
 
@@ -30,15 +30,16 @@ class EditMemory:
         store: The edit store.
         embedder: Embeds retrieval keys and queries.
         index_dir: Where the index is saved (``None``: memory only).
-        hnsw_threshold: See :class:`~kem.index.NamespacedIndex`.
+        ann_threshold: Vectors per namespace above which search leaves exact (flat) search for IVF;
+            ``None`` keeps every namespace exact. See :class:`~kem.index.NamespacedIndex`.
     """
 
     def __init__(self, store: EditStore, embedder: Embedder, index_dir: str | Path | None = None,
-                 hnsw_threshold: int = 200_000) -> None:
+                 ann_threshold: int | None = DEFAULT_ANN_THRESHOLD) -> None:
         self.store = store
         self.embedder = embedder
         self.index_dir = Path(index_dir) if index_dir else None
-        self.hnsw_threshold = hnsw_threshold
+        self.ann_threshold = ann_threshold
         self._lock = threading.RLock()
         self._dirty = False
         self.index = self._open_index()
@@ -48,7 +49,7 @@ class EditMemory:
     def _open_index(self) -> NamespacedIndex:
         if self.index_dir is not None and (self.index_dir / "meta.json").is_file():
             try:
-                idx, info = NamespacedIndex.load(self.index_dir, self.hnsw_threshold)
+                idx, info = NamespacedIndex.load(self.index_dir, self.ann_threshold)
                 if info.get("embedder") == self.embedder.name and idx.dim == self.embedder.dim \
                         and idx.revision <= self.store.revision():
                     return idx
@@ -63,7 +64,7 @@ class EditMemory:
         """Build a fresh index from every live edit in the store (re-embedding only what lacks vectors)."""
         with self._lock:
             rev = self.store.revision()
-            idx = NamespacedIndex(self.embedder.dim, self.hnsw_threshold)
+            idx = NamespacedIndex(self.embedder.dim, self.ann_threshold)
             total = self.store.count(status=None)
             page, offset = 2000, 0
             with tqdm(total=total, desc="indexing edits", disable=not progress, unit="edit") as bar:
@@ -71,8 +72,7 @@ class EditMemory:
                     edits = self.store.list(status=LIVE, limit=page, offset=offset)
                     if not edits:
                         break
-                    for e, v in zip(edits, self._vectors_for(edits), strict=True):
-                        idx.add(e.namespace, e.id, v)
+                    _add_grouped(idx, edits, self._vectors_for(edits))
                     offset += page
                     bar.update(len(edits))
             idx.revision = rev
@@ -127,9 +127,9 @@ class EditMemory:
                     self.index.remove(ns, edit_id)
             for start in range(0, len(live), 2000):
                 chunk = live[start:start + 2000]
-                for e, v in zip(chunk, self._vectors_for_existing(chunk), strict=True):
-                    if v is not None:
-                        self.index.add(e.namespace, e.id, v)
+                pairs = [(e, v) for e, v in zip(chunk, self._vectors_for_existing(chunk), strict=True)
+                         if v is not None]
+                _add_grouped(self.index, [e for e, _ in pairs], [v for _, v in pairs])
             self.index.revision = rev
             self._dirty = True
 
@@ -180,3 +180,14 @@ class EditMemory:
             if e.status in LIVE and not (e.consolidated_in and e.consolidated_in in exclude_versions):
                 out.append((e, score))
         return out
+
+
+def _add_grouped(index: NamespacedIndex, edits: Sequence[Edit], vectors: Sequence[np.ndarray]) -> None:
+    """Index edits with one FAISS call per namespace."""
+    groups: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    for e, v in zip(edits, vectors, strict=True):
+        ids, vs = groups.setdefault(e.namespace, ([], []))
+        ids.append(e.id)
+        vs.append(v)
+    for ns, (ids, vs) in groups.items():
+        index.add_many(ns, ids, vs)
