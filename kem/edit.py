@@ -212,7 +212,10 @@ def validation_error(model_name: str, exc: PydanticValidationError) -> Validatio
     first_field = None
     for err in exc.errors():
         loc = ".".join(str(x) for x in err.get("loc", ())) or "(record)"
-        first_field = first_field or loc
         msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        head = msg.split(" ", 1)[0]
+        if loc == "(record)" and head in Edit.model_fields:  # a model-level check about one field
+            loc, msg = head, msg.split(" ", 1)[1]
+        first_field = first_field or loc
         parts.append(f"{model_name}.{loc} {msg}" if loc != "(record)" else f"{model_name}: {msg}")
     return ValidationError("; ".join(parts), field=first_field)

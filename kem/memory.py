@@ -178,7 +178,7 @@ class EditMemory:
             except KeyError:
                 continue  # deleted between sync and now
             if e.status in LIVE and not (e.consolidated_in and e.consolidated_in in exclude_versions):
-                out.append((e, score))
+                out.append((e, min(1.0, max(-1.0, float(score)))))  # cosine, float error clipped
         return out
 
 

@@ -1,0 +1,66 @@
+"""The edit schema: normalisation, templating, and validation errors that name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from kem.edit import Edit, EditStatus
+from kem.errors import KemError, ValidationError
+
+
+def test_prompt_with_subject_verbatim_becomes_a_template():
+    e = Edit(subject="Danielle Darrieux", prompt="The mother tongue of Danielle Darrieux is", target_new=" English ")
+    assert e.prompt == "The mother tongue of {} is"
+    assert e.rendered_prompt == "The mother tongue of Danielle Darrieux is"
+    assert e.target_new == "English" and e.target_completion == " English"
+    assert e.fact == "The mother tongue of Danielle Darrieux is English."
+    assert e.status == EditStatus.active and e.namespace == "default" and len(e.id) == 32
+    assert e.retrieval_keys()[:2] == [e.rendered_prompt, e.fact]
+
+
+def test_paraphrases_are_cleaned_and_deduplicated():
+    e = Edit(subject="X", prompt="{} lives in", target_new="Paris",
+             paraphrases=["Where does X live?", "  Where does X live?  ", "X resides in"])
+    assert e.paraphrases == ["Where does X live?", "X resides in"]
+    assert e.retrieval_keys()[2:] == e.paraphrases
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "words"),
+    [
+        ({"prompt": "{} is", "target_new": "y"}, "subject", "Field required"),
+        ({"subject": "  ", "prompt": "{} is", "target_new": "y"}, "subject", "empty"),
+        ({"subject": "A", "prompt": "B is", "target_new": "y"}, "prompt", "verbatim"),
+        ({"subject": "A", "prompt": "{} and {} is", "target_new": "y"}, "prompt", "exactly once"),
+        ({"subject": "A", "prompt": "{}", "target_new": "y"}, "prompt", "besides the subject"),
+        ({"subject": "A", "prompt": "{} is", "target_new": ""}, "target_new", "at least 1"),
+        ({"subject": "A", "prompt": "{} is", "target_new": "y", "namespace": "a b"}, "namespace", "letters"),
+        ({"subject": "A", "prompt": "{} is", "target_new": "y", "id": "bad id!"}, "id", "letters"),
+        ({"subject": "A", "prompt": "{} is", "target_new": "y", "paraphrases": ["ok", " "]}, "paraphrases", "item 1"),
+        ({"subject": "A", "prompt": "{} is", "target_new": "y", "colour": "red"}, "colour", "Extra inputs"),
+        ({"subject": "A", "prompt": "{} is", "target_new": "y", "status": "consolidated"}, "consolidated_in",
+         "model version"),
+    ],
+)
+def test_bad_edits_name_the_field(data, field, words):
+    with pytest.raises(ValidationError) as info:
+        Edit.parse(data)
+    err = info.value
+    assert isinstance(err, KemError) and isinstance(err, ValueError)
+    assert err.field == field
+    assert f"Edit.{field}" in str(err) and words in str(err)
+
+
+def test_every_bad_field_is_reported_at_once():
+    with pytest.raises(ValidationError) as info:
+        Edit.parse({"subject": "", "prompt": "", "target_new": ""})
+    msg = str(info.value)
+    for f in ("subject", "prompt", "target_new"):
+        assert f"Edit.{f}" in msg
+
+
+def test_parse_overrides_and_round_trip():
+    e = Edit.parse({"subject": "A", "prompt": "{} is", "target_new": "y"}, namespace="alice", source=None)
+    assert e.namespace == "alice" and e.source is None
+    again = Edit.parse(e.model_dump(mode="json"))
+    assert again == e
