@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import kem.consolidation.eval_methods  # noqa: F401  registers rome, memit, alphaedit, ft-l
 from kem.eval.datasets import EvalCase, load_cases
 from kem.eval.harness import EvalConfig, Evaluator
 from kem.eval.methods import EvalContext

@@ -1,0 +1,133 @@
+"""``kem consolidate`` and ``kem models list | show | rollback`` (mounted by :mod:`kem.cli`).
+
+Exit codes: 0 published (or nothing to do, or a dry run), 1 the gates refused (nothing published),
+2 an error (``error: ...``, raised as :class:`~kem.errors.KemError` and printed by ``kem.cli.main``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+models_app = typer.Typer(no_args_is_help=True, help="Published model versions: list, show, roll back.")
+
+HomeOpt = Annotated[Path | None, typer.Option("--home", help="Data folder (default: $KEM_HOME or ./kem-data).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def _settings(home: Path | None) -> Any:
+    from kem.settings import Settings
+
+    s = Settings()
+    return s.model_copy(update={"home": home}) if home is not None else s
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, ensure_ascii=False, indent=1, default=str))
+
+
+def consolidate(
+    method: Annotated[str, typer.Option("--method", "-m", help="memit, alphaedit, rome or ft-l.")] = "memit",
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: all).")] = None,
+    max_edits: Annotated[int | None, typer.Option(help="At most this many pending edits (oldest first).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and evaluate; publish and change nothing.")] = False,
+    parent: Annotated[str, typer.Option("--from", help="Build on: 'current' (default), 'base' or a version vN.")] = "current",
+    min_reliability: Annotated[float, typer.Option(help="Gate: fraction of edits whose greedy answer carries the target.")] = 0.8,
+    min_locality: Annotated[float, typer.Option(help="Gate: fraction of held-out probes answered as by the parent.")] = 0.9,
+    corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: texts sampled from the model).")] = None,
+    cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the pending edits into the weights, check them, and publish a new model version."""
+    from kem.consolidation.job import Gates
+    from kem.consolidation.job import consolidate as run_job
+    from kem.consolidation.registry import get_method
+
+    spec = get_method(method)
+    overrides = {}
+    if cov_samples is not None:
+        if "mom2_samples" not in spec.hparams_cls.model_fields:
+            raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")
+        overrides["mom2_samples"] = cov_samples
+    if not as_json:
+        logging.getLogger("kem").setLevel(logging.INFO)
+    result = run_job(_settings(home), method=method, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
+                     gates=Gates(min_reliability, min_locality), parent=parent, corpus=corpus, hparams=overrides,
+                     batch_size=batch_size, progress=not as_json)
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        typer.echo(result.message)
+        for p in result.metrics.get("changed_probes", [])[:5]:
+            typer.echo(f"  changed probe: {p['prompt']!r}: {p['parent']!r} -> {p['edited']!r}")
+        for e in result.metrics.get("failed_edits", [])[:5]:
+            typer.echo(f"  not carried: {e['prompt']!r} -> {e['answer']!r} (target {e['target_new']!r})")
+    if result.gate_failed:
+        raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List published versions (the current one is marked)."""
+    from kem.consolidation import versions as V
+
+    h = _settings(home).home
+    cur = V.current_version(h)
+    rows = [{"version": m.version, "current": m.version == cur, "parent": m.parent, "method": m.method,
+             "edits": len(m.edit_ids), "reliability": m.metrics.get("reliability"),
+             "locality": m.metrics.get("locality"), "created_at": m.created_at.isoformat()} for m in V.list_versions(h)]
+    if as_json:
+        _print_json({"current": cur, "versions": rows})
+        return
+    if not rows:
+        typer.echo(f"no published versions under {V.models_dir(h)} (serving the base model)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("", "version", "parent", "method", "edits", "reliability", "locality", "created")
+    for r in rows:
+        table.add_row("*" if r["current"] else "", r["version"], r["parent"] or "base", r["method"], str(r["edits"]),
+                      f"{r['reliability']:.3f}" if r["reliability"] is not None else "-",
+                      f"{r['locality']:.3f}" if r["locality"] is not None else "-", r["created_at"][:19])
+    Console().print(table)
+
+
+@models_app.command("show")
+def models_show(version: Annotated[str, typer.Argument(help="vN")], home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Show a version's manifest."""
+    from kem.consolidation import versions as V
+
+    h = _settings(home).home
+    man = V.get_manifest(h, version)
+    row = {**man.model_dump(mode="json"), "current": V.current_version(h) == man.version,
+           "path": str(V.version_dir(h, version)), "absorbed_versions": V.ancestors(h, version)}
+    if as_json:
+        _print_json(row)
+    else:
+        for k, v in row.items():
+            if k == "edit_ids":
+                v = f"{len(v)} edits: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+            typer.echo(f"{k:>18}: {v}")
+
+
+@models_app.command("rollback")
+def models_rollback(version: Annotated[str, typer.Argument(help="vN, or 'base' for the base model")],
+                    home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Serve an earlier version (nothing is deleted); edits of later versions return to the fast path."""
+    from kem.consolidation import versions as V
+
+    h = _settings(home).home
+    before = V.current_version(h)
+    V.rollback(h, version)
+    after = V.current_version(h)
+    if as_json:
+        _print_json({"previous": before, "current": after, "absorbed_versions": V.ancestors(h, after)})
+    else:
+        typer.echo(f"current model version: {after or 'base'} (was {before or 'base'})")

@@ -1,0 +1,387 @@
+"""The consolidation job: write the pending edits into the weights, check the result, publish a version.
+
+:func:`consolidate` runs, in order:
+
+1. take the pending edits of the store: ``active`` ones, plus ``consolidated`` ones whose version is
+   not in the parent's ancestry (after a rollback those are no longer in the weights), oldest first,
+   at most ``max_edits``;
+2. load the parent: the ``current`` version (or the one named, or the base model);
+3. record the parent's greedy answers on the locality probes (:data:`PROBES` plus the edits' own
+   locality probes, minus any that mention an edit's subject);
+4. compute the method's :class:`~kem.consolidation.delta.WeightDelta` (in chunks of ``batch_size``,
+   each computed on the model with the earlier chunks applied) and apply it;
+5. evaluate: reliability (greedy continuation of each edit's prompt contains ``target_new``) and
+   locality (probe answers identical to the parent's);
+6. gates: publish only if reliability >= ``min_reliability`` and locality >= ``min_locality``;
+7. publish ``models/vN`` atomically (:func:`kem.consolidation.versions.publish`), point ``current``
+   at it, then mark the edits that passed reliability ``consolidated`` in ``vN`` (one transaction).
+
+Edits that failed reliability stay ``active``: the fast path keeps applying them on top of ``vN`` and
+the next job takes them again. Nothing touches the store or ``models/`` before step 7, so a failure
+(or a kill) anywhere earlier leaves both as they were; a gate failure or ``dry_run`` publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from kem.edit import Edit, EditStatus
+from kem.errors import ConflictError, ValidationError
+
+log = logging.getLogger(__name__)
+
+# Method state worth keeping from one version to the next (AlphaEdit's projectors and past keys):
+# ctx.state key -> (file name in the version folder, loader).
+STATE_FILES = {"alphaedit": "alphaedit_state.safetensors"}
+
+
+def _state_loader(key: str) -> Any:
+    from kem.consolidation.alphaedit.state import AlphaEditState
+
+    return {"alphaedit": AlphaEditState.load}[key]
+
+
+def default_probes() -> list[str]:
+    """The shipped held-out locality prompts (``kem/data/locality_probes.json``)."""
+    text = resources.files("kem").joinpath("data/locality_probes.json").read_text(encoding="utf-8")
+    return list(json.loads(text)["prompts"])
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds a consolidated model must reach before it is published.
+
+    Attributes:
+        min_reliability: Fraction of the edits whose greedy answer contains the new target.
+        min_locality: Fraction of held-out probes whose greedy answer equals the parent's.
+        probe_tokens: Tokens generated per locality probe (answers are compared on these).
+    """
+
+    min_reliability: float = 0.8
+    min_locality: float = 0.9
+    probe_tokens: int = 6
+
+    def __post_init__(self) -> None:
+        for name in ("min_reliability", "min_locality"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValidationError(f"Gates.{name} must lie in [0, 1] (got {v})", field=name)
+        if self.probe_tokens < 1:
+            raise ValidationError(f"Gates.probe_tokens must be >= 1 (got {self.probe_tokens})", field="probe_tokens")
+
+
+@dataclass
+class ConsolidationResult:
+    """What a job did.
+
+    Attributes:
+        published: True when a version was written (and made current).
+        version: The published version (or the one it would have been, for a dry run / gate failure).
+        parent: The version built on (None: the base model).
+        edit_ids: Edits taken by the job.
+        absorbed_ids: Edits marked ``consolidated`` in ``version``.
+        failed_ids: Edits whose greedy answer did not carry the target (left active).
+        metrics: reliability, locality, per-probe / per-edit details.
+        reasons: Why the gates refused (empty when they passed).
+        timings: Seconds per step.
+        message: One line for people.
+    """
+
+    published: bool
+    method: str
+    version: str | None = None
+    parent: str | None = None
+    dry_run: bool = False
+    edit_ids: list[str] = field(default_factory=list)
+    absorbed_ids: list[str] = field(default_factory=list)
+    failed_ids: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def gate_failed(self) -> bool:
+        return bool(self.reasons)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- evaluation -------------------------------------------------------------------------------------
+def greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+           progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    out: list[str] = []
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+                chunk = list(prompts[i : i + batch_size])
+                enc = tok(chunk, return_tensors="pt", padding=True).to(device)
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+                out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def carries(answer: str, edit: Edit) -> bool:
+    """Whether a greedy answer states the edit's new target (case-insensitive containment)."""
+    return edit.target_new.casefold() in answer.casefold()
+
+
+def reliability(model: Any, tok: Any, edits: Sequence[Edit], progress: bool = False) -> tuple[float, list[bool], list[str]]:
+    """``(fraction carried, per-edit flags, answers)`` for the edits' rendered prompts."""
+    if not edits:
+        return 1.0, [], []
+    longest = max(len(tok(e.target_completion, add_special_tokens=False)["input_ids"]) for e in edits)
+    answers = greedy(model, tok, [e.rendered_prompt for e in edits], longest + 4, progress=progress, desc="reliability")
+    flags = [carries(a, e) for a, e in zip(answers, edits, strict=True)]
+    return sum(flags) / len(flags), flags, answers
+
+
+def select_probes(edits: Sequence[Edit], probes: Sequence[str] | None = None, max_probes: int = 100) -> list[str]:
+    """Held-out prompts for the locality gate: ``probes`` (default :func:`default_probes`) then the
+    edits' own locality probes, without duplicates or prompts that mention an edit's subject."""
+    subjects = [e.subject.casefold() for e in edits]
+    pool = list(probes if probes is not None else default_probes())
+    pool += [p.prompt for e in edits for p in e.locality]
+    out: list[str] = []
+    for p in pool:
+        if p not in out and not any(s in p.casefold() for s in subjects):
+            out.append(p)
+    return out[:max_probes]
+
+
+# ---- the job ----------------------------------------------------------------------------------------
+def pending_edits(store: Any, chain: frozenset[str], namespace: str | None = None,
+                  max_edits: int | None = None) -> list[Edit]:
+    """Edits not in the weights of a model whose absorbed versions are ``chain`` (oldest first)."""
+    rows = store.list(namespace, [EditStatus.active, EditStatus.consolidated])
+    todo = [e for e in rows if e.status == EditStatus.active or e.consolidated_in not in chain]
+    return todo if max_edits is None else todo[:max_edits]
+
+
+def consolidate(
+    settings: Any = None,
+    *,
+    home: str | os.PathLike[str] | None = None,
+    method: str = "memit",
+    namespace: str | None = None,
+    max_edits: int | None = None,
+    dry_run: bool = False,
+    gates: Gates | None = None,
+    parent: str | None = "current",
+    corpus: str | os.PathLike[str] | None = None,
+    hparams: dict[str, Any] | None = None,
+    batch_size: int = 256,
+    probes: Sequence[str] | None = None,
+    progress: bool = False,
+) -> ConsolidationResult:
+    """Consolidate the pending edits of ``<home>/edits.sqlite`` into a new model version.
+
+    Args:
+        settings: kem settings (home, model, cache_dir, device); default ``Settings()``.
+        home: Overrides ``settings.home``.
+        method: A registered method (``memit``, ``alphaedit``, ``rome``, ``ft-l``).
+        namespace: Only this namespace's edits (default: all).
+        max_edits: At most this many edits (oldest first).
+        dry_run: Compute and evaluate, publish nothing, change nothing.
+        gates: Publishing thresholds (:class:`Gates`).
+        parent: ``"current"`` (default), ``"base"`` or ``"vN"``: the model the edits are written into.
+        corpus: Covariance corpus (text file, folder, JSONL); None samples texts from the model.
+        hparams: Overrides of the method's hyperparameters (e.g. ``{"mom2_samples": 500}``).
+        batch_size: Edits per compute call; larger jobs run chunk after chunk on the updated model.
+        probes: Held-out locality prompts (default: :func:`default_probes`).
+        progress: Show progress bars.
+
+    Raises:
+        ConflictError: another job holds the lock. Any exception leaves store and versions untouched.
+    """
+    from filelock import FileLock, Timeout
+
+    from kem.consolidation import versions as V
+    from kem.consolidation.registry import get_method
+    from kem.settings import Settings
+
+    settings = settings or Settings()
+    if home is not None:
+        settings = settings.model_copy(update={"home": Path(home)})
+    home = settings.home
+    gates = gates or Gates()
+    spec = get_method(method)
+    if batch_size < 1:
+        raise ValidationError(f"batch_size must be >= 1 (got {batch_size})", field="batch_size")
+    if max_edits is not None and max_edits < 1:
+        raise ValidationError(f"max_edits must be >= 1 (got {max_edits})", field="max_edits")
+    root = V.models_dir(home)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / ".consolidate.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConflictError(f"another consolidation job is running on {home} (lock {lock.lock_file})") from None
+    try:
+        return _run(settings, spec, namespace, max_edits, dry_run, gates, parent, corpus, hparams or {},
+                    batch_size, probes, progress)
+    finally:
+        lock.release()
+
+
+def _run(settings: Any, spec: Any, namespace: str | None, max_edits: int | None, dry_run: bool, gates: Gates,
+         parent: str | None, corpus: Any, overrides: dict[str, Any], batch_size: int,
+         probes: Sequence[str] | None, progress: bool) -> ConsolidationResult:
+    from tqdm.auto import tqdm
+
+    from kem.consolidation import versions as V
+    from kem.consolidation.context import EditContext
+    from kem.consolidation.delta import WeightDelta, apply_delta
+    from kem.consolidation.shared.prompts import model_fingerprint
+    from kem.stores.sqlite import SQLiteStore
+
+    home = settings.home
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if parent in (None, "current"):
+        parent = V.current_version(home)
+    elif parent == V.BASE:
+        parent = None
+    parent_man = V.get_manifest(home, parent) if parent else None
+    chain = V.absorbed(home, parent)
+    result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=dry_run)
+
+    store = SQLiteStore(Path(home) / "edits.sqlite")
+    try:
+        edits = pending_edits(store, chain, namespace, max_edits)
+        result.edit_ids = [e.id for e in edits]
+        if not edits:
+            result.message = f"nothing to consolidate: no pending edits{f' in namespace {namespace!r}' if namespace else ''}"
+            return result
+
+        t0 = time.perf_counter()
+        model, tok = V.load_version(home, parent, settings)
+        base_fp = parent_man.base_fingerprint if parent_man else model_fingerprint(model)
+        timings["load"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        probe_prompts = select_probes(edits, probes)
+        before = greedy(model, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (parent)")
+        timings["probes_parent"] = time.perf_counter() - t0
+
+        ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=corpus)
+        ctx.cov_fingerprint = base_fp  # covariance of the base weights serves every version built on it
+        ctx.progress = progress
+        if parent:
+            for key, fname in STATE_FILES.items():
+                path = V.version_dir(home, parent) / fname
+                if path.is_file():
+                    ctx.state[key] = _state_loader(key)(path)
+        hp = spec.hparams_for(model, **overrides)
+
+        t0 = time.perf_counter()
+        total = WeightDelta(method=spec.name)
+        chunks = [edits[i : i + batch_size] for i in range(0, len(edits), batch_size)]
+        for chunk in tqdm(chunks, desc=f"{spec.name} ({len(edits)} edits)", unit="batch", disable=not progress or len(chunks) < 2):
+            delta = spec.compute(model, tok, chunk, hp, ctx)
+            apply_delta(model, delta)  # the next chunk is computed on the updated model
+            for name, f in delta.updates.items():
+                total.add(name, f.a, f.b)
+        timings["compute"] = time.perf_counter() - t0
+        timings["covariance"] = ctx.covariance.last_compute_seconds
+        total.meta = {"edit_ids": result.edit_ids, "hparams": hp.model_dump(mode="json"), "parent": parent}
+
+        t0 = time.perf_counter()
+        rel, flags, answers = reliability(model, tok, edits, progress=progress)
+        after = greedy(model, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (edited)")
+        same = [a.strip() == b.strip() for a, b in zip(after, before, strict=True)]
+        loc = sum(same) / len(same) if same else 1.0
+        timings["evaluate"] = time.perf_counter() - t0
+        result.absorbed_ids = [e.id for e, ok in zip(edits, flags, strict=True) if ok]
+        result.failed_ids = [e.id for e, ok in zip(edits, flags, strict=True) if not ok]
+        result.metrics = {
+            "reliability": rel,
+            "locality": loc,
+            "edits": len(edits),
+            "probes": len(probe_prompts),
+            "min_reliability": gates.min_reliability,
+            "min_locality": gates.min_locality,
+            "changed_probes": [{"prompt": p, "parent": b, "edited": a}
+                               for p, b, a, s in zip(probe_prompts, before, after, same, strict=True) if not s][:20],
+            "failed_edits": [{"id": e.id, "prompt": e.rendered_prompt, "target_new": e.target_new, "answer": a}
+                             for e, a, ok in zip(edits, answers, flags, strict=True) if not ok][:20],
+        }
+        if rel < gates.min_reliability:
+            result.reasons.append(f"reliability {rel:.3f} < {gates.min_reliability} "
+                                  f"({len(result.failed_ids)} of {len(edits)} edits not carried by greedy answers)")
+        if loc < gates.min_locality:
+            result.reasons.append(f"locality {loc:.3f} < {gates.min_locality} "
+                                  f"({len(same) - sum(same)} of {len(same)} held-out probes changed their answer)")
+        result.version = V.next_version(home)
+        if result.reasons or dry_run:
+            result.timings = {**timings, "total": time.perf_counter() - t_start}
+            what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"
+            result.message = (f"{what}; nothing published (reliability {rel:.3f}, locality {loc:.3f}, "
+                              f"{len(edits)} edits, method {spec.name})")
+            return result
+
+        t0 = time.perf_counter()
+        extra = {fname: ctx.state[key].save for key, fname in STATE_FILES.items() if key in ctx.state}
+        manifest = {
+            "base": parent_man.base if parent_man else str(settings.model),
+            "base_fingerprint": base_fp,
+            "parent": parent,
+            "method": spec.name,
+            "hparams": hp.model_dump(mode="json"),
+            "edit_ids": result.absorbed_ids,
+            "failed_edit_ids": result.failed_ids,
+            "namespace": namespace,
+            "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits")},
+            "timings": {**timings, "total": time.perf_counter() - t_start},
+            "corpus": None if corpus is None else str(corpus),
+        }
+        man = V.publish(home, model, tok, total, manifest, extra_files=extra)
+        timings["publish"] = time.perf_counter() - t0
+        result.version = man.version
+        result.published = True
+        unchanged = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
+        if len(unchanged) < len(result.absorbed_ids):
+            log.warning("%d absorbed edits were changed or deleted during the job; they stay as they are",
+                        len(result.absorbed_ids) - len(unchanged))
+            result.absorbed_ids = unchanged
+        if result.absorbed_ids:
+            store.mark_consolidated(result.absorbed_ids, man.version)
+        result.timings = {**timings, "total": time.perf_counter() - t_start}
+        result.message = (f"published {man.version} (parent {parent or 'base'}): {len(result.absorbed_ids)} of "
+                          f"{len(edits)} edits absorbed, reliability {rel:.3f}, locality {loc:.3f}")
+        log.info(result.message)
+        return result
+    finally:
+        store.close()
+
+
+def _unchanged(store: Any, edits: Sequence[Edit]) -> list[str]:
+    """Ids of ``edits`` still stored exactly as the job read them (not updated or deleted meanwhile)."""
+    out = []
+    for e in edits:
+        try:
+            now = store.get(e.id, e.namespace)
+        except (KeyError, LookupError):
+            continue
+        if now.updated_at == e.updated_at and now.status == e.status:
+            out.append(e.id)
+    return out
