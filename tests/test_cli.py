@@ -1,0 +1,90 @@
+"""The CLI in real subprocesses: each command is a fresh process on the same SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_data
+
+
+def kem(home: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KEM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "kem", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if ok:
+        assert proc.returncode == 0, f"kem {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def kem_json(home: Path, *args: str) -> object:
+    return json.loads(kem(home, *args, "--json").stdout)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cli") / "kem-data"
+
+
+def test_add_list_show_rm_across_processes(home):
+    a = kem_json(home, "edit", "add", "--subject", "Danielle Darrieux", "--prompt", "The mother tongue of {} is",
+                 "--target", "English", "--relation", "P103", "--paraphrase",
+                 "Where Danielle Darrieux is from, people speak the language of")
+    assert a["status"] == "active" and a["namespace"] == "default" and len(a["paraphrases"]) == 1
+    b = kem_json(home, "edit", "add", "--subject", "Apple A5", "--prompt", "Apple A5 was created by",
+                 "--target", "Google", "--namespace", "alice")
+    assert b["prompt"] == "{} was created by" and b["namespace"] == "alice"
+    rows = kem_json(home, "edit", "list")
+    assert {r["id"] for r in rows} == {a["id"], b["id"]}
+    assert [r["id"] for r in kem_json(home, "edit", "list", "--namespace", "alice")] == [b["id"]]
+    shown = kem_json(home, "edit", "show", a["id"])
+    assert shown["target_new"] == "English" and [h["op"] for h in shown["history"]] == ["add"]
+    # supersede: same subject + relation
+    c = kem_json(home, "edit", "add", "--subject", "Danielle Darrieux", "--prompt", "The mother tongue of {} is",
+                 "--target", "English", "--relation", "P103")
+    assert c["supersedes"] == a["id"]
+    assert kem_json(home, "edit", "show", a["id"])["status"] == "retired"
+    # another namespace cannot delete alice's edit; alice can
+    assert kem(home, "edit", "rm", b["id"], "--namespace", "bob", ok=False).returncode == 2
+    assert kem_json(home, "edit", "rm", b["id"], "--namespace", "alice") == {"deleted": b["id"]}
+    err = kem(home, "edit", "show", b["id"], ok=False)
+    assert err.returncode == 2 and b["id"] in err.stderr
+
+
+def test_bad_edit_rejected_store_unchanged(home):
+    before = kem_json(home, "edit", "list")
+    proc = kem(home, "edit", "add", "--subject", "Nobody", "--prompt", "The sky is", "--target", "green", ok=False)
+    assert proc.returncode == 2
+    assert "Edit.prompt" in proc.stderr and "{}" in proc.stderr
+    bad = home.parent / "bad.jsonl"
+    bad.write_text(json.dumps({"subject": "A", "prompt": "{} is", "target_new": "x"}) + "\n"
+                   + json.dumps({"subject": "B", "prompt": "{} is"}) + "\n")
+    proc = kem(home, "edit", "import", str(bad), ok=False)
+    assert proc.returncode == 2 and "record 1" in proc.stderr and "target_new" in proc.stderr
+    assert kem_json(home, "edit", "list") == before
+
+
+def test_import_counterfact_and_ask_json(home):
+    out = kem_json(home, "edit", "import", shared_data("counterfact", "counterfact-edit.json"), "--limit", "20",
+                   "--namespace", "cf")
+    assert out["imported"] == 20
+    ans = kem_json(home, "ask", "--complete", "--namespace", "cf", "--max-new-tokens", "6",
+                   "The mother tongue of Danielle Darrieux is")
+    assert set(ans) >= {"text", "edits", "model"} and ans["model"] == "smollm2-135m-instruct"
+    assert "English" in ans["text"] and len(ans["edits"]) == 1
+    assert set(ans["edits"][0]) >= {"id", "score"} and ans["edits"][0]["score"] > 0.5
+    plain = kem_json(home, "ask", "--complete", "--namespace", "cf", "--max-new-tokens", "6", "--no-edits",
+                     "The mother tongue of Danielle Darrieux is")
+    assert "English" not in plain["text"] and plain["edits"] == []
+    # the index is derived: delete it and the next process rebuilds it from the SQLite file
+    shutil.rmtree(home / "index")
+    again = kem_json(home, "ask", "--complete", "--namespace", "cf", "--max-new-tokens", "6",
+                     "The mother tongue of Danielle Darrieux is")
+    assert again["text"] == ans["text"] and [e["id"] for e in again["edits"]] == [e["id"] for e in ans["edits"]]
+    assert (home / "index").is_dir()
