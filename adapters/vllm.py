@@ -5,21 +5,57 @@ callers are gathered by one worker thread into batches (one ``LLM.generate`` cal
 ``kem serve --engine vllm`` keeps vLLM's batching. ``vllm.LLM`` has no token streaming: the streaming
 methods yield the whole completion as one piece. vLLM starts its engine in a spawned process, so a
 script that builds one must be guarded by ``if __name__ == "__main__":``.
+
+Hot swap: :meth:`VLLMGenerator.reload_weights` loads a new model version's weights into the running
+engine (vLLM's ``reload_weights`` worker call, then a prefix-cache reset), between two batches: requests
+that arrive meanwhile wait in the queue, none fails. It needs the same architecture and tokenizer
+(:meth:`VLLMGenerator.can_reload_in_place`), which is what consolidation publishes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from kem.errors import EngineError, ModelError
 from kem.protocols import GenerationParams, Message
 
 log = logging.getLogger(__name__)
+
+# config.json fields that must match for an in-place weight reload (same shapes, same tokenizer size)
+_SHAPE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim")
+
+
+class _Reload:
+    """A control item for the batcher: load the weights of ``path`` between two batches."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.done: Future[float] = Future()
+
+
+_NOTHING = object()
+
+
+def _fingerprint(folder: str | Path) -> tuple[Any, ...]:
+    """What must not change for an in-place reload: the shape fields of config.json and the tokenizer."""
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ("unreadable", str(folder))
+    tok = folder / "tokenizer.json"
+    digest = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
+    return tuple(json.dumps(cfg.get(k), sort_keys=True) for k in _SHAPE_KEYS) + (digest,)
 
 
 class VLLMGenerator:
@@ -29,15 +65,17 @@ class VLLMGenerator:
         llm: A loaded ``vllm.LLM``.
         name: The name this engine answers to.
         max_batch: At most this many requests per ``LLM.generate`` call.
+        model_dir: The folder the engine loaded (needed for :meth:`reload_weights`).
     """
 
-    def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64) -> None:
+    def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None) -> None:
         self.llm = llm
         self.name = name
+        self.model_dir = model_dir
         self.max_batch = max_batch
         self.tokenizer = llm.get_tokenizer()
         self._closed = False
-        self._queue: queue.Queue[tuple[str, GenerationParams, Future[str]] | None] = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue()  # (prompt, params, future), _Reload, or None: stop
         self._worker = threading.Thread(target=self._run, name="vllm-batcher", daemon=True)
         self._worker.start()
 
@@ -56,7 +94,7 @@ class VLLMGenerator:
             llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager, **kwargs)
         except Exception as exc:
             raise ModelError(f"vLLM could not load {model_dir}: {exc}") from exc
-        return cls(llm, name=name or model_dir)
+        return cls(llm, name=name or model_dir, model_dir=model_dir)
 
     # ---- batching ----------------------------------------------------------------------------------
     def _sampling(self, params: GenerationParams) -> Any:
@@ -68,18 +106,23 @@ class VLLMGenerator:
                               top_p=params.top_p, stop=list(params.stop) or None, **known)
 
     def _run(self) -> None:
+        carry: Any = _NOTHING  # a control item met while gathering a batch: handled right after it
         while True:
-            item = self._queue.get()
+            item = self._queue.get() if carry is _NOTHING else carry
+            carry = _NOTHING
             if item is None:
                 return
+            if isinstance(item, _Reload):
+                self._reload(item)
+                continue
             batch = [item]
             while len(batch) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
+                if nxt is None or isinstance(nxt, _Reload):
+                    carry = nxt
                     break
                 batch.append(nxt)
             try:
@@ -91,6 +134,40 @@ class VLLMGenerator:
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(EngineError(f"vLLM generation failed: {exc}"))
+
+    def _reload(self, item: _Reload) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": item.path, "is_checkpoint_format": True})
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        except Exception as exc:
+            log.error("vLLM in-place reload from %s failed: %s", item.path, exc)
+            item.done.set_exception(EngineError(f"vLLM could not reload the weights of {item.path}: {exc}"))
+            return
+        self.model_dir = item.path
+        item.done.set_result(time.perf_counter() - t0)
+
+    # ---- hot swap -------------------------------------------------------------------------------------
+    def can_reload_in_place(self, model_dir: str | Path) -> bool:
+        """Whether ``model_dir`` has the same architecture, shapes and tokenizer as the loaded model."""
+        return self.model_dir is not None and _fingerprint(self.model_dir) == _fingerprint(model_dir)
+
+    def reload_weights(self, model_dir: str | Path, name: str | None = None, timeout: float | None = 900) -> float:
+        """Load the weights of ``model_dir`` into the running engine between two batches (requests that
+        arrive meanwhile wait; none fails). Returns the seconds the reload took.
+
+        Raises:
+            EngineError: the engine is closed, or vLLM failed to load the weights.
+        """
+        if self._closed:
+            raise EngineError(f"the engine {self.name} was closed", status_code=503)
+        item = _Reload(str(Path(model_dir).resolve()))
+        self._queue.put(item)
+        seconds = item.done.result(timeout)
+        if name:
+            self.name = name
+        log.info("vLLM weights reloaded in place from %s in %.1f s", item.path, seconds)
+        return seconds
 
     # ---- Generator protocol -------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[Message]) -> str:

@@ -201,16 +201,32 @@ def test_metrics(servers):
 
 
 # ---- hot swap -----------------------------------------------------------------------------------------
-def test_hot_swap_under_load_fails_no_request(servers):
+def publish_like_consolidation(home: Path, folder: Path, version: str, parent: str | None) -> None:
+    """Lay out ``<home>/models/<version>/`` as kem.consolidation.versions publishes it (weights linked from
+    ``folder``: the base model stands in for consolidated weights) and point ``current`` at it."""
+    import json
+
+    vdir = home / "models" / version
+    vdir.mkdir(parents=True)
+    for f in folder.iterdir():
+        (vdir / f.name).symlink_to(f)
+    (vdir / "manifest.json").write_text(json.dumps({"version": version, "base": "smollm2-135m-instruct",
+                                                    "parent": parent, "method": "memit", "edit_ids": []}))
+    (home / "models" / "current").write_text(version + "\n")
+
+
+def test_hot_swap_under_load_fails_no_request(servers, tmp):
     from kem.models import resolve_model
     from kem.settings import Settings
 
     a = servers["a"]
     folder = resolve_model("smollm2-135m-instruct", Settings().cache_dir)
-    with http(a, ALICE) as alice:  # an edit that version v2 absorbed: applied before the swap, skipped after
+    publish_like_consolidation(tmp / "a-home", folder, "v1", None)
+    publish_like_consolidation(tmp / "a-home", folder, "v2", "v1")
+    with http(a, ALICE) as alice:  # an edit that v1 absorbed: applied before the swap, skipped after (v2 > v1)
         alice.post("/v1/edits/import", json={"edits": [{
             "subject": "Zorbex Labs", "prompt": "The CEO of {} is", "target_new": "Carla Diaz",
-            "status": "consolidated", "consolidated_in": "v2"}]}).raise_for_status()
+            "status": "consolidated", "consolidated_in": "v1"}]}).raise_for_status()
     c = client(a, ALICE)
     assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"]
     results: list[object] = []
@@ -230,19 +246,29 @@ def test_hot_swap_under_load_fails_no_request(servers):
         w.start()
     time.sleep(1.0)
     with http(a, ADMIN) as admin:
-        assert http(a, ALICE).post("/admin/reload", json={"path": str(folder)}).status_code == 403
-        r = admin.post("/admin/reload", json={"path": str(folder), "version": "v2"})
+        assert http(a, ALICE).post("/admin/reload", json={"version": "current"}).status_code == 403
+        r = admin.post("/admin/reload", json={"version": "current"})  # what models/current points at: v2
     time.sleep(1.5)
     stop.set()
     for w in workers:
         w.join(60)
     assert r.status_code == 200, r.text
-    assert r.json()["absorbed_versions"] == ["v2"]
+    assert r.json()["absorbed_versions"] == ["v1", "v2"] and r.json()["version"] == "v2"
     assert len(results) >= 2 and all(isinstance(x, str) for x in results), results
     health = httpx.get(a.url + "/healthz").json()
-    assert health["model"] == "smollm2-135m-instruct@v2" and health["absorbed_versions"] == ["v2"]
+    assert health["model"] == "smollm2-135m-instruct@v2" and health["absorbed_versions"] == ["v1", "v2"]
     assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"] == []
     assert "kem_engine_reloads_total 1" in http(a, ADMIN).get("/metrics").text
+    with http(a, ADMIN) as admin:
+        assert admin.post("/admin/reload", json={"version": "v7"}).status_code == 404  # not published
+        # roll back to the base model: the edits v1 absorbed are applied in context again
+        back = admin.post("/admin/reload", json={"version": "base"})
+        assert back.status_code == 200 and back.json()["absorbed_versions"] == [], back.text
+        # a folder given by path, plus the version its weights hold
+        r = admin.post("/admin/reload", json={"path": str(folder), "version": "v1"})
+        assert r.json()["absorbed_versions"] == ["v1"] and r.json()["model"] == "smollm2-135m-instruct@v1"
+        assert admin.post("/admin/reload", json={"version": "base"}).status_code == 200
+    assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"]
 
 
 # ---- upstream mode (P -> U) ---------------------------------------------------------------------------

