@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -125,6 +126,25 @@ def test_vllm_errors_and_concurrency(proxy):
     assert all(o.choices[0].text for o in outs)
 
 
+def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
+    """The upstream vLLM dies mid-stream: the client gets an error event, kem stays up and answers 502.
+    Keep it after the other upstream tests (it kills vLLM)."""
+    stream = client(proxy).chat.completions.create(
+        model="default", stream=True, max_tokens=400, temperature=0,
+        messages=[{"role": "user", "content": "Write a long story about a dragon who learns to cook."}])
+    it = iter(stream)
+    got = [next(it), next(it)]
+    vllm_server.kill()
+    with pytest.raises(openai.APIError) as err:
+        for ch in it:
+            got.append(ch)
+    assert "upstream" in str(err.value)
+    assert httpx.get(proxy.url + "/healthz").status_code == 200
+    with pytest.raises(openai.APIStatusError) as err2:
+        client(proxy).chat.completions.create(model="default", messages=[{"role": "user", "content": "hi"}])
+    assert err2.value.status_code == 502
+
+
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def kem_vllm(tmp: Path, model_dir: str):
@@ -157,10 +177,41 @@ def test_kem_serve_engine_vllm(kem_vllm):
     assert all(o.choices[0].text for o in outs)
 
 
-def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir):
-    """Reload the (same) model folder as version v2 under a client loop: no request fails."""
+def publish_perturbed(home: Path, model_dir: str, version: str) -> None:
+    """``<home>/models/<version>/`` laid out as consolidation publishes it, with the same architecture
+    and tokenizer but different weights (every MLP down projection halved) so the answers change."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    vdir = home / "models" / version
+    vdir.mkdir(parents=True)
+    for f in Path(model_dir).iterdir():
+        if f.suffix != ".safetensors":
+            (vdir / f.name).symlink_to(f)
+    for f in Path(model_dir).glob("*.safetensors"):
+        tensors = load_file(f)
+        for k in tensors:
+            if k.endswith("mlp.down_proj.weight"):
+                tensors[k] = tensors[k] * 0.5
+        save_file(tensors, vdir / f.name, metadata={"format": "pt"})
+    (vdir / "manifest.json").write_text(json.dumps({"version": version, "base": model_dir, "parent": None,
+                                                    "method": "memit", "edit_ids": []}))
+
+
+def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir, tmp):
+    """Swap to a published version under a client loop (weights reloaded in place: no request fails),
+    then roll back to the base model: the answers change and come back byte for byte."""
     import threading
 
+    publish_perturbed(tmp / "inproc-home", model_dir, "v1")
+    prompt = "The capital of Italy is"
+
+    def complete() -> str:
+        return client(kem_vllm).completions.create(model="default", prompt=prompt, max_tokens=8,
+                                                   temperature=0).choices[0].text
+
+    before = complete()
     results: list[object] = []
     stop = threading.Event()
 
@@ -168,7 +219,7 @@ def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir):
         c = client(kem_vllm)
         while not stop.is_set():
             try:
-                results.append(c.completions.create(model="default", prompt="The capital of Italy is", max_tokens=3,
+                results.append(c.completions.create(model="default", prompt=prompt, max_tokens=3,
                                                     temperature=0).choices[0].text)
             except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
                 results.append(exc)
@@ -176,12 +227,22 @@ def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir):
     workers = [threading.Thread(target=loop) for _ in range(2)]
     for w in workers:
         w.start()
-    r = httpx.post(kem_vllm.url + "/admin/reload", json={"path": model_dir, "version": "v2"}, timeout=900)
+    r = httpx.post(kem_vllm.url + "/admin/reload", json={"version": "v1"}, timeout=900)
+    n_at_swap = len(results)
+    while len(results) < n_at_swap + 2:  # the loop goes on after the swap
+        time.sleep(0.2)
     stop.set()
     for w in workers:
         w.join(120)
     assert r.status_code == 200, r.text
-    assert len(results) >= 2 and all(isinstance(x, str) for x in results), results
-    assert httpx.get(kem_vllm.url + "/healthz").json()["absorbed_versions"] == ["v2"]
+    assert r.json()["model"].endswith("@v1") and r.json()["absorbed_versions"] == ["v1"]
+    assert r.json()["seconds"] < 60, r.json()  # in place: no second engine was started
+    assert len(results) >= 4 and all(isinstance(x, str) for x in results), results
+    assert httpx.get(kem_vllm.url + "/healthz").json()["absorbed_versions"] == ["v1"]
+    after = complete()
+    assert after != before, (before, after)  # the new weights answer
+    back = httpx.post(kem_vllm.url + "/admin/reload", json={"version": "base"}, timeout=900)
+    assert back.status_code == 200 and back.json()["absorbed_versions"] == [], back.text
+    assert complete() == before  # the base weights again, byte for byte (prefix cache reset too)
     assert client(kem_vllm).completions.create(model="default", prompt=CEO, max_tokens=6,
                                                temperature=0).choices[0].text.strip().startswith("Alice Zhang")
