@@ -1,0 +1,219 @@
+"""The consolidation job (issue 4) on the real SmolLM2-135M-Instruct, on CPU: publish, versions,
+rollback, failure safety, gates, and ``kem ask --model-version v1 --no-edits`` through the CLI.
+
+The tests of this module share one KEM_HOME and run in order: v1 is published first, then failures
+and gate refusals must leave it (and the store) untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kem.consolidation import versions as V
+from kem.consolidation.job import Gates, consolidate, pending_edits
+from kem.edit import Edit, EditStatus
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("../shared/data")
+WIKITEXT = DATA / "wikitext-2" / "valid.txt"
+COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
+COV = {"mom2_samples": 200}  # the same cached statistics as tests/test_consolidation.py
+
+
+def _edits(idx: list[int], namespace: str = "cf") -> list[Edit]:
+    recs = json.loads(COUNTERFACT.read_text())
+    return [Edit(subject=recs[i]["subject"], prompt=recs[i]["prompt"], target_new=recs[i]["target_new"],
+                 target_true=recs[i]["ground_truth"], namespace=namespace, source=f"counterfact:{i}") for i in idx]
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, lm_and_tok):
+    """A KEM_HOME whose store holds two CounterFact edits (no embeddings: the job needs none)."""
+    from kem.stores.sqlite import SQLiteStore
+
+    h = tmp_path_factory.mktemp("kem-home")
+    store = SQLiteStore(h / "edits.sqlite")
+    store.add_many(_edits([0, 1]))
+    store.close()
+    return h
+
+
+@pytest.fixture(scope="module")
+def settings(home):
+    from kem.settings import Settings
+
+    return Settings(home=home, device="cpu")
+
+
+def _store(home: Path):
+    from kem.stores.sqlite import SQLiteStore
+
+    return SQLiteStore(home / "edits.sqlite")
+
+
+def _snapshot(home: Path) -> dict:
+    """Everything a failed job must not change: edits, their history, the version folders, current."""
+    store = _store(home)
+    try:
+        edits = {e.id: e.model_dump(mode="json") for e in store.list()}
+        hist = {i: len(store.history(i)) for i in edits}
+    finally:
+        store.close()
+    root = V.models_dir(home)
+    files = {}
+    if root.is_dir():
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and not p.name.endswith(".lock"):
+                st = p.stat()
+                files[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return {"edits": edits, "history": hist, "files": files, "current": V.current_version(home)}
+
+
+def test_job_publishes_v1_and_marks_edits(home, settings):
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams=COV)
+    assert res.published, res.message
+    assert res.version == "v1" and res.parent is None
+    assert res.metrics["reliability"] >= 0.8 and res.metrics["locality"] >= 0.9, res.metrics
+    assert V.current_version(home) == "v1"
+    man = V.get_manifest(home, "v1")
+    assert man.method == "memit" and man.parent is None and man.base == settings.model
+    assert set(man.edit_ids) == set(res.absorbed_ids) and man.hparams["mom2_samples"] == 200
+    assert {"load", "compute", "evaluate"} <= set(man.timings)
+    folder = V.version_dir(home, "v1")
+    assert (folder / "model.safetensors").is_file() and (folder / V.DELTA).is_file()
+    assert not [p for p in V.models_dir(home).iterdir() if p.name.startswith(".tmp-")]
+
+    store = _store(home)
+    try:
+        for i in res.absorbed_ids:
+            e = store.get(i)
+            assert e.status == EditStatus.consolidated and e.consolidated_in == "v1"
+            assert store.history(i)[-1].op == "consolidate"
+        assert pending_edits(store, V.absorbed(home, "v1"), "cf") == [store.get(i) for i in res.failed_ids]
+    finally:
+        store.close()
+
+    # the published folder is a plain HF model whose greedy answer carries the edit
+    from kem.consolidation.job import greedy
+
+    model, tok = V.load_version(home, "v1", settings)
+    case0 = _edits([0])[0]
+    assert "English" in greedy(model, tok, [case0.rendered_prompt], 4)[0]
+
+
+def test_failure_after_apply_leaves_store_and_versions_untouched(home, settings, monkeypatch):
+    import kem.consolidation.job as job
+
+    store = _store(home)
+    store.add_many(_edits([2]))
+    store.close()
+    before = _snapshot(home)
+
+    def boom(*a, **k):
+        raise RuntimeError("injected after applying the deltas")
+
+    monkeypatch.setattr(job, "reliability", boom)  # runs after apply_delta, before publish
+    with pytest.raises(RuntimeError, match="injected"):
+        consolidate(settings, method="memit", corpus=WIKITEXT, hparams=COV)
+    assert _snapshot(home) == before
+
+
+def test_failure_while_publishing_leaves_no_partial_version(home, settings, monkeypatch):
+    from kem.consolidation.delta import WeightDelta
+
+    before = _snapshot(home)
+
+    def boom(self, path):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(WeightDelta, "save", boom)
+    # steps=1 keeps it cheap; gates at 0 so the job reaches publish
+    with pytest.raises(OSError, match="injected"):
+        consolidate(settings, method="memit", corpus=WIKITEXT, hparams={**COV, "values": {"steps": 1, "lr": 1e-4}},
+                    gates=Gates(0.0, 0.0))
+    assert _snapshot(home) == before
+    assert not [p for p in V.models_dir(home).iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_gate_failure_publishes_nothing_and_says_why(home, settings):
+    before = _snapshot(home)
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams={**COV, "values": {"steps": 1, "lr": 1e-4}})
+    assert not res.published and res.gate_failed
+    assert any("reliability" in r for r in res.reasons), res.reasons
+    assert "nothing published" in res.message and res.metrics["failed_edits"]
+    assert _snapshot(home) == before
+
+
+def test_dry_run_publishes_nothing(home, settings):
+    before = _snapshot(home)
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams={**COV, "values": {"steps": 1, "lr": 1e-4}},
+                      gates=Gates(0.0, 0.0), dry_run=True)
+    assert res.dry_run and not res.published and not res.reasons and res.version == "v2"
+    assert _snapshot(home) == before
+
+
+def test_rollback_returns_edits_to_the_fast_path(home):
+    store = _store(home)
+    try:
+        absorbed_v1 = [e.id for e in store.list("cf", EditStatus.consolidated)]
+        assert absorbed_v1
+        assert not {e.id for e in pending_edits(store, V.absorbed(home, "v1"))} & set(absorbed_v1)
+        V.rollback(home, "base")
+        assert V.current_version(home) is None and V.absorbed(home, None) == frozenset()
+        assert set(absorbed_v1) <= {e.id for e in pending_edits(store, V.absorbed(home, None))}
+        V.rollback(home, "v1")
+        assert V.current_version(home) == "v1" and V.ancestors(home, "v1") == ["v1"]
+    finally:
+        store.close()
+    assert (V.models_dir(home) / "v1" / V.MANIFEST).is_file()  # rollback never deletes
+    with pytest.raises(Exception, match="does not exist"):
+        V.rollback(home, "v9")
+    with pytest.raises(Exception, match="vN"):
+        V.rollback(home, "latest")
+
+
+def _kem(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KEM_HOME": str(home), "KEM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-c", "from kem.cli import main; main()", *args], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+
+
+def test_cli_models_and_ask_model_version_no_edits(home):
+    r = _kem(home, "models", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(r.stdout)
+    assert listed["current"] == "v1" and [v["version"] for v in listed["versions"]] == ["v1"]
+
+    r = _kem(home, "ask", "--model-version", "v1", "--no-edits", "--complete", "--max-new-tokens", "4", "--json",
+             "The mother tongue of Danielle Darrieux is")
+    assert r.returncode == 0, r.stderr
+    ans = json.loads(r.stdout)
+    assert "English" in ans["text"] and ans["edits"] == []
+
+    r = _kem(home, "models", "show", "v7")
+    assert r.returncode == 2 and "error:" in r.stderr and "v7" in r.stderr
+
+
+def test_cli_consolidate_nothing_pending(home):
+    import typer
+    from typer.testing import CliRunner
+
+    from kem.consolidation.cli import consolidate as cmd
+    from kem.consolidation.cli import models_app
+
+    app = typer.Typer()
+    app.command()(cmd)
+    r = CliRunner().invoke(app, ["--namespace", "empty-ns", "--home", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert not out["published"] and "nothing to consolidate" in out["message"]
+    r = CliRunner().invoke(models_app, ["show", "v1", "--home", str(home), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["version"] == "v1"
