@@ -76,7 +76,8 @@ class KnowledgeEditor:
         self.settings = settings or Settings()
         self.memory: EditMemory = memory
         self.scope = ScopeClassifier(scope)
-        self.composer = Composer(load_demos(demos), memory.embedder)
+        self.composer = Composer(load_demos(demos or self.settings.demos), memory.embedder,
+                                 selection=self.settings.demo_selection)
         self._generator = generator
         self.absorbed_versions: frozenset[str] = frozenset()  # versions whose edits are in the weights
 

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     namespace: str = Field("default", description="Namespace used when a request names none.")
     top_k: int = Field(4, ge=1, le=64, description="Edits retrieved per request before the scope decision.")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Default generation length.")
+    demos: Path | None = Field(
+        None, description="JSONL of IKE demonstrations (kind, fact, prompt, answer) instead of kem's own pool."
+    )
+    demo_selection: str = Field(
+        "fixed", pattern="^(fixed|similar)$",
+        description='"fixed": the same demonstrations for every request (measured best on SmolLM2-135M); '
+        '"similar": picked by similarity to the request, as in IKE.',
+    )
 
     def resolved_device(self) -> str:
         """The torch device string to use: CUDA when asked for "auto" and one is present."""

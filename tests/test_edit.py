@@ -64,3 +64,24 @@ def test_parse_overrides_and_round_trip():
     assert e.namespace == "alice" and e.source is None
     again = Edit.parse(e.model_dump(mode="json"))
     assert again == e
+
+
+def test_user_demonstrations_file_and_errors(tmp_path, monkeypatch):
+    from kem.compose import load_demos
+    from kem.settings import Settings
+
+    good = tmp_path / "demos.jsonl"
+    good.write_text('{"kind": "update", "fact": "The sky is green.", "prompt": "The sky is", "answer": "green"}\n')
+    assert [d.answer for d in load_demos(good)] == ["green"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + '{"kind": "shout", "fact": "a", "prompt": "b", "answer": "c"}\n')
+    with pytest.raises(ValidationError) as info:
+        load_demos(bad)
+    assert "line 2" in str(info.value) and "kind" in str(info.value)
+    monkeypatch.setenv("KEM_DEMOS", str(good))
+    monkeypatch.setenv("KEM_DEMO_SELECTION", "similar")
+    s = Settings()
+    assert s.demos == good and s.demo_selection == "similar"
+    monkeypatch.setenv("KEM_DEMO_SELECTION", "random")
+    with pytest.raises(Exception, match="demo_selection"):
+        Settings()

@@ -149,3 +149,14 @@ def test_index_rebuilt_when_deleted_or_corrupt(tmp_path, generator, embedder, ke
             f.write_bytes(b"garbage")
     with KnowledgeEditor.open(home, settings=kem_settings, generator=generator, embedder=embedder) as ke:
         assert ke.retrieve(PARAPHRASE)[0].edit.id == e.id
+
+
+def test_user_demonstrations_reach_the_prompt(tmp_path, embedder, kem_settings):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text('{"kind": "update", "fact": "Zorblax is the capital of Mars.", '
+                     '"prompt": "The capital of Mars is", "answer": "Zorblax"}\n')
+    settings = kem_settings.model_copy(update={"demos": demos, "demo_selection": "similar"})
+    ke = KnowledgeEditor.in_memory(settings=settings, embedder=embedder)
+    ke.add(Edit(**CASE0))
+    rw = ke.rewrite_prompt(PARAPHRASE)
+    assert rw.applied and "Zorblax" in rw.request and ke.composer.selection == "similar"
