@@ -96,6 +96,10 @@ def test_chat_and_completions_stream_and_not(servers):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="default", prompt="The capital of France is", max_tokens=4, temperature=0, stream=True))
     assert streamed == comp.choices[0].text
+    assert full.choices[0].finish_reason == "stop"  # the answer ended before max_tokens
+    long = dict(model="default", prompt="Once upon a time", max_tokens=5, temperature=0)
+    assert c.completions.create(**long).choices[0].finish_reason == "length"
+    assert list(c.completions.create(**long, stream=True))[-1].choices[0].finish_reason == "length"
 
 
 def test_out_of_scope_is_byte_identical_to_the_engine(servers, direct_engine):

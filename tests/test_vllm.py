@@ -119,6 +119,13 @@ def test_vllm_errors_and_concurrency(proxy):
     c = client(proxy)
     with pytest.raises(openai.NotFoundError):  # vLLM's own 404, passed through
         c.chat.completions.create(model="not-served", messages=[{"role": "user", "content": "hi"}])
+    for prompt in ("Water boils at", CEO):  # out of scope and in scope (edit applied): vLLM-only fields go through
+        with pytest.raises(openai.BadRequestError) as err:
+            c.completions.create(model="default", prompt=prompt, max_tokens=2, extra_body={"top_k": -5})
+        assert "top_k" in str(err.value)  # vLLM's own validation message, with its 400
+    ok = c.completions.create(model="default", prompt="Water boils at", max_tokens=2, temperature=0,
+                              extra_body={"top_k": 1, "repetition_penalty": 1.0})
+    assert ok.choices[0].text
     prompts = [f"Count to {i}:" for i in range(8)]
     with cf.ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda p: c.completions.create(model="default", prompt=p, max_tokens=4,

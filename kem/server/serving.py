@@ -88,6 +88,19 @@ def error_event(exc: BaseException) -> bytes:
     return sse(error_body(f"the stream failed: {exc}", 500, "stream_error"))
 
 
+def finish_reason(engine: Any, text: str, params: GenerationParams) -> str:
+    """``"length"`` when ``text`` used the whole token budget, else ``"stop"``. Local engines return text
+    only, so the tokens are counted again with the engine's tokenizer (when it has one)."""
+    tok = getattr(getattr(engine, "sync", engine), "tokenizer", None)
+    if tok is None or not params.max_new_tokens:
+        return "stop"
+    try:
+        n = len(tok.encode(text, add_special_tokens=False))
+    except Exception:  # noqa: BLE001 - an odd tokenizer: keep the default
+        return "stop"
+    return "length" if n >= params.max_new_tokens else "stop"
+
+
 class Serving:
     """OpenAI-compatible serving over a :class:`KnowledgeEditor` and an engine.
 
@@ -175,8 +188,8 @@ class Serving:
         params = self._params(req, rw.stop)
         if not req.stream:
             text = await engine.achat(rw.request, params)
-            resp = ChatCompletionResponse(model=self.served_name, kem=info,
-                                          choices=[ChatChoice(message=ChatMessageOut(content=text))])
+            resp = ChatCompletionResponse(model=self.served_name, kem=info, choices=[ChatChoice(
+                message=ChatMessageOut(content=text), finish_reason=finish_reason(engine, text, params))])
             return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
         return Result(rw.applied, stream=self._chat_stream(engine, rw, params, info), namespace=namespace)
 
@@ -189,16 +202,18 @@ class Serving:
             return sse(c.model_dump(exclude_none=True))
 
         yield chunk(ChatDelta(role="assistant", content=""), kem=info)
+        text = []
         try:
             async for piece in engine.astream_chat(rw.request, params):
                 if piece:
+                    text.append(piece)
                     yield chunk(ChatDelta(content=piece))
         except Exception as exc:  # the client gets a clean error event; the server stays up
             log.warning("chat stream failed: %s", exc)
             yield error_event(exc)
             yield DONE
             return
-        yield chunk(ChatDelta(), finish="stop")
+        yield chunk(ChatDelta(), finish=finish_reason(engine, "".join(text), params))
         yield DONE
 
     # ---- completions ------------------------------------------------------------------------------------
@@ -215,7 +230,8 @@ class Serving:
         params = self._params(req, rw.stop)
         if not req.stream:
             text = await engine.agenerate(rw.request, params)
-            resp = CompletionResponse(model=self.served_name, kem=info, choices=[CompletionChoice(text=text)])
+            resp = CompletionResponse(model=self.served_name, kem=info, choices=[
+                CompletionChoice(text=text, finish_reason=finish_reason(engine, text, params))])
             return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
         return Result(rw.applied, stream=self._completion_stream(engine, rw, params, info), namespace=namespace)
 
@@ -229,9 +245,11 @@ class Serving:
             return sse(c.model_dump(exclude_none=True))
 
         first = True
+        text = []
         try:
             async for piece in engine.astream(rw.request, params):
                 if piece:
+                    text.append(piece)
                     yield chunk(piece, kem=info if first else None)
                     first = False
         except Exception as exc:
@@ -239,7 +257,7 @@ class Serving:
             yield error_event(exc)
             yield DONE
             return
-        yield chunk("", finish="stop", kem=info if first else None)
+        yield chunk("", finish=finish_reason(engine, "".join(text), params), kem=info if first else None)
         yield DONE
 
     # ---- HTTP engines -----------------------------------------------------------------------------------
