@@ -34,6 +34,9 @@ def main() -> None:
         render(args.render, args.modes.split(","), args.first)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from kem.eval.cli import quiet_omp_threads
+
+    quiet_omp_threads()
 
     from kem.eval.harness import EvalConfig, Evaluator
     from kem.eval.report import markdown_table

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+
+# idle OpenMP threads sleep instead of spinning: on a busy CI box spinning made each forward pass
+# 10-30x slower (kem/eval/cli.py quiet_omp_threads). Works when torch is not imported yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
@@ -279,3 +284,46 @@ def test_batched_greedy_matches_the_engine(generator):
     sc.run_many(generator.model, "base", [Job(t, ["Paris"], 8, ("\n",)) for t in texts])
     for t in texts:
         assert sc.generated("base", t, 8, ("\n",)) == generator.generate(t, GenerationParams(8, stop=("\n",)))
+
+
+def test_shared_prefix_prefill_gives_the_same_results(generator):
+    """Requests that share a long prefix (the IKE demonstrations) prefill it once; the texts, argmax
+    tokens and log-probabilities match a run without sharing and the engine's own greedy output."""
+    from kem.compose import Composer, load_demos
+    from kem.edit import Edit
+    from kem.eval.scoring import Job, Scorer
+    from kem.protocols import GenerationParams
+
+    comp = Composer(load_demos())
+    facts = [("Danielle Darrieux", "The mother tongue of {} is", "English"),
+             ("Toko Yasuda", "{} plays the", "piano"), ("Paris", "{} is the capital of", "Italy")]
+    texts = [comp.completion(p.format(s), [Edit.parse({"subject": s, "prompt": p, "target_new": t})])
+             for s, p, t in facts]
+    texts.append(texts[0].replace("Prompt: The mother tongue", "Prompt: Where did Danielle Darrieux grow up? The tongue"))
+    jobs = [Job(t, ["English", "French"], 8, ("\n",)) for t in texts]
+    shared, plain = Scorer(generator.tokenizer, batch_size=4), Scorer(generator.tokenizer, batch_size=4,
+                                                                        min_shared_prefix=0)
+    shared.run_many(generator.model, "base", jobs)
+    plain.run_many(generator.model, "base", jobs)
+    assert shared.stats["prefill_tokens"] < 0.6 * plain.stats["prefill_tokens"]  # the demos ran once
+    for t in texts:
+        assert shared.generated("base", t, 8, ("\n",)) == plain.generated("base", t, 8, ("\n",))
+        for target in ("English", "French"):
+            a, b = shared.score("base", t, target), plain.score("base", t, target)
+            assert a.pred_ids == b.pred_ids
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-3)
+    assert shared.generated("base", texts[1], 8, ("\n",)) == generator.generate(texts[1], GenerationParams(8, stop=("\n",)))
+
+
+def test_one_generation_serves_budgets_and_stops(generator):
+    """A request's text is prefilled once: a longer generation without stops serves a shorter one with a stop."""
+    from kem.eval.scoring import Job, Scorer
+    from kem.protocols import GenerationParams
+
+    text = "The mother tongue of Danielle Darrieux is"
+    sc = Scorer(generator.tokenizer)
+    sc.run_many(generator.model, "base", [Job(text, [], 12, ("\n",)), Job(text, ["French"], 24, ())])
+    assert sc.stats["prefills"] == 1
+    assert sc.generated("base", text, 12, ("\n",)) == generator.generate(text, GenerationParams(12, stop=("\n",)))
+    assert sc.generated("base", text, 24) == generator.generate(text, GenerationParams(24))
+    assert sc.generated("base", text, 30) is None  # not run that far

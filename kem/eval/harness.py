@@ -96,7 +96,7 @@ class Evaluator:
     """
 
     def __init__(self, ctx: EvalContext, config: EvalConfig | None = None, scorer: Scorer | None = None,
-                 flush_jobs: int = 48) -> None:
+                 flush_jobs: int = 128) -> None:
         self.ctx = ctx
         self.config = config or EvalConfig()
         self.scorer = scorer or Scorer(ctx.tokenizer)

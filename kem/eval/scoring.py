@@ -17,6 +17,7 @@ in scope; the pre-edit locality reference).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,7 @@ class Job:
 class _Gen:
     ids: list[int]
     finished: bool  # stopped by eos or a stop string (not by the budget)
+    stop: tuple[str, ...] = ()
 
 
 class Scorer:
@@ -77,14 +79,20 @@ class Scorer:
         tokenizer: The model's tokenizer (requests are encoded without added special tokens, as the
             engine does).
         batch_size: Requests per batch.
+        min_shared_prefix: A batch whose requests share at least this many leading tokens (the IKE
+            demonstrations, a chat template's system message) prefills them once and the rest per
+            row; 0 turns this off. Same computation up to float rounding (``tests/test_eval.py``).
     """
 
-    def __init__(self, tokenizer: Any, batch_size: int = 8) -> None:
+    def __init__(self, tokenizer: Any, batch_size: int = 16, min_shared_prefix: int = 16) -> None:
         self.tokenizer = tokenizer
         self.batch_size = max(1, batch_size)
+        self.min_shared_prefix = min_shared_prefix
         self._tf: dict[tuple[str, str, str], TargetScore] = {}
-        self._gen: dict[tuple[str, str, tuple[str, ...]], _Gen] = {}
-        self.stats = {"prefills": 0, "prefill_tokens": 0, "decode_steps": 0, "batches": 0}
+        self._gen: dict[tuple[str, str], list[_Gen]] = {}
+        self._prefixes: dict[tuple[str, tuple[int, ...]], Any] = {}  # (model key, tokens) -> batch-1 cache
+        self.stats: dict[str, float] = {"prefills": 0, "prefill_tokens": 0, "decode_steps": 0, "batches": 0,
+                                        "prefill_s": 0.0, "teacher_force_s": 0.0, "decode_s": 0.0}
 
     # ---- memo ----------------------------------------------------------------------------------------
     def target_ids(self, target: str) -> list[int]:
@@ -96,18 +104,23 @@ class Scorer:
         return self._tf[(model_key, text, target)]
 
     def generated(self, model_key: str, text: str, max_new_tokens: int, stop: Sequence[str] = ()) -> str | None:
-        """A memoised greedy generation, or None when not computed for this budget. A generation that
-        ended before its budget serves any larger budget; a longer one serves a smaller budget."""
-        g = self._gen.get((model_key, text, tuple(stop)))
-        if g is None:
-            return None
-        if len(g.ids) >= max_new_tokens:
-            ids = g.ids[:max_new_tokens]
-        elif g.finished:
-            ids = g.ids
-        else:
-            return None
-        return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), tuple(stop))[0]
+        """A memoised greedy generation, or None when not computed for this budget and stops.
+
+        Greedy decoding is deterministic, so a generation run with stop strings ``S`` serves a request
+        whose stops include ``S``: its first ``max_new_tokens`` tokens, cut at the request's first stop.
+        One that ended (eos or a stop of ``S``) before its budget serves any larger budget."""
+        stop = tuple(stop)
+        for g in self._gen.get((model_key, text), ()):
+            if not set(g.stop) <= set(stop):
+                continue
+            if len(g.ids) >= max_new_tokens:
+                ids = g.ids[:max_new_tokens]
+            elif g.finished:
+                ids = g.ids
+            else:
+                continue
+            return cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop)[0]
+        return None
 
     def _missing(self, model_key: str, job: Job) -> Job | None:
         targets = [t for t in dict.fromkeys(job.targets) if (model_key, job.text, t) not in self._tf]
@@ -119,32 +132,35 @@ class Scorer:
     # ---- running -------------------------------------------------------------------------------------
     def run_many(self, model: Any, model_key: str, jobs: Sequence[Job]) -> None:
         """Compute whatever of ``jobs`` is not memoised yet, in batches of similar length."""
-        merged: dict[tuple[str, tuple[str, ...]], Job] = {}
+        merged: dict[str, Job] = {}  # one prefill per text: its targets, one decode serving every budget
         for j in jobs:
             m = self._missing(model_key, j)
             if m is None:
                 continue
-            k = (m.text, m.stop if m.max_new_tokens else ())
-            if k in merged:
-                old = merged[k]
-                merged[k] = Job(m.text, list(dict.fromkeys(old.targets + m.targets)),
-                                max(old.max_new_tokens, m.max_new_tokens), m.stop)
+            old = merged.get(m.text)
+            if old is None:
+                merged[m.text] = m
+                continue
+            if old.max_new_tokens and m.max_new_tokens:  # stops common to both, the larger budget
+                stop = tuple(x for x in old.stop if x in m.stop)
             else:
-                merged[k] = m
-        by_text = {j.text: k for k, j in merged.items() if j.max_new_tokens}
-        for k, j in list(merged.items()):  # teacher forcing rides along with a generation of the same text
-            if not j.max_new_tokens and j.text in by_text:
-                g = merged[by_text[j.text]]
-                g.targets = list(dict.fromkeys(g.targets + j.targets))
-                del merged[k]
+                stop = old.stop if old.max_new_tokens else m.stop
+            merged[m.text] = Job(m.text, list(dict.fromkeys(old.targets + m.targets)),
+                                 max(old.max_new_tokens, m.max_new_tokens), stop)
         todo = list(merged.values())
         if not todo:
             return
         encoded = [(self.tokenizer(j.text, add_special_tokens=False)["input_ids"], j) for j in todo]
-        encoded.sort(key=lambda x: (len(x[0]), x[1].max_new_tokens))
-        for i in range(0, len(encoded), self.batch_size):
-            chunk = encoded[i:i + self.batch_size]
-            self._batch(model, model_key, [c[0] for c in chunk], [c[1] for c in chunk])
+        # requests that start alike (IKE demonstrations, a chat system message) batch together, by length
+        groups: dict[tuple[int, ...], list[tuple[list[int], Job]]] = {}
+        k = self.min_shared_prefix
+        for x, j in encoded:
+            groups.setdefault(tuple(x[:k]) if k and len(x) > 2 * k else (), []).append((x, j))
+        for group in groups.values():
+            group.sort(key=lambda x: (len(x[0]), x[1].max_new_tokens))
+            for i in range(0, len(group), self.batch_size):
+                chunk = group[i:i + self.batch_size]
+                self._batch(model, model_key, [c[0] for c in chunk], [c[1] for c in chunk])
 
     def _eos(self, model: Any) -> set[int]:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -159,25 +175,65 @@ class Scorer:
         if any(not x for x in ids):
             raise ValueError("cannot score an empty request")
         dev = model.device
-        b, width = len(ids), max(len(x) for x in ids)
+        b = len(ids)
+        shared = _common_prefix(ids) if b > 1 and self.min_shared_prefix > 0 else 0
+        shared = min(shared, min(len(x) for x in ids) - 1)  # every row keeps a token of its own
+        if shared < self.min_shared_prefix:
+            shared = 0
+        rest = [x[shared:] for x in ids]
+        width = max(len(x) for x in rest)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         inp = torch.full((b, width), pad, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, x in enumerate(ids):  # left padding
+        mask = torch.ones((b, shared + width), dtype=torch.long)
+        for r, x in enumerate(rest):  # left padding (after the shared prefix, if any)
             inp[r, width - len(x):] = torch.tensor(x)
-            mask[r, width - len(x):] = 1
+            mask[r, shared:shared + width - len(x)] = 0
         inp, mask = inp.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         self.stats["batches"] += 1
         self.stats["prefills"] += b
-        self.stats["prefill_tokens"] += sum(len(x) for x in ids)
+        self.stats["prefill_tokens"] += sum(len(x) for x in rest)
         with torch.inference_mode():
-            out = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            t0 = time.perf_counter()
+            cache = self._prefix_cache(model, model_key, ids[0][:shared]) if shared else None
+            if cache is not None:
+                cache.batch_repeat_interleave(b)
+            out = model(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
             cache, last = out.past_key_values, out.logits[:, -1].float()  # (b, vocab)
             nxt_pos = pos[:, -1] + 1  # (b,)
+            t1 = time.perf_counter()
             self._teacher_force(model, model_key, cache, last, mask, nxt_pos, jobs)
+            t2 = time.perf_counter()
             if any(j.max_new_tokens > 0 for j in jobs):
                 self._greedy(model, model_key, cache, last, mask, nxt_pos, jobs)
+            t3 = time.perf_counter()
+        self.stats["prefill_s"] += t1 - t0
+        self.stats["teacher_force_s"] += t2 - t1
+        self.stats["decode_s"] += t3 - t2
+
+    def _prefix_cache(self, model: Any, model_key: str, prefix: list[int]) -> Any:
+        """A fresh batch-1 key/value cache of ``prefix``, built on the longest memoised prefix of it
+        (the IKE demonstrations recur in every batch). Keeps the last few prefixes."""
+        import copy
+
+        import torch
+
+        best: tuple[int, ...] = ()
+        for key in self._prefixes:
+            if key[0] == model_key and len(key[1]) > len(best) and tuple(prefix[:len(key[1])]) == key[1]:
+                best = key[1]
+        cache = copy.deepcopy(self._prefixes[(model_key, best)]) if best else None
+        if len(best) < len(prefix):
+            inp = torch.tensor([prefix[len(best):]], device=model.device)
+            pos = torch.arange(len(best), len(prefix), device=model.device)[None]
+            cache = model(input_ids=inp, position_ids=pos, past_key_values=cache, use_cache=True,
+                          logits_to_keep=1).past_key_values
+            self._prefixes[(model_key, tuple(prefix))] = copy.deepcopy(cache)
+            while len(self._prefixes) > 8:
+                del self._prefixes[next(iter(self._prefixes))]
+        self.stats["prefill_tokens"] += len(prefix) - len(best)
+        return cache
 
     def _teacher_force(self, model: Any, model_key: str, cache: Any, last: Any, mask: Any, nxt_pos: Any,
                        jobs: list[Job]) -> None:
@@ -253,4 +309,16 @@ class Scorer:
         self.stats["decode_steps"] += step
         for r, j in enumerate(jobs):
             if j.max_new_tokens > 0:
-                self._gen[(model_key, j.text, j.stop)] = _Gen(new[r], finished[r])
+                gens = self._gen.setdefault((model_key, j.text), [])
+                gens[:] = [g for g in gens if not set(j.stop) <= set(g.stop)]  # superseded
+                gens.append(_Gen(new[r], finished[r], j.stop))
+
+
+def _common_prefix(ids: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every row."""
+    first, n = ids[0], min(len(x) for x in ids)
+    for i in range(n):
+        t = first[i]
+        if any(x[i] != t for x in ids):
+            return i
+    return n
