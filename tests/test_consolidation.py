@@ -61,6 +61,16 @@ def _hparams(name: str, model):
     return spec, spec.hparams_for(model, **({} if name == "ft-l" else {"mom2_samples": COV_SAMPLES}))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this module: on a shared 2-core machine two threads spin against other
+    processes and ran generation ~6x slower (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ctx(lm_and_tok) -> EditContext:
     """Shared caches; covariance of every layer the methods use, in one pass, pinned to the base model."""

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kem.consolidation import versions as V
-from kem.consolidation.job import Gates, consolidate, pending_edits
+from kem.consolidation.job import Gates, consolidate, default_probes, pending_edits
 from kem.edit import Edit, EditStatus
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -25,12 +26,24 @@ if not DATA.is_dir():
 WIKITEXT = DATA / "wikitext-2" / "valid.txt"
 COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
 COV = {"mom2_samples": 200}  # the same cached statistics as tests/test_consolidation.py
+CHEAP = {**COV, "values": {"steps": 1, "lr": 1e-4}}  # values barely move: fast, and edits are not carried
+PROBES = default_probes()[:10]  # fewer held-out probes than the default 40, to keep the tests short
 
 
 def _edits(idx: list[int], namespace: str = "cf") -> list[Edit]:
     recs = json.loads(COUNTERFACT.read_text())
     return [Edit(subject=recs[i]["subject"], prompt=recs[i]["prompt"], target_new=recs[i]["target_new"],
                  target_true=recs[i]["ground_truth"], namespace=namespace, source=f"counterfact:{i}") for i in idx]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread in this module: on a shared 2-core machine two threads spin against other
+    processes and ran generation ~6x slower (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +134,7 @@ def test_failure_after_apply_leaves_store_and_versions_untouched(home, settings,
 
     monkeypatch.setattr(job, "reliability", boom)  # runs after apply_delta, before publish
     with pytest.raises(RuntimeError, match="injected"):
-        consolidate(settings, method="memit", corpus=WIKITEXT, hparams=COV)
+        consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP, probes=PROBES)
     assert _snapshot(home) == before
 
 
@@ -136,15 +149,15 @@ def test_failure_while_publishing_leaves_no_partial_version(home, settings, monk
     monkeypatch.setattr(WeightDelta, "save", boom)
     # steps=1 keeps it cheap; gates at 0 so the job reaches publish
     with pytest.raises(OSError, match="injected"):
-        consolidate(settings, method="memit", corpus=WIKITEXT, hparams={**COV, "values": {"steps": 1, "lr": 1e-4}},
-                    gates=Gates(0.0, 0.0))
+        consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP,
+                    gates=Gates(0.0, 0.0), probes=PROBES)
     assert _snapshot(home) == before
     assert not [p for p in V.models_dir(home).iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_gate_failure_publishes_nothing_and_says_why(home, settings):
     before = _snapshot(home)
-    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams={**COV, "values": {"steps": 1, "lr": 1e-4}})
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP, probes=PROBES)
     assert not res.published and res.gate_failed
     assert any("reliability" in r for r in res.reasons), res.reasons
     assert "nothing published" in res.message and res.metrics["failed_edits"]
@@ -153,8 +166,8 @@ def test_gate_failure_publishes_nothing_and_says_why(home, settings):
 
 def test_dry_run_publishes_nothing(home, settings):
     before = _snapshot(home)
-    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams={**COV, "values": {"steps": 1, "lr": 1e-4}},
-                      gates=Gates(0.0, 0.0), dry_run=True)
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP,
+                      gates=Gates(0.0, 0.0), dry_run=True, probes=PROBES)
     assert res.dry_run and not res.published and not res.reasons and res.version == "v2"
     assert _snapshot(home) == before
 

@@ -3,6 +3,7 @@
 Each method computes a :class:`~kem.consolidation.delta.WeightDelta` without touching the model;
 :func:`~kem.consolidation.delta.apply_delta` applies it (and reverts exactly). Methods are looked up
 by name in :mod:`kem.consolidation.registry`; module paths come from :mod:`kem.consolidation.arch`.
+:func:`consolidate` is the periodic job (:mod:`.job`) that publishes model versions (:mod:`.versions`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,18 @@ from __future__ import annotations
 from kem.consolidation.context import EditContext
 from kem.consolidation.covariance import CovarianceCache
 from kem.consolidation.delta import AppliedDelta, WeightDelta, apply_delta, delta_hooks
+from kem.consolidation.job import ConsolidationResult, Gates, consolidate
 from kem.consolidation.registry import get_method, list_methods, register_method
 
 __all__ = [
     "AppliedDelta",
+    "ConsolidationResult",
     "CovarianceCache",
     "EditContext",
+    "Gates",
     "WeightDelta",
     "apply_delta",
+    "consolidate",
     "delta_hooks",
     "get_method",
     "list_methods",
