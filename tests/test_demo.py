@@ -1,0 +1,27 @@
+"""`kem demo` (the README's first command): edited answers change, unrelated ones do not."""
+
+from __future__ import annotations
+
+import json
+
+from kem.cli import app
+
+
+def test_demo_json(kem_settings):
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["demo", "--json", "--max-new-tokens", "8"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    kinds = {r["kind"] for r in rows}
+    assert {"edited", "paraphrase", "edited (chat)", "unrelated"} <= kinds
+    for r in rows:
+        if r["kind"] == "unrelated":
+            assert r["edits"] == [] and r["edited"] == r["unedited"], r
+        else:
+            assert r["edits"], r  # every edited or paraphrased question got its edit
+    first = rows[0]
+    assert first["question"] == "The mother tongue of Danielle Darrieux is"
+    assert "English" in first["edited"] and "English" not in first["unedited"]
+    hits = sum(r["edits"][0]["target_new"] in r["edited"] for r in rows if r["kind"] == "edited")
+    assert hits >= 3, rows
