@@ -29,14 +29,13 @@ def main() -> None:
     ap.add_argument("--render", nargs="*", metavar="DIR",
                     help="Only print combined tables of finished runs (their --out prefixes) and exit.")
     ap.add_argument("--first", type=int, default=0, help="With --render: also a table of the first K cases.")
+    ap.add_argument("--plots", default=None, metavar="DIR",
+                    help="With --render: write <DIR>/<name>-metrics.png and <name>-scope.png per run prefix.")
     args = ap.parse_args()
     if args.render is not None:
-        render(args.render, args.modes.split(","), args.first)
+        render(args.render, args.modes.split(","), args.first, args.plots)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from kem.eval.cli import quiet_omp_threads
-
-    quiet_omp_threads()
 
     from kem.eval.harness import EvalConfig, Evaluator
     from kem.eval.report import markdown_table
@@ -53,20 +52,21 @@ def main() -> None:
         res = run_eval(args.methods, args.dataset, n=args.n, seed=args.seed, mode=mode, out=out,
                        evaluator=ev, progress=not args.quiet)
         timings[f"{mode}_s"] = res["wall_s"]
+        timings[f"{mode}_cpu_s"] = res["cpu_s"]
         print(markdown_table(res["summary"], f"{args.dataset} n={res['config']['n']} {mode}"))
-        print(f"{mode}: {res['wall_s']:.0f} s; scorer {res['scorer']}", flush=True)
+        print(f"{mode}: {res['wall_s']:.0f} s wall, {res['cpu_s']:.0f} s CPU; scorer {res['scorer']}", flush=True)
     Path(f"{args.out}-timings.json").write_text(json.dumps(timings, indent=1))
     print(json.dumps(timings))
 
 
-def render(prefixes: list[str], modes: list[str], first: int) -> None:
-    """Print one markdown table per run prefix: columns ``method (mode)``."""
+def render(prefixes: list[str], modes: list[str], first: int, plots: str | None = None) -> None:
+    """Print one markdown table per run prefix: columns ``method (mode)``; optionally the plots."""
     from kem.eval.harness import summarize
     from kem.eval.metrics import fluency
-    from kem.eval.report import markdown_table
+    from kem.eval.report import markdown_table, plot_metrics, plot_scope
 
     for prefix in prefixes:
-        cols, sub, info = {}, {}, []
+        cols, sub, info, scope = {}, {}, [], {}
         for mode in modes:
             path = Path(f"{prefix}-{mode}") / "results.json"
             if not path.is_file():
@@ -80,6 +80,9 @@ def render(prefixes: list[str], modes: list[str], first: int) -> None:
                         if "fluency" in p:
                             p["fluency"] = fluency(p.get("fluency_text", p.get("generated", "")))
                 cols[f"{m} ({mode})"] = {**res["summary"][m], **summarize(cases)}
+                sc = res["scope_scores"].get(m) or {}
+                if sc.get("in") or sc.get("out"):
+                    scope[f"{m} ({mode})"] = (sc.get("in") or [], sc.get("out") or [])
                 if first:
                     sub[f"{m} ({mode})"] = summarize(cases[:first])
         print(f"## {prefix} ({'; '.join(info)})\n")
@@ -87,6 +90,11 @@ def render(prefixes: list[str], modes: list[str], first: int) -> None:
         if first:
             print(f"First {first} cases:\n")
             print(markdown_table(sub))
+        if plots and cols:
+            name = Path(prefix).name
+            Path(plots).mkdir(parents=True, exist_ok=True)
+            plot_metrics(cols, Path(plots) / f"{name}-metrics.png", f"{name} ({'; '.join(info)})")
+            plot_scope(scope, Path(plots) / f"{name}-scope.png")
 
 
 if __name__ == "__main__":

@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-
-# idle OpenMP threads sleep instead of spinning: on a busy CI box spinning made each forward pass
-# 10-30x slower (kem/eval/cli.py quiet_omp_threads). Works when torch is not imported yet.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 

@@ -74,7 +74,7 @@ def run_eval(
     """
     from dataclasses import replace
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     methods = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
     if cases is None:
         cases = load_cases(dataset, n=n, seed=seed, data_dir=data_dir)
@@ -96,6 +96,7 @@ def run_eval(
         "scope_scores": {r.method: {"in": r.scope_in, "out": r.scope_out} for r in runs},
         "cases": {r.method: r.cases for r in runs},
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,  # all threads; wall_s on a busy machine overstates the work
         "reference_s": runs[0].reference_seconds if runs else 0.0,
         "scorer": dict(evaluator.scorer.stats),
     }
