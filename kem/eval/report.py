@@ -91,7 +91,7 @@ def plot_metrics(summary: dict[str, dict[str, float | None]], path: Path, title:
             if not k.endswith("_em") and any(summary[m].get(k) is not None and not
                                              math.isnan(float(summary[m][k])) for m in summary)]  # type: ignore[arg-type]
     methods = list(summary)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(keys) * max(1, len(methods))), 4.2))
+    fig, ax = plt.subplots(figsize=(min(13.0, max(6.0, 0.3 * len(keys) * max(1, len(methods)) + 2)), 4.2))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
         vals = [100 * float(summary[m].get(k) or 0.0) if summary[m].get(k) is not None else 0.0 for k in keys]
@@ -99,9 +99,10 @@ def plot_metrics(summary: dict[str, dict[str, float | None]], path: Path, title:
     ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(keys))])
     ax.set_xticklabels(keys, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("%")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 120)  # room for the legend above the 100% bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncol=min(len(methods), 6), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
