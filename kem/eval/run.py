@@ -34,6 +34,15 @@ def load_context(settings: Any = None, generator: Any = None, embedder: Any = No
     return EvalContext(generator=generator, embedder=embedder, settings=settings)
 
 
+def register_optional_methods() -> None:
+    """Register the weight-editing methods (rome, memit, alphaedit, ft-l) of ``kem.consolidation``
+    when it is importable; they register themselves on import."""
+    try:
+        import kem.consolidation.eval_methods  # noqa: F401
+    except ImportError as exc:  # a build without the consolidation package
+        log.debug("weight-editing eval methods unavailable: %s", exc)
+
+
 def run_eval(
     method: str | Sequence[str],
     dataset: str | os.PathLike[str],
@@ -75,6 +84,7 @@ def run_eval(
     from dataclasses import replace
 
     t0, c0 = time.perf_counter(), time.process_time()
+    register_optional_methods()
     methods = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
     if cases is None:
         cases = load_cases(dataset, n=n, seed=seed, data_dir=data_dir)
