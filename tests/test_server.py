@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from kem.errors import NotFoundError
 from kem.protocols import GenerationParams
 from tests.conftest import kem_server
 
@@ -273,6 +274,26 @@ def test_hot_swap_under_load_fails_no_request(servers, tmp):
         assert r.json()["absorbed_versions"] == ["v1"] and r.json()["model"] == "smollm2-135m-instruct@v1"
         assert admin.post("/admin/reload", json={"version": "base"}).status_code == 200
     assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"]
+
+
+def test_model_version_at_startup(tmp):
+    """``kem serve --model-version current`` (here upstream mode: no model to load) skips the edits of the
+    current version and its ancestors from the start."""
+    from kem.models import resolve_model
+    from kem.server.cli import create
+    from kem.settings import Settings
+
+    home = tmp / "mv-home"
+    folder = resolve_model("smollm2-135m-instruct", Settings().cache_dir)
+    publish_like_consolidation(home, folder, "v1", None)
+    publish_like_consolidation(home, folder, "v2", "v1")
+    app = create(home=home, upstream="http://127.0.0.1:9", model="smollm2", model_version="current")
+    try:
+        assert app.state.serving.editor.absorbed_versions == {"v1", "v2"}
+    finally:
+        app.state.serving.editor.close()
+    with pytest.raises(NotFoundError, match="v5"):
+        create(home=home, upstream="http://127.0.0.1:9", model="smollm2", model_version="v5")
 
 
 # ---- upstream mode (P -> U) ---------------------------------------------------------------------------
