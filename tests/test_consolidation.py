@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pydantic
@@ -56,17 +57,34 @@ def _hit_rate(model, tok, edits: list[Edit]) -> float:
     return sum(o.strip().startswith(e.target_new) for o, e in zip(outs, edits, strict=True)) / len(edits)
 
 
-def _hparams(name: str, model):
+def _hparams(name: str, model, **extra):
     spec = get_method(name)
-    return spec, spec.hparams_for(model, **({} if name == "ft-l" else {"mom2_samples": COV_SAMPLES}))
+    return spec, spec.hparams_for(model, **({} if name == "ft-l" else {"mom2_samples": COV_SAMPLES}), **extra)
+
+
+# Batch tests edit only the bare prompt (no generated context prefixes): ~4x cheaper, and what they
+# check (batch reliability, sequential retention) does not depend on the prefixes.
+BARE = {"context_templates": 0}
+
+
+@torch.no_grad()
+def _target_prob(model, tok, edits: list[Edit]) -> float:
+    """Mean over edits of the teacher-forced probability of ``target_new`` (geometric mean per token)."""
+    probs = []
+    for e in edits:
+        p = tok(e.rendered_prompt, add_special_tokens=False)["input_ids"]
+        t = tok(e.target_completion, add_special_tokens=False)["input_ids"]
+        logp = torch.log_softmax(model(torch.tensor([p + t])).logits[0, len(p) - 1 : -1].float(), -1)
+        probs.append(float(logp.gather(1, torch.tensor(t)[:, None]).mean().exp()))
+    return sum(probs) / len(probs)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread in this module: on a shared 2-core machine two threads spin against other
-    processes and ran generation ~6x slower (measured); restored afterwards."""
+    processes and ran generation ~6x slower (measured); restored afterwards. ``KEM_TEST_THREADS`` overrides."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("KEM_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
 
@@ -179,7 +197,7 @@ def test_batch_of_20(name, lm_and_tok, ctx, pristine):
     model, tok = lm_and_tok
     edits = _edits(20)
     before = _greedy(model, tok, UNRELATED)
-    spec, hp = _hparams(name, model)
+    spec, hp = _hparams(name, model, **BARE)
     local = EditContext(covariance=ctx.covariance, templates=ctx.templates, corpus=ctx.corpus, cov_fingerprint=ctx.cov_fingerprint)
     delta = spec.compute(model, tok, edits, hp, local)
     assert _same(model, pristine)
@@ -196,11 +214,13 @@ def test_sequential_alphaedit_keeps_earlier_batches_better_than_memit(lm_and_tok
     earlier = [e for b in batches[:-1] for e in b]
     scores = {}
     for name in ("memit", "alphaedit"):
-        spec, hp = _hparams(name, model)
+        spec, hp = _hparams(name, model, **BARE)
         local = EditContext(covariance=ctx.covariance, templates=ctx.templates, corpus=ctx.corpus, cov_fingerprint=ctx.cov_fingerprint)
         edited = copy.deepcopy(model)
         for batch in batches:
             apply_delta(edited, spec.compute(edited, tok, batch, hp, local))
-        scores[name] = (_hit_rate(edited, tok, earlier), _hit_rate(edited, tok, batches[-1]))
-    assert scores["alphaedit"][0] > scores["memit"][0], scores
-    assert scores["alphaedit"][0] >= 0.7, scores
+        scores[name] = (_target_prob(edited, tok, earlier), _hit_rate(edited, tok, earlier), _hit_rate(edited, tok, batches[-1]))
+    # measured: MEMIT p=0.83 hit=0.95, AlphaEdit p=0.89 hit=0.975 on the 40 earlier edits
+    assert scores["alphaedit"][0] > scores["memit"][0] + 0.02, scores
+    assert scores["alphaedit"][1] >= scores["memit"][1], scores
+    assert scores["alphaedit"][1] >= 0.8 and scores["alphaedit"][2] >= 0.8, scores

@@ -39,9 +39,9 @@ def _edits(idx: list[int], namespace: str = "cf") -> list[Edit]:
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One torch thread in this module: on a shared 2-core machine two threads spin against other
-    processes and ran generation ~6x slower (measured); restored afterwards."""
+    processes and ran generation ~6x slower (measured); restored afterwards. ``KEM_TEST_THREADS`` overrides."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("KEM_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
 
@@ -193,7 +193,7 @@ def test_rollback_returns_edits_to_the_fast_path(home):
 
 
 def _kem(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KEM_HOME": str(home), "KEM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "KEM_HOME": str(home), "KEM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-c", "from kem.cli import main; main()", *args], env=env,
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
