@@ -139,18 +139,3 @@ def kem_server(tmp: _Path, name: str, *extra: str, env: dict[str, str] | None = 
             "--log-level", "warning", *extra]
     return ServerProcess(args, port, tmp / f"{name}.log", env=env)
 
-
-# ---- consolidation (test_consolidation.py): the real SmolLM2-135M-Instruct, loaded once --------
-import pytest as _pytest
-
-
-@_pytest.fixture(scope="session")
-def lm_and_tok():
-    """``(model, tokenizer)`` of SmolLM2-135M-Instruct on CPU, float32, loaded once per session.
-
-    Tests that change weights must deep-copy the model (or apply and revert a delta exactly).
-    """
-    from kem.models import load_causal_lm
-    from kem.settings import Settings
-
-    return load_causal_lm("smollm2-135m-instruct", Settings().cache_dir)
