@@ -4,6 +4,13 @@ test session; tests that mutate weights deep-copy the model."""
 from __future__ import annotations
 
 import os
+import os as _os
+import signal as _signal
+import socket as _socket
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+from pathlib import Path as _Path
 
 import pytest
 
@@ -53,13 +60,6 @@ def embedder(kem_settings):
 
 
 # ---- servers started as subprocesses (test_server.py, test_langchain.py, test_vllm.py) ----------------
-import os as _os
-import signal as _signal
-import socket as _socket
-import subprocess as _subprocess
-import sys as _sys
-import time as _time
-from pathlib import Path as _Path
 
 
 def free_port() -> int:
@@ -86,7 +86,7 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = _subprocess.Popen([self.python, *self.args], stdout=self._log, stderr=_subprocess.STDOUT,
                                       env=self.env, start_new_session=True, cwd=_Path(__file__).parent.parent)
@@ -98,7 +98,7 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def wait(self, timeout: float = 240.0) -> "ServerProcess":
+    def wait(self, timeout: float = 240.0) -> ServerProcess:
         import httpx
 
         deadline = _time.monotonic() + timeout
@@ -132,7 +132,7 @@ class ServerProcess:
             self._log.close()
 
 
-def kem_server(tmp: _Path, name: str, *extra: str, env: dict[str, str] | None = None) -> "ServerProcess":
+def kem_server(tmp: _Path, name: str, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
     """A ``kem serve`` subprocess (not started) with its home and log under ``tmp``."""
     port = free_port()
     args = ["-m", "kem.server", "serve", "--port", str(port), "--home", str(tmp / f"{name}-home"),
