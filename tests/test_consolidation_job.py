@@ -93,7 +93,7 @@ def test_job_publishes_v1_and_marks_edits(home, settings):
     res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams=COV)
     assert res.published, res.message
     assert res.version == "v1" and res.parent is None
-    assert res.metrics["reliability"] >= 0.8 and res.metrics["locality"] >= 0.9, res.metrics
+    assert res.metrics["reliability"] >= Gates().min_reliability and res.metrics["locality"] >= Gates().min_locality, res.metrics
     assert V.current_version(home) == "v1"
     man = V.get_manifest(home, "v1")
     assert man.method == "memit" and man.parent is None and man.base == settings.model

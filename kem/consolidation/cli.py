@@ -7,7 +7,6 @@ Exit codes: 0 published (or nothing to do, or a dry run), 1 the gates refused (n
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,7 +36,7 @@ def consolidate(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and evaluate; publish and change nothing.")] = False,
     parent: Annotated[str, typer.Option("--from", help="Build on: 'current' (default), 'base' or a version vN.")] = "current",
     min_reliability: Annotated[float, typer.Option(help="Gate: fraction of edits whose greedy answer carries the target.")] = 0.8,
-    min_locality: Annotated[float, typer.Option(help="Gate: fraction of held-out probes answered as by the parent.")] = 0.9,
+    min_locality: Annotated[float, typer.Option(help="Gate: fraction of held-out probes answered as by the parent.")] = 0.85,
     corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: texts sampled from the model).")] = None,
     cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
     batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
@@ -55,8 +54,6 @@ def consolidate(
         if "mom2_samples" not in spec.hparams_cls.model_fields:
             raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")
         overrides["mom2_samples"] = cov_samples
-    if not as_json:
-        logging.getLogger("kem").setLevel(logging.INFO)
     result = run_job(_settings(home), method=method, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
                      gates=Gates(min_reliability, min_locality), parent=parent, corpus=corpus, hparams=overrides,
                      batch_size=batch_size, progress=not as_json)

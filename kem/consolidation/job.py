@@ -66,7 +66,7 @@ class Gates:
     """
 
     min_reliability: float = 0.8
-    min_locality: float = 0.9
+    min_locality: float = 0.85
     probe_tokens: int = 6
 
     def __post_init__(self) -> None:
