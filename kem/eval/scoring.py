@@ -310,7 +310,8 @@ class Scorer:
         for r, j in enumerate(jobs):
             if j.max_new_tokens > 0:
                 gens = self._gen.setdefault((model_key, j.text), [])
-                gens[:] = [g for g in gens if not set(j.stop) <= set(g.stop)]  # superseded
+                gens[:] = [g for g in gens  # drop what the new one serves too (fewer stops, as long)
+                           if not (set(j.stop) <= set(g.stop) and (finished[r] or len(new[r]) >= len(g.ids)))]
                 gens.append(_Gen(new[r], finished[r], j.stop))
 
 
