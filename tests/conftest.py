@@ -52,6 +52,19 @@ def generator(lm_and_tok):
     return TransformersGenerator(model, tok, name="smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (request it from a module-scoped autouse fixture): on a shared
+    2-core machine two threads spin against other processes and ran generation ~6x slower (measured);
+    restored afterwards. ``KEM_TEST_THREADS`` overrides."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("KEM_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def embedder(kem_settings):
     from kem.embedding import SentenceTransformerEmbedder

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pydantic
@@ -80,13 +79,8 @@ def _target_prob(model, tok, edits: list[Edit]) -> float:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this module: on a shared 2-core machine two threads spin against other
-    processes and ran generation ~6x slower (measured); restored afterwards. ``KEM_TEST_THREADS`` overrides."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("KEM_TEST_THREADS", "1")))
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Generation-heavy module: one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kem.consolidation import versions as V
 from kem.consolidation.job import Gates, consolidate, default_probes, pending_edits
@@ -37,13 +36,8 @@ def _edits(idx: list[int], namespace: str = "cf") -> list[Edit]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread in this module: on a shared 2-core machine two threads spin against other
-    processes and ran generation ~6x slower (measured); restored afterwards. ``KEM_TEST_THREADS`` overrides."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("KEM_TEST_THREADS", "1")))
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Generation-heavy module: one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

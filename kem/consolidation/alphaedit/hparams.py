@@ -4,37 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
-from kem.consolidation.shared.values import ValueOptions
-
-
-def _alpha_values() -> ValueOptions:
-    return ValueOptions(norm_ref="block", clamp_factor=0.75)
+from kem.consolidation.shared.hparams import SpreadHParams
 
 
-class AlphaEditHParams(BaseModel):
-    """Hyperparameters of AlphaEdit."""
+class AlphaEditHParams(SpreadHParams):
+    """Hyperparameters of AlphaEdit (the key covariance defines the null space that is preserved)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    layers: tuple[int, ...] = Field((3, 4, 5, 6, 7), min_length=1, description="Edited blocks; the target is set at the last.")
-    context_templates: int = Field(4, ge=0, le=64, description="Generated prefixes keys and values are averaged over.")
-    template_length: int = Field(8, ge=1, le=64, description="Tokens per generated prefix.")
-    values: ValueOptions = Field(default_factory=_alpha_values, description="Target-value optimisation.")
-    mom2_samples: int = Field(1000, ge=1, description="Corpus texts for the key covariance (its null space).")
-    mom2_max_tokens: int = Field(128, ge=8, description="Tokens per covariance text.")
     nullspace_threshold: float = Field(
         1e-2, gt=0, description="Eigenvalues of C below this fraction of the largest span the preserved keys' null space."
     )
     l2: float = Field(10.0, gt=0, description="Ridge on the projected normal equations (AlphaEdit's L2).")
-
-    @field_validator("layers")
-    @classmethod
-    def _sorted(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if len(set(v)) != len(v) or min(v) < 0:
-            raise ValueError(f"must be distinct non-negative layer indices (got {v})")
-        return tuple(sorted(v))
 
 
 PRESETS: dict[str, dict[str, Any]] = {
