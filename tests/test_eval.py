@@ -216,6 +216,40 @@ def test_weight_method_applies_then_reverts():
     assert calls == [("apply", 2), ("apply", 1), ("revert", 2)]
 
 
+def test_weight_method_sequence_applies_in_order_and_reverts_backwards():
+    calls = []
+
+    def apply(model, tok, edits, fresh=True):
+        calls.append(("apply", tuple(edits), fresh))
+        return lambda: calls.append(("revert", tuple(edits)))
+
+    m = WeightMethod("toy", EvalContext(_Gen()), apply)
+    p = m.prepare_sequence([[1, 2], [3], [4]])
+    assert calls == [("apply", (1, 2), True), ("apply", (3,), False), ("apply", (4,), False)]
+    p.close()
+    assert calls[3:] == [("revert", (4,)), ("revert", (3,)), ("revert", (1, 2))]
+
+    def failing(model, tok, edits, fresh=True):  # the second group fails: the first is reverted
+        if not fresh:
+            raise RuntimeError("boom")
+        calls.append(("apply", tuple(edits), fresh))
+        return lambda: calls.append(("revert", tuple(edits)))
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="boom"):
+        WeightMethod("toy", EvalContext(_Gen()), failing).prepare_sequence([[1], [2]])
+    assert calls == [("apply", (1,), True), ("revert", (1,))]
+
+
+def test_eval_config_rejects_bad_mode_and_group_size():
+    from kem.eval.harness import EvalConfig
+
+    with pytest.raises(ValueError, match="mode"):
+        EvalConfig(mode="serial")
+    with pytest.raises(ValueError, match="seq_batch"):
+        EvalConfig(mode="sequential", seq_batch=0)
+
+
 # ---- end to end (the real SmolLM2-135M-Instruct and MiniLM) -----------------------------------------------
 
 
@@ -322,3 +356,27 @@ def test_one_generation_serves_budgets_and_stops(generator):
     assert sc.generated("base", text, 12, ("\n",)) == generator.generate(text, GenerationParams(12, stop=("\n",)))
     assert sc.generated("base", text, 24) == generator.generate(text, GenerationParams(24))
     assert sc.generated("base", text, 30) is None  # not run that far
+
+
+def test_sequential_mode_with_a_weight_method(generator, embedder, one_torch_thread):
+    """FT-L applied one case after another on the real model: the later edits sit on top of the
+    earlier ones, everything is scored at the end, and the weights come back bit-identical."""
+    import torch
+
+    from kem.eval.harness import EvalConfig, Evaluator
+    from kem.eval.run import run_eval
+
+    model = generator.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ev = Evaluator(EvalContext(generator, embedder), EvalConfig(fluency_cases=1))
+    data = shared_data("counterfact", "counterfact-edit.json")
+    res = run_eval("none,ft-l", data, n=3, mode="sequential", evaluator=ev, progress=False,
+                   config=EvalConfig(mode="sequential", seq_batch=1, fluency_cases=1),
+                   options={"consolidation": {"hparams": {"steps": 5}}})
+    assert res["config"]["mode"] == "sequential" and res["config"]["seq_batch"] == 1
+    assert res["config"]["options"] == {"consolidation": {"hparams": {"steps": 5}}}
+    assert res["edit_s"]["ft-l"] > 0
+    s = res["summary"]
+    assert s["ft-l"]["easyedit.reliability"] > s["none"]["easyedit.reliability"]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

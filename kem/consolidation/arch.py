@@ -7,7 +7,7 @@ the layer list, the final norm and the LM head through :func:`arch_for`; nothing
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kem.errors import ModelError
@@ -26,6 +26,9 @@ class ArchSpec:
         lm_head: Path of the output embedding, from the model.
         embed: Path of the input embedding, from the model.
         transposed: True when ``mlp_out.weight`` is stored ``(d_in, d_out)`` (GPT-2's ``Conv1D``).
+        residual_mlp: True when a block adds its MLP output straight to the residual stream (no norm
+            after the MLP, unlike Gemma 2/3): a change of the MLP output is then a change of the
+            block output, which lets FT-L replay the blocks before the edited one from a cache.
     """
 
     layers: str
@@ -35,6 +38,7 @@ class ArchSpec:
     lm_head: str
     embed: str
     transposed: bool = False
+    residual_mlp: bool = True
 
     def mlp_out_param(self, layer: int) -> str:
         """Name of the edited weight in ``model.named_parameters()``, e.g. ``model.layers.5.mlp.down_proj.weight``."""
@@ -50,14 +54,16 @@ _LLAMA_LIKE = ArchSpec(
     embed="model.embed_tokens",
 )
 
+_GEMMA_TEXT = replace(_LLAMA_LIKE, residual_mlp=False)  # post-feedforward norm
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA_TEXT,
+    "gemma3_text": _GEMMA_TEXT,
     "gemma3": ArchSpec(
         layers="model.language_model.layers",
         mlp_in="mlp.up_proj",
@@ -65,6 +71,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         final_norm="model.language_model.norm",
         lm_head="lm_head",
         embed="model.language_model.embed_tokens",
+        residual_mlp=False,
     ),
     "gpt2": ArchSpec(
         layers="transformer.h",
@@ -93,7 +100,7 @@ def arch_for(model_or_config: Any) -> ArchSpec:
             f"(known: {', '.join(sorted(ARCHITECTURES))}); add one with its module paths"
         )
     if model_type == "gemma3" and not _has(model_or_config, spec.layers):
-        return _LLAMA_LIKE  # Gemma3ForCausalLM (text only) keeps the llama-style paths
+        return _GEMMA_TEXT  # Gemma3ForCausalLM (text only) keeps the llama-style paths
     return spec
 
 

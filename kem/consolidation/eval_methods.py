@@ -1,7 +1,8 @@
 """The weight-editing methods as ``kem eval`` methods (``--method rome|memit|alphaedit|ft-l``).
 
 Each ``prepare(edits)`` computes the method's delta on the shared (unedited) model, applies it, and
-``close()`` reverts it exactly. Options come from ``EvalContext.options[name]`` (or
+``close()`` reverts it exactly. In ``sequential`` mode each group's delta is computed on the model
+already carrying the earlier groups (AlphaEdit keeps its cache of past keys across them). Options come from ``EvalContext.options[name]`` (or
 ``options["consolidation"]``): ``corpus`` (covariance corpus; default ``$KEM_EVAL_COV_CORPUS``, else
 texts sampled from the model) and ``hparams`` (overrides, e.g. ``{"mom2_samples": 500}``); the
 environment variable ``KEM_EVAL_COV_SAMPLES`` overrides ``mom2_samples`` too. Imported by
@@ -20,7 +21,7 @@ from kem.eval.methods import EvalContext, WeightMethod, register_eval_method
 METHODS = ("rome", "memit", "alphaedit", "ft-l")
 
 
-def _apply_fn(name: str, ctx: EvalContext) -> Callable[[Any, Any, Sequence[Edit]], Callable[[], None]]:
+def _apply_fn(name: str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
     from kem.consolidation.context import EditContext
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.registry import get_method
@@ -35,11 +36,12 @@ def _apply_fn(name: str, ctx: EvalContext) -> Callable[[Any, Any, Sequence[Edit]
     ectx = EditContext.from_cache_dir(cache_dir, corpus=corpus)
     box: dict[str, Any] = {}
 
-    def apply(model: Any, tok: Any, edits: Sequence[Edit]) -> Callable[[], None]:
+    def apply(model: Any, tok: Any, edits: Sequence[Edit], fresh: bool = True) -> Callable[[], None]:
         if "hp" not in box:  # first call: the model is the unedited one
             ectx.pin_covariance(model)
             box["hp"] = spec.hparams_for(model, **overrides)
-        ectx.state.clear()  # the previous prepare was reverted: no past edits in the weights
+        if fresh:
+            ectx.state.clear()  # the previous prepare was reverted: no past edits in the weights
         delta = spec.compute(model, tok, list(edits), box["hp"], ectx)
         return apply_delta(model, delta).revert
 

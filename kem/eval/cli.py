@@ -18,7 +18,11 @@ def eval_command(
                                 help="counterfact, zsre, mquake, or the path of a file in one of those formats."),
     n: int = typer.Option(200, "--n", "-n", min=1, help="Number of cases."),
     seed: int | None = typer.Option(None, "--seed", help="Sample cases with this seed (default: the first N)."),
-    mode: str = typer.Option("single", "--mode", help="single: each case's edits alone; batch: all N edits at once."),
+    mode: str = typer.Option("single", "--mode", help="single: each case's edits alone; batch: all N edits at once; "
+                             "sequential: the edits applied --seq-batch cases at a time, each on top of the last, scored at the end."),
+    seq_batch: int = typer.Option(1, "--seq-batch", min=1, help="Cases per group in sequential mode."),
+    hparams: list[str] = typer.Option([], "--hparams", "-H", help="KEY=VALUE overrides of the weight-editing "
+                                      "methods' hyperparameters (repeatable), e.g. -H layer=18."),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Folder for results.json, results.md and plots."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of the named datasets "
                                          "(default: $KEM_EVAL_DATA or ../shared/data)."),
@@ -36,18 +40,37 @@ def eval_command(
     from kem.eval.report import markdown_table
     from kem.eval.run import run_eval
 
-    if mode not in ("single", "batch"):
-        raise typer.BadParameter("must be single or batch", param_hint="--mode")
+    if mode not in ("single", "batch", "sequential"):
+        raise typer.BadParameter("must be single, batch or sequential", param_hint="--mode")
+    overrides = {}
+    for item in hparams:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--hparams")
+        overrides[key.strip()] = _number(value.strip())
     try:
-        cfg = EvalConfig(mode=mode, cloze_tokens=cloze_tokens, chat_tokens=chat_tokens,
+        cfg = EvalConfig(mode=mode, seq_batch=seq_batch, cloze_tokens=cloze_tokens, chat_tokens=chat_tokens,
                          fluency_cases=fluency_cases, engine=engine)
         res = run_eval(method, dataset, n=n, seed=seed, mode=mode, out=out, data_dir=data_dir, config=cfg,
-                       progress=not quiet)
+                       progress=not quiet, options={"consolidation": {"hparams": overrides}} if overrides else None)
     except (KemError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     typer.echo(markdown_table(res["summary"], f"{dataset} n={res['config']['n']} {mode}"))
-    typer.echo(f"wall time {res['wall_s']:.0f} s (CPU {res['cpu_s']:.0f} s); wrote {out / 'results.json'}")
+    edit_s = ", ".join(f"{m} {v:.0f} s" for m, v in res.get("edit_s", {}).items())
+    typer.echo(f"wall time {res['wall_s']:.0f} s (CPU {res['cpu_s']:.0f} s; editing: {edit_s}); wrote {out / 'results.json'}")
+
+
+def _number(value: str) -> int | float | bool | str:
+    """``"3"`` -> 3, ``"1e-3"`` -> 0.001, ``"true"`` -> True; anything else stays a string."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 def main() -> None:  # pragma: no cover - `python -m kem.eval.cli`

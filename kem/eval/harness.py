@@ -1,8 +1,10 @@
 """The evaluation loop: cases x methods -> per-probe records -> a summary keyed by protocol.
 
 For each case the unedited model's answers are computed first (the locality reference, memoised and
-shared by every method), then each method is prepared with the case's edit(s) (``single`` mode) or
-with all N edits at once (``batch`` mode), every probe is scored, and the method is closed.
+shared by every method), then each method is prepared with the case's edit(s) (``single`` mode),
+with all N edits at once (``batch`` mode), or with the N edits applied one group after another, each
+on top of the last, and scored at the end (``sequential`` mode, groups of ``seq_batch`` cases); every
+probe is scored, and the method is closed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kem.eval.scoring import Job, Scorer
 log = logging.getLogger(__name__)
 
 KINDS = ("reliability", "generalization", "locality", "portability")
-MODES = ("single", "batch")
+MODES = ("single", "batch", "sequential")
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,10 @@ class EvalConfig:
     """Knobs of a run (recorded in ``results.json``).
 
     Attributes:
-        mode: ``single`` (each case's edits alone) or ``batch`` (all N edits live at once).
+        mode: ``single`` (each case's edits alone), ``batch`` (all N edits live at once) or
+            ``sequential`` (the edits applied ``seq_batch`` cases at a time, each group on top of the
+            previous ones, everything scored after the last group: how much earlier edits survive).
+        seq_batch: Cases per group in ``sequential`` mode.
         cloze_tokens: Greedy budget for cloze (plain completion) probes; generation also stops at a newline.
         chat_tokens: Greedy budget for questions answered through the chat template.
         fluency_tokens: Budget of the continuation whose n-gram entropy is the fluency metric.
@@ -41,6 +46,7 @@ class EvalConfig:
     """
 
     mode: str = "single"
+    seq_batch: int = 1
     cloze_tokens: int = 16
     chat_tokens: int = 32
     fluency_tokens: int = 32
@@ -50,6 +56,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)} (got {self.mode!r})")
+        if self.seq_batch < 1:
+            raise ValueError(f"seq_batch must be >= 1 (got {self.seq_batch})")
         if self.engine not in ("cached", "served"):
             raise ValueError(f"engine must be 'cached' or 'served' (got {self.engine!r})")
 
@@ -65,6 +73,7 @@ class MethodRun:
     scope_out: list[float] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the whole run (methods of one run share the model's work)
     reference_seconds: float = 0.0  # of which: the unedited model's locality reference
+    edit_seconds: float = 0.0  # of which: this method's prepare/close (computing and applying edits)
 
 
 @dataclass
@@ -241,10 +250,18 @@ class Evaluator:
         self.flush()
         ref_s = time.perf_counter() - t0
 
-        def one(m: Any, r: MethodRun, prep_edits: Sequence[Any], todo: Sequence[tuple[int, EvalCase]]) -> None:
+        def one(m: Any, r: MethodRun, batches: Sequence[Sequence[Any]], todo: Sequence[tuple[int, EvalCase]]) -> None:
             if getattr(m, "modifies_model", False):
                 self.flush()
-            prep = m.prepare(prep_edits)
+            t = time.perf_counter()
+            if len(batches) == 1:
+                prep = m.prepare(batches[0])
+            elif hasattr(m, "prepare_sequence"):
+                bar.set_postfix_str(f"{m.name}: applying {len(batches)} groups in sequence")
+                prep = m.prepare_sequence(batches)
+            else:
+                raise ValueError(f"eval method {m.name!r} has no sequential mode (prepare_sequence)")
+            r.edit_seconds += time.perf_counter() - t
             try:
                 for i, case in todo:
                     self._queue_case(r, prep, case, i)
@@ -252,16 +269,19 @@ class Evaluator:
                 if prep.model_key != "base":
                     self.flush()  # before the weights change back
             finally:
+                t = time.perf_counter()
                 prep.close()
+                r.edit_seconds += time.perf_counter() - t
 
         if self.config.mode == "single":
             for i, case in enumerate(cases):
                 for m, r in zip(built, runs, strict=True):
-                    one(m, r, case.edits, [(i, case)])
+                    one(m, r, [case.edits], [(i, case)])
         else:
-            all_edits = [e for c in cases for e in c.edits]
+            k = len(cases) if self.config.mode == "batch" else self.config.seq_batch
+            groups = [[e for c in cases[j : j + k] for e in c.edits] for j in range(0, len(cases), k)]
             for m, r in zip(built, runs, strict=True):
-                one(m, r, all_edits, list(enumerate(cases)))
+                one(m, r, groups, list(enumerate(cases)))
                 self.flush()
         self.flush()
         bar.close()

@@ -21,6 +21,7 @@ edits to the model in place and returns a function that reverts them, e.g. for k
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 from collections.abc import Callable, Sequence
@@ -86,6 +87,10 @@ class EvalMethod(Protocol):
     modifies_model: bool
 
     def prepare(self, edits: Sequence[Edit]) -> Prepared: ...
+
+    # Optional, for ``sequential`` mode: apply ``batches`` one after another, each on top of the
+    # previous ones, and return the state after the last one.
+    # def prepare_sequence(self, batches: Sequence[Sequence[Edit]]) -> Prepared: ...
 
 
 @dataclass
@@ -182,14 +187,23 @@ class NoneMethod:
     def prepare(self, edits: Sequence[Edit]) -> Prepared:
         return PlainPrepared(self.ctx)
 
+    def prepare_sequence(self, batches: Sequence[Sequence[Edit]]) -> Prepared:
+        return PlainPrepared(self.ctx)
+
 
 # ---- weight-editing methods ---------------------------------------------------------------------------
-ApplyFn = Callable[[Any, Any, Sequence[Edit]], Callable[[], None]]
+ApplyFn = Callable[..., Callable[[], None]]
 
 
 class WeightMethod:
     """Adapter for weight-editing methods: ``apply(model, tokenizer, edits)`` edits the model in
-    place and returns a revert function, called by ``close()``. Requests are plain (no retrieval)."""
+    place and returns a revert function, called by ``close()``. Requests are plain (no retrieval).
+
+    In ``sequential`` mode ``apply`` is called once per group on the already edited model; if it
+    takes a ``fresh`` keyword it is told whether this is the first group (``fresh=True``: no earlier
+    edits in the weights) so a method can keep state across groups (AlphaEdit's cache of past keys).
+    The reverts run in reverse order at ``close()``.
+    """
 
     modifies_model = True
 
@@ -202,6 +216,23 @@ class WeightMethod:
     def prepare(self, edits: Sequence[Edit]) -> Prepared:
         revert = self._apply(self.ctx.model, self.ctx.tokenizer, list(edits))
         return PlainPrepared(self.ctx, model_key=f"{self.name}:{next(self._n)}", on_close=revert)
+
+    def prepare_sequence(self, batches: Sequence[Sequence[Edit]]) -> Prepared:
+        takes_fresh = "fresh" in inspect.signature(self._apply).parameters
+        reverts: list[Callable[[], None]] = []
+
+        def undo() -> None:
+            while reverts:
+                reverts.pop()()
+
+        try:
+            for k, batch in enumerate(batches):
+                kw = {"fresh": k == 0} if takes_fresh else {}
+                reverts.append(self._apply(self.ctx.model, self.ctx.tokenizer, list(batch), **kw))
+        except BaseException:
+            undo()
+            raise
+        return PlainPrepared(self.ctx, model_key=f"{self.name}:{next(self._n)}", on_close=undo)
 
 
 # ---- ike (kem's fast path) ---------------------------------------------------------------------------
@@ -230,7 +261,10 @@ class IkePrepared:
 
     def close(self) -> None:
         for i in self.ids:
-            self.method.editor.remove(i, self.namespace)
+            try:
+                self.method.editor.remove(i, self.namespace)
+            except NotFoundError:  # superseded and gone already
+                pass
 
 
 class IkeMethod:
@@ -250,8 +284,13 @@ class IkeMethod:
         self._n = itertools.count()
 
     def prepare(self, edits: Sequence[Edit]) -> Prepared:
+        return self.prepare_sequence([edits])
+
+    def prepare_sequence(self, batches: Sequence[Sequence[Edit]]) -> Prepared:
+        """Add the groups one after another to one namespace (a later edit of the same prompt
+        supersedes an earlier one, as when a user adds them over time)."""
         ns = f"eval-{next(self._n)}"
-        stored = self.editor.add_many([Edit.parse(e, namespace=ns) for e in edits])
+        stored = [s for b in batches for s in self.editor.add_many([Edit.parse(e, namespace=ns) for e in b])]
         return IkePrepared(self, ns, [e.id for e in stored])
 
 

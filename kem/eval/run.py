@@ -60,6 +60,7 @@ def run_eval(
     config: EvalConfig | None = None,
     evaluator: Evaluator | None = None,
     progress: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate one or more methods on a dataset; optionally write results under ``out``.
 
@@ -76,6 +77,8 @@ def run_eval(
         config: Generation budgets etc. (its ``mode`` is replaced by ``mode``).
         evaluator: Reuse an evaluator (and its memoised results) across calls.
         progress: Show a tqdm bar.
+        options: Merged into the context's per-method options (e.g. ``{"consolidation": {"hparams":
+            {"layer": 18}}}``); recorded in ``results.json``.
 
     Returns:
         The results dict written to ``results.json``: ``config``, ``summary`` (method ->
@@ -93,6 +96,8 @@ def run_eval(
         evaluator = Evaluator(ctx, replace(config or EvalConfig(), mode=mode))
     else:
         evaluator.config = replace(config or evaluator.config, mode=mode)
+    for key, value in (options or {}).items():
+        evaluator.ctx.options[key] = {**evaluator.ctx.options.get(key, {}), **value}
     runs = evaluator.run(methods, cases, progress=progress)
     gen = evaluator.ctx.generator
     results: dict[str, Any] = {
@@ -101,6 +106,7 @@ def run_eval(
             "model": getattr(gen, "name", "?"),
             "embedder": getattr(evaluator.ctx.embedder, "name", None),
             **{k: v for k, v in vars(evaluator.config).items() if k != "mode"},
+            "options": _jsonable(options or {}),
         },
         "summary": {r.method: r.summary for r in runs},
         "scope_scores": {r.method: {"in": r.scope_in, "out": r.scope_out} for r in runs},
@@ -108,6 +114,7 @@ def run_eval(
         "wall_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - c0,  # all threads; wall_s on a busy machine overstates the work
         "reference_s": runs[0].reference_seconds if runs else 0.0,
+        "edit_s": {r.method: r.edit_seconds for r in runs},
         "scorer": dict(evaluator.scorer.stats),
     }
     if out is not None:
@@ -115,3 +122,18 @@ def run_eval(
 
         write_results(results, Path(out))
     return results
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with anything json cannot write replaced by its ``repr``."""
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        return repr(value)
