@@ -31,6 +31,7 @@ COUNTERFACT = DATA / "counterfact" / "counterfact-edit.json"
 COV_SAMPLES = 200  # small, cached: enough for the tests (docs/consolidation.md measures more)
 UNRELATED = ["The capital of France is", "The largest planet in the solar system is", "Water boils at"]
 METHODS = ["rome", "memit", "alphaedit", "ft-l"]
+FTL_CONSERVATIVE = {"lr": 5e-4, "norm_constraint": 5e-3, "steps": 25}
 
 
 def _edits(n: int, start: int = 0) -> list[Edit]:
@@ -160,7 +161,10 @@ def test_single_edit(name, lm_and_tok, ctx, pristine, tmp_path):
     assert edit.rendered_prompt == "The mother tongue of Danielle Darrieux is"
     before = _greedy(model, tok, [edit.rendered_prompt, *UNRELATED])
     assert not before[0].strip().startswith("English")
-    spec, hp = _hparams(name, model)
+    # FT-L's SmolLM2 preset matches EasyEdit's (unconstrained) FT-L in quality and, like it, moves
+    # neighbours ("The largest planet in the solar system is" -> " Earth."); the locality-preserving
+    # setting of docs/consolidation.md is the one that must keep unrelated outputs.
+    spec, hp = _hparams(name, model, **(FTL_CONSERVATIVE if name == "ft-l" else {}))
 
     delta = spec.compute(model, tok, [edit], hp, ctx)
     assert _same(model, pristine), "compute must not change the model"
@@ -218,3 +222,16 @@ def test_sequential_alphaedit_keeps_earlier_batches_better_than_memit(lm_and_tok
     assert scores["alphaedit"][0] > scores["memit"][0] + 0.02, scores
     assert scores["alphaedit"][1] >= scores["memit"][1], scores
     assert scores["alphaedit"][1] >= 0.8 and scores["alphaedit"][2] >= 0.8, scores
+
+
+def test_ftl_preset_makes_the_edit(lm_and_tok, ctx):
+    """The FT-L preset (lr = norm = 1e-2, 5 steps) carries CounterFact case 0 on prompt and in greedy output."""
+    model, tok = lm_and_tok
+    edit = _edits(1)[0]
+    spec, hp = _hparams("ft-l", model)
+    assert (hp.lr, hp.norm_constraint, hp.steps) == (1e-2, 1e-2, 5)
+    delta = spec.compute(model, tok, [edit], hp, ctx)
+    assert delta.meta["target_probs"][0] > 0.5
+    edited = copy.deepcopy(model)
+    apply_delta(edited, delta)
+    assert _greedy(edited, tok, [edit.rendered_prompt])[0].strip().startswith("English")
