@@ -235,3 +235,16 @@ def test_ftl_preset_makes_the_edit(lm_and_tok, ctx):
     edited = copy.deepcopy(model)
     apply_delta(edited, delta)
     assert _greedy(edited, tok, [edit.rendered_prompt])[0].strip().startswith("English")
+
+
+def test_alphaedit_state_forgets_edits_but_keeps_projectors(tmp_path):
+    from kem.consolidation.alphaedit.state import AlphaEditState
+
+    st = AlphaEditState(projectors={3: torch.eye(4)})
+    st.add_keys(3, torch.ones(2, 4))
+    st.edits = 2
+    assert torch.equal(st.past[3], torch.full((4, 4), 2.0, dtype=torch.float64))
+    back = AlphaEditState.load(st.save(tmp_path / "s.safetensors") or tmp_path / "s.safetensors")
+    assert back.edits == 2 and torch.equal(back.past[3], st.past[3]) and torch.equal(back.projectors[3], torch.eye(4))
+    st.forget_edits()
+    assert st.past == {} and st.edits == 0 and torch.equal(st.projectors[3], torch.eye(4))

@@ -40,8 +40,12 @@ def _apply_fn(name: str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
         if "hp" not in box:  # first call: the model is the unedited one
             ectx.pin_covariance(model)
             box["hp"] = spec.hparams_for(model, **overrides)
-        if fresh:
-            ectx.state.clear()  # the previous prepare was reverted: no past edits in the weights
+        if fresh:  # the previous prepare was reverted: no past edits in the weights
+            for key, value in list(ectx.state.items()):
+                if hasattr(value, "forget_edits"):
+                    value.forget_edits()  # keeps what does not depend on edits (AlphaEdit's projectors)
+                else:
+                    del ectx.state[key]
         delta = spec.compute(model, tok, list(edits), box["hp"], ectx)
         return apply_delta(model, delta).revert
 

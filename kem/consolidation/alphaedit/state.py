@@ -19,6 +19,12 @@ class AlphaEditState:
     past: dict[int, torch.Tensor] = field(default_factory=dict)
     edits: int = 0
 
+    def forget_edits(self) -> None:
+        """Drop the past edits' keys (their updates were reverted); the projectors stay valid: they
+        depend only on the base model's covariance statistics."""
+        self.past.clear()
+        self.edits = 0
+
     def add_keys(self, layer: int, keys: torch.Tensor) -> None:
         """Remember ``keys`` ``(n, d_mlp)`` of layer ``layer`` (after their update is computed)."""
         k = keys.double().cpu()
