@@ -88,3 +88,13 @@ def test_import_counterfact_and_ask_json(home):
                      "The mother tongue of Danielle Darrieux is")
     assert again["text"] == ans["text"] and [e["id"] for e in again["edits"]] == [e["id"] for e in ans["edits"]]
     assert (home / "index").is_dir()
+
+
+def test_usage_errors_are_one_clear_message_not_a_traceback(home):
+    for args, needle in ((["eval", "--mode", "serial"], "--mode"),
+                         (["consolidate", "-H", "values.nope=3", "--dry-run"], "values.nope"),
+                         (["consolidate", "-H", "novalue", "--dry-run"], "KEY=VALUE")):
+        p = kem(home, *args, ok=False)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Invalid value for --" in p.stderr and needle in p.stderr, (args, p.stderr)
+        assert "Traceback" not in p.stderr, (args, p.stderr)

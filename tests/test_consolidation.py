@@ -248,3 +248,19 @@ def test_alphaedit_state_forgets_edits_but_keeps_projectors(tmp_path):
     assert back.edits == 2 and torch.equal(back.past[3], st.past[3]) and torch.equal(back.projectors[3], torch.eye(4))
     st.forget_edits()
     assert st.past == {} and st.edits == 0 and torch.equal(st.projectors[3], torch.eye(4))
+
+
+def test_hparams_overrides_parse_and_merge_into_presets(lm_and_tok):
+    from kem.consolidation.registry import parse_hparams
+
+    assert parse_hparams(["layer=18", "values.edit_batch=4", "lr=1e-3", "x=true", "name=abc"]) == {
+        "layer": 18, "values": {"edit_batch": 4}, "lr": 0.001, "x": True, "name": "abc"}
+    for bad in ("novalue", "=3", "values.=3"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_hparams([bad])
+    model, _ = lm_and_tok
+    spec = get_method("memit")
+    preset = spec.hparams_for(model)
+    hp = spec.hparams_for(model, **parse_hparams(["values.edit_batch=4"]))
+    assert hp.values.edit_batch == 4 and hp.values.model_dump(exclude={"edit_batch"}) == preset.values.model_dump(exclude={"edit_batch"})
+    assert hp.layers == preset.layers

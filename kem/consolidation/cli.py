@@ -40,16 +40,22 @@ def consolidate(
     corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: texts sampled from the model).")] = None,
     cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
     batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
+    hparams: Annotated[list[str] | None, typer.Option("--hparams", "-H", help="KEY=VALUE hyperparameter override "
+                                                      "(repeatable; dots reach nested ones, e.g. -H values.edit_batch=4).")] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the pending edits into the weights, check them, and publish a new model version."""
     from kem.consolidation.job import Gates
     from kem.consolidation.job import consolidate as run_job
-    from kem.consolidation.registry import get_method
+    from kem.consolidation.registry import get_method, parse_hparams
 
     spec = get_method(method)
-    overrides = {}
+    try:
+        overrides = parse_hparams(hparams or [])
+        spec.hparams_for(None, **overrides)  # a wrong name or value fails here, before any work
+    except ValueError as exc:  # pydantic's ValidationError names the field
+        raise typer.BadParameter(str(exc), param_hint="--hparams") from None
     if cov_samples is not None:
         if "mom2_samples" not in spec.hparams_cls.model_fields:
             raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")

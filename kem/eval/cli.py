@@ -22,7 +22,7 @@ def eval_command(
                              "sequential: the edits applied --seq-batch cases at a time, each on top of the last, scored at the end."),
     seq_batch: int = typer.Option(1, "--seq-batch", min=1, help="Cases per group in sequential mode."),
     hparams: list[str] = typer.Option([], "--hparams", "-H", help="KEY=VALUE overrides of the weight-editing "
-                                      "methods' hyperparameters (repeatable), e.g. -H layer=18."),
+                                      "methods' hyperparameters (repeatable; dots reach nested ones), e.g. -H layer=18 -H values.steps=10."),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Folder for results.json, results.md and plots."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of the named datasets "
                                          "(default: $KEM_EVAL_DATA or ../shared/data)."),
@@ -35,6 +35,7 @@ def eval_command(
     """Evaluate knowledge-editing methods: generation, EasyEdit and CounterFact protocols, scope."""
     # kem/__init__.py sets OMP_WAIT_POLICY=PASSIVE before torch loads. Measured here on 2 busy cores:
     # one SmolLM2-135M decode step at batch 16 took 7.0 s with spinning OpenMP threads, 0.39 s passive.
+    from kem.consolidation.registry import parse_hparams
     from kem.errors import KemError
     from kem.eval.harness import EvalConfig
     from kem.eval.report import markdown_table
@@ -42,12 +43,10 @@ def eval_command(
 
     if mode not in ("single", "batch", "sequential"):
         raise typer.BadParameter("must be single, batch or sequential", param_hint="--mode")
-    overrides = {}
-    for item in hparams:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--hparams")
-        overrides[key.strip()] = _number(value.strip())
+    try:
+        overrides = parse_hparams(hparams)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--hparams") from None
     try:
         cfg = EvalConfig(mode=mode, seq_batch=seq_batch, cloze_tokens=cloze_tokens, chat_tokens=chat_tokens,
                          fluency_cases=fluency_cases, engine=engine)
@@ -59,18 +58,6 @@ def eval_command(
     typer.echo(markdown_table(res["summary"], f"{dataset} n={res['config']['n']} {mode}"))
     edit_s = ", ".join(f"{m} {v:.0f} s" for m, v in res.get("edit_s", {}).items())
     typer.echo(f"wall time {res['wall_s']:.0f} s (CPU {res['cpu_s']:.0f} s; editing: {edit_s}); wrote {out / 'results.json'}")
-
-
-def _number(value: str) -> int | float | bool | str:
-    """``"3"`` -> 3, ``"1e-3"`` -> 0.001, ``"true"`` -> True; anything else stays a string."""
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def main() -> None:  # pragma: no cover - `python -m kem.eval.cli`
