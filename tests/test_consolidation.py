@@ -261,6 +261,6 @@ def test_hparams_overrides_parse_and_merge_into_presets(lm_and_tok):
     model, _ = lm_and_tok
     spec = get_method("memit")
     preset = spec.hparams_for(model)
-    hp = spec.hparams_for(model, **parse_hparams(["values.edit_batch=4"]))
-    assert hp.values.edit_batch == 4 and hp.values.model_dump(exclude={"edit_batch"}) == preset.values.model_dump(exclude={"edit_batch"})
+    hp = spec.hparams_for(model, **parse_hparams(["values.edit_batch=2"]))
+    assert preset.values.edit_batch != 2 and hp.values.edit_batch == 2 and hp.values.model_dump(exclude={"edit_batch"}) == preset.values.model_dump(exclude={"edit_batch"})
     assert hp.layers == preset.layers

@@ -36,7 +36,9 @@ class ValueOptions(BaseModel):
     weight_decay: float = Field(1e-3, ge=0, description="Penalty on ||delta||^2 / ||reference||^2.")
     clamp_factor: float = Field(4.0, gt=0, description="||delta|| is clamped to this times the reference norm.")
     norm_ref: str = Field("mlp", pattern="^(mlp|block)$", description="Reference norm: MLP output or block output.")
-    edit_batch: int = Field(16, ge=1, description="Edits optimised together in one forward pass.")
+    # MEMIT, 16 CounterFact edits, one thread: 4 -> 68 CPU-s / 1.4 GB peak; 16 -> 90 CPU-s / 2.8 GB
+    # (an edit leaves its chunk when done, so small chunks waste less on padding and finished rows).
+    edit_batch: int = Field(4, ge=1, description="Edits optimised together in one forward pass.")
     prefix_cache: bool = Field(True, description="Run the tokens before the subject once (key/value cache), not every step.")
 
 
