@@ -108,11 +108,7 @@ def main() -> None:
             hits = {"rel": 0, "gen": 0, "loc": 0}
             for idx in groups:
                 batch = [edits[i] for i in idx]
-                for key, value in list(local.state.items()):  # no earlier edits in the weights
-                    if hasattr(value, "forget_edits"):
-                        value.forget_edits()  # AlphaEdit's projectors stay, as in a job (once per base model)
-                    else:
-                        del local.state[key]
+                local.forget_edits()  # no earlier edits in the weights; AlphaEdit's projectors stay, as in a job
                 t0, c0 = time.perf_counter(), time.process_time()
                 delta = spec.compute(model, tok, batch, hp, local)
                 wall, cpu = wall + time.perf_counter() - t0, cpu + time.process_time() - c0

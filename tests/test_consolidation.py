@@ -246,7 +246,9 @@ def test_alphaedit_state_forgets_edits_but_keeps_projectors(tmp_path):
     assert torch.equal(st.past[3], torch.full((4, 4), 2.0, dtype=torch.float64))
     back = AlphaEditState.load(st.save(tmp_path / "s.safetensors") or tmp_path / "s.safetensors")
     assert back.edits == 2 and torch.equal(back.past[3], st.past[3]) and torch.equal(back.projectors[3], torch.eye(4))
-    st.forget_edits()
+    ctx = EditContext(state={"alphaedit": st, "other": object()})
+    ctx.forget_edits()  # what the eval and the benchmark call between independent edits
+    assert set(ctx.state) == {"alphaedit"}
     assert st.past == {} and st.edits == 0 and torch.equal(st.projectors[3], torch.eye(4))
 
 

@@ -40,6 +40,16 @@ class EditContext:
 
         self.cov_fingerprint = model_fingerprint(model)
 
+    def forget_edits(self) -> None:
+        """The edits computed so far were reverted: drop the running state that describes them, and keep
+        what only depends on the base model (a state object with ``forget_edits()``, e.g. AlphaEdit's
+        projectors, is asked to forget its edits instead of being dropped)."""
+        for key, value in list(self.state.items()):
+            if callable(getattr(value, "forget_edits", None)):
+                value.forget_edits()
+            else:
+                del self.state[key]
+
     @classmethod
     def from_cache_dir(cls, cache_dir: str | os.PathLike[str] | None, corpus: str | os.PathLike[str] | None = None) -> EditContext:
         """A context whose covariance statistics persist under ``cache_dir``."""

@@ -2,10 +2,10 @@
 
 Each ``prepare(edits)`` computes the method's delta on the shared (unedited) model, applies it, and
 ``close()`` reverts it exactly. In ``sequential`` mode each group's delta is computed on the model
-already carrying the earlier groups (AlphaEdit keeps its cache of past keys across them). Options come from ``EvalContext.options[name]`` (or
-``options["consolidation"]``): ``corpus`` (covariance corpus; default ``$KEM_EVAL_COV_CORPUS``, else
-texts sampled from the model) and ``hparams`` (overrides, e.g. ``{"mom2_samples": 500}``); the
-environment variable ``KEM_EVAL_COV_SAMPLES`` overrides ``mom2_samples`` too. Imported by
+already carrying the earlier groups (AlphaEdit keeps its cache of past keys across them). Options
+come from ``EvalContext.options[name]`` (or ``options["consolidation"]``): ``corpus`` (covariance
+corpus; default ``$KEM_EVAL_COV_CORPUS``, else texts sampled from the model) and ``hparams``
+(overrides, e.g. ``{"mom2_samples": 500}``); the environment variable ``KEM_EVAL_COV_SAMPLES`` overrides ``mom2_samples`` too. Imported by
 :mod:`kem.eval.run`, which registers them.
 """
 
@@ -41,11 +41,7 @@ def _apply_fn(name: str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
             ectx.pin_covariance(model)
             box["hp"] = spec.hparams_for(model, **overrides)
         if fresh:  # the previous prepare was reverted: no past edits in the weights
-            for key, value in list(ectx.state.items()):
-                if hasattr(value, "forget_edits"):
-                    value.forget_edits()  # keeps what does not depend on edits (AlphaEdit's projectors)
-                else:
-                    del ectx.state[key]
+            ectx.forget_edits()
         delta = spec.compute(model, tok, list(edits), box["hp"], ectx)
         return apply_delta(model, delta).revert
 

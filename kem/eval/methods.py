@@ -214,8 +214,7 @@ class WeightMethod:
         self._n = itertools.count()
 
     def prepare(self, edits: Sequence[Edit]) -> Prepared:
-        revert = self._apply(self.ctx.model, self.ctx.tokenizer, list(edits))
-        return PlainPrepared(self.ctx, model_key=f"{self.name}:{next(self._n)}", on_close=revert)
+        return self.prepare_sequence([edits])
 
     def prepare_sequence(self, batches: Sequence[Sequence[Edit]]) -> Prepared:
         takes_fresh = "fresh" in inspect.signature(self._apply).parameters
