@@ -243,6 +243,12 @@ def _mount_optional() -> None:
     except ImportError:
         pass
     try:
+        from kem.follower.cli import adapter_app
+
+        app.add_typer(adapter_app, name="adapter")
+    except ImportError:
+        pass
+    try:
         from kem.server.cli import serve
 
         app.command("serve")(serve)
