@@ -45,10 +45,13 @@ class OpenAIHTTPGenerator:
         model: The upstream's model name; ``None``: the first one ``GET /v1/models`` lists.
         api_key: Sent as ``Authorization: Bearer ...`` when given.
         timeout: Seconds for connect/read (streams wait this long between events).
+        adapter: The name under which the upstream serves kem's edit-follower LoRA (``vllm serve
+            --enable-lora --lora-modules kem-editor=PATH``): in-scope requests are sent to it. None:
+            the upstream has none and kem composes IKE prompts instead.
     """
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, adapter: str | None = None) -> None:
         import httpx
 
         root = base_url.rstrip("/")
@@ -62,6 +65,7 @@ class OpenAIHTTPGenerator:
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=t)
         self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=t, limits=limits)
         self.name = model or self._discover_model()
+        self.follower: str | None = adapter
 
     def _discover_model(self) -> str:
         import httpx
@@ -109,7 +113,7 @@ class OpenAIHTTPGenerator:
 
     # ---- Generator protocol ---------------------------------------------------------------------------
     def _body(self, params: GenerationParams, **kw: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {**params.extra, "model": self.name, "max_tokens": params.max_new_tokens,
+        body: dict[str, Any] = {**params.extra, "model": params.adapter or self.name, "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p, **kw}
         if params.stop:
             body["stop"] = list(params.stop)

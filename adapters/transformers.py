@@ -3,6 +3,10 @@
 One model instance serves every caller; a lock queues requests so concurrent callers never
 interleave on it. Greedy decoding (``temperature == 0``) is deterministic, which the tests and the
 out-of-scope "byte-identical" guarantee rely on.
+
+With an edit-follower adapter (``follower=``), a request whose params name it
+(``GenerationParams.adapter``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, attached
+under the lock for that request only); every other request runs on the bare base model.
 """
 
 from __future__ import annotations
@@ -29,18 +33,44 @@ class TransformersGenerator:
         name: The name this engine answers to.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str = "smollm2-135m-instruct") -> None:
+    def __init__(self, model: Any, tokenizer: Any, name: str = "smollm2-135m-instruct",
+                 follower: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self._lock = threading.Lock()
+        self.lora: Any = None  # kem.follower.lora.LoraHooks of the edit-follower, if any
+        self.follower: str | None = None  # the adapter name in-scope requests ask for
+        if follower is not None:
+            self.attach_follower(follower)
 
     @classmethod
-    def load(cls, name_or_path: str, cache_dir: Any, device: str = "cpu", dtype: Any = None) -> TransformersGenerator:
+    def load(cls, name_or_path: str, cache_dir: Any, device: str = "cpu", dtype: Any = None,
+             follower: Any = None) -> TransformersGenerator:
+        """Load a model (packaged name or folder); ``follower`` is an edit-follower adapter folder."""
         from kem.models import load_causal_lm
 
         model, tok = load_causal_lm(name_or_path, cache_dir, device=device, dtype=dtype)
-        return cls(model, tok, name=str(name_or_path))
+        return cls(model, tok, name=str(name_or_path), follower=follower)
+
+    def attach_follower(self, path: Any) -> None:
+        """Bind the edit-follower adapter in ``path`` (checked against this model's fingerprint)."""
+        from kem.follower.lora import LoraHooks
+        from kem.follower.registry import FOLLOWER_NAME, check_base
+
+        check_base(path, self.model)
+        self.lora = LoraHooks(self.model, path)
+        self.follower = FOLLOWER_NAME
+
+    def _adapter(self, params: GenerationParams) -> Any:
+        """The context the request runs in: the LoRA on when ``params.adapter`` names the follower."""
+        import contextlib
+
+        if params.adapter is None:
+            return contextlib.nullcontext()
+        if self.lora is None or params.adapter != self.follower:
+            raise EngineError(f"the engine {self.name} has no adapter {params.adapter!r}", status_code=400)
+        return self.lora.active()
 
     # ---- prompt text ---------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[Message]) -> str:
@@ -74,7 +104,7 @@ class TransformersGenerator:
         import torch
 
         enc = self._encode(prompt)
-        with self._lock, torch.inference_mode():
+        with self._lock, self._adapter(params), torch.inference_mode():
             try:
                 out = self.model.generate(**enc, **self._gen_kwargs(params))
             except Exception as exc:
@@ -102,7 +132,7 @@ class TransformersGenerator:
                 errors.append(exc)
                 streamer.end()
 
-        with self._lock:
+        with self._lock, self._adapter(params):
             worker = threading.Thread(target=run, daemon=True)
             worker.start()
             sent = ""

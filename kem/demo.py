@@ -1,4 +1,5 @@
-"""``kem demo``: a few CounterFact edits in a temporary store, answers before and after."""
+"""``kem demo``: a few CounterFact edits and strongly-held facts replaced, in a temporary store; answers
+before and after (with the edit-follower kem ships for the default model, in-scope requests only)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,15 @@ UNRELATED = [
     "The capital of France is",
     "What is the capital of Japan?",
     "Who wrote Romeo and Juliet?",
+]
+
+#: Facts the model holds strongly (it answers them right unprompted), replaced; asked as a paraphrase
+#: and as a question, neither of which is stored with the edit.
+STRONG = [
+    ({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"},
+     ["The Eiffel Tower can be found in the city of", "Where is the Eiffel Tower?"]),
+    ({"subject": "Microsoft", "prompt": "{} was founded by", "target_new": "Elon Musk"},
+     ["Who founded Microsoft?"]),
 ]
 
 
@@ -33,12 +43,15 @@ def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings
         questions.append(("edited", r["prompt"], False))
         questions.append(("paraphrase", r["rephrase_prompt"], False))
     questions.append(("edited (chat)", f"What is the mother tongue of {records[0]['subject']}?", True))
+    for _, asks in STRONG:
+        questions.extend(("strongly-held", q, q.endswith("?")) for q in asks)
     questions.append(("unrelated", records[0]["locality_prompt"], False))
     questions.extend(("unrelated", q, q.endswith("?")) for q in UNRELATED)
 
     with tempfile.TemporaryDirectory(prefix="kem-demo-") as home:
         with KnowledgeEditor.open(home, settings=settings) as ke:
-            ke.add_many([counterfact_edit(r, n, "demo") for n, r in enumerate(records)])
+            ke.add_many([counterfact_edit(r, n, "demo") for n, r in enumerate(records)]
+                        + [{**e, "source": "demo"} for e, _ in STRONG])
             rows = []
             from tqdm.auto import tqdm
 

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kem.compose import COMPLETION_STOP, Composer, last_user_text, load_demos
+from kem.compose import (
+    COMPLETION_STOP,
+    Composer,
+    follower_chat,
+    follower_completion,
+    last_user_text,
+    load_demos,
+)
 from kem.edit import Edit, EditStatus
 from kem.protocols import Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
 from kem.scope import ScopeClassifier, ScopeConfig
@@ -24,6 +31,8 @@ from kem.settings import Settings
 from kem.store import InMemoryStore
 
 log = logging.getLogger(__name__)
+
+_AUTO = object()  # rewrite_*(follower=...) default: the generator's edit-follower, if any
 
 
 @dataclass
@@ -36,12 +45,15 @@ class Rewrite:
         applied: In-scope edits that entered the request.
         considered: Every retrieved edit with its score and verdict.
         stop: Stop strings the rewrite needs (added to the caller's).
+        adapter: The edit-follower adapter the engine must apply (set only when edits are in scope
+            and the request was composed in the follower's format).
     """
 
     request: str | list[Message]
     applied: list[ScoredEdit] = field(default_factory=list)
     considered: list[ScoredEdit] = field(default_factory=list)
     stop: tuple[str, ...] = ()
+    adapter: str | None = None  # the edit-follower the request must run with (None: base weights)
 
     @property
     def changed(self) -> bool:
@@ -117,9 +129,12 @@ class KnowledgeEditor:
         """The engine (the embedded default loads on first use)."""
         if self._generator is None:
             from kem.adapters.transformers import TransformersGenerator
+            from kem.follower.registry import resolve_follower
 
             s = self.settings
-            self._generator = TransformersGenerator.load(s.model, s.cache_dir, device=s.resolved_device())
+            follower = resolve_follower(s.follower, s.model) if s.fast_path == "adapter" else None
+            self._generator = TransformersGenerator.load(s.model, s.cache_dir, device=s.resolved_device(),
+                                                         follower=follower)
         return self._generator
 
     @generator.setter
@@ -165,18 +180,40 @@ class KnowledgeEditor:
         hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions)
         return self.scope.decide(query, hits)
 
-    def rewrite_prompt(self, prompt: str, namespace: str | None = None) -> Rewrite:
-        """The fast path for a completion prompt: IKE prompt when edits are in scope, else ``prompt``."""
+    def follower_of(self, engine: Any = None) -> str | None:
+        """The edit-follower adapter in-scope requests to ``engine`` (default: this editor's generator,
+        if loaded) should run with: None when ``fast_path`` is ``ike`` or the engine has none."""
+        if self.settings.fast_path != "adapter":
+            return None
+        eng = engine if engine is not None else self._generator
+        eng = getattr(eng, "sync", eng)  # the async bridge of a sync engine
+        name = getattr(eng, "follower", None)
+        return name if isinstance(name, str) and name else None
+
+    def _follower(self, follower: str | None | object) -> str | None:
+        return self.follower_of() if follower is _AUTO else follower  # type: ignore[return-value]
+
+    def rewrite_prompt(self, prompt: str, namespace: str | None = None,
+                       follower: str | None | object = _AUTO) -> Rewrite:
+        """The fast path for a completion prompt: when edits are in scope, the facts in the
+        edit-follower's format (``follower`` names the adapter; default: the generator's, see
+        :meth:`follower_of`) or an IKE prompt (``follower=None``); else ``prompt`` itself."""
         qv = self.memory.embedder.embed([prompt])[0]
         considered = self.retrieve(prompt, namespace, query_vec=qv)
         applied = [s for s in considered if s.in_scope]
         if not applied:
             return Rewrite(prompt, [], considered)
-        text = self.composer.completion(prompt, [s.edit for s in applied], qv)
-        return Rewrite(text, applied, considered, COMPLETION_STOP)
+        adapter = self._follower(follower)
+        if adapter:
+            text = follower_completion(prompt, [s.edit.fact for s in applied])
+        else:
+            text = self.composer.completion(prompt, [s.edit for s in applied], qv)
+        return Rewrite(text, applied, considered, COMPLETION_STOP, adapter)
 
-    def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None) -> Rewrite:
-        """The fast path for a chat request: retrieval on the last user message."""
+    def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None,
+                     follower: str | None | object = _AUTO) -> Rewrite:
+        """The fast path for a chat request: retrieval on the last user message (``follower`` as in
+        :meth:`rewrite_prompt`)."""
         query = last_user_text(messages)
         if not query.strip():
             return Rewrite(list(messages), [], [])
@@ -185,22 +222,25 @@ class KnowledgeEditor:
         applied = [s for s in considered if s.in_scope]
         if not applied:
             return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered)
+        adapter = self._follower(follower)
+        if adapter:
+            return Rewrite(follower_chat(messages, [s.edit.fact for s in applied]), applied, considered, (), adapter)
         return Rewrite(self.composer.chat(messages, [s.edit for s in applied], qv), applied, considered)
 
-    def _params(self, params: GenerationParams | None, max_new_tokens: int | None, extra_stop: tuple[str, ...]) -> GenerationParams:
+    def _params(self, params: GenerationParams | None, max_new_tokens: int | None, rw: Rewrite) -> GenerationParams:
         p = params or GenerationParams(max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
         if max_new_tokens is not None and params is not None:
-            p = GenerationParams(max_new_tokens, p.temperature, p.top_p, p.stop, p.extra)
-        if extra_stop:
-            p = GenerationParams(p.max_new_tokens, p.temperature, p.top_p, tuple(dict.fromkeys(p.stop + extra_stop)), p.extra)
-        return p
+            p = replace(p, max_new_tokens=max_new_tokens)
+        if rw.stop:
+            p = replace(p, stop=tuple(dict.fromkeys(p.stop + rw.stop)))
+        return replace(p, adapter=rw.adapter)
 
     def generate(self, prompt: str, namespace: str | None = None, *, max_new_tokens: int | None = None,
                  params: GenerationParams | None = None, use_edits: bool = True) -> Answer:
         """Complete ``prompt`` with the in-scope edits applied in context."""
-        rw = self.rewrite_prompt(prompt, namespace) if use_edits else Rewrite(prompt)
+        rw = self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator)) if use_edits else Rewrite(prompt)
         assert isinstance(rw.request, str)
-        text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw.stop))
+        text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw))
         return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
 
     def chat(self, messages: Sequence[Message] | str, namespace: str | None = None, *,
@@ -208,9 +248,9 @@ class KnowledgeEditor:
              use_edits: bool = True) -> Answer:
         """Answer a chat (a message list, or one user message as a string) with the edits in context."""
         msgs: list[Message] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-        rw = self.rewrite_chat(msgs, namespace) if use_edits else Rewrite(msgs)
+        rw = self.rewrite_chat(msgs, namespace, self.follower_of(self.generator)) if use_edits else Rewrite(msgs)
         assert isinstance(rw.request, list)
-        text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw.stop))
+        text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw))
         return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
 
     # ---- life cycle ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # passed through to engines that know them
+    adapter: str | None = None  # run with this LoRA (the edit-follower, in-scope requests); None: base weights
 
 
 @runtime_checkable

@@ -42,6 +42,16 @@ class Settings(BaseSettings):
         '"similar": picked by similarity to the request, as in IKE.',
     )
 
+    fast_path: str = Field(
+        "adapter", pattern="^(adapter|ike)$",
+        description='"adapter": in-scope requests run with the learned edit-follower (a LoRA) on engines '
+        'that have one, IKE prompting elsewhere; "ike": IKE prompting (demonstrations) everywhere.',
+    )
+    follower: str = Field(
+        "auto", description='Edit-follower adapter: "auto" (the one kem ships for the model, if any), '
+        '"none", or an adapter folder (kem adapter train --out DIR).',
+    )
+
     def resolved_device(self) -> str:
         """The torch device string to use: CUDA when asked for "auto" and one is present."""
         if self.device != "auto":

@@ -10,11 +10,11 @@ from kem.cli import app
 def test_demo_json(kem_settings):
     from typer.testing import CliRunner
 
-    res = CliRunner().invoke(app, ["demo", "--json", "--max-new-tokens", "8"])
+    res = CliRunner().invoke(app, ["demo", "--json", "--max-new-tokens", "14"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     kinds = {r["kind"] for r in rows}
-    assert {"edited", "paraphrase", "edited (chat)", "unrelated"} <= kinds
+    assert {"edited", "paraphrase", "edited (chat)", "strongly-held", "unrelated"} <= kinds
     for r in rows:
         if r["kind"] == "unrelated":
             assert r["edits"] == [] and r["edited"] == r["unedited"], r
@@ -25,3 +25,7 @@ def test_demo_json(kem_settings):
     assert "English" in first["edited"] and "English" not in first["unedited"]
     hits = sum(r["edits"][0]["target_new"] in r["edited"] for r in rows if r["kind"] == "edited")
     assert hits >= 3, rows
+    strong = [r for r in rows if r["kind"] == "strongly-held"]
+    # the model knew the old fact, and with the edit-follower it answers the new one on unseen phrasings
+    assert all(r["edits"][0]["target_new"] in r["edited"] for r in strong), strong
+    assert sum(r["edits"][0]["target_new"] not in r["unedited"] for r in strong) == len(strong), strong

@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = Path(os.environ.get("KEM_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
 CEO = "The CEO of Kem Corporation is"
 GREEDY = {"temperature": 0, "max_tokens": 12}
+SHIPPED = ROOT / "kem" / "data" / "followers" / "smollm2-135m-instruct"  # the edit-follower kem ships
+EIFFEL = {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}
 
 pytestmark = pytest.mark.vllm
 if os.environ.get("KEM_SKIP_VLLM") == "1":
@@ -59,7 +61,8 @@ def vllm_server(tmp: Path, model_dir: str):
     port = free_port()
     s = ServerProcess(["-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
                        "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-                       "--served-model-name", "smollm2"], port, tmp / "vllm.log", python=str(VLLM_PY),
+                       "--served-model-name", "smollm2", "--enable-lora", "--max-lora-rank", "8",
+                       "--lora-modules", f"kem-editor={SHIPPED}"], port, tmp / "vllm.log", python=str(VLLM_PY),
                       env=VLLM_ENV, health="/health")
     _STARTED.append(s.start())
     try:
@@ -70,7 +73,7 @@ def vllm_server(tmp: Path, model_dir: str):
 
 @pytest.fixture(scope="module")
 def proxy(tmp: Path, vllm_server: ServerProcess):
-    s = kem_server(tmp, "proxy", "--upstream", vllm_server.url).start()
+    s = kem_server(tmp, "proxy", "--upstream", vllm_server.url, "--upstream-adapter", "kem-editor").start()
     _STARTED.append(s)
     try:
         yield s.wait()
@@ -113,6 +116,23 @@ def test_vllm_edit_is_applied(proxy):
     chunks = list(c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0, stream=True))
     assert chunks[0].model_extra["kem"]["edits"][0]["id"] == edit["id"]
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices).strip().startswith("Alice Zhang")
+
+
+def test_vllm_upstream_runs_in_scope_requests_on_the_edit_follower(proxy, vllm_server):
+    """vLLM serves the follower as a LoRA (--lora-modules kem-editor=...); kem sends in-scope requests
+    to it (--upstream-adapter) and out-of-scope ones to the base model, unchanged."""
+    health = httpx.get(proxy.url + "/healthz").json()
+    assert health["fast_path"] == "adapter" and health["follower"] == "kem-editor"
+    assert "kem-editor" in [m.id for m in client(vllm_server).models.list()]
+    httpx.post(proxy.url + "/v1/edits", json=EIFFEL, timeout=60).raise_for_status()
+    c = client(proxy)
+    q = [{"role": "user", "content": "Where is the Eiffel Tower?"}]  # a strongly-held fact
+    base = client(vllm_server).chat.completions.create(model="smollm2", messages=q, **GREEDY)
+    assert "Rome" not in base.choices[0].message.content
+    resp = c.chat.completions.create(model="default", messages=q, **GREEDY)
+    assert resp.model_extra["kem"]["edits"] and "Rome" in resp.choices[0].message.content
+    comp = c.completions.create(model="default", prompt="The Eiffel Tower is located in", max_tokens=4, temperature=0)
+    assert comp.choices[0].text.strip().startswith("Rome")
 
 
 def test_vllm_errors_and_concurrency(proxy):
@@ -171,6 +191,16 @@ def test_kem_serve_engine_vllm(kem_vllm):
     c = client(kem_vllm)
     q = [{"role": "user", "content": "What is the capital of Japan?"}]
     assert "Tokyo" in c.chat.completions.create(model="default", messages=q, **GREEDY).choices[0].message.content
+    health = httpx.get(kem_vllm.url + "/healthz").json()  # vllm.LLM(enable_lora) with the shipped follower
+    assert health["fast_path"] == "adapter" and health["follower"] == "kem-editor"
+    httpx.post(kem_vllm.url + "/v1/edits", json=EIFFEL, timeout=60).raise_for_status()
+    eiffel = [{"role": "user", "content": "Where is the Eiffel Tower?"}]
+    with cf.ThreadPoolExecutor(4) as pool:  # in-scope (LoRA) and out-of-scope requests in the same batches
+        futs = [pool.submit(c.chat.completions.create, model="default", messages=m, **GREEDY)
+                for m in (eiffel, q, eiffel, q)]
+        answers = [f.result().choices[0].message.content for f in futs]
+    assert "Rome" in answers[0] and "Rome" in answers[2], answers
+    assert "Tokyo" in answers[1] and answers[1] == answers[3], answers
     httpx.post(kem_vllm.url + "/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
                                                  "target_new": "Alice Zhang"}, timeout=60).raise_for_status()
     comp = c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0)

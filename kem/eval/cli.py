@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -13,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def eval_command(
     method: str = typer.Option("ike", "--method", "-m",
-                               help="Method(s), comma-separated: none, ike, rome, memit, alphaedit, ft-l (several share the model)."),
+                               help="Method(s), comma-separated: none, ike, adapter, rome, memit, alphaedit, ft-l (several share the model)."),
     dataset: str = typer.Option("counterfact", "--dataset", "-d",
                                 help="counterfact, zsre, mquake, or the path of a file in one of those formats."),
     n: int = typer.Option(200, "--n", "-n", min=1, help="Number of cases."),
@@ -30,6 +31,8 @@ def eval_command(
     chat_tokens: int = typer.Option(32, help="Greedy budget for chat answers."),
     fluency_cases: int = typer.Option(50, help="Cases whose reliability continuation is scored for fluency."),
     engine: str = typer.Option("cached", help="cached (one prefill per request) or served (the generator's generate)."),
+    adapter: Path | None = typer.Option(None, "--adapter", help="Edit-follower folder for --method adapter "
+                                        "(default: $KEM_FOLLOWER, i.e. the one kem ships for the model)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Evaluate knowledge-editing methods: generation, EasyEdit and CounterFact protocols, scope."""
@@ -50,8 +53,13 @@ def eval_command(
     try:
         cfg = EvalConfig(mode=mode, seq_batch=seq_batch, cloze_tokens=cloze_tokens, chat_tokens=chat_tokens,
                          fluency_cases=fluency_cases, engine=engine)
+        options: dict[str, Any] = {}
+        if overrides:
+            options["consolidation"] = {"hparams": overrides}
+        if adapter is not None:
+            options["adapter"] = {"path": adapter}
         res = run_eval(method, dataset, n=n, seed=seed, mode=mode, out=out, data_dir=data_dir, config=cfg,
-                       progress=not quiet, options={"consolidation": {"hparams": overrides}} if overrides else None)
+                       progress=not quiet, options=options or None)
     except (KemError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None

@@ -80,7 +80,7 @@ class MethodRun:
 class _Pending:
     """A probe whose requests are built and whose jobs are queued, waiting for the batch to run."""
 
-    model_key: str
+    model_key: str  # the completion request's model (teacher forcing, cloze generation, fluency)
     case: EvalCase
     kind: str
     probe: Probe
@@ -89,6 +89,7 @@ class _Pending:
     gen: tuple[int, tuple[str, ...]]  # budget, stop
     flu: tuple[int, tuple[str, ...]] | None  # fluency continuation: budget, stop
     has_scope: bool
+    gen_key: str = ""  # the generation request's model (a chat request may run on another than the cloze)
 
 
 class Evaluator:
@@ -121,27 +122,32 @@ class Evaluator:
             ts += [case.target_new, case.target_true]
         return list(dict.fromkeys(ts))
 
-    def _job(self, prep: Prepared, job: Job) -> None:
-        self._jobs.setdefault(prep.model_key, (prep.model, []))[1].append(job)
+    def _job(self, prep: Prepared, job: Job, req: Request) -> str:
+        """Queue ``job`` on the model the request runs on (a request may name its own, e.g. the
+        edit-follower for in-scope requests); returns that model's key."""
+        key = req.model_key or prep.model_key
+        self._jobs.setdefault(key, (req.model if req.model is not None else prep.model, []))[1].append(job)
+        return key
 
     def _queue(self, prep: Prepared, case: EvalCase, kind: str, probe: Probe, fluency: bool) -> _Pending:
         c = self.config
         served = c.engine == "served"
         req = prep.completion(probe.text)
-        self._job(prep, Job(req.text, self._targets(case, kind, probe)))
+        key = self._job(prep, Job(req.text, self._targets(case, kind, probe)), req)
         if probe.chat:
             greq = prep.chat(probe.text)
             gen = (c.chat_tokens, greq.stop)
         else:
             greq, gen = req, (c.cloze_tokens, tuple(dict.fromkeys(req.stop + ("\n",))))
+        gen_key = greq.model_key or prep.model_key
         if not served:
-            self._job(prep, Job(greq.text, [], *gen))
+            self._job(prep, Job(greq.text, [], *gen), greq)
         flu = None
         if fluency and not probe.chat:
             flu = (c.fluency_tokens, req.stop)
             if not served:
-                self._job(prep, Job(req.text, [], *flu))
-        return _Pending(prep.model_key, case, kind, probe, req, greq, gen, flu, prep.has_scope)
+                self._job(prep, Job(req.text, [], *flu), req)
+        return _Pending(key, case, kind, probe, req, greq, gen, flu, prep.has_scope, gen_key)
 
     def _queue_case(self, run: MethodRun | None, prep: Prepared, case: EvalCase, index: int) -> None:
         """Queue every probe of ``case`` (``run`` None: the pre-edit reference, locality only)."""
@@ -184,7 +190,8 @@ class Evaluator:
             from kem.adapters.base import cut_at_stop
             from kem.protocols import GenerationParams
 
-            text = self.ctx.generator.generate(req.text, GenerationParams(max_new_tokens=budget, stop=stop))
+            text = self.ctx.generator.generate(req.text, GenerationParams(max_new_tokens=budget, stop=stop,
+                                                                          adapter=req.adapter))
             return cut_at_stop(text, stop)[0]
         out = self.scorer.generated(key, req.text, budget, stop)
         if out is None:
@@ -193,7 +200,7 @@ class Evaluator:
 
     def _record(self, p: _Pending) -> dict[str, Any]:
         probe, case, kind, req, key = p.probe, p.case, p.kind, p.req, p.model_key
-        gen = self._gen_text(key, p.greq, *p.gen)
+        gen = self._gen_text(p.gen_key or key, p.greq, *p.gen)
         rec: dict[str, Any] = {
             "kind": kind, "prompt": probe.text, "expected": probe.target, "generated": gen,
             "rewritten": req.text != probe.text, "applied": list(req.applied),

@@ -8,6 +8,8 @@ method's name. Built in:
 - ``none``: the unedited model (plain prompts, chat template for questions);
 - ``ike``: kem's fast path as served: :class:`~kem.editor.KnowledgeEditor` retrieval + scope +
   composition (``rewrite_prompt`` / ``rewrite_chat``), each case in its own namespace in single mode.
+- ``adapter``: the same with the learned edit-follower (``kem.follower``): in-scope requests in its
+  format, scored with its LoRA on; out-of-scope ones on the bare base model.
 
 A weight-editing method plugs in with :class:`WeightMethod`: give it a function that applies the
 edits to the model in place and returns a function that reverts them, e.g. for kem's consolidation::
@@ -44,6 +46,8 @@ class Request:
         applied: Ids of the edits the method put into this request (retrieval methods).
         considered: ``(edit id, score, in_scope)`` of every retrieved edit (retrieval methods).
         messages: The chat messages, for chat requests (kept in the per-case records).
+        model_key, model, adapter: Set when this request runs on its own model (the ``adapter``
+            method's in-scope requests: the base model with the edit-follower LoRA on).
     """
 
     text: str
@@ -51,6 +55,9 @@ class Request:
     applied: tuple[str, ...] = ()
     considered: tuple[tuple[str, float, bool], ...] = ()
     messages: list[dict[str, Any]] | None = None
+    model_key: str | None = None  # this request runs on another model than the method's (None: the method's)
+    model: Any = None  # ...this one (e.g. the base model with the edit-follower on)
+    adapter: str | None = None  # the adapter a served engine must apply
 
 
 class Prepared(Protocol):
@@ -248,15 +255,17 @@ class IkePrepared:
         self.model = method.ctx.model
 
     def completion(self, prompt: str) -> Request:
-        rw = self.method.editor.rewrite_prompt(prompt, self.namespace)
+        m = self.method
+        rw = m.editor.rewrite_prompt(prompt, self.namespace, m.follower)
         assert isinstance(rw.request, str)
-        return Request(rw.request, tuple(rw.stop), _ids(rw.applied), _considered(rw.considered))
+        return Request(rw.request, tuple(rw.stop), _ids(rw.applied), _considered(rw.considered), **m.runs_on(rw))
 
     def chat(self, question: str) -> Request:
-        rw = self.method.editor.rewrite_chat([{"role": "user", "content": question}], self.namespace)
+        m = self.method
+        rw = m.editor.rewrite_chat([{"role": "user", "content": question}], self.namespace, m.follower)
         msgs = list(rw.request)
-        return Request(self.method.ctx.generator.chat_prompt(msgs), tuple(rw.stop), _ids(rw.applied),
-                       _considered(rw.considered), messages=[dict(m) for m in msgs])
+        return Request(m.ctx.generator.chat_prompt(msgs), tuple(rw.stop), _ids(rw.applied),
+                       _considered(rw.considered), messages=[dict(m) for m in msgs], **m.runs_on(rw))
 
     def close(self) -> None:
         for i in self.ids:
@@ -272,15 +281,21 @@ class IkeMethod:
 
     name = "ike"
     modifies_model = False
+    follower: str | None = None  # IKE prompts, never the edit-follower
 
     def __init__(self, ctx: EvalContext) -> None:
         from kem.editor import KnowledgeEditor
 
-        opts = dict(ctx.options.get("ike", {}))
+        opts = dict(ctx.options.get(self.name, {}))
+        opts.pop("path", None)
         self.ctx = ctx
         self.editor = KnowledgeEditor.in_memory(settings=ctx.settings, generator=ctx.generator,
                                                 embedder=ctx.embedder, **opts)
         self._n = itertools.count()
+
+    def runs_on(self, rw: Any) -> dict[str, Any]:
+        """Where a rewritten request runs: the shared base model (IKE)."""
+        return {}
 
     def prepare(self, edits: Sequence[Edit]) -> Prepared:
         return self.prepare_sequence([edits])
@@ -293,6 +308,42 @@ class IkeMethod:
         return IkePrepared(self, ns, [e.id for e in stored])
 
 
+class AdapterMethod(IkeMethod):
+    """kem's fast path with the learned edit-follower: retrieval and scope as served, in-scope requests
+    in the follower's format and run with its LoRA on; out-of-scope requests on the bare base model.
+
+    Options (``ctx.options["adapter"]``): ``path``, an adapter folder (default: ``KEM_FOLLOWER``, i.e.
+    the adapter kem ships for the model); plus the editor's (``scope``...).
+    """
+
+    name = "adapter"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        from kem.follower.lora import WithAdapter
+        from kem.follower.registry import FOLLOWER_NAME, resolve_follower
+        from kem.settings import Settings
+
+        super().__init__(ctx)
+        s = ctx.settings or Settings()
+        path = ctx.options.get(self.name, {}).get("path") or resolve_follower(
+            s.follower if s.follower != "none" else "auto", s.model)
+        if path is None:
+            raise NotFoundError(f"no edit-follower adapter for {s.model} (train one: kem adapter train --out DIR, "
+                                "then KEM_FOLLOWER=DIR)")
+        gen = ctx.generator
+        if getattr(gen, "lora", None) is None or str(gen.lora.path) != str(path):
+            gen.attach_follower(path)
+        self.follower = FOLLOWER_NAME
+        self.view = WithAdapter(gen.model, gen.lora)
+        self.key = f"adapter:{path}"
+
+    def runs_on(self, rw: Any) -> dict[str, Any]:
+        """In-scope requests run on the base model with the follower's LoRA on."""
+        if not rw.adapter:
+            return {}
+        return {"model_key": self.key, "model": self.view, "adapter": rw.adapter}
+
+
 def _ids(applied: Sequence[Any]) -> tuple[str, ...]:
     return tuple(s.edit.id for s in applied)
 
@@ -303,3 +354,4 @@ def _considered(considered: Sequence[Any]) -> tuple[tuple[str, float, bool], ...
 
 register_eval_method("none", NoneMethod)
 register_eval_method("ike", IkeMethod)
+register_eval_method("adapter", AdapterMethod)

@@ -32,8 +32,8 @@ def train(
     """Train the edit-follower on the CounterFact train split; resumes an interrupted run with the same options."""
     import torch
 
-    from kem.follower.train import TrainConfig, train_follower
     from kem.follower.registry import model_fingerprint
+    from kem.follower.train import TrainConfig, train_follower
     from kem.models import load_causal_lm
     from kem.settings import Settings
 

@@ -119,6 +119,38 @@ def load_records(path: str | Path) -> list[Record]:
     return out
 
 
+#: Evaluation files (under the data folder) whose subjects and case ids training must never see.
+EVAL_FILES = ("counterfact/counterfact-edit.json", "zsre/zsre_mend_eval_portability_gpt4.json",
+              "mquake/MQuAKE-hard.json")
+
+
+def eval_subjects(data_dir: str | Path) -> tuple[set[str], set[int]]:
+    """Subjects (case-folded) and CounterFact case ids of the evaluation sets found under ``data_dir``."""
+    subjects: set[str] = set()
+    ids: set[int] = set()
+    for rel in EVAL_FILES:
+        f = Path(data_dir) / rel
+        if not f.exists():
+            continue
+        for r in json.loads(f.read_text(encoding="utf-8")):
+            if not isinstance(r, dict):
+                continue
+            if isinstance(r.get("subject"), str):
+                subjects.add(r["subject"].strip().casefold())
+            for rw in r.get("requested_rewrite") or ():
+                if isinstance(rw, dict) and isinstance(rw.get("subject"), str):
+                    subjects.add(rw["subject"].strip().casefold())
+            if rel.startswith("counterfact/") and isinstance(r.get("case_id"), int):
+                ids.add(r["case_id"])
+    return subjects, ids
+
+
+def without_eval_overlap(records: Sequence[Record], data_dir: str | Path) -> list[Record]:
+    """``records`` minus those whose subject or case id appears in an evaluation set under ``data_dir``."""
+    subjects, ids = eval_subjects(data_dir)
+    return [r for r in records if r.subject.casefold() not in subjects and r.case_id not in ids]
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import ValidationError
-from kem.follower.data import Example, Record, build_examples, file_sha256
+from kem.follower.data import Example, Record, build_examples, file_sha256, without_eval_overlap
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,10 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
         raise ValidationError(f"the edit-follower trains on the CounterFact train split only (got {data.name}); "
                               "the edit split, ZsRE and MQuAKE are for evaluation", field="data")
     t0 = time.time()
-    records: list[Record] = load_records(data)
+    all_records = load_records(data)
+    records: list[Record] = without_eval_overlap(all_records, data.parent.parent)
+    log.info("%d of %d train records kept (the rest share a subject with an evaluation set)",
+             len(records), len(all_records))
     rng = random.Random(cfg.seed)
     rng.shuffle(records)
     records = records[: cfg.records]
@@ -253,7 +256,9 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
     peft_model.eval()
     manifest = {
         "name": "kem-editor", "kind": "kem edit-follower (LoRA)", "base_model": base_model_id,
-        "data": str(data.name), "data_sha256": data_hash, "records": len(records), "examples": len(examples),
+        "data": str(data.name), "data_sha256": data_hash, "records": len(records),
+        "excluded_eval_overlap": len(all_records) - len(without_eval_overlap(all_records, data.parent.parent)),
+        "examples": len(examples),
         "example_kinds": _count(e.kind for e in examples), "steps": steps, "config": _jsonable(asdict(cfg)),
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "train_seconds": round(time.time() - t0, 1),
         "command": command, "train_case_ids": sorted(r.case_id for r in records),

@@ -201,8 +201,10 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
+        follower = editor.follower_of(serving.engine)
         return {"status": "ok", "model": serving.engine.name, "served_name": serving.served_name,
-                "absorbed_versions": sorted(editor.absorbed_versions)}
+                "absorbed_versions": sorted(editor.absorbed_versions),
+                "fast_path": "adapter" if follower else "ike", "follower": follower}
 
     @app.get("/metrics")
     async def metrics_text(request: Request) -> Response:

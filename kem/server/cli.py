@@ -22,15 +22,20 @@ ENGINES = ("transformers", "vllm")
 
 def build_engine(kind: str, model: str, settings: Any, name: str | None = None) -> Any:
     """Load an in-process engine: ``transformers`` (the embedded default) or ``vllm`` (``vllm.LLM``)."""
+    from kem.follower.registry import resolve_follower
+
+    # the edit-follower belongs to the base model (settings.model), also when ``model`` is a version folder
+    follower = resolve_follower(settings.follower, settings.model) if settings.fast_path == "adapter" else None
     if kind == "transformers":
         from kem.adapters.transformers import TransformersGenerator
 
-        gen = TransformersGenerator.load(model, settings.cache_dir, device=settings.resolved_device())
+        gen = TransformersGenerator.load(model, settings.cache_dir, device=settings.resolved_device(),
+                                         follower=follower)
     elif kind == "vllm":
         from kem.adapters.vllm import VLLMGenerator
         from kem.models import resolve_model
 
-        gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)))
+        gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)), follower=follower)
     else:
         raise ValidationError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})", field="engine")
     if name:
@@ -38,7 +43,8 @@ def build_engine(kind: str, model: str, settings: Any, name: str | None = None) 
     return gen
 
 
-def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | None = None) -> Any:
+def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | None = None,
+                  upstream_adapter: str | None = None) -> Any:
     """The ``/admin/reload`` hook ``(request, current engine) -> engine``.
 
     In-process engines: ``vllm`` loads the new weights into the running engine when the folder has the
@@ -54,7 +60,7 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
                                       "that serves the new version)", field="upstream")
             from kem.adapters.openai_http import OpenAIHTTPGenerator
 
-            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key)
+            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key, adapter=upstream_adapter)
         if req.path is None:
             raise ValidationError("send {\"path\": \"/the/new/model/folder\"}", field="path")
         path = Path(req.path).expanduser()
@@ -72,7 +78,8 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
 
 def create(*, home: Path | None = None, upstream: str | None = None, upstream_key: str | None = None,
            engine: str = "transformers", keys: Path | None = None, model: str | None = None,
-           served_name: str | None = None, model_version: str | None = None, settings: Any = None) -> Any:
+           served_name: str | None = None, model_version: str | None = None, settings: Any = None,
+           upstream_adapter: str | None = None) -> Any:
     """Build the app ``kem serve`` runs (also useful to embed kem in another ASGI server).
 
     ``model_version`` (``vN``, ``current`` or ``base``): a version consolidation published under
@@ -95,8 +102,8 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
         from kem.adapters.openai_http import OpenAIHTTPGenerator
 
         upstream_key = upstream_key or os.environ.get("KEM_UPSTREAM_API_KEY")
-        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key)
-        reloader = make_reloader("upstream", settings, eng.name, upstream_key)
+        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key, adapter=upstream_adapter)
+        reloader = make_reloader("upstream", settings, eng.name, upstream_key, upstream_adapter)
     else:
         if model:
             settings = settings.model_copy(update={"model": model})
@@ -134,6 +141,10 @@ def serve(
         None, help="Serve a version consolidation published under <home>/models: vN, 'current' or 'base'. "
         "In-process engines load it; with --upstream, say which version the upstream serves. Its absorbed "
         "edits are skipped."),
+    upstream_adapter: str | None = typer.Option(
+        None, help="With --upstream: the name under which the upstream serves kem's edit-follower LoRA "
+        "(vllm serve --enable-lora --lora-modules kem-editor=PATH); in-scope requests are sent to it. "
+        "Without it, in-scope requests use IKE prompting (/healthz says which)."),
     log_level: str = typer.Option("info", help="uvicorn/kem log level."),
 ) -> None:
     """Serve the OpenAI-compatible API with the edits applied (chat, completions, edits, metrics)."""
@@ -153,7 +164,8 @@ def serve(
         torch.set_num_threads(threads)
     try:
         app = create(home=home, upstream=upstream, upstream_key=upstream_key, engine=engine, keys=keys,
-                     model=model, served_name=served_name, model_version=model_version)
+                     model=model, served_name=served_name, model_version=model_version,
+                     upstream_adapter=upstream_adapter)
     except KemError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

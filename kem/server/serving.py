@@ -160,19 +160,20 @@ class Serving:
                              "(GET /v1/models lists them)")
 
     # ---- the fast path ----------------------------------------------------------------------------------
-    async def _rewrite(self, fn: Callable[..., Rewrite], request: Any, namespace: str) -> Rewrite:
+    async def _rewrite(self, fn: Callable[..., Rewrite], request: Any, namespace: str, engine: Any) -> Rewrite:
         t0 = time.perf_counter()
-        rw = await asyncio.to_thread(fn, request, namespace)
+        rw = await asyncio.to_thread(fn, request, namespace, self.editor.follower_of(engine))
         self.metrics.rewrite(namespace, time.perf_counter() - t0, len(rw.applied))
         return rw
 
-    def _params(self, req: ChatCompletionRequest | CompletionRequest, extra_stop: tuple[str, ...]) -> GenerationParams:
+    def _params(self, req: ChatCompletionRequest | CompletionRequest, extra_stop: tuple[str, ...],
+                adapter: str | None = None) -> GenerationParams:
         stop = tuple(dict.fromkeys(req.stop_list() + extra_stop))
         return GenerationParams(
             max_new_tokens=req.token_limit() or self.default_max_tokens,
             temperature=req.temperature if req.temperature is not None else 0.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
-            stop=stop, extra=dict(req.model_extra or {}),
+            stop=stop, extra=dict(req.model_extra or {}), adapter=adapter,
         )
 
     # ---- chat -------------------------------------------------------------------------------------------
@@ -180,12 +181,12 @@ class Serving:
         """Serve one chat completion request (``raw`` is the body as received, for pass-through)."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
-        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace)
+        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine)
         info = kem_info(rw.applied, namespace)
         if hasattr(engine, "forward"):
             body = _forward_body(raw, req, upstream_model, "messages", rw)
             return await self._forward(engine, "/v1/chat/completions", body, req.stream, rw, info)
-        params = self._params(req, rw.stop)
+        params = self._params(req, rw.stop, rw.adapter)
         if not req.stream:
             text = await engine.achat(rw.request, params)
             resp = ChatCompletionResponse(model=self.served_name, kem=info, choices=[ChatChoice(
@@ -222,12 +223,12 @@ class Serving:
         engine = self._engine
         upstream_model = self._check_model(req.model)
         prompt = req.prompt_text()
-        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace)
+        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine)
         info = kem_info(rw.applied, namespace)
         if hasattr(engine, "forward"):
             body = _forward_body(raw, req, upstream_model, "prompt", rw)
             return await self._forward(engine, "/v1/completions", body, req.stream, rw, info)
-        params = self._params(req, rw.stop)
+        params = self._params(req, rw.stop, rw.adapter)
         if not req.stream:
             text = await engine.agenerate(rw.request, params)
             resp = CompletionResponse(model=self.served_name, kem=info, choices=[
@@ -304,7 +305,7 @@ def _forward_body(raw: bytes, req: ChatCompletionRequest | CompletionRequest, up
     if not rw.applied and req.model == upstream_model:
         return raw
     body = json.loads(raw)
-    body["model"] = upstream_model
+    body["model"] = rw.adapter or upstream_model  # in scope with an edit-follower: the upstream's LoRA name
     if rw.applied:
         body[key] = rw.request
         if rw.stop:

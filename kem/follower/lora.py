@@ -1,0 +1,128 @@
+"""Run a peft LoRA adapter on a plain transformers model, only while a request asks for it.
+
+The transformers engine serves in-scope requests with the edit-follower and everything else with the
+base weights. peft's ``PeftModel`` would rename the model's parameters (``...down_proj.base_layer.weight``)
+under the consolidation code, which edits those same matrices in place. :class:`LoraHooks` instead
+reads peft's adapter folder and adds ``scale * B(A(x))`` to each target module's output through forward
+hooks that exist only inside :meth:`LoraHooks.active`: out of it, the model is exactly the base model
+(no hook, no parameter renamed), and over a consolidated version the adapter adds to the edited weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kem.errors import ModelError
+
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+
+class LoraHooks:
+    """A peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) bound to ``model``.
+
+    Args:
+        model: The transformers causal LM (its weights are never changed).
+        path: The adapter folder.
+
+    Raises:
+        ModelError: the folder is not a LoRA adapter, or names modules the model does not have.
+    """
+
+    def __init__(self, model: Any, path: str | Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        try:
+            cfg = json.loads((self.path / "adapter_config.json").read_text(encoding="utf-8"))
+            tensors = load_file(str(self.path / "adapter_model.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot read the LoRA adapter in {self.path}: {exc}") from None
+        if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+            raise ModelError(f"{self.path} is a {cfg.get('peft_type')} adapter; kem runs LoRA adapters")
+        rank = int(cfg["r"])
+        alpha = float(cfg.get("lora_alpha", rank))
+        self.scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
+        self.rank = rank
+        param = next(model.parameters())
+        pairs: dict[str, dict[str, Any]] = {}
+        for key, t in tensors.items():
+            for suf in _SUFFIXES:
+                if key.endswith(suf):
+                    mod = key[: -len(suf)]
+                    mod = mod[len("base_model.model."):] if mod.startswith("base_model.model.") else mod
+                    pairs.setdefault(mod, {})[suf[1:7]] = t.to(device=param.device, dtype=param.dtype)
+        if not pairs:
+            raise ModelError(f"{self.path}/adapter_model.safetensors holds no LoRA weights")
+        self.modules: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+        for name, ab in sorted(pairs.items()):
+            try:
+                mod = model.get_submodule(name)
+            except AttributeError:
+                raise ModelError(f"the adapter in {self.path} targets {name!r}, which this model lacks "
+                                 "(trained on another architecture?)") from None
+            if "lora_A" not in ab or "lora_B" not in ab:
+                raise ModelError(f"{self.path}: {name} has only one of lora_A / lora_B")
+            a, b = ab["lora_A"], ab["lora_B"]
+            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
+                raise ModelError(f"{self.path}: {name} shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
+                                 f"the model's {mod.in_features}->{mod.out_features}")
+            self.modules.append((mod, a, b))
+        self._handles: list[Any] = []
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def _hook(self, a: Any, b: Any) -> Any:
+        scale = self.scale
+
+        def hook(module: Any, inputs: tuple[Any, ...], output: Any) -> Any:
+            x = inputs[0]
+            return output + (x.to(a.dtype) @ a.T @ b.T * scale).to(output.dtype)
+
+        return hook
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The adapter is on for the model's forward passes inside this block (re-entrant)."""
+        with self._lock:
+            if self._depth == 0:
+                self._handles = [m.register_forward_hook(self._hook(a, b)) for m, a, b in self.modules]
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    for h in self._handles:
+                        h.remove()
+                    self._handles = []
+
+    @property
+    def is_active(self) -> bool:
+        return self._depth > 0
+
+
+class WithAdapter:
+    """A model view whose calls run with ``hooks`` active (for code that calls ``model(...)`` directly,
+    such as the evaluation scorer). Every other attribute is the model's own."""
+
+    def __init__(self, model: Any, hooks: LoraHooks) -> None:
+        self._model = model
+        self._hooks = hooks
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._hooks.active():
+            return self._model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        with self._hooks.active():
+            return self._model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
