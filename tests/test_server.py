@@ -134,6 +134,26 @@ def test_edit_changes_the_answer(servers):
     assert first.model_extra["kem"]["edits"][0]["id"] == edit["id"]
 
 
+def test_strongly_held_fact_changes_with_the_edit_follower(servers):
+    """The issue's own probe: the model knows the Eiffel Tower is in Paris; with the edit stored, the
+    completion and the question answer Rome (in-scope requests run with the edit-follower)."""
+    a = servers["a"]
+    assert httpx.get(a.url + "/healthz").json()["fast_path"] == "adapter"
+    c = client(a, ALICE)
+    with http(a, ALICE) as h:
+        h.post("/v1/edits", json={"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome",
+                                  "paraphrases": ["Where is the Eiffel Tower?"]}).raise_for_status()
+    comp = c.completions.create(model="default", prompt="The Eiffel Tower is located in", max_tokens=4, temperature=0)
+    assert comp.choices[0].text.strip().startswith("Rome"), comp.choices[0].text
+    for q in ("Where is the Eiffel Tower?", "In which city can you visit the Eiffel Tower?"):
+        resp = ask(c, q, max_tokens=16)
+        assert resp.model_extra["kem"]["edits"] and "Rome" in resp.choices[0].message.content, (q, resp)
+    stream = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Where is the Eiffel Tower?"}], stream=True,
+        temperature=0, max_tokens=16) if ch.choices)
+    assert "Rome" in stream
+
+
 # ---- tenancy and the edits API ------------------------------------------------------------------------
 def test_tenancy_each_key_sees_and_gets_only_its_own(servers):
     a = servers["a"]
@@ -320,6 +340,8 @@ def test_upstream_applies_edits_and_passes_errors(servers):
         edit = h.post("/v1/edits", json={"subject": "Kem Corporation", "prompt": "The CEO of {} is",
                                          "target_new": "Alice Zhang"}).json()
     c = client(p)
+    health = httpx.get(p.url + "/healthz").json()  # the upstream serves no edit-follower: IKE prompting
+    assert health["fast_path"] == "ike" and health["follower"] is None
     resp = ask(c, "Who is the CEO of Kem Corporation?")
     assert "Alice Zhang" in resp.choices[0].message.content
     assert resp.model_extra["kem"]["edits"][0]["id"] == edit["id"]

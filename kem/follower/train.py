@@ -78,10 +78,12 @@ class TrainResult:
 
 
 # ---- the base model's own answers -----------------------------------------------------------------------
-def base_answerer(model: Any, tokenizer: Any, batch_size: int = 32) -> Callable[[Sequence[str], bool, int], list[str]]:
+def base_answerer(model: Any, tokenizer: Any, batch_size: int = 32,
+                  progress: bool = False) -> Callable[[Sequence[str], bool, int], list[str]]:
     """``answers(prompts, chat, max_new_tokens)``: greedy answers of ``model`` (adapter off), batched
     with left padding; completions stop at the first newline."""
     import torch
+    from tqdm.auto import tqdm
 
     def answers(prompts: Sequence[str], chat: bool, max_new_tokens: int) -> list[str]:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -92,7 +94,8 @@ def base_answerer(model: Any, tokenizer: Any, batch_size: int = 32) -> Callable[
         try:
             order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
             res: dict[int, str] = {}
-            for s in range(0, len(order), batch_size):
+            for s in tqdm(range(0, len(order), batch_size), desc=f"base answers ({'chat' if chat else 'completion'})",
+                          unit="batch", disable=not progress, leave=False):
                 idx = order[s:s + batch_size]
                 enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(model.device)
@@ -185,7 +188,7 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
     records = records[: cfg.records]
     data_hash = file_sha256(data)
     log.info("building the training set from %d records of %s", len(records), data)
-    examples = build_examples(records, base_answerer(model, tokenizer), seed=cfg.seed,
+    examples = build_examples(records, base_answerer(model, tokenizer, progress=progress), seed=cfg.seed,
                               max_distractors=cfg.max_distractors)
     enc = [encode_example(e, tokenizer) for e in examples]
     lengths = [len(p) + len(a) for p, a in enc]
@@ -283,6 +286,7 @@ def save_adapter(peft_model: Any, out: Path, manifest: dict[str, Any]) -> None:
     tmp.mkdir()
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
     save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_model.safetensors").chmod(0o644)
     peft_model.peft_config["default"].save_pretrained(str(tmp))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     keep = out / "checkpoint"
