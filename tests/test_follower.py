@@ -202,7 +202,7 @@ def test_eval_adapter_method_scores_in_scope_with_the_follower(follower_gen, emb
 
     model, tok = lm_and_tok
     gen = TransformersGenerator(model, tok)  # the eval attaches the follower itself
-    cases = load_cases("counterfact", shared_data("counterfact", "counterfact-edit.json"), n=4)
+    cases = load_cases(shared_data("counterfact", "counterfact-edit.json"), n=4)
     ev = Evaluator(EvalContext(gen, embedder), EvalConfig(mode="batch", fluency_cases=0))
     runs = {r.method: r for r in ev.run(["ike", "adapter"], cases, progress=False)}
     rel = [p for c in runs["adapter"].cases for p in c["probes"] if p["kind"] == "reliability"]
