@@ -235,3 +235,39 @@ def test_kem_adapter_train_end_to_end(tmp_path, lm_and_tok):
                           "--data", shared_data("counterfact", "counterfact-edit.json")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "train split only" in bad.stderr
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, lm_and_tok, monkeypatch, caplog):
+    """A run killed after its step-2 checkpoint resumes there with the same options (the crash is
+    injected into the optimiser's third step)."""
+    import logging
+
+    import torch
+
+    from kem.follower.train import TrainConfig, train_follower
+
+    model, tok = lm_and_tok
+    data = shared_data("counterfact", "counterfact-train.json")
+    cfg = TrainConfig(records=8, steps=4, batch_size=2, save_every=2)
+    flags = [p.requires_grad for p in model.parameters()]
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def crashing_step(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_follower(model, tok, data, tmp_path / "a", cfg, progress=False)
+    assert (tmp_path / "a" / "checkpoint" / "state.pt").exists()
+    assert not any(m._forward_hooks for m in model.modules())
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    with caplog.at_level(logging.INFO, logger="kem.follower.train"):
+        res = train_follower(model, tok, data, tmp_path / "a", cfg, progress=False)
+    assert "resuming from step 2" in caplog.text
+    assert len(res.losses) == 4 and not (tmp_path / "a" / "checkpoint").exists()
+    assert read_manifest(tmp_path / "a")["steps"] == 4
+    assert not any("lora_" in n for n, _ in model.named_modules()) and not model.training
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -199,77 +199,82 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
     plan = plan[:steps]
 
     torch.manual_seed(cfg.seed)
+    grad_flags, was_training = [p.requires_grad for p in model.parameters()], model.training
     peft_model = get_peft_model(model, lora_config(model, cfg))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    ckpt = out / "checkpoint"
-    key = {"config": _jsonable(asdict(cfg)), "data_sha256": data_hash, "steps": steps, "base_model": base_model_id}
-    start, losses = 0, []
-    if resume and (ckpt / "state.pt").exists():
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-        if state.get("key") == key:
-            set_peft_model_state_dict(peft_model, state["adapter"])
-            opt.load_state_dict(state["optim"])
-            start, losses = int(state["step"]), list(state["losses"])
-            log.info("resuming from step %d (%s)", start, ckpt)
-        else:
-            log.warning("ignoring %s: written with other options or data", ckpt)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    peft_model.train()
-    bar = tqdm(total=steps, initial=start, desc="training edit-follower", disable=not progress)
     try:
-        for step in range(start, steps):
-            rows = [enc[i] for i in plan[step]]
-            width = max(len(p) + len(a) for p, a in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, (p, a) in enumerate(rows):
-                seq = p + a
-                ids[r, : len(seq)] = torch.tensor(seq)
-                labels[r, len(p): len(seq)] = torch.tensor(a)
-                mask[r, : len(seq)] = 1
-            dev = model.device
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = peft_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-            if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-                ckpt.mkdir(parents=True, exist_ok=True)
-                tmp = ckpt / "state.pt.tmp"
-                torch.save({"key": key, "step": step + 1, "losses": losses, "optim": opt.state_dict(),
-                            "adapter": get_peft_model_state_dict(peft_model)}, tmp)
-                tmp.replace(ckpt / "state.pt")
-    finally:
-        bar.close()
-    peft_model.eval()
-    manifest = {
-        "name": "kem-editor", "kind": "kem edit-follower (LoRA)", "base_model": base_model_id,
-        "data": str(data.name), "data_sha256": data_hash, "records": len(records),
-        "excluded_eval_overlap": len(all_records) - len(without_eval_overlap(all_records, data.parent.parent)),
-        "examples": len(examples),
-        "example_kinds": _count(e.kind for e in examples), "steps": steps, "config": _jsonable(asdict(cfg)),
-        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "train_seconds": round(time.time() - t0, 1),
-        "command": command, "train_case_ids": sorted(r.case_id for r in records),
-    }
-    save_adapter(peft_model, out, manifest)
-    shutil.rmtree(ckpt, ignore_errors=True)
-    # give the caller its model back without the LoRA layers
-    peft_model.unload()
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+        def lr_at(step: int) -> float:
+            if step < cfg.warmup:
+                return cfg.lr * (step + 1) / cfg.warmup
+            frac = (step - cfg.warmup) / max(1, steps - cfg.warmup)
+            return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+        ckpt = out / "checkpoint"
+        key = {"config": _jsonable(asdict(cfg)), "data_sha256": data_hash, "steps": steps, "base_model": base_model_id}
+        start, losses = 0, []
+        if resume and (ckpt / "state.pt").exists():
+            state = torch.load(ckpt / "state.pt", weights_only=False)
+            if state.get("key") == key:
+                set_peft_model_state_dict(peft_model, state["adapter"])
+                opt.load_state_dict(state["optim"])
+                start, losses = int(state["step"]), list(state["losses"])
+                log.info("resuming from step %d (%s)", start, ckpt)
+            else:
+                log.warning("ignoring %s: written with other options or data", ckpt)
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        peft_model.train()
+        bar = tqdm(total=steps, initial=start, desc="training edit-follower", disable=not progress)
+        try:
+            for step in range(start, steps):
+                rows = [enc[i] for i in plan[step]]
+                width = max(len(p) + len(a) for p, a in rows)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                labels = torch.full((len(rows), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, (p, a) in enumerate(rows):
+                    seq = p + a
+                    ids[r, : len(seq)] = torch.tensor(seq)
+                    labels[r, len(p): len(seq)] = torch.tensor(a)
+                    mask[r, : len(seq)] = 1
+                dev = model.device
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step)
+                loss = peft_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=labels.to(dev)).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss))
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+                if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                    ckpt.mkdir(parents=True, exist_ok=True)
+                    tmp = ckpt / "state.pt.tmp"
+                    torch.save({"key": key, "step": step + 1, "losses": losses, "optim": opt.state_dict(),
+                                "adapter": get_peft_model_state_dict(peft_model)}, tmp)
+                    tmp.replace(ckpt / "state.pt")
+        finally:
+            bar.close()
+        peft_model.eval()
+        manifest = {
+            "name": "kem-editor", "kind": "kem edit-follower (LoRA)", "base_model": base_model_id,
+            "data": str(data.name), "data_sha256": data_hash, "records": len(records),
+            "excluded_eval_overlap": len(all_records) - len(without_eval_overlap(all_records, data.parent.parent)),
+            "examples": len(examples),
+            "example_kinds": _count(e.kind for e in examples), "steps": steps, "config": _jsonable(asdict(cfg)),
+            "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "train_seconds": round(time.time() - t0, 1),
+            "command": command, "train_case_ids": sorted(r.case_id for r in records),
+        }
+        save_adapter(peft_model, out, manifest)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    finally:  # the caller gets its model back: no LoRA layers, its parameters' flags as they were
+        peft_model.unload()
+        for p, flag in zip(model.parameters(), grad_flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
     return TrainResult(out, steps, len(examples), time.time() - t0, losses)
 
 
