@@ -53,8 +53,10 @@ class Demo:
 
 
 def quote(text: str) -> str:
-    """Quote edit text for a prompt: JSON string syntax, so it stays one line of data."""
-    return json.dumps(text, ensure_ascii=False)
+    """Quote edit text for a prompt: JSON string syntax, so it stays one line of data, with ``<`` and
+    ``>`` written as JSON's ``\u003c`` / ``\u003e`` escapes so that no chat-template marker in the text
+    (``<|im_start|>``, ``</s>``, ``<start_of_turn>``...) can become a special token."""
+    return json.dumps(text, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 def load_demos(path: str | Path | None = None) -> list[Demo]:
