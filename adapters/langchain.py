@@ -75,7 +75,8 @@ class EditedChatModel(Runnable[LanguageModelInput, BaseMessage]):
     def rewrite(self, value: LanguageModelInput) -> tuple[list[BaseMessage], dict[str, Any]]:
         """The request the wrapped model gets, and the provenance of the edits applied to it."""
         msgs = _as_messages(value)
-        rw = self.editor.rewrite_chat(convert_to_openai_messages(msgs), self.namespace)
+        # the wrapped chat model is not kem's engine: it has no edit-follower, so IKE prompting
+        rw = self.editor.rewrite_chat(convert_to_openai_messages(msgs), self.namespace, follower=None)
         info = _provenance(rw.applied, self.namespace or self.editor.settings.namespace)
         if not rw.applied:
             return msgs, info  # out of scope: the caller's messages, unchanged
