@@ -8,7 +8,7 @@
 # KEM_URL        the running server (default http://127.0.0.1:8000); unset KEM_URL="" to skip the swap
 # KEM_ADMIN_KEY  an admin key from the keys file (a line `KEY *`), if auth is on
 # METHOD         consolidation method (memit by default; see `kem consolidate --help`)
-# CONSOLIDATE_ARGS  more options for `kem consolidate` (e.g. "--namespace alice --cov-samples 200")
+# CONSOLIDATE_ARGS  more options for `kem consolidate` (e.g. "--namespace default --cov-samples 200"; only shared namespaces, KEM_SHARED_NAMESPACES)
 #
 # `kem consolidate` publishes models/vN (parent: the current version), points models/current at it and
 # marks the absorbed edits consolidated_in=vN; it exits 1 (and publishes nothing) when the reliability

@@ -52,6 +52,15 @@ class Settings(BaseSettings):
         '"none", or an adapter folder (kem adapter train --out DIR).',
     )
 
+    shared_namespaces: str = Field(
+        "default", description="Comma-separated namespaces whose edits consolidation may write into the "
+        "shared weights every tenant is served. Other namespaces are tenants: their edits stay on the fast path.",
+    )
+
+    def shared(self) -> list[str]:
+        """:attr:`shared_namespaces` as a list."""
+        return [n.strip() for n in self.shared_namespaces.split(",") if n.strip()]
+
     def resolved_device(self) -> str:
         """The torch device string to use: CUDA when asked for "auto" and one is present."""
         if self.device != "auto":

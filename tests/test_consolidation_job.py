@@ -57,7 +57,7 @@ def home(tmp_path_factory, lm_and_tok):
 def settings(home):
     from kem.settings import Settings
 
-    return Settings(home=home, device="cpu")
+    return Settings(home=home, device="cpu", shared_namespaces="cf")  # the edits here are shared facts
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +205,7 @@ def test_rollback_returns_edits_to_the_fast_path(home, published):
 
 def _kem(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KEM_HOME": str(home), "KEM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "KEM_SHARED_NAMESPACES": "cf",
            "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-c", "from kem.cli import main; main()", *args], env=env,
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
@@ -235,9 +236,35 @@ def test_cli_consolidate_nothing_pending(home, published):
 
     app = typer.Typer()
     app.command()(cmd)
-    r = CliRunner().invoke(app, ["--namespace", "empty-ns", "--home", str(home), "--json"])
+    r = CliRunner().invoke(app, ["--home", str(home), "--json"], env={"KEM_SHARED_NAMESPACES": "empty-ns"})
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert not out["published"] and "nothing to consolidate" in out["message"]
+    assert not out["published"] and "nothing to consolidate" in out["message"] and "empty-ns" in out["message"]
     r = CliRunner().invoke(models_app, ["show", "v1", "--home", str(home), "--json"])
     assert r.exit_code == 0 and json.loads(r.output)["version"] == "v1"
+
+
+def test_a_tenant_s_edits_never_reach_the_shared_weights(tmp_path):
+    """Issue 12's leak: alice alone has "Danielle Darrieux -> English"; a plain `kem consolidate` must not
+    write it into the weights bob is served, and `--namespace alice` is refused before any work."""
+    from kem.errors import ValidationError
+    from kem.settings import Settings
+    from kem.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    (alice,) = store.add_many(_edits([0], namespace="alice"))
+    store.close()
+    settings = Settings(home=tmp_path, device="cpu")  # shared: "default" only
+    res = consolidate(settings, method="ft-l")
+    assert not res.published and res.edit_ids == [] and "tenant namespaces are never consolidated" in res.message
+    with pytest.raises(ValidationError, match="tenant namespace") as err:
+        consolidate(settings, method="ft-l", namespace="alice")
+    assert err.value.field == "namespace"
+    r = _kem(tmp_path, "consolidate", "--namespace", "alice", "--method", "ft-l")
+    assert r.returncode == 2 and "tenant namespace" in r.stderr and "Traceback" not in r.stderr
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    try:
+        assert store.get(alice.id, "alice").status == EditStatus.active  # still on alice's fast path only
+    finally:
+        store.close()
+    assert V.current_version(tmp_path) is None and not list((tmp_path / "models").glob("v*"))

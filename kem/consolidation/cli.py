@@ -31,7 +31,7 @@ def _print_json(obj: Any) -> None:
 
 def consolidate(
     method: Annotated[str, typer.Option("--method", "-m", help="memit, alphaedit, rome or ft-l.")] = "memit",
-    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: all).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this shared namespace (default: every shared namespace, KEM_SHARED_NAMESPACES; tenant namespaces are refused).")] = None,
     max_edits: Annotated[int | None, typer.Option(help="At most this many pending edits (oldest first).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and evaluate; publish and change nothing.")] = False,
     parent: Annotated[str, typer.Option("--from", help="Build on: 'current' (default), 'base' or a version vN.")] = "current",

@@ -169,12 +169,37 @@ def select_probes(edits: Sequence[Edit], probes: Sequence[str] | None = None, ma
 
 
 # ---- the job ----------------------------------------------------------------------------------------
-def pending_edits(store: Any, chain: frozenset[str], namespace: str | None = None,
+def pending_edits(store: Any, chain: frozenset[str], namespace: str | Sequence[str] | None = None,
                   max_edits: int | None = None) -> list[Edit]:
-    """Edits not in the weights of a model whose absorbed versions are ``chain`` (oldest first)."""
-    rows = store.list(namespace, [EditStatus.active, EditStatus.consolidated])
+    """Edits not in the weights of a model whose absorbed versions are ``chain`` (oldest first), of
+    ``namespace`` (one name, several, or None: every namespace)."""
+    if isinstance(namespace, str) or namespace is None:
+        rows = store.list(namespace, [EditStatus.active, EditStatus.consolidated])
+    else:
+        rows = sorted((e for ns in dict.fromkeys(namespace)
+                       for e in store.list(ns, [EditStatus.active, EditStatus.consolidated])),
+                      key=lambda e: (e.created_at, e.id))
     todo = [e for e in rows if e.status == EditStatus.active or e.consolidated_in not in chain]
     return todo if max_edits is None else todo[:max_edits]
+
+
+def consolidation_scope(settings: Any, namespace: str | None) -> list[str]:
+    """The namespaces a job may write into the shared weights: the shared ones (``KEM_SHARED_NAMESPACES``,
+    default ``default``), or ``namespace`` when it is one of them.
+
+    Raises:
+        ValidationError: ``namespace`` is a tenant's: its edits would reach every tenant served the
+            new version, so kem keeps them on the fast path (per-tenant versions need per-tenant adapters).
+    """
+    shared = settings.shared()
+    if namespace is None:
+        return shared
+    if namespace not in shared:
+        raise ValidationError(
+            f"namespace {namespace!r} is a tenant namespace: consolidating it would write its edits into the "
+            f"weights every tenant is served (shared namespaces: {', '.join(shared) or 'none'}). Its edits stay "
+            "on the fast path; to share them with everyone, add it to KEM_SHARED_NAMESPACES.", field="namespace")
+    return [namespace]
 
 
 def consolidate(
@@ -199,7 +224,8 @@ def consolidate(
         settings: kem settings (home, model, cache_dir, device); default ``Settings()``.
         home: Overrides ``settings.home``.
         method: A registered method (``memit``, ``alphaedit``, ``rome``, ``ft-l``).
-        namespace: Only this namespace's edits (default: all).
+        namespace: Only this namespace's edits; it must be a shared one (default: every namespace in
+            ``settings.shared_namespaces``). Tenant namespaces are refused (:func:`consolidation_scope`).
         max_edits: At most this many edits (oldest first).
         dry_run: Compute and evaluate, publish nothing, change nothing.
         gates: Publishing thresholds (:class:`Gates`).
@@ -225,6 +251,7 @@ def consolidate(
     home = settings.home
     gates = gates or Gates()
     spec = get_method(method)
+    scope = consolidation_scope(settings, namespace)  # before the lock, the store, the model
     if batch_size < 1:
         raise ValidationError(f"batch_size must be >= 1 (got {batch_size})", field="batch_size")
     if max_edits is not None and max_edits < 1:
@@ -237,13 +264,13 @@ def consolidate(
     except Timeout:
         raise ConflictError(f"another consolidation job is running on {home} (lock {lock.lock_file})") from None
     try:
-        return _run(settings, spec, namespace, max_edits, dry_run, gates, parent, corpus, hparams or {},
+        return _run(settings, spec, scope, max_edits, dry_run, gates, parent, corpus, hparams or {},
                     batch_size, probes, progress)
     finally:
         lock.release()
 
 
-def _run(settings: Any, spec: Any, namespace: str | None, max_edits: int | None, dry_run: bool, gates: Gates,
+def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None, dry_run: bool, gates: Gates,
          parent: str | None, corpus: Any, overrides: dict[str, Any], batch_size: int,
          probes: Sequence[str] | None, progress: bool) -> ConsolidationResult:
     from tqdm.auto import tqdm
@@ -267,10 +294,11 @@ def _run(settings: Any, spec: Any, namespace: str | None, max_edits: int | None,
 
     store = SQLiteStore(Path(home) / "edits.sqlite")
     try:
-        edits = pending_edits(store, chain, namespace, max_edits)
+        edits = pending_edits(store, chain, namespaces, max_edits)
         result.edit_ids = [e.id for e in edits]
         if not edits:
-            result.message = f"nothing to consolidate: no pending edits{f' in namespace {namespace!r}' if namespace else ''}"
+            result.message = (f"nothing to consolidate: no pending edits in the shared namespace(s) "
+                              f"{', '.join(namespaces) or '(none)'} (tenant namespaces are never consolidated)")
             return result
 
         t0 = time.perf_counter()
@@ -349,7 +377,8 @@ def _run(settings: Any, spec: Any, namespace: str | None, max_edits: int | None,
             "hparams": hp.model_dump(mode="json"),
             "edit_ids": result.absorbed_ids,
             "failed_edit_ids": result.failed_ids,
-            "namespace": namespace,
+            "namespace": namespaces[0] if len(namespaces) == 1 else None,
+            "namespaces": sorted({e.namespace for e in edits}),
             "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits")},
             "timings": {**timings, "total": time.perf_counter() - t_start},
             "corpus": None if corpus is None else str(corpus),

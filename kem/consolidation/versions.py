@@ -54,7 +54,8 @@ class Manifest(BaseModel):
         hparams: The method's hyperparameters, as used.
         edit_ids: Edits absorbed by this version (marked ``consolidated_in`` = this version).
         failed_edit_ids: Edits that were in the delta but did not pass reliability; they stay active.
-        namespace: Namespace the job took edits from (None: all).
+        namespace: The namespace the job took edits from when it was one (else None).
+        namespaces: Every namespace the job took edits from (shared namespaces only).
         metrics: Gate metrics (reliability, locality, ...) and thresholds.
         timings: Seconds per step of the job.
         created_at: UTC time of publication.
@@ -71,6 +72,7 @@ class Manifest(BaseModel):
     edit_ids: list[str] = Field(default_factory=list)
     failed_edit_ids: list[str] = Field(default_factory=list)
     namespace: str | None = None
+    namespaces: list[str] = Field(default_factory=list)
     metrics: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
