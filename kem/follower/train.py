@@ -247,7 +247,7 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
                 if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
