@@ -292,7 +292,9 @@ def save_adapter(peft_model: Any, out: Path, manifest: dict[str, Any]) -> None:
     state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
     save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_model.safetensors").chmod(0o644)
-    peft_model.peft_config["default"].save_pretrained(str(tmp))
+    cfg = peft_model.peft_config["default"]
+    cfg.base_model_name_or_path = Path(str(cfg.base_model_name_or_path or "")).name or None  # no local paths
+    cfg.save_pretrained(str(tmp))
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     keep = out / "checkpoint"
     if keep.exists():
