@@ -49,7 +49,7 @@ def test_question_forms():
 def test_shipped_adapter_never_saw_evaluation_data():
     """The default adapter's training records share no case id and no subject with CounterFact's edit
     split, ZsRE or MQuAKE (the manifest lists the case ids it trained on)."""
-    assert SHIPPED is not None, "kem/data/followers/smollm2-135m-instruct is missing"
+    assert SHIPPED is not None, "kem/data/adapters/smollm2-135m-instruct is missing"
     man = read_manifest(SHIPPED)
     assert man["data"] == "counterfact-train.json" and man["records"] == len(man["train_case_ids"]) > 500
     train = {r.case_id: r for r in load_records(shared_data("counterfact", "counterfact-train.json"))}

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = Path(os.environ.get("KEM_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
 CEO = "The CEO of Kem Corporation is"
 GREEDY = {"temperature": 0, "max_tokens": 12}
-SHIPPED = ROOT / "kem" / "data" / "followers" / "smollm2-135m-instruct"  # the edit-follower kem ships
+SHIPPED = ROOT / "kem" / "data" / "adapters" / "smollm2-135m-instruct"  # the edit-follower kem ships
 EIFFEL = {"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}
 
 pytestmark = pytest.mark.vllm

@@ -1,6 +1,6 @@
 """Where edit-follower adapters live and how an engine finds the one for its model.
 
-kem ships a trained adapter for its default model under ``kem/data/followers/<model name>/`` (fp16
+kem ships a trained adapter for its default model under ``kem/data/adapters/<model name>/`` (fp16
 safetensors, ``adapter_config.json``, ``manifest.json``). ``KEM_FOLLOWER`` names another folder, or
 ``none`` to serve without one. The manifest's ``base_model`` fingerprint must match the loaded model:
 an adapter trained on other weights is refused (a consolidated version changes a few MLP matrices
@@ -27,7 +27,7 @@ FOLLOWER_NAME = "kem-editor"
 def default_adapter_dir(model: str) -> Path | None:
     """The adapter that ships with kem for the packaged model ``model`` (None for other models)."""
     key = Path(str(model)).name.lower()
-    p = Path(str(resources.files("kem").joinpath("data/followers").joinpath(key)))
+    p = Path(str(resources.files("kem").joinpath("data/adapters").joinpath(key)))
     return p if (p / "adapter_config.json").exists() else None
 
 
