@@ -175,8 +175,7 @@ class Edit(BaseModel):
     @property
     def fact(self) -> str:
         """The edit as one statement: ``"The mother tongue of Danielle Darrieux is English."``."""
-        text = f"{self.rendered_prompt} {self.target_new}"
-        return text if text[-1] in ".!?" else text + "."
+        return fact_sentence(self.rendered_prompt, self.target_new)
 
     @property
     def relation_key(self) -> str:
@@ -219,3 +218,9 @@ def validation_error(model_name: str, exc: PydanticValidationError) -> Validatio
         first_field = first_field or loc
         parts.append(f"{model_name}.{loc} {msg}" if loc != "(record)" else f"{model_name}: {msg}")
     return ValidationError("; ".join(parts), field=first_field)
+
+
+def fact_sentence(prompt: str, target: str) -> str:
+    """``prompt`` completed by ``target`` as one sentence (a final period added when it has none)."""
+    text = f"{prompt} {target}"
+    return text if text[-1] in ".!?" else text + "."

@@ -129,12 +129,11 @@ class KnowledgeEditor:
         """The engine (the embedded default loads on first use)."""
         if self._generator is None:
             from kem.adapters.transformers import TransformersGenerator
-            from kem.follower.registry import resolve_follower
+            from kem.follower.registry import follower_for
 
             s = self.settings
-            follower = resolve_follower(s.follower, s.model) if s.fast_path == "adapter" else None
             self._generator = TransformersGenerator.load(s.model, s.cache_dir, device=s.resolved_device(),
-                                                         follower=follower)
+                                                         follower=follower_for(s))
         return self._generator
 
     @generator.setter

@@ -260,11 +260,10 @@ def use_version(ke: Any, version: str) -> None:
     if version == CURRENT:
         version = current_version(home) or BASE
     chain = absorbed(home, version)
-    from kem.follower.registry import resolve_follower
+    from kem.follower.registry import follower_for
 
     model, tok = load_version(home, version, ke.settings)
-    s = ke.settings  # the edit-follower belongs to the base model and works over its versions
-    follower = resolve_follower(s.follower, s.model) if s.fast_path == "adapter" else None
-    ke.generator = TransformersGenerator(model, tok, name=f"{ke.settings.model}@{version}", follower=follower)
+    ke.generator = TransformersGenerator(model, tok, name=f"{ke.settings.model}@{version}",
+                                         follower=follower_for(ke.settings))  # the base model's follower
     ke.absorbed_versions = chain
     log.info("serving model version %s (fast path skips edits of %s)", version, sorted(chain) or "none")

@@ -32,7 +32,7 @@ def train(
     """Train the edit-follower on the CounterFact train split; resumes an interrupted run with the same options."""
     import torch
 
-    from kem.follower.registry import model_fingerprint
+    from kem.follower.registry import embedding_fingerprint
     from kem.follower.train import TrainConfig, train_follower
     from kem.models import load_causal_lm
     from kem.settings import Settings
@@ -43,7 +43,7 @@ def train(
     name = model or s.model
     cfg = TrainConfig(records=records, steps=steps, batch_size=batch_size, lr=lr, rank=rank, seed=seed)
     lm, tok = load_causal_lm(name, s.cache_dir, device=s.resolved_device())
-    res = train_follower(lm, tok, data, out, cfg, base_model_id=model_fingerprint(lm, name),
+    res = train_follower(lm, tok, data, out, cfg, base_model_id=embedding_fingerprint(lm),
                          command=shlex.join(["kem", *sys.argv[1:]]), progress=not as_json, resume=not fresh)
     row = {"out": str(res.out), "steps": res.steps, "examples": res.examples, "seconds": round(res.seconds, 1),
            "final_loss": round(sum(res.losses[-10:]) / max(1, len(res.losses[-10:])), 4)}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.compose import follower_chat, follower_completion
+from kem.edit import fact_sentence
 from kem.errors import DatasetFormatError
 from kem.follower.questions import question_for
 
@@ -61,8 +62,12 @@ class Record:
 
     @property
     def fact(self) -> str:
-        text = f"{self.prompt} {self.target_new}"
-        return text if text[-1] in ".!?" else text + "."
+        return fact_sentence(self.prompt, self.target_new)
+
+    def holds_old(self, answer: str) -> bool:
+        """Whether the base model's ``answer`` to the prompt gives the *old* object (a strongly-held fact)."""
+        old = self.target_true.lower()
+        return answer.strip().lower().startswith(old[: max(3, len(old) // 2)])
 
     def question(self) -> str | None:
         q = question_for(self.template)
@@ -111,7 +116,7 @@ def load_records(path: str | Path) -> list[Record]:
             if not isinstance(r.get(fld), str) or not r[fld].strip():
                 raise DatasetFormatError(f"{p} record {i}: field {fld!r} must be a non-empty string", field=f"[{i}].{fld}")
         subject, prompt = r["subject"].strip(), r["prompt"].strip()
-        template = prompt.replace(subject, "{}") if subject in prompt else prompt.replace("{}", "{}")
+        template = prompt.replace(subject, "{}") if subject in prompt else prompt
         rendered = prompt.replace("{}", subject)
         out.append(Record(int(r.get("case_id", i)), subject, rendered, template, r["target_new"].strip(),
                           r["ground_truth"].strip(), (r.get("rephrase_prompt") or "").strip() or None,
@@ -222,7 +227,7 @@ def build_examples(records: Sequence[Record], base_answers: BaseAnswers, *, seed
     for r, mine in zip(recs, own, strict=True):
         new = " " + r.target_new
         q = r.question()
-        strong = mine.strip().lower().startswith(r.target_true.lower()[: max(3, len(r.target_true) // 2)])
+        strong = r.holds_old(mine)
         if rng.random() < 0.6:
             comp("reliability", r, r.fact, r.prompt, new)
         if r.rephrase:
@@ -258,5 +263,4 @@ def build_examples(records: Sequence[Record], base_answers: BaseAnswers, *, seed
 def strongly_held(records: Sequence[Record], base_answers: BaseAnswers) -> list[Record]:
     """The records whose *old* answer the base model gives unprompted (facts it holds strongly)."""
     own = base_answers([r.prompt for r in records], False, 4)
-    return [r for r, a in zip(records, own, strict=True)
-            if a.strip().lower().startswith(r.target_true.lower()[: max(3, len(r.target_true) // 2)])]
+    return [r for r, a in zip(records, own, strict=True) if r.holds_old(a)]

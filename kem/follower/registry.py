@@ -4,7 +4,7 @@ kem ships a trained adapter for its default model under ``kem/data/adapters/<mod
 safetensors, ``adapter_config.json``, ``manifest.json``). ``KEM_FOLLOWER`` names another folder, or
 ``none`` to serve without one. The manifest's ``base_model`` fingerprint must match the loaded model:
 an adapter trained on other weights is refused (a consolidated version changes a few MLP matrices
-only and keeps its base's fingerprint, see :func:`model_fingerprint`).
+only and keeps its base's fingerprint, see :func:`embedding_fingerprint`).
 """
 
 from __future__ import annotations
@@ -43,14 +43,23 @@ def resolve_follower(setting: str | None, model: str) -> Path | None:
     return p
 
 
+def follower_for(settings: Any) -> Path | None:
+    """The edit-follower the engines of ``settings`` load: the ``KEM_FOLLOWER`` folder for the base model
+    (``settings.model``, also when serving one of its consolidated versions), or None with
+    ``KEM_FAST_PATH=ike``."""
+    return resolve_follower(settings.follower, settings.model) if settings.fast_path == "adapter" else None
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     f = Path(path) / "manifest.json"
     return json.loads(f.read_text(encoding="utf-8")) if f.exists() else {}
 
 
-def model_fingerprint(model: Any, name: str = "") -> str:
+def embedding_fingerprint(model: Any) -> str:
     """A short content hash of a model's token embeddings and architecture (the parts no kem
-    consolidation changes), recorded in an adapter's manifest to check it is loaded on its base."""
+    consolidation changes), recorded in an adapter's manifest to check it is loaded on its base.
+    Not :func:`kem.consolidation.shared.prompts.model_fingerprint`, which hashes every parameter and so
+    changes with each consolidated version."""
     import torch
 
     h = hashlib.sha256()
@@ -65,6 +74,6 @@ def check_base(path: str | Path, model: Any) -> None:
     """Refuse an adapter trained on another base model (manifest fingerprint mismatch)."""
     want = read_manifest(path).get("base_model")
     if want:
-        got = model_fingerprint(model)
+        got = embedding_fingerprint(model)
         if want != got:
             raise ModelError(f"edit-follower {path} was trained on {want}, not on the loaded model ({got})")

@@ -180,9 +180,10 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
                               "the edit split, ZsRE and MQuAKE are for evaluation", field="data")
     t0 = time.time()
     all_records = load_records(data)
-    records: list[Record] = without_eval_overlap(all_records, data.parent.parent)
+    eligible = without_eval_overlap(all_records, data.parent.parent)
     log.info("%d of %d train records kept (the rest share a subject with an evaluation set)",
-             len(records), len(all_records))
+             len(eligible), len(all_records))
+    records: list[Record] = list(eligible)
     rng = random.Random(cfg.seed)
     rng.shuffle(records)
     records = records[: cfg.records]
@@ -262,7 +263,7 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
         manifest = {
             "name": "kem-editor", "kind": "kem edit-follower (LoRA)", "base_model": base_model_id,
             "data": str(data.name), "data_sha256": data_hash, "records": len(records),
-            "excluded_eval_overlap": len(all_records) - len(without_eval_overlap(all_records, data.parent.parent)),
+            "excluded_eval_overlap": len(all_records) - len(eligible),
             "examples": len(examples),
             "example_kinds": _count(e.kind for e in examples), "steps": steps, "config": _jsonable(asdict(cfg)),
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])), "train_seconds": round(time.time() - t0, 1),

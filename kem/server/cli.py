@@ -22,10 +22,9 @@ ENGINES = ("transformers", "vllm")
 
 def build_engine(kind: str, model: str, settings: Any, name: str | None = None) -> Any:
     """Load an in-process engine: ``transformers`` (the embedded default) or ``vllm`` (``vllm.LLM``)."""
-    from kem.follower.registry import resolve_follower
+    from kem.follower.registry import follower_for
 
-    # the edit-follower belongs to the base model (settings.model), also when ``model`` is a version folder
-    follower = resolve_follower(settings.follower, settings.model) if settings.fast_path == "adapter" else None
+    follower = follower_for(settings)  # the base model's, also when ``model`` is a version folder
     if kind == "transformers":
         from kem.adapters.transformers import TransformersGenerator
 
