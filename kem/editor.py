@@ -28,7 +28,7 @@ from kem.edit import Edit, EditStatus
 from kem.protocols import Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
-from kem.store import InMemoryStore
+from kem.stores.memory import InMemoryStore
 
 log = logging.getLogger(__name__)
 

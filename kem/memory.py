@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from kem.edit import Edit
 from kem.index import DEFAULT_ANN_THRESHOLD, NamespacedIndex
 from kem.protocols import EditStore, Embedder
-from kem.store import LIVE
+from kem.stores.rules import LIVE
 
 log = logging.getLogger(__name__)
 

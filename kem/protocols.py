@@ -2,7 +2,7 @@
 
 Each is a ``typing.Protocol`` with a handful of methods. Implementations: generators in
 ``kem.adapters`` (transformers, vLLM, OpenAI-compatible HTTP), the embedder in ``kem.embedding``,
-stores in ``kem.store`` (in-memory reference) and ``kem.stores`` (SQLite), the index in ``kem.index``.
+stores in ``kem.stores`` (``memory``: the in-memory reference; ``sqlite``: the durable default), the index in ``kem.index``.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
 from kem.protocols import Change
-from kem.store import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
 SCHEMA_VERSION = 1
 
