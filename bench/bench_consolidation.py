@@ -172,4 +172,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from kem.runtime import own_process
+
+    own_process()  # before torch loads
     main()

@@ -98,4 +98,7 @@ def render(prefixes: list[str], modes: list[str], first: int, plots: str | None 
 
 
 if __name__ == "__main__":
+    from kem.runtime import own_process
+
+    own_process()  # before torch loads
     main()

@@ -497,4 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from kem.runtime import own_process
+
+    own_process()  # before torch loads
     main()

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from kem.errors import KemError
+from kem.runtime import own_process
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="kem: knowledge-editing middleware for LLMs.")
 edit_app = typer.Typer(no_args_is_help=True, help="Add, list, show, remove and import edits.")
@@ -257,6 +258,7 @@ def _mount_optional() -> None:
 
 
 def main() -> None:
+    own_process()  # before torch loads (kem/runtime.py)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _mount_optional()
     try:

@@ -47,3 +47,21 @@ def test_exported_members_exist():
     from kem.stores.sqlite import SQLiteStore  # the mapped folders resolve
 
     assert SQLiteStore and cut_at_stop("a\nb", ("\n",)) == ("a", True)
+
+
+def test_import_changes_nothing_in_the_callers_process():
+    """``import kem`` (and its stores, adapters, settings) sets no environment variable and loads no torch:
+    only processes kem owns set its defaults (kem.runtime.own_process)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; before = dict(os.environ); "
+            "import kem, kem.stores, kem.adapters, kem.settings, kem.cli; "
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
+            "assert not changed, changed; assert 'torch' not in sys.modules")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    code = "import os; from kem.runtime import own_process; own_process(); print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "PASSIVE", out.stderr
