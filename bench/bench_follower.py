@@ -75,8 +75,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from kem.adapters.transformers import TransformersGenerator
 
+    from kem.adapters.transformers import TransformersGenerator
     from kem.edit import Edit
     from kem.editor import KnowledgeEditor
     from kem.eval.metrics import contains

@@ -355,10 +355,10 @@ def bench_full_path(data: RealData, n_edits: int, idx: object, embedder: object,
                     rows: list[Row], search_row: Row) -> None:
     """embed + EditMemory.search (SQLite store of ``n_edits`` edits) + scope decision, per request."""
     import faiss
-    from kem.stores.sqlite import SQLiteStore
 
     from kem.memory import EditMemory
     from kem.scope import ScopeClassifier
+    from kem.stores.sqlite import SQLiteStore
 
     label = f"{n_edits:,}" + (" (tiled)" if n_edits > len(data.records) else "")
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -393,9 +393,8 @@ def bench_full_path(data: RealData, n_edits: int, idx: object, embedder: object,
 
 def bench_import(data: RealData, embedder: object, args: argparse.Namespace, rows: list[Row]) -> None:
     """Bulk import into a fresh SQLite store through EditMemory.add_many: total, embedding, store, index."""
-    from kem.stores.sqlite import SQLiteStore
-
     from kem.memory import EditMemory
+    from kem.stores.sqlite import SQLiteStore
 
     recs = data.records
     # (a) the real path, real embedder, on the first edits

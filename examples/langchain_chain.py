@@ -8,11 +8,11 @@ vLLM, for instance); or point ``ChatOpenAI`` at ``kem serve`` and skip ``with_ed
 
 from __future__ import annotations
 
-from kem.adapters.langchain import EditRetriever, KemChatModel, with_edits
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
 from kem import Edit, KnowledgeEditor
+from kem.adapters.langchain import EditRetriever, KemChatModel, with_edits
 
 
 def main() -> None:

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ConflictError, NotFoundError, ValidationError
 from kem.protocols import Change
+from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
 
 class InMemoryStore:

@@ -13,10 +13,11 @@ from tests.conftest import kem_server
 
 pytest.importorskip("langchain_openai")
 
-from kem.adapters.langchain import EditRetriever, with_edits  # noqa: E402
 from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 from langchain_openai import ChatOpenAI  # noqa: E402
+
+from kem.adapters.langchain import EditRetriever, with_edits  # noqa: E402
 
 QUESTION = "Who is the CEO of Kem Corporation?"
 

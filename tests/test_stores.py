@@ -5,10 +5,10 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from kem.stores.memory import InMemoryStore
-from kem.stores.sqlite import SQLiteStore
 
 from kem.errors import StoreError
+from kem.stores.memory import InMemoryStore
+from kem.stores.sqlite import SQLiteStore
 from tests.store_conformance import StoreConformance, mk
 
 

