@@ -2,11 +2,13 @@
 
     KemError
     ├── ValidationError          bad input; names the field and the fix (HTTP 400)
-    │   └── DatasetFormatError   a dataset record is malformed; names the record (HTTP 400)
+    │   ├── DatasetFormatError   a dataset record is malformed; names the record (HTTP 400)
+    │   └── ContextLengthError   prompt + max_tokens do not fit the model's context (HTTP 400)
     ├── NotFoundError            an edit, version or model that does not exist (HTTP 404)
     ├── ConflictError            the request contradicts stored state (HTTP 409)
     ├── AuthError                missing or wrong API key (HTTP 401)
     │   └── ForbiddenError       a key asking for another namespace (HTTP 403)
+    ├── RateLimitError           a key over its request, token or concurrency limit (HTTP 429)
     ├── ModelError               a model could not be found, converted or loaded (HTTP 500)
     ├── StoreError               the edit store is unreadable or of a newer schema (HTTP 500)
     ├── EngineError              the generation engine failed (HTTP 502 / upstream's status)
@@ -15,6 +17,8 @@
 """
 
 from __future__ import annotations
+
+import math
 
 
 class KemError(Exception):
@@ -39,6 +43,12 @@ class DatasetFormatError(ValidationError):
     """A record of an imported dataset is malformed."""
 
 
+class ContextLengthError(ValidationError):
+    """The prompt, or the prompt plus the requested completion, does not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
 class NotFoundError(KemError, KeyError):
     status_code = 404
     code = "not_found"
@@ -60,6 +70,27 @@ class AuthError(KemError):
 class ForbiddenError(AuthError):
     status_code = 403
     code = "forbidden"
+
+
+class RateLimitError(KemError):
+    """An API key is over one of its limits (requests or tokens per minute, requests in flight).
+
+    Args:
+        message: What was exceeded and when to retry.
+        retry_after: Seconds after which the same request would be admitted (sent as ``Retry-After``).
+    """
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, float(retry_after))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers for the 429 response: ``Retry-After`` in whole seconds (at least 1)."""
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))}
 
 
 class ModelError(KemError):

@@ -1,12 +1,20 @@
-"""API keys and tenancy for ``kem serve``: a key maps to a namespace.
+"""API keys and tenancy for ``kem serve``: a key maps to a namespace (and optional limits).
 
 The keys file (``--keys FILE`` or ``KEM_API_KEYS_FILE``) has one key per line, ``#`` comments allowed::
 
-    # KEY                  NAMESPACE   [admin]
+    # KEY                  NAMESPACE   [admin]  [rpm=N] [tpm=N] [parallel=N]
     sk-alice-123           alice
     sha256:9f86d08...      bob                  # the key's SHA-256 hex digest, so it is not stored in clear
     sk-ops-root            *                    # namespace "*": an admin key
     sk-ops-2               ops        admin     # an admin key whose own namespace is "ops"
+    sha256:60303ae...      carol      rpm=60 tpm=20000 parallel=2
+
+Store keys hashed (``sha256:`` + the hex digest of the key): ``POST /admin/keys`` writes only the digest
+and returns the key once, and :meth:`KeyRing.hash_clear_keys` rewrites clear-text entries as digests.
+``rpm`` / ``tpm`` / ``parallel`` limit the key's requests and tokens per minute and requests in flight
+(:mod:`kem.server.limits`); without ``parallel=`` the server-wide ``KEM_MAX_PARALLEL_PER_KEY`` applies.
+kem rewrites the file atomically (a temporary file in the same folder, fsync, rename), keeping its mode
+(a new file is 0600).
 
 A tenant key reads and writes only its own namespace's edits and only gets them applied. An admin
 key sees every namespace (``?namespace=`` / the ``x-kem-namespace`` header / an edit's ``namespace``
@@ -20,12 +28,16 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
+import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kem.edit import NAMESPACE_RE
 from kem.errors import AuthError, ForbiddenError, ValidationError
+from kem.server.limits import NO_LIMITS, KeyLimits
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +51,7 @@ class Principal:
     namespace: str
     admin: bool = False
     key_id: str = ""  # first 12 hex digits of the key's SHA-256 (safe to log)
+    limits: KeyLimits = NO_LIMITS
 
     def namespace_for(self, requested: str | None) -> str:
         """The namespace a request acts on. Tenants may only name their own (else 403)."""
@@ -61,36 +74,97 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+LIMIT_NAMES = ("rpm", "tpm", "parallel")
+NEW_FILE_MODE = 0o600
+
+
 @dataclass(frozen=True)
 class KeyEntry:
     digest: str
     namespace: str
     admin: bool
+    limits: KeyLimits = NO_LIMITS
+    hashed: bool = True  # False: the file holds this key in clear text
+
+
+def _entry_digest(key: str) -> str:
+    """The digest a keys-file entry's first column stands for (``sha256:HEX`` or a clear-text key)."""
+    return key[7:].lower() if key.lower().startswith("sha256:") else digest(key)
 
 
 def parse_keys(text: str, where: str = "keys file") -> dict[str, KeyEntry]:
     """Parse a keys file's text into ``{sha256 hex: entry}``. Errors name the line."""
     out: dict[str, KeyEntry] = {}
+    usage = "expected 'KEY NAMESPACE [admin] [rpm=N] [tpm=N] [parallel=N]'"
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2].lower() != "admin"):
-            raise ValidationError(f"{where} line {n}: expected 'KEY NAMESPACE [admin]' (got {raw.strip()!r})",
-                                  field="keys")
+        if len(parts) < 2:
+            raise ValidationError(f"{where} line {n}: {usage} (got {raw.strip()!r})", field="keys")
         key, ns = parts[0], parts[1]
-        admin = ns == ALL or len(parts) == 3
+        admin = ns == ALL
+        limits: dict[str, int] = {}
+        for opt in parts[2:]:
+            name, eq, value = opt.partition("=")
+            if not eq and name.lower() == "admin":
+                admin = True
+            elif eq and name in LIMIT_NAMES and name not in limits and value.isascii() and value.isdigit() \
+                    and int(value) >= 1:
+                limits[name] = int(value)
+            else:
+                raise ValidationError(f"{where} line {n}: {usage}, each limit a whole number >= 1 at most once "
+                                      f"(got {opt!r})", field="keys")
         if ns != ALL and not NAMESPACE_RE.fullmatch(ns):
             raise ValidationError(f"{where} line {n}: {ns!r} is not a valid namespace", field="keys")
-        if key.lower().startswith("sha256:"):
-            h = key[7:].lower()
-            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
-                raise ValidationError(f"{where} line {n}: sha256: must be followed by 64 hex digits", field="keys")
-        else:
-            h = digest(key)
-        out[h] = KeyEntry(h, "default" if ns == ALL else ns, admin)
+        hashed = key.lower().startswith("sha256:")
+        h = _entry_digest(key)
+        if hashed and (len(h) != 64 or any(c not in "0123456789abcdef" for c in h)):
+            raise ValidationError(f"{where} line {n}: sha256: must be followed by 64 hex digits", field="keys")
+        out[h] = KeyEntry(h, "default" if ns == ALL else ns, admin, KeyLimits(**limits), hashed)
     return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader sees the old file or the new one, never a torn one:
+    a temporary file in the same folder, fsync, ``os.replace``. Keeps ``path``'s mode (a new file: 0600);
+    a symlink's target is replaced, not the link."""
+    path = path.resolve()
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = NEW_FILE_MODE
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)  # before any secret is written; mkstemp made it 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _key_line(h: str, namespace: str, admin: bool, limits: KeyLimits) -> str:
+    opts = [" admin"] if admin and namespace != ALL else []
+    opts += [f" {name}={getattr(limits, name)}" for name in LIMIT_NAMES if getattr(limits, name) is not None]
+    return f"sha256:{h} {namespace}{''.join(opts)}"
 
 
 class KeyRing:
@@ -109,6 +183,13 @@ class KeyRing:
                 raise ValidationError(f"keys file {self.path} does not exist", field="keys")
             self._keys = parse_keys(self.path.read_text(encoding="utf-8"), str(self.path))
             log.info("auth on: %d keys from %s", len(self._keys), self.path)
+            clear = sum(not e.hashed for e in self._keys.values())
+            if clear:
+                log.warning("%s holds %d API keys in clear text; store them as sha256:HEX digests "
+                            "(KeyRing.hash_clear_keys rewrites them)", self.path, clear)
+            if stat.S_IMODE(self.path.stat().st_mode) & 0o077:
+                log.warning("%s is readable by other users (mode %o); chmod 600 it", self.path,
+                            stat.S_IMODE(self.path.stat().st_mode))
 
     @classmethod
     def from_env(cls, path: str | Path | None = None) -> KeyRing:
@@ -132,15 +213,27 @@ class KeyRing:
         entry = self._keys.get(h)
         if entry is None or not secrets.compare_digest(entry.digest, h):
             raise AuthError("invalid API key")
-        return Principal(entry.namespace, entry.admin, h[:12])
+        return Principal(entry.namespace, entry.admin, h[:12], entry.limits)
 
     # ---- key management (admin) -----------------------------------------------------------------------
     def list(self) -> list[dict[str, object]]:
         with self._lock:
-            return [{"id": e.digest[:12], "namespace": e.namespace, "admin": e.admin} for e in self._keys.values()]
+            out: list[dict[str, object]] = []
+            for e in self._keys.values():
+                row: dict[str, object] = {"id": e.digest[:12], "namespace": e.namespace, "admin": e.admin}
+                row.update({n: getattr(e.limits, n) for n in LIMIT_NAMES if getattr(e.limits, n) is not None})
+                out.append(row)
+            return out
 
-    def create(self, namespace: str, admin: bool = False) -> str:
-        """Make a new key for ``namespace``; its digest is appended to the keys file. Returns the key."""
+    def _rewrite(self, edit: Callable[[list[str]], list[str]]) -> None:
+        """Re-read the keys file (keeping edits made to it by hand), change its lines, write it atomically."""
+        assert self.path is not None
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        write_atomic(self.path, "".join(line + "\n" for line in edit(lines)))
+
+    def create(self, namespace: str, admin: bool = False, *, limits: KeyLimits = NO_LIMITS) -> str:
+        """Make a new key for ``namespace``; only its digest is written to the keys file. Returns the key,
+        which is not stored anywhere: the caller shows it once."""
         if not self.enabled:
             raise ValidationError("auth is off (no keys file): start kem serve with --keys FILE", field="keys")
         if namespace != ALL and not NAMESPACE_RE.fullmatch(namespace):
@@ -148,10 +241,9 @@ class KeyRing:
         key = "kem-" + secrets.token_urlsafe(24)
         h = digest(key)
         with self._lock:
-            assert self.path is not None
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(f"sha256:{h} {namespace}{' admin' if admin and namespace != ALL else ''}\n")
-            self._keys[h] = KeyEntry(h, "default" if namespace == ALL else namespace, admin or namespace == ALL)
+            self._rewrite(lambda lines: [*lines, _key_line(h, namespace, admin, limits)])
+            self._keys[h] = KeyEntry(h, "default" if namespace == ALL else namespace, admin or namespace == ALL,
+                                     limits)
         return key
 
     def revoke(self, key_id: str) -> int:
@@ -159,20 +251,41 @@ class KeyRing:
         if len(key_id) < 8:
             raise ValidationError("key id must be at least 8 hex digits (GET /admin/keys lists them)", field="id")
         with self._lock:
-            gone = [h for h in self._keys if h.startswith(key_id.lower())]
+            gone = {h for h in self._keys if h.startswith(key_id.lower())}
+            if gone and self.path is not None:
+                self._rewrite(lambda lines: [raw for raw in lines if _line_digest(raw) not in gone])
             for h in gone:
                 del self._keys[h]
-            if gone and self.path is not None:
-                kept = []
-                for raw in self.path.read_text(encoding="utf-8").splitlines():
-                    line = raw.split("#", 1)[0].strip()
-                    if line:
-                        k = line.split()[0]
-                        h = k[7:].lower() if k.lower().startswith("sha256:") else digest(k)
-                        if h in gone:
-                            continue
-                    kept.append(raw)
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
-                os.replace(tmp, self.path)
         return len(gone)
+
+    def hash_clear_keys(self) -> int:
+        """Rewrite the keys file's clear-text keys as ``sha256:HEX`` digests (namespace, options and
+        comments kept). Clients keep using the same keys. Returns how many lines changed."""
+        if self.path is None:
+            return 0
+        changed = 0
+
+        def edit(lines: list[str]) -> list[str]:
+            nonlocal changed
+            out = []
+            for raw in lines:
+                body, hash_mark, comment = raw.partition("#")
+                parts = body.split()
+                if parts and not parts[0].lower().startswith("sha256:"):
+                    lead = body[:len(body) - len(body.lstrip())]
+                    rest = body.lstrip()[len(parts[0]):]
+                    raw = f"{lead}sha256:{digest(parts[0])}{rest}{hash_mark}{comment}"
+                    changed += 1
+                out.append(raw)
+            return out
+
+        with self._lock:
+            self._rewrite(edit)
+            self._keys = {h: KeyEntry(e.digest, e.namespace, e.admin, e.limits, True) for h, e in self._keys.items()}
+        return changed
+
+
+def _line_digest(raw: str) -> str | None:
+    """The digest a keys-file line names, or ``None`` for a blank or comment line."""
+    line = raw.split("#", 1)[0].strip()
+    return _entry_digest(line.split()[0]) if line else None
