@@ -15,6 +15,13 @@ tombstones), through a hash-table direct map; HNSW answers single queries faster
 
 The index is saved beside the store with the store revision it reflects; ``EditMemory`` rebuilds it
 from the store's saved embeddings when it is missing, corrupt or stale.
+
+Thread safety: FAISS releases the GIL, and a search running while another thread adds to or
+removes from the same FAISS index can crash the process. Each partition therefore has a
+readers-writer lock: searches (and saves) share it, so they run in parallel with each other;
+adds and removes take it alone. Writers of one partition also take its ``writer`` mutex, one at a
+time; a rebuild (IVF training, which can take minutes) holds only that mutex while it builds the new
+FAISS index aside, so searches go on against the old one until the swap.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +80,51 @@ def _omp_threads(n: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+class RWLock:
+    """A readers-writer lock: any number of readers together, or one writer alone.
+
+    Writers are preferred: once a writer waits, new readers wait behind it, so a steady stream of
+    searches cannot starve an edit. Not reentrant: a thread must not take it again while holding it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writing or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 def ivf_nlist(n: int, factor: float = NLIST_FACTOR) -> int:
     """Number of inverted lists for a partition of ``n`` vectors."""
     return int(min(MAX_NLIST, max(MIN_NLIST, round(factor * math.sqrt(max(n, 1))))))
@@ -86,6 +139,10 @@ class _Partition:
     """One namespace's vectors. FAISS ids are ``(slot << KEY_BITS) | key_number``.
 
     ``trained_on`` is the number of vectors the IVF quantizer was trained on (0 for flat).
+
+    Locking (see the module docstring) is the caller's: :meth:`search` and :meth:`all_vectors` under
+    ``rw.read()``; :meth:`add` and :meth:`remove` under ``writer`` and ``rw.write()``; :meth:`rebuild`
+    under ``writer`` only (it takes ``rw.write()`` itself for the swap).
     """
 
     dim: int
@@ -97,6 +154,8 @@ class _Partition:
     keys_of: dict[int, int] = field(default_factory=dict)  # slot -> number of vectors
     next_slot: int = 0
     trained_on: int = 0
+    rw: RWLock = field(default_factory=RWLock, repr=False, compare=False)
+    writer: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -188,19 +247,22 @@ class _Partition:
         return np.concatenate(xs), np.concatenate(ids).astype(np.int64)
 
     def rebuild(self, kind: str, nlist_factor: float = NLIST_FACTOR) -> None:
-        """Rebuild as ``kind`` from the stored vectors (an IVF is retrained on its current content)."""
-        x, ids = self.all_vectors()
+        """Rebuild as ``kind`` from the stored vectors (an IVF is retrained on its current content).
+
+        The new FAISS index is built aside while searches keep using the current one (the caller
+        holds ``writer``, so nothing changes it meanwhile), then swapped in under ``rw.write()``.
+        """
+        x, ids = self.all_vectors()  # a read: safe beside searches
         if kind == IVF:
             nlist = ivf_nlist(len(x), nlist_factor)
             log.info("training an IVF index: %d vectors, %d lists", len(x), nlist)
-            self.index = self._new_ivf(x, nlist)
-            self.trained_on = len(x)
+            index, trained_on = self._new_ivf(x, nlist), len(x)
         else:
-            self.index = self._new_flat()
-            self.trained_on = 0
-        self.kind = kind
+            index, trained_on = self._new_flat(), 0
         if len(x):
-            self.index.add_with_ids(x, ids)
+            index.add_with_ids(x, ids)
+        with self.rw.write():
+            self.index, self.kind, self.trained_on = index, kind, trained_on
 
     # ---- reads ----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
@@ -257,21 +319,40 @@ class NamespacedIndex:
         self.nprobe = nprobe
         self.nlist_factor = nlist_factor
         self._parts: dict[str, _Partition] = {}
+        self._parts_lock = threading.Lock()  # guards the dict itself (partitions lock themselves)
         self.revision = 0
 
+    def _partitions(self) -> list[tuple[str, _Partition]]:
+        with self._parts_lock:
+            return list(self._parts.items())
+
+    def _partition(self, namespace: str, create: bool = False) -> _Partition | None:
+        with self._parts_lock:
+            part = self._parts.get(namespace)
+            if part is None and create:
+                part = self._parts[namespace] = _Partition(self.dim, nprobe=self.nprobe)
+            return part
+
     def __len__(self) -> int:
-        return sum(len(p.slot_of) for p in self._parts.values())
+        total = 0
+        for _, p in self._partitions():
+            with p.rw.read():
+                total += len(p.slot_of)
+        return total
 
     def namespaces(self) -> list[str]:
-        return sorted(self._parts)
+        return sorted(ns for ns, _ in self._partitions())
 
     def contains(self, namespace: str, edit_id: str) -> bool:
-        p = self._parts.get(namespace)
-        return p is not None and edit_id in p.slot_of
+        p = self._partition(namespace)
+        if p is None:
+            return False
+        with p.rw.read():
+            return edit_id in p.slot_of
 
     def kind(self, namespace: str) -> str | None:
         """``"flat"`` or ``"ivf"``: the index type of ``namespace``'s partition (``None``: no partition)."""
-        p = self._parts.get(namespace)
+        p = self._partition(namespace)
         return None if p is None else p.kind
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
@@ -295,13 +376,15 @@ class NamespacedIndex:
         if len(edit_ids) != len(vectors):
             raise ValueError(f"edit_ids and vectors differ in length ({len(edit_ids)} vs {len(vectors)})")
         vecs = [self._check(v) for v in vectors]
-        part = self._parts.get(namespace)
-        if part is None:
-            part = self._parts[namespace] = _Partition(self.dim, nprobe=self.nprobe)
-        part.add(list(edit_ids), vecs)
-        self._maybe_rebuild(namespace, part)
+        part = self._partition(namespace, create=True)
+        assert part is not None
+        with part.writer:
+            with part.rw.write():
+                part.add(list(edit_ids), vecs)
+            self._maybe_rebuild(namespace, part)
 
     def _maybe_rebuild(self, namespace: str, part: _Partition) -> None:
+        """Switch ``part`` between flat and IVF, or retrain it, as its size asks (caller holds ``part.writer``)."""
         n = part.ntotal
         if part.kind == FLAT and n > self.ann_threshold:
             log.info("namespace %r passed %d vectors: switching to IVF", namespace, self.ann_threshold)
@@ -314,37 +397,50 @@ class NamespacedIndex:
             part.rebuild(FLAT)
 
     def remove(self, namespace: str, edit_id: str) -> bool:
-        part = self._parts.get(namespace)
-        if part is None or not part.remove(edit_id):
+        part = self._partition(namespace)
+        if part is None:
             return False
-        self._maybe_rebuild(namespace, part)
+        with part.writer:
+            with part.rw.write():
+                if not part.remove(edit_id):
+                    return False
+            self._maybe_rebuild(namespace, part)
         return True
 
     def search(self, namespace: str, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Top ``k`` ``(edit_id, score)`` per query row, within ``namespace`` only."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        part = self._parts.get(namespace)
+        part = self._partition(namespace)
         if part is None:
             return [[] for _ in range(len(queries))]
-        return part.search(queries, k)
+        with part.rw.read():
+            return part.search(queries, k)
 
     # ---- persistence ------------------------------------------------------------------------------
     def save(self, folder: str | Path, meta: dict[str, Any]) -> None:
-        """Write every partition and a ``meta.json`` (with ``revision``) atomically into ``folder``."""
+        """Write every partition and a ``meta.json`` (with ``revision``) atomically into ``folder``.
+
+        Each partition is written as one consistent snapshot (under its read lock, beside searches);
+        a caller that needs every partition and ``revision`` from one moment serialises its writers
+        around this call, as :class:`~kem.memory.EditMemory` does.
+        """
         faiss = _faiss()
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".index.", dir=folder.parent))
         try:
             parts = {}
-            for ns, p in self._parts.items():
+            for ns, p in self._partitions():
                 fname = hashlib.sha1(ns.encode()).hexdigest()[:16]
-                faiss.write_index(p.index, str(tmp / f"{fname}.faiss"))
-                slots = sorted(p.edit_of)
-                np.save(tmp / f"{fname}.slots.npy", np.array([[s, p.keys_of[s]] for s in slots], dtype=np.int64))
-                (tmp / f"{fname}.ids.json").write_text(json.dumps([p.edit_of[s] for s in slots]))
-                parts[ns] = {"file": fname, "kind": p.kind, "next_slot": p.next_slot, "trained_on": p.trained_on,
-                             "nprobe": p.nprobe}
+                with p.rw.read():
+                    faiss.write_index(p.index, str(tmp / f"{fname}.faiss"))
+                    slots = sorted(p.edit_of)
+                    table = np.array([[s, p.keys_of[s]] for s in slots], dtype=np.int64)
+                    names = [p.edit_of[s] for s in slots]
+                    parts[ns] = {"file": fname, "kind": p.kind, "next_slot": p.next_slot,
+                                 "trained_on": p.trained_on, "nprobe": p.nprobe}
+                np.save(tmp / f"{fname}.slots.npy", table)
+                (tmp / f"{fname}.ids.json").write_text(json.dumps(names))
             info = {**meta, "format": INDEX_FORMAT, "dim": self.dim, "revision": self.revision, "partitions": parts}
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
             old = folder.with_name(folder.name + ".old")

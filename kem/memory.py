@@ -108,10 +108,12 @@ class EditMemory:
 
     def sync(self) -> None:
         """Replay the store's changes since the index's revision (cheap when nothing changed)."""
-        rev = self.store.revision()
-        if rev == self.index.revision:
+        if self.store.revision() == self.index.revision:
             return
-        with self._lock:
+        with self._lock:  # one writer at a time; searches go on (the index locks its partitions)
+            rev = self.store.revision()  # again: another thread may have synced past the first read
+            if rev == self.index.revision:
+                return
             if rev < self.index.revision:  # the store went back in time (restored file): start over
                 self.rebuild(save=False)
                 return

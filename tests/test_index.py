@@ -7,10 +7,19 @@ unlike uniform random ones), then L2-normalised as sentence embeddings are. Grou
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from kem.index import FLAT, IVF, KEY_BITS, NamespacedIndex, ivf_nlist
+from kem.index import FLAT, IVF, KEY_BITS, NamespacedIndex, RWLock, ivf_nlist
+
+STRESS = Path(__file__).resolve().parents[1] / "bench" / "stress_index.py"
 
 D = 32
 K = 5
@@ -236,3 +245,67 @@ def test_rejects_bad_input() -> None:
     # more than 2**KEY_BITS keys: the extra ones are ignored
     idx.add("ns", "big", synthetic((1 << KEY_BITS) + 5))
     assert idx._parts["ns"].ntotal == 1 << KEY_BITS
+
+
+def test_concurrent_search_add_delete_rebuild_save() -> None:
+    """Searches, adds, deletes, flat<->IVF rebuilds and saves from 7 threads for a few seconds.
+
+    Run in a child process: FAISS used unlocked segfaults (rc -11), which must fail this test, not
+    end pytest. The child checks every search result and saved index as it goes, and the index
+    against brute force at the end (bench/stress_index.py runs the same for longer).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(STRESS), "--child", "--seconds", "3", "--seed", "7"],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["consistent"] and res["n_errors"] == 0, res
+    assert all(res["ops"].get(kind, 0) > 0 for kind in ("search", "add", "delete", "rebuild", "save")), res
+
+
+def test_rwlock_readers_share_writers_wait() -> None:
+    lock = RWLock()
+    inside, release = threading.Barrier(3, timeout=10), threading.Event()
+    wrote = threading.Event()
+
+    def reader() -> None:
+        with lock.read():
+            inside.wait()  # both readers hold the lock at once, or this times out
+            release.wait(10)
+
+    def writer() -> None:
+        with lock.write():
+            wrote.set()
+
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in readers:
+        t.start()
+    inside.wait()
+    w = threading.Thread(target=writer)
+    w.start()
+    assert not wrote.wait(0.2)  # the writer waits for the readers
+    release.set()
+    assert wrote.wait(10)
+    for t in [*readers, w]:
+        t.join(10)
+
+
+def test_memory_sync_after_a_stale_revision_read_does_not_rebuild(embedder, monkeypatch) -> None:
+    """Two threads read the store's revision, one syncs past it: the late one must not see "the
+    store went back in time" and rebuild the whole index."""
+    from kem.edit import Edit
+    from kem.memory import EditMemory
+    from kem.stores.memory import InMemoryStore
+
+    mem = EditMemory(InMemoryStore(), embedder)
+    mem.add_many([Edit(subject="Paris", prompt="{} is the capital of", target_new="Italy")])
+    before = mem.store.revision()
+    mem.store.add(Edit(subject="Rome", prompt="{} is the capital of", target_new="France"))
+    reads = iter([before])  # this thread read the revision before another thread synced
+    real = mem.store.revision
+    monkeypatch.setattr(mem.store, "revision", lambda: next(reads, None) or real())
+    mem.index.revision = real()  # ... the other thread's sync
+    rebuilds = []
+    monkeypatch.setattr(mem, "rebuild", lambda *a, **k: rebuilds.append(1))
+    mem.sync()
+    assert rebuilds == []
