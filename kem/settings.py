@@ -7,6 +7,7 @@ Nothing is read at import time: build a ``Settings()`` where it is needed (the C
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,10 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path("~/.cache/kem").expanduser(),
         description="Converted models, covariance statistics and other rebuildable caches.",
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description='SQLite edit store durability: "FULL" (an acknowledged edit survives power loss; '
+        'one fsync per write) or "NORMAL" (faster writes; the last ones can be lost on power loss).',
     )
     device: str = Field("auto", description='"auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...')
     model: str = Field(

@@ -5,6 +5,13 @@ Tables: ``edits`` (current state, one JSON document per edit plus indexed column
 ``embeddings`` (retrieval-key vectors per embedder, so the FAISS index can be rebuilt without
 re-embedding) and ``schema_version``. Every mutation runs in one ``BEGIN IMMEDIATE`` transaction:
 it lands whole or not at all.
+
+Durability: by default the connection runs with ``synchronous=FULL``, so SQLite syncs the WAL at
+every commit and an acknowledged edit survives a power loss or OS crash. Edit writes are rare, so
+the fsync per commit is affordable (one-edit writes: 4.4 ms with FULL, 0.4 ms with NORMAL on the dev
+machine's disk). ``synchronous="NORMAL"`` (setting ``sqlite_synchronous``,
+env ``KEM_SQLITE_SYNCHRONOUS``) skips it: the database stays consistent, but the last commits
+before a power loss can be lost.
 """
 
 from __future__ import annotations
@@ -15,16 +22,17 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
 from kem.protocols import Change
+from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
 SCHEMA_VERSION = 1
+SYNCHRONOUS = ("FULL", "NORMAL")  # PRAGMA synchronous levels offered (see the module docstring)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -63,15 +71,22 @@ class SQLiteStore:
 
     Args:
         path: The database file (created with its parent folder if missing).
+        synchronous: ``"FULL"`` (default: every commit is on disk when it returns) or ``"NORMAL"``
+            (faster commits; the last ones can be lost on power loss). See the module docstring.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValidationError(
+                f"SQLiteStore.synchronous must be one of {', '.join(SYNCHRONOUS)} (got {synchronous!r})",
+                field="synchronous",
+            )
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")  # one of SYNCHRONOUS, checked above
             self._db.execute("PRAGMA foreign_keys=ON")
             self._lock = threading.RLock()
             with self._tx() as db:

@@ -51,3 +51,22 @@ def test_sqlite_wal_mode(tmp_path):
     s = SQLiteStore(tmp_path / "e.sqlite")
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
+
+
+def test_sqlite_writes_are_durable_by_default(tmp_path, monkeypatch):
+    """``synchronous=FULL`` (2) on the real file unless the setting trades it for NORMAL (1)."""
+    from kem.errors import ValidationError
+    from kem.settings import Settings
+
+    s = SQLiteStore(tmp_path / "e.sqlite")
+    s.add(mk())
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    s.close()
+    monkeypatch.setenv("KEM_SQLITE_SYNCHRONOUS", "NORMAL")
+    s = SQLiteStore(tmp_path / "e.sqlite", synchronous=Settings().sqlite_synchronous)
+    assert s._db.execute("PRAGMA synchronous").fetchone()[0] == 1 and len(s.list()) == 1
+    s.close()
+    monkeypatch.delenv("KEM_SQLITE_SYNCHRONOUS")
+    assert Settings().sqlite_synchronous == "FULL"
+    with pytest.raises(ValidationError, match="SQLiteStore.synchronous must be one of FULL, NORMAL"):
+        SQLiteStore(tmp_path / "e.sqlite", synchronous="OFF")  # type: ignore[arg-type]
