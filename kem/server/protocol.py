@@ -1,18 +1,30 @@
 """OpenAI wire models (pydantic) for kem's HTTP server: requests, responses, stream chunks, errors.
 
 Request models keep unknown fields (``extra="allow"``) so they reach the engine unchanged; the
-``kem`` field on responses lists the edits that were applied (provenance for clients).
+``kem`` field on responses lists the edits that were applied (provenance for clients). Known fields are
+checked as OpenAI checks them (``max_tokens`` >= 1, at most 4 non-empty ``stop`` strings, ``temperature``
+in [0, 2], ``top_p`` in (0, 1], a non-empty ``prompt`` / ``messages``); :func:`parse_request` turns any
+body into a request or a :class:`kem.errors.ValidationError` naming the field, and
+:func:`clamp_max_tokens` fits ``max_tokens`` to the server's ceiling and the model's context.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import ValidationError as PydanticValidationError
 
-from kem.errors import KemError
+from kem.errors import ContextLengthError, KemError, ValidationError
+
+MAX_TOKENS_CAP = 1_000_000  # absolute cap on max_tokens; the server's own ceiling (Settings.max_tokens_ceiling) is lower
+MAX_STOP = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256
+GREEDY_BELOW = 1e-5  # a temperature below this means greedy decoding (0.0), as vLLM treats it
+MAX_N = 128  # as OpenAI's API
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 def new_id(prefix: str) -> str:
@@ -25,19 +37,53 @@ def now() -> int:
 
 
 # ---- requests ----------------------------------------------------------------------------------------
+def _str_or_strs(v: Any) -> Any:
+    """One clear error for a ``str | list[str]`` field (pydantic would report each member of the union)."""
+    if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        return v
+    raise ValueError(f"must be a string or a list of strings (got {type(v).__name__})")
+
+
+StrOrStrs = Annotated[str | list[str], BeforeValidator(_str_or_strs)]
+
+
 class _Request(BaseModel):
     """Fields shared by chat and completion requests. Unknown fields are kept (``model_extra``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str = "default"
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0,
+        description=f"0: greedy; values below {GREEDY_BELOW} are read as 0 (dividing logits by them overflows).")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: StrOrStrs | None = None
     stream: bool = False
-    n: int | None = Field(None, ge=1)  # local engines answer with one choice; upstreams may do more
+    n: int | None = Field(None, ge=1, le=MAX_N)  # local engines answer with one choice (single_choice())
     user: str | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_below_floor(cls, v: float | None) -> float | None:
+        return 0.0 if v is not None and v < GREEDY_BELOW else v
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else v or []
+        if len(items) > MAX_STOP:
+            raise ValueError(f"takes at most {MAX_STOP} strings (got {len(items)})")
+        for s in items:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"strings must be 1 to {MAX_STOP_CHARS} characters long (got {len(s)})")
+        return v
+
+    def single_choice(self) -> None:
+        """Raise a 400 naming ``n`` unless the request asks for one choice (what local engines produce)."""
+        if self.n not in (None, 1):
+            raise ValidationError(f"n: this engine returns one choice per request (got n={self.n}); send n=1 "
+                                  "or repeat the request", field="n")
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -49,11 +95,22 @@ class _Request(BaseModel):
         return bool(isinstance(opts, dict) and opts.get("include_usage"))
 
 
+def _check_message(m: dict[str, Any]) -> dict[str, Any]:
+    role = m.get("role")
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValueError(f"needs a \"role\", one of {', '.join(ROLES)} (got {role!r:.40})")
+    content = m.get("content")
+    if content is not None and not isinstance(content, str | list):
+        raise ValueError(f"\"content\" must be a string, a list of content parts or null "
+                         f"(got {type(content).__name__})")
+    return m
+
+
 class ChatCompletionRequest(_Request):
     """``POST /v1/chat/completions``."""
 
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[Annotated[dict[str, Any], AfterValidator(_check_message)]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -62,7 +119,14 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     """``POST /v1/completions`` (one prompt per request)."""
 
-    prompt: str | list[str]
+    prompt: StrOrStrs
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, v: str | list[str]) -> str | list[str]:
+        if not v or (isinstance(v, list) and not all(v)):
+            raise ValueError(f"must be a non-empty string (got {v!r:.40})")
+        return v
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -70,12 +134,52 @@ class CompletionRequest(_Request):
     def prompt_text(self) -> str:
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
-                from kem.errors import ValidationError
-
                 raise ValidationError("prompt: kem serves one prompt per request (got a list of "
                                       f"{len(self.prompt)}); send them as separate requests", field="prompt")
             return self.prompt[0]
         return self.prompt
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_request(model: type[R], raw: bytes | str) -> R:
+    """``raw`` (a JSON body) as ``model``, or a :class:`ValidationError` (400) naming the first bad field."""
+    from kem.edit import validation_error
+
+    try:
+        return model.model_validate_json(raw)
+    except PydanticValidationError as exc:
+        raise validation_error(model.__name__, exc) from None
+
+
+def clamp_max_tokens(requested: int | None, prompt_tokens: int, context: int, ceiling: int, *,
+                     default: int | None = None, field: str = "max_tokens", prompt_field: str = "messages") -> int:
+    """The completion length to generate: ``requested`` checked against the server's ``ceiling`` and the
+    model's ``context`` (``prompt_tokens`` counted after kem's rewrite), or when none was requested,
+    ``default`` (else ``ceiling``) cut to what fits.
+
+    Raises:
+        ContextLengthError: The prompt fills the context (``field=prompt_field``), or prompt + ``requested``
+            exceeds it (``field=field``); HTTP 400, code ``context_length_exceeded``.
+        ValidationError: ``requested`` is below 1 or above ``ceiling`` (HTTP 400 naming ``field``).
+    """
+    room = context - prompt_tokens
+    if room <= 0:
+        raise ContextLengthError(f"This model's maximum context length is {context} tokens, and the "
+                                 f"{prompt_field} take {prompt_tokens} of them, leaving none for the completion. "
+                                 f"Please reduce the length of the {prompt_field}.", field=prompt_field)
+    if requested is None:
+        return max(1, min(default or ceiling, ceiling, room))
+    if requested < 1 or requested > ceiling:
+        raise ValidationError(f"{field} must be between 1 and {ceiling} on this server (got {requested})",
+                              field=field)
+    if requested > room:
+        raise ContextLengthError(f"This model's maximum context length is {context} tokens. However, you "
+                                 f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the "
+                                 f"{prompt_field}, {requested} in the completion). Please reduce the length of "
+                                 f"the {prompt_field} or {field}.", field=field)
+    return requested
 
 
 # ---- provenance ----------------------------------------------------------------------------------------
