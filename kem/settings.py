@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         "shared weights every tenant is served. Other namespaces are tenants: their edits stay on the fast path.",
     )
 
+    max_tokens_ceiling: int = Field(
+        4096, ge=1, le=1_000_000, description="Largest max_tokens a request to kem serve may ask for; more is a 400."
+    )
+    max_parallel_per_key: int = Field(
+        0, ge=0, description="Requests in flight per API key in kem serve (a key's own parallel= in the keys "
+        "file overrides it); 0: no limit. With auth off all callers count as one key.",
+    )
+
     def shared(self) -> list[str]:
         """:attr:`shared_namespaces` as a list."""
         return [n.strip() for n in self.shared_namespaces.split(",") if n.strip()]
