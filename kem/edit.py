@@ -22,6 +22,7 @@ NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:\-]{0,127}$")
 _WS = re.compile(r"\s+")
 MAX_TEXT = 2000
 MAX_PARAPHRASES = 32
+NEW_INPUT = "new_input"  # validation context key set by Edit.parse: checks that only new input must pass
 
 
 def _clean(text: str) -> str:
@@ -63,7 +64,7 @@ class Edit(BaseModel):
     Attributes:
         id: Stable identifier (a uuid4 hex unless given).
         namespace: Tenant; edits of one namespace are never seen from another.
-        subject: The entity the fact is about, e.g. ``"Danielle Darrieux"``.
+        subject: The entity the fact is about, e.g. ``"Danielle Darrieux"`` (new edits: no ``"{}"`` in it).
         prompt: Template with ``{}`` where the subject goes, e.g. ``"The mother tongue of {} is"``.
             A prompt that contains the subject verbatim instead is accepted and templated here.
         target_new: The new completion, e.g. ``"English"`` (stored without a leading space; use
@@ -126,6 +127,11 @@ class Edit(BaseModel):
         v = _clean(v)
         if not v and info.field_name in ("subject", "target_new"):
             raise ValueError("must not be empty or only whitespace")
+        if info.field_name == "subject" and "{}" in v and (info.context or {}).get(NEW_INPUT):
+            raise ValueError(
+                f'must not contain "{{}}", which marks where the subject goes in the prompt; write the '
+                f"subject without it (got {v!r})"
+            )
         return v or None
 
     @field_validator("paraphrases")
@@ -195,12 +201,17 @@ class Edit(BaseModel):
     @classmethod
     def parse(cls, data: dict[str, Any] | Edit, **overrides: Any) -> Edit:
         """Validate ``data`` (plus ``overrides``) into an Edit, raising :class:`kem.errors.ValidationError`
-        whose message names every bad field."""
+        whose message names every bad field.
+
+        This is the gate for new input (every store write goes through it), so it also refuses what
+        only new edits must not have (a subject containing ``"{}"``); records stored before such a
+        check was added still load with ``model_validate``.
+        """
         if isinstance(data, Edit):
             data = data.model_dump()
         payload = {**data, **{k: v for k, v in overrides.items() if v is not None}}
         try:
-            return cls.model_validate(payload)
+            return cls.model_validate(payload, context={NEW_INPUT: True})
         except PydanticValidationError as exc:
             raise validation_error("Edit", exc) from None
 

@@ -85,3 +85,29 @@ def test_user_demonstrations_file_and_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("KEM_DEMO_SELECTION", "random")
     with pytest.raises(Exception, match="demo_selection"):
         Settings()
+
+
+@pytest.mark.parametrize("prompt", ["The maker of A{}B is", "The maker of {} is"])
+def test_subject_with_braces_is_refused_and_nothing_stored_is_lost(tmp_path, prompt):
+    """"A{}B" as a subject used to turn "The maker of A{}B is" into "The maker of AA{}BB is"."""
+    from kem.stores.sqlite import SQLiteStore
+
+    with pytest.raises(ValidationError) as info:
+        Edit.parse({"subject": "A{}B", "prompt": prompt, "target_new": "Acme"})
+    assert info.value.field == "subject" and str(info.value).startswith('Edit.subject must not contain "{}"')
+    store = SQLiteStore(tmp_path / "e.sqlite")
+    kept = store.add(Edit(subject="Acme", prompt="The maker of {} is", target_new="Bob"))
+    # a record from before the check (stored then, validated by nothing now) still reads back
+    old = Edit(subject="C{}D", prompt="{} was founded in", target_new="1900")
+    with store._tx() as db:
+        db.execute("INSERT INTO edits (id, namespace, subject_key, relation_key, status, data) VALUES (?,?,?,?,?,?)",
+                   (old.id, old.namespace, old.subject_key, old.relation_key, old.status.value, old.model_dump_json()))
+    rev = store.revision()
+    with pytest.raises(ValidationError, match="Edit.subject"):
+        store.add(Edit(subject="A{}B", prompt=prompt, target_new="Acme"))
+    with pytest.raises(ValidationError, match="Edit.subject"):
+        store.update(kept.id, {"subject": "A{}B"})
+    assert store.revision() == rev and store.get(kept.id) == kept
+    assert [e.id for e in store.list()] == [kept.id, old.id] and store.get(old.id).rendered_prompt == "C{}D was founded in"
+    store.delete(old.id)  # and can be removed
+    store.close()
