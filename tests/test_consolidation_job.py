@@ -19,6 +19,7 @@ import pytest
 from kem.consolidation import versions as V
 from kem.consolidation.job import Gates, consolidate, default_probes, pending_edits
 from kem.edit import Edit, EditStatus
+from kem.versions import DELTA, MANIFEST, VersionStore
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 if not DATA.is_dir():
@@ -63,7 +64,7 @@ def settings(home):
 @pytest.fixture(scope="module")
 def published(home, settings):
     """The job's result when it publishes v1 from the two edits of ``home``."""
-    assert V.current_version(home) is None
+    assert VersionStore(home).current() is None
     return consolidate(settings, method="memit", corpus=WIKITEXT, hparams=COV)
 
 
@@ -92,14 +93,14 @@ def _snapshot(home: Path) -> dict:
         hist = {i: len(store.history(i)) for i in edits}
     finally:
         store.close()
-    root = V.models_dir(home)
+    root = VersionStore(home).root
     files = {}
     if root.is_dir():
         for p in sorted(root.rglob("*")):
             if p.is_file() and not p.name.endswith(".lock"):
                 st = p.stat()
                 files[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-    return {"edits": edits, "history": hist, "files": files, "current": V.current_version(home)}
+    return {"edits": edits, "history": hist, "files": files, "current": VersionStore(home).current()}
 
 
 def test_job_publishes_v1_and_marks_edits(home, settings, published):
@@ -107,14 +108,14 @@ def test_job_publishes_v1_and_marks_edits(home, settings, published):
     assert res.published, res.message
     assert res.version == "v1" and res.parent is None
     assert res.metrics["reliability"] >= Gates().min_reliability and res.metrics["locality"] >= Gates().min_locality, res.metrics
-    assert V.current_version(home) == "v1"
-    man = V.get_manifest(home, "v1")
+    assert VersionStore(home).current() == "v1"
+    man = VersionStore(home).manifest("v1")
     assert man.method == "memit" and man.parent is None and man.base == settings.model
     assert set(man.edit_ids) == set(res.absorbed_ids) and man.hparams["mom2_samples"] == 200
     assert {"load", "compute", "evaluate"} <= set(man.timings)
-    folder = V.version_dir(home, "v1")
-    assert (folder / "model.safetensors").is_file() and (folder / V.DELTA).is_file()
-    assert not [p for p in V.models_dir(home).iterdir() if p.name.startswith(".tmp-")]
+    folder = VersionStore(home).path("v1")
+    assert (folder / "model.safetensors").is_file() and (folder / DELTA).is_file()
+    assert not [p for p in VersionStore(home).root.iterdir() if p.name.startswith(".tmp-")]
 
     store = _store(home)
     try:
@@ -123,7 +124,7 @@ def test_job_publishes_v1_and_marks_edits(home, settings, published):
             assert e.status == EditStatus.consolidated and e.consolidated_in == "v1"
             assert store.history(i)[-1].op == "consolidate"
         job_ids = set(res.absorbed_ids) | set(res.failed_ids)  # other tests may have added edits since
-        assert {e.id for e in pending_edits(store, V.absorbed(home, "v1"), "cf")} & job_ids == set(res.failed_ids)
+        assert {e.id for e in pending_edits(store, VersionStore(home).absorbed("v1"), "cf")} & job_ids == set(res.failed_ids)
     finally:
         store.close()
 
@@ -163,7 +164,7 @@ def test_failure_while_publishing_leaves_no_partial_version(home, settings, pend
         consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP,
                     gates=Gates(0.0, 0.0), probes=PROBES)
     assert _snapshot(home) == before
-    assert not [p for p in V.models_dir(home).iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in VersionStore(home).root.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_gate_failure_publishes_nothing_and_says_why(home, settings, pending):
@@ -188,19 +189,19 @@ def test_rollback_returns_edits_to_the_fast_path(home, published):
     try:
         absorbed_v1 = [e.id for e in store.list("cf", EditStatus.consolidated)]
         assert absorbed_v1
-        assert not {e.id for e in pending_edits(store, V.absorbed(home, "v1"))} & set(absorbed_v1)
-        V.rollback(home, "base")
-        assert V.current_version(home) is None and V.absorbed(home, None) == frozenset()
-        assert set(absorbed_v1) <= {e.id for e in pending_edits(store, V.absorbed(home, None))}
-        V.rollback(home, "v1")
-        assert V.current_version(home) == "v1" and V.ancestors(home, "v1") == ["v1"]
+        assert not {e.id for e in pending_edits(store, VersionStore(home).absorbed("v1"))} & set(absorbed_v1)
+        VersionStore(home).rollback("base")
+        assert VersionStore(home).current() is None and VersionStore(home).absorbed(None) == frozenset()
+        assert set(absorbed_v1) <= {e.id for e in pending_edits(store, VersionStore(home).absorbed(None))}
+        VersionStore(home).rollback("v1")
+        assert VersionStore(home).current() == "v1" and VersionStore(home).ancestors("v1") == ["v1"]
     finally:
         store.close()
-    assert (V.models_dir(home) / "v1" / V.MANIFEST).is_file()  # rollback never deletes
+    assert (VersionStore(home).root / "v1" / MANIFEST).is_file()  # rollback never deletes
     with pytest.raises(Exception, match="does not exist"):
-        V.rollback(home, "v9")
+        VersionStore(home).rollback("v9")
     with pytest.raises(Exception, match="vN"):
-        V.rollback(home, "latest")
+        VersionStore(home).rollback("latest")
 
 
 def _kem(home: Path, *args: str) -> subprocess.CompletedProcess:
@@ -268,4 +269,4 @@ def test_a_tenant_s_edits_never_reach_the_shared_weights(tmp_path):
         assert store.get(alice.id, "alice").status == EditStatus.active  # still on alice's fast path only
     finally:
         store.close()
-    assert V.current_version(tmp_path) is None and not list((tmp_path / "models").glob("v*"))
+    assert VersionStore(tmp_path).current() is None and not list((tmp_path / "models").glob("v*"))

@@ -160,3 +160,27 @@ def test_user_demonstrations_reach_the_prompt(tmp_path, embedder, kem_settings):
     ke.add(Edit(**CASE0))
     rw = ke.rewrite_prompt(PARAPHRASE)
     assert rw.applied and "Zorblax" in rw.request and ke.composer.selection == "similar"
+
+
+def test_serve_version_is_the_one_way_to_change_what_is_served(ke, generator, lm_and_tok):
+    """Edits a version absorbed are skipped while weights holding it are served; ``absorbed_versions``
+    is read-only and ``serve_version`` also swaps the generator when given one."""
+    baked = ke.add({**CASE0, "status": "consolidated", "consolidated_in": "v1"})
+    assert ke.absorbed_versions == frozenset()
+    assert [s.edit.id for s in ke.retrieve(PARAPHRASE)] == [baked.id]
+    with pytest.raises(AttributeError):
+        ke.absorbed_versions = frozenset({"v1"})
+    with pytest.raises(AttributeError):
+        ke.generator = generator
+    ke.serve_version(["v1", "v2"])
+    assert ke.absorbed_versions == {"v1", "v2"} and ke.generator is generator
+    assert ke.retrieve(PARAPHRASE) == []  # in the weights: the fast path skips it
+    with pytest.raises(TypeError):
+        ke.serve_version("v1")  # a string is not a set of versions
+
+    from kem.adapters.transformers import TransformersGenerator
+
+    other = TransformersGenerator(*lm_and_tok, name="smollm2-135m-instruct@base")
+    ke.serve_version(frozenset(), generator=other)  # e.g. a rollback to the base model
+    assert ke.generator is other and ke.absorbed_versions == frozenset()
+    assert [s.edit.id for s in ke.retrieve(PARAPHRASE)] == [baked.id]

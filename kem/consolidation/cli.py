@@ -78,18 +78,18 @@ def consolidate(
 @models_app.command("list")
 def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List published versions (the current one is marked)."""
-    from kem.consolidation import versions as V
+    from kem.versions import VersionStore
 
-    h = _settings(home).home
-    cur = V.current_version(h)
+    vs = VersionStore(_settings(home).home)
+    cur = vs.current()
     rows = [{"version": m.version, "current": m.version == cur, "parent": m.parent, "method": m.method,
              "edits": len(m.edit_ids), "reliability": m.metrics.get("reliability"),
-             "locality": m.metrics.get("locality"), "created_at": m.created_at.isoformat()} for m in V.list_versions(h)]
+             "locality": m.metrics.get("locality"), "created_at": m.created_at.isoformat()} for m in vs.list()]
     if as_json:
         _print_json({"current": cur, "versions": rows})
         return
     if not rows:
-        typer.echo(f"no published versions under {V.models_dir(h)} (serving the base model)")
+        typer.echo(f"no published versions under {vs.root} (serving the base model)")
         return
     from rich.console import Console
     from rich.table import Table
@@ -105,12 +105,12 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @models_app.command("show")
 def models_show(version: Annotated[str, typer.Argument(help="vN")], home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show a version's manifest."""
-    from kem.consolidation import versions as V
+    from kem.versions import VersionStore
 
-    h = _settings(home).home
-    man = V.get_manifest(h, version)
-    row = {**man.model_dump(mode="json"), "current": V.current_version(h) == man.version,
-           "path": str(V.version_dir(h, version)), "absorbed_versions": V.ancestors(h, version)}
+    vs = VersionStore(_settings(home).home)
+    man = vs.manifest(version)
+    row = {**man.model_dump(mode="json"), "current": vs.current() == man.version,
+           "path": str(vs.path(version)), "absorbed_versions": vs.ancestors(version)}
     if as_json:
         _print_json(row)
     else:
@@ -124,13 +124,13 @@ def models_show(version: Annotated[str, typer.Argument(help="vN")], home: HomeOp
 def models_rollback(version: Annotated[str, typer.Argument(help="vN, or 'base' for the base model")],
                     home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Serve an earlier version (nothing is deleted); edits of later versions return to the fast path."""
-    from kem.consolidation import versions as V
+    from kem.versions import VersionStore
 
-    h = _settings(home).home
-    before = V.current_version(h)
-    V.rollback(h, version)
-    after = V.current_version(h)
+    vs = VersionStore(_settings(home).home)
+    before = vs.current()
+    vs.rollback(version)
+    after = vs.current()
     if as_json:
-        _print_json({"previous": before, "current": after, "absorbed_versions": V.ancestors(h, after)})
+        _print_json({"previous": before, "current": after, "absorbed_versions": vs.ancestors(after)})
     else:
         typer.echo(f"current model version: {after or 'base'} (was {before or 'base'})")

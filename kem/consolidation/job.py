@@ -13,7 +13,7 @@
 5. evaluate: reliability (greedy continuation of each edit's prompt contains ``target_new``) and
    locality (probe answers identical to the parent's);
 6. gates: publish only if reliability >= ``min_reliability`` and locality >= ``min_locality``;
-7. publish ``models/vN`` atomically (:func:`kem.consolidation.versions.publish`), point ``current``
+7. publish ``models/vN`` atomically (:func:`kem.consolidation.versions.publish` over :class:`kem.versions.VersionStore`), point ``current``
    at it, then mark the edits that passed reliability ``consolidated`` in ``vN`` (one transaction).
 
 Edits that failed reliability stay ``active``: the fast path keeps applying them on top of ``vN`` and
@@ -241,9 +241,9 @@ def consolidate(
     """
     from filelock import FileLock, Timeout
 
-    from kem.consolidation import versions as V
     from kem.consolidation.registry import get_method
     from kem.settings import Settings
+    from kem.versions import VersionStore
 
     settings = settings or Settings()
     if home is not None:
@@ -256,7 +256,7 @@ def consolidate(
         raise ValidationError(f"batch_size must be >= 1 (got {batch_size})", field="batch_size")
     if max_edits is not None and max_edits < 1:
         raise ValidationError(f"max_edits must be >= 1 (got {max_edits})", field="max_edits")
-    root = V.models_dir(home)
+    root = VersionStore(home).root
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / ".consolidate.lock"))
     try:
@@ -280,16 +280,17 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
     from kem.stores.sqlite import SQLiteStore
+    from kem.versions import BASE, VersionStore
 
     home = settings.home
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if parent in (None, "current"):
-        parent = V.current_version(home)
-    elif parent == V.BASE:
+        parent = VersionStore(home).current()
+    elif parent == BASE:
         parent = None
-    parent_man = V.get_manifest(home, parent) if parent else None
-    chain = V.absorbed(home, parent)
+    parent_man = VersionStore(home).manifest(parent) if parent else None
+    chain = VersionStore(home).absorbed(parent)
     result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=dry_run)
 
     store = SQLiteStore(Path(home) / "edits.sqlite")
@@ -316,7 +317,7 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
         ctx.progress = progress
         if parent:
             for key, fname in STATE_FILES.items():
-                path = V.version_dir(home, parent) / fname
+                path = VersionStore(home).path(parent) / fname
                 if path.is_file():
                     ctx.state[key] = _state_loader(key)(path)
         hp = spec.hparams_for(model, **overrides)
@@ -359,7 +360,7 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
         if loc < gates.min_locality:
             result.reasons.append(f"locality {loc:.3f} < {gates.min_locality} "
                                   f"({len(same) - sum(same)} of {len(same)} held-out probes changed their answer)")
-        result.version = V.next_version(home)
+        result.version = VersionStore(home).next_version()
         if result.reasons or dry_run:
             result.timings = {**timings, "total": time.perf_counter() - t_start}
             what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"

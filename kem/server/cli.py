@@ -14,6 +14,7 @@ from typing import Any
 import typer
 
 from kem.errors import KemError, ValidationError
+from kem.protocols import Reloadable
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
         if not path.is_dir():
             raise ValidationError(f"path {req.path!r} is not a model folder", field="path")
         name = req.name or (f"{base_name}@{req.version}" if req.version else str(path))
-        if kind == "vllm" and callable(getattr(current, "can_reload_in_place", None)) \
-                and current.can_reload_in_place(path):
+        if kind == "vllm" and isinstance(current, Reloadable) and current.can_reload_in_place(path):
             current.reload_weights(path, name=name)
             return current
         return build_engine(kind, str(path), settings, name=name)
@@ -88,14 +88,14 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     from kem.editor import KnowledgeEditor
     from kem.server.app import build_app
     from kem.server.auth import KeyRing
-    from kem.server.versions import resolve
     from kem.settings import Settings
+    from kem.versions import VersionStore
 
     settings = settings or Settings()
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
     ring = KeyRing.from_env(keys)
-    served = resolve(settings.home, model_version) if model_version else None
+    served = VersionStore(settings.home).resolve(model_version) if model_version else None
     reloader = None
     if upstream:
         from kem.adapters.openai_http import OpenAIHTTPGenerator
@@ -114,7 +114,7 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
             reloader = make_reloader(engine, settings, served_name or eng.name)
     editor = KnowledgeEditor.open(settings.home, settings=settings, generator=eng)
     if served is not None:
-        editor.absorbed_versions = served.absorbed
+        editor.serve_version(served.absorbed)
     return build_app(settings, editor, eng, keys=ring, served_name=served_name, reloader=reloader)
 
 

@@ -6,13 +6,15 @@ Two kinds of engine:
 * a *local* engine (anything with the async generator methods, or a sync
   :class:`~kem.protocols.Generator` bridged by :func:`kem.adapters.base.to_async`): kem builds the
   OpenAI response from the generated text;
-* an *HTTP* engine (has ``forward``, e.g. :class:`kem.adapters.openai_http.OpenAIHTTPGenerator`):
-  kem forwards the request body. Out-of-scope requests go out byte-for-byte as they came in (only a
-  ``model`` alias such as ``default`` is mapped to the upstream's name); in-scope ones get their
-  ``messages`` / ``prompt`` rewritten and kem's stop strings added. Streams pass through event by event.
+* an *HTTP* engine (a :class:`~kem.protocols.ForwardingEngine`, e.g.
+  :class:`kem.adapters.openai_http.OpenAIHTTPGenerator`): kem forwards the request body. Out-of-scope
+  requests go out byte-for-byte as they came in (only a ``model`` alias such as ``default`` is mapped
+  to the upstream's name); in-scope ones get their ``messages`` / ``prompt`` rewritten and kem's stop
+  strings added. Streams pass through event by event.
 
 Every response carries a ``kem`` field (the applied edits); :attr:`Result.applied` feeds the
-``x-kem-edits`` header.
+``x-kem-edits`` header. :attr:`Serving.edits` is the edits API (:mod:`kem.server.edits`);
+:meth:`Serving.reload` switches model versions (``/admin/reload``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from typing import Any
 
 from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
-from kem.errors import EngineError, KemError, NotFoundError
-from kem.protocols import GenerationParams, ScoredEdit
+from kem.errors import EngineError, KemError, NotFoundError, ValidationError
+from kem.protocols import ForwardingEngine, GenerationParams, ScoredEdit
+from kem.server.edits import Edits
 from kem.server.metrics import Metrics
 from kem.server.protocol import (
     AppliedEdit,
@@ -45,6 +48,7 @@ from kem.server.protocol import (
     KemInfo,
     ModelCard,
     ModelList,
+    ReloadRequest,
     error_body,
     kem_error_body,
     new_id,
@@ -54,6 +58,7 @@ from kem.server.protocol import (
 log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+Reloader = Callable[[ReloadRequest, Any], Any]  # (request, the engine serving now) -> the engine to serve
 
 
 @dataclass
@@ -106,17 +111,26 @@ class Serving:
 
     Args:
         editor: The edit memory and fast path.
-        engine: A local generator (sync or async) or an HTTP engine with ``forward``.
+        engine: A local generator (sync or async) or a :class:`~kem.protocols.ForwardingEngine`.
         served_name: The model name clients use (``default`` also works).
         metrics: Where counters go.
         default_max_tokens: Generation length when a request gives none (local engines).
+        reloader: ``(request, current engine) -> engine`` for :meth:`reload`: a new engine, or the
+            current one with new weights loaded in place (``None``: only absorbed versions can change).
+        settings: Where published versions live and the base model (default: the editor's settings).
     """
 
     def __init__(self, editor: KnowledgeEditor, engine: Any, *, served_name: str | None = None,
-                 metrics: Metrics | None = None, default_max_tokens: int | None = None) -> None:
+                 metrics: Metrics | None = None, default_max_tokens: int | None = None,
+                 reloader: Reloader | None = None, settings: Any = None) -> None:
         self.editor = editor
+        self.settings = settings or editor.settings
+        self.edits = Edits(editor)
         self.metrics = metrics or Metrics()
         self.default_max_tokens = default_max_tokens or editor.settings.max_new_tokens
+        self.reloader = reloader
+        self._reload_lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()  # swapped-out engines closing after a grace period
         self._engine: Any = None
         self.served_name = ""
         self.set_engine(engine, served_name)
@@ -126,25 +140,103 @@ class Serving:
     def engine(self) -> Any:
         return self._engine
 
+    @property
+    def forwarding(self) -> bool:
+        """Whether the engine is an upstream kem forwards request bodies to."""
+        return isinstance(self._engine, ForwardingEngine)
+
     def set_engine(self, engine: Any, served_name: str | None = None) -> None:
         """Switch to ``engine`` atomically: requests already running finish on the old one, new requests
         take the new one (one reference assignment)."""
-        engine = engine if hasattr(engine, "forward") else to_async(engine)
+        engine = engine if isinstance(engine, ForwardingEngine) else to_async(engine)
         self.served_name = served_name or self.served_name or engine.name
         self._engine = engine
         self.metrics.model = engine.name
 
     def swap(self, engine: Any, absorbed_versions: frozenset[str] | None = None) -> Any:
-        """Hot swap to a new model version's engine and from then on skip the edits it absorbed.
-        Returns the old engine (the caller closes it once its running requests are done)."""
+        """Hot swap to a new model version's engine and from then on skip the edits it absorbed
+        (:meth:`KnowledgeEditor.serve_version`). Returns the old engine (the caller closes it once its
+        running requests are done)."""
         old = self._engine
-        if absorbed_versions is not None:
-            self.editor.absorbed_versions = frozenset(absorbed_versions)
+        absorbed = self.editor.absorbed_versions if absorbed_versions is None else absorbed_versions
+        self.editor.serve_version(absorbed, generator=getattr(engine, "sync", engine))
         self.set_engine(engine, self.served_name)
         self.metrics.reloads += 1
         log.info("engine swapped to %s (absorbed versions: %s)", engine.name,
                  sorted(self.editor.absorbed_versions))
         return getattr(old, "sync", old)
+
+    async def reload(self, req: ReloadRequest) -> dict[str, Any]:
+        """``POST /admin/reload``: serve another model version, one reload at a time.
+
+        ``req.version`` names a version consolidation published (``vN``, ``current``, ``base``): its
+        folder is loaded (in-process engines, when no ``path`` is given) and its edits and its
+        ancestors' are skipped. An unpublished ``version`` with a ``path`` / ``upstream`` is added to
+        the absorbed versions; ``absorbed_versions`` overrides them. With neither ``path`` nor
+        ``upstream`` only the absorbed versions change. The old engine closes after a grace period.
+
+        Returns:
+            The response body: status, model, version, absorbed_versions, seconds (the load time).
+
+        Raises:
+            NotFoundError: an in-process engine was asked for a version that is not published.
+            ValidationError: the engine must change but this server has no reloader.
+        """
+        from kem.versions import VersionStore
+
+        async with self._reload_lock:
+            absorbed = self.editor.absorbed_versions
+            forwarding = self.forwarding
+            versions = VersionStore(self.settings.home)
+            if req.version and (versions.is_published(req.version) or (req.path is None and not forwarding)):
+                # a version consolidation published: its folder, and the edits of it and its ancestors
+                # (in-process engines with no path: the version must be published, else 404)
+                pub = await asyncio.to_thread(versions.resolve, req.version)
+                absorbed = pub.absorbed
+                update: dict[str, Any] = {"version": pub.version}
+                if req.path is None and not forwarding:
+                    update["path"] = str(pub.path) if pub.path else str(await asyncio.to_thread(self._base_model))
+                req = req.model_copy(update=update)
+            elif req.version:
+                absorbed = absorbed | {req.version}
+            if req.absorbed_versions is not None:
+                absorbed = frozenset(req.absorbed_versions)
+            seconds = 0.0
+            if req.path is None and req.upstream is None:  # only the absorbed versions change
+                self.editor.serve_version(absorbed)
+            else:
+                if self.reloader is None:
+                    raise ValidationError("this server cannot reload its engine", field="path")
+                t0 = time.perf_counter()
+                current = getattr(self._engine, "sync", self._engine)
+                new_engine = await asyncio.to_thread(self.reloader, req, current)
+                seconds = time.perf_counter() - t0
+                old = self.swap(new_engine, absorbed)
+                if old is not new_engine and callable(getattr(old, "close", None)):
+                    task = asyncio.create_task(_close_later(old))  # e.g. vLLM: its process, KV cache
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
+        return {"status": "ok", "model": self._engine.name, "version": req.version,
+                "absorbed_versions": sorted(absorbed), "seconds": round(seconds, 3)}
+
+    def _base_model(self) -> Any:
+        from kem.models import resolve_model
+
+        return resolve_model(self.settings.model, self.settings.cache_dir)
+
+    async def aclose(self) -> None:
+        """Close the engine (when it has ``aclose``) and the editor (app shutdown)."""
+        close = getattr(self._engine, "aclose", None)
+        if close is not None:
+            await close()
+        await asyncio.to_thread(self.editor.close)
+
+    def health(self) -> dict[str, Any]:
+        """``GET /healthz``: the engine, the absorbed versions and which fast path in-scope requests take."""
+        follower = self.editor.follower_of(self._engine)
+        return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
+                "absorbed_versions": sorted(self.editor.absorbed_versions),
+                "fast_path": "adapter" if follower else "ike", "follower": follower}
 
     def models(self) -> ModelList:
         root = self._engine.name
@@ -154,7 +246,7 @@ class Serving:
         """The engine-side name for ``model``; 404 for a model kem does not serve."""
         if model in ("default", self.served_name, self._engine.name, ""):
             return self._engine.name
-        if hasattr(self._engine, "forward"):  # the upstream may serve more models (LoRA adapters...): it decides
+        if self.forwarding:  # the upstream may serve more models (LoRA adapters...): it decides
             return model
         raise _ModelNotFound(f"model {model!r} is not served here; use {self.served_name!r} or 'default' "
                              "(GET /v1/models lists them)")
@@ -183,7 +275,7 @@ class Serving:
         upstream_model = self._check_model(req.model)
         rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine)
         info = kem_info(rw.applied, namespace)
-        if hasattr(engine, "forward"):
+        if isinstance(engine, ForwardingEngine):
             body = _forward_body(raw, req, upstream_model, "messages", rw)
             return await self._forward(engine, "/v1/chat/completions", body, req.stream, rw, info)
         params = self._params(req, rw.stop, rw.adapter)
@@ -225,7 +317,7 @@ class Serving:
         prompt = req.prompt_text()
         rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine)
         info = kem_info(rw.applied, namespace)
-        if hasattr(engine, "forward"):
+        if isinstance(engine, ForwardingEngine):
             body = _forward_body(raw, req, upstream_model, "prompt", rw)
             return await self._forward(engine, "/v1/completions", body, req.stream, rw, info)
         params = self._params(req, rw.stop, rw.adapter)
@@ -270,6 +362,16 @@ class Serving:
             return Result(rw.applied, body=out, namespace=info.namespace)
         events = await engine.forward(path, body, stream=True)  # raises with the upstream's status
         return Result(rw.applied, stream=_pass_through(events, info), namespace=info.namespace)
+
+
+async def _close_later(engine: Any, grace: float = 2.0) -> None:
+    """Close a swapped-out engine after a grace period (requests that took it before the swap finish
+    first: its queue drains before it stops)."""
+    await asyncio.sleep(grace)
+    try:
+        await asyncio.to_thread(engine.close)
+    except Exception as exc:  # best effort; the new engine is serving already
+        log.warning("closing the old engine failed: %s", exc)
 
 
 async def _pass_through(events: AsyncIterator[bytes], info: KemInfo) -> AsyncIterator[bytes]:

@@ -1,0 +1,144 @@
+"""The ``/v1/edits`` logic of ``kem serve``, with no web framework in it: create, get, list with paging,
+update, delete, history and bulk import over a :class:`~kem.editor.KnowledgeEditor`, each acting for a
+:class:`~kem.server.auth.Principal` (a tenant reaches only its own namespace; an admin picks one).
+
+Bodies come in parsed (a JSON value) except for :meth:`Edits.import_edits`, which takes the raw body
+and its content type (``{"edits": [...]}``, a JSON list, or JSON lines). Responses go out as JSON-ready
+dicts. Store work runs in a worker thread, so the methods are coroutines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kem.edit import Edit, EditStatus
+from kem.editor import KnowledgeEditor
+from kem.errors import ValidationError
+from kem.server.auth import Principal
+from kem.server.protocol import BulkResult, EditPage
+
+MAX_PAGE = 1000  # edits per listed page
+MAX_BULK = 50_000  # edits per import
+
+T = TypeVar("T")
+
+
+def edit_json(e: Edit) -> dict[str, Any]:
+    """An edit as the API returns it."""
+    return {"object": "edit", **e.model_dump(mode="json")}
+
+
+def parse_bulk(raw: bytes, content_type: str = "") -> list[Any]:
+    """The rows of an import body: JSON lines when ``content_type`` says ``ndjson`` / ``jsonl``, else
+    ``{"edits": [...]}`` or a JSON list. Checks it is a non-empty list of at most :data:`MAX_BULK` rows.
+
+    Raises:
+        ValidationError: the body is not valid JSON (lines), not a list, empty, or too long.
+    """
+    if "ndjson" in content_type or "jsonl" in content_type:
+        try:
+            rows: Any = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+        except ValueError as exc:
+            raise ValidationError(f"the body is not valid JSON lines: {exc}", field="body") from None
+    else:
+        body = parse_json(raw)
+        rows = body.get("edits") if isinstance(body, dict) else body
+    if not isinstance(rows, list) or not rows:
+        raise ValidationError('send {"edits": [Edit, ...]} or JSON lines (one Edit per line)', field="edits")
+    if len(rows) > MAX_BULK:
+        raise ValidationError(f"at most {MAX_BULK} edits per import (got {len(rows)})", field="edits")
+    return rows
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON (``None`` when empty)."""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError as exc:
+        raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
+
+
+class Edits:
+    """The edits API over ``editor``.
+
+    Every method takes the caller (:class:`Principal`) and the namespace the request names (the
+    ``namespace`` query parameter or the ``x-kem-namespace`` header; ``None``: the caller's default).
+    """
+
+    def __init__(self, editor: KnowledgeEditor) -> None:
+        self.editor = editor
+
+    @staticmethod
+    async def _run(fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    async def create(self, caller: Principal, body: Any, namespace: str | None = None) -> dict[str, Any]:
+        """Add one edit (``body``: an Edit object; its own ``namespace`` field wins over ``namespace``)."""
+        if not isinstance(body, dict):
+            raise ValidationError("the body must be one Edit object (subject, prompt, target_new, ...)", field="body")
+        body = {**body, "namespace": caller.namespace_for(body.get("namespace") or namespace)}
+        return edit_json(await self._run(self.editor.add, Edit.parse(body)))
+
+    async def import_edits(self, caller: Principal, raw: bytes, content_type: str = "",
+                           namespace: str | None = None) -> BulkResult:
+        """Add many edits in one transaction (all or none); ``raw`` as :func:`parse_bulk` reads it.
+        A row's own ``namespace`` wins over ``namespace``."""
+        edits = []
+        for i, row in enumerate(parse_bulk(raw, content_type)):
+            if not isinstance(row, dict):
+                raise ValidationError(f"edits[{i}] must be an object", field=f"edits[{i}]")
+            try:
+                row = {**row, "namespace": caller.namespace_for(row.get("namespace") or namespace)}
+                edits.append(Edit.parse(row))
+            except ValidationError as exc:
+                raise ValidationError(f"edits[{i}]: {exc}", field=f"edits[{i}].{exc.field}") from None
+        stored = await self._run(self.editor.add_many, edits)
+        return BulkResult(created=len(stored), ids=[e.id for e in stored])
+
+    async def list(self, caller: Principal, namespace: str | None = None, *, limit: int = 50, offset: int = 0,
+                   status: str | None = None) -> EditPage:
+        """One page of edits, oldest first; ``next_offset`` is None on the last page. An admin who names
+        no namespace sees every namespace."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValidationError(f"limit must be between 1 and {MAX_PAGE} (got {limit})", field="limit")
+        if offset < 0:
+            raise ValidationError(f"offset must be >= 0 (got {offset})", field="offset")
+        try:
+            st = EditStatus(status) if status else None
+        except ValueError:
+            raise ValidationError(f"status must be one of {[s.value for s in EditStatus]} (got {status!r})",
+                                  field="status") from None
+        ns = caller.list_scope(namespace)
+        edits = await self._run(self.editor.list, ns, st, limit, offset)
+        total = await self._run(self.editor.store.count, ns, st)
+        nxt = offset + len(edits) if offset + len(edits) < total else None
+        return EditPage(data=[edit_json(e) for e in edits], total=total, limit=limit, offset=offset,
+                        next_offset=nxt)
+
+    async def get(self, caller: Principal, edit_id: str, namespace: str | None = None) -> dict[str, Any]:
+        return edit_json(await self._run(self.editor.get, edit_id, caller.list_scope(namespace)))
+
+    async def history(self, caller: Principal, edit_id: str, namespace: str | None = None) -> dict[str, Any]:
+        """Every change of the edit, oldest first (deleted edits keep theirs)."""
+        changes = await self._run(self.editor.history, edit_id, caller.list_scope(namespace))
+        return {"object": "list", "data": [c.__dict__ for c in changes]}
+
+    async def update(self, caller: Principal, edit_id: str, changes: Any,
+                     namespace: str | None = None) -> dict[str, Any]:
+        """Change some fields of an edit (``changes``: an object of Edit fields; the id is fixed)."""
+        if not isinstance(changes, dict) or not changes:
+            raise ValidationError("the body must be an object of Edit fields to change", field="body")
+        changes = dict(changes)
+        if "namespace" in changes:
+            changes["namespace"] = caller.namespace_for(changes["namespace"])
+        if "id" in changes and changes["id"] != edit_id:
+            raise ValidationError("id cannot be changed", field="id")
+        return edit_json(await self._run(self.editor.update, edit_id, changes, caller.list_scope(namespace)))
+
+    async def delete(self, caller: Principal, edit_id: str, namespace: str | None = None) -> dict[str, Any]:
+        """Delete an edit (it stays in its history)."""
+        edit = await self._run(self.editor.remove, edit_id, caller.list_scope(namespace))
+        return {"object": "edit.deleted", "id": edit.id, "deleted": True}
