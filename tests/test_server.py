@@ -227,7 +227,7 @@ def test_metrics(servers):
 
 # ---- hot swap -----------------------------------------------------------------------------------------
 def publish_like_consolidation(home: Path, folder: Path, version: str, parent: str | None) -> None:
-    """Lay out ``<home>/models/<version>/`` as kem.consolidation.versions publishes it (weights linked from
+    """Lay out ``<home>/models/<version>/`` as kem.versions.VersionStore publishes it (weights linked from
     ``folder``: the base model stands in for consolidated weights) and point ``current`` at it."""
     import json
 
