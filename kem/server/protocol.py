@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
+from kem.edit import validation_error
 from kem.errors import ContextLengthError, KemError, ValidationError
 
 MAX_TOKENS_CAP = 1_000_000  # absolute cap on max_tokens; the server's own ceiling (Settings.max_tokens_ceiling) is lower
@@ -145,8 +146,6 @@ R = TypeVar("R", bound=BaseModel)
 
 def parse_request(model: type[R], raw: bytes | str) -> R:
     """``raw`` (a JSON body) as ``model``, or a :class:`ValidationError` (400) naming the first bad field."""
-    from kem.edit import validation_error
-
     try:
         return model.model_validate_json(raw)
     except PydanticValidationError as exc:
