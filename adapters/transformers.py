@@ -1,24 +1,28 @@
 """The embedded default engine: a Hugging Face causal LM run in-process with transformers.
 
-One model instance serves every caller; a lock queues requests so concurrent callers never
-interleave on it. Greedy decoding (``temperature == 0``) is deterministic, which the tests and the
-out-of-scope "byte-identical" guarantee rely on.
+One model instance serves every caller. kem decodes step by step itself (KV cache, chunked prefill)
+and every forward pass takes one turn of a FIFO turnstile, so concurrent requests interleave token by
+token: one long request cannot hold the model while a short one waits, and a cancelled or timed-out
+request stops between two steps. Greedy decoding (``temperature == 0``) is deterministic, which the
+tests and the out-of-scope "byte-identical" guarantee rely on.
 
 With an edit-follower adapter (``follower=``), a request whose params name it
-(``GenerationParams.adapter``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, attached
-under the lock for that request only); every other request runs on the bare base model.
+(``GenerationParams.adapter``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, switched on
+for that request's forward passes only); every other request runs on the bare base model.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from kem.adapters.base import cut_at_stop
-
-from kem.errors import EngineError
+from kem.errors import ContextLengthError, EngineError, KemError
 from kem.protocols import GenerationParams, Message
 
 log = logging.getLogger(__name__)
@@ -33,12 +37,16 @@ class TransformersGenerator:
         name: The name this engine answers to.
     """
 
+    PREFILL_CHUNK = 256  # prompt tokens per forward pass (a turn) during prefill
+
     def __init__(self, model: Any, tokenizer: Any, name: str = "smollm2-135m-instruct",
                  follower: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self._lock = threading.Lock()
+        self._turns = FairTurns()
+        # the KV cache argument: ``cache`` in recent transformers, ``past_key_values`` before
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.lora: Any = None  # kem.follower.lora.LoraHooks of the edit-follower, if any
         self.follower: str | None = None  # the adapter name in-scope requests ask for
         if follower is not None:
@@ -86,67 +94,151 @@ class TransformersGenerator:
         # Chat-template text already holds its special tokens; plain prompts get what the tokenizer adds.
         return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
 
-    def _gen_kwargs(self, params: GenerationParams) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "max_new_tokens": params.max_new_tokens,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
-        if params.temperature > 0:
-            kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if params.stop:
-            kw.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
-        return kw
+    # ---- decoding ------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """Tokens the model attends over (prompt + completion)."""
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes as a prompt (what :meth:`generate` feeds the model)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list | tuple) else ({int(eos)} if eos is not None else set())
+
+    def _forward(self, ids: Any, past: Any, params: GenerationParams) -> tuple[Any, Any]:
+        """One model step over ``ids`` (shape ``(1, n)``) that extends the KV cache ``past`` in place,
+        taking a turn. Returns ``(next-token logits (vocab,), past)``."""
+        with self._turns.turn(), self._adapter(params):
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
+        return out.logits[0, -1], past
+
+    @staticmethod
+    def _pick(logits: Any, params: GenerationParams) -> int:
+        import torch
+
+        if params.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # the nucleus, first token always
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1))
+
+    def _decode(self, prompt: str, params: GenerationParams) -> Iterator[str]:
+        """Decode ``prompt`` step by step, yielding text as it becomes final.
+
+        Every forward pass (a prefill chunk of :attr:`PREFILL_CHUNK` tokens, or one new token) takes
+        one turn of the engine's FIFO turnstile, so concurrent requests interleave token by token: a long
+        request cannot hold the model while a short one waits. Between steps the request's deadline and
+        cancel event are checked. Text ending in a partial character or in a prefix of a stop string is
+        held back until it is final, so the pieces join to exactly what :meth:`generate` returns.
+        """
+        import torch
+
+        ids = self._encode(prompt)["input_ids"]
+        n = int(ids.shape[1])
+        room = self.context_length - n
+        if room <= 0:
+            raise ContextLengthError(f"the prompt has {n} tokens; {self.name} attends over "
+                                     f"{self.context_length} (prompt + completion)", field="messages")
+        budget = min(params.max_new_tokens, room)
+        eos = self._eos_ids()
+        from transformers import DynamicCache
+
+        past, logits = DynamicCache(config=self.model.config), None
+        with torch.inference_mode():
+            try:
+                for i in range(0, n, self.PREFILL_CHUNK):
+                    params.check_alive()
+                    logits, past = self._forward(ids[:, i:i + self.PREFILL_CHUNK], past, params)
+                out: list[int] = []
+                sent = ""
+                for _ in range(budget):
+                    tok = self._pick(logits, params)
+                    if tok in eos:
+                        break
+                    out.append(tok)
+                    text = self.tokenizer.decode(out, skip_special_tokens=True)
+                    cut, stopped = cut_at_stop(text, params.stop)
+                    if stopped:
+                        if len(cut) > len(sent):
+                            yield cut[len(sent):]
+                        return
+                    final = _settled(cut, params.stop)
+                    if len(final) > len(sent):
+                        yield final[len(sent):]
+                        sent = final
+                    if len(out) == budget:
+                        break
+                    params.check_alive()
+                    logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, params)
+                text = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), params.stop)[0]
+                if len(text) > len(sent):
+                    yield text[len(sent):]
+            except KemError:
+                raise
+            except Exception as exc:
+                raise EngineError(f"generation failed: {exc}") from exc
 
     # ---- Generator protocol --------------------------------------------------------------------
     def generate(self, prompt: str, params: GenerationParams) -> str:
-        import torch
-
-        enc = self._encode(prompt)
-        with self._lock, self._adapter(params), torch.inference_mode():
-            try:
-                out = self.model.generate(**enc, **self._gen_kwargs(params))
-            except Exception as exc:
-                raise EngineError(f"generation failed: {exc}") from exc
-        text = self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        return cut_at_stop(text, params.stop)[0]
+        return "".join(self._decode(prompt, params))
 
     def chat(self, messages: Sequence[Message], params: GenerationParams) -> str:
         return self.generate(self.chat_prompt(messages), params)
 
     def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        """Yield text pieces as they are decoded (the lock is held for the whole stream)."""
-        import torch
-        from transformers import TextIteratorStreamer
-
-        enc = self._encode(prompt)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**enc, **self._gen_kwargs(params), streamer=streamer)
-            except BaseException as exc:  # surfaced to the consumer below
-                errors.append(exc)
-                streamer.end()
-
-        with self._lock, self._adapter(params):
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            sent = ""
-            for piece in streamer:
-                sent_before = sent
-                sent += piece
-                cut, stopped = cut_at_stop(sent, params.stop)
-                if len(cut) > len(sent_before):
-                    yield cut[len(sent_before) :]
-                if stopped:
-                    break
-            worker.join()
-        if errors:
-            raise EngineError(f"generation failed: {errors[0]}")
+        """Yield text pieces as they are decoded. No lock is held between pieces: a consumer that stops
+        reading (or closes the iterator) holds nothing up."""
+        return self._decode(prompt, params)
 
     def stream_chat(self, messages: Sequence[Message], params: GenerationParams) -> Iterator[str]:
         return self.stream(self.chat_prompt(messages), params)
+
+
+def _settled(text: str, stop: Sequence[str]) -> str:
+    """The part of ``text`` no later token can change: without a trailing partial character (byte-level
+    BPE decodes a split character as U+FFFD) or a trailing prefix of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = max(hold, k)
+                break
+    return text[:end - hold]
+
+
+class FairTurns:
+    """A FIFO turnstile over one model: each forward step takes a turn, and callers waiting for a turn
+    get it in arrival order (a plain ``Lock`` lets one thread re-acquire it forever)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._busy = False
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._busy or self._queue[0] is not me:
+                self._cond.wait()
+            self._queue.popleft()
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()

@@ -12,6 +12,8 @@
     ├── ModelError               a model could not be found, converted or loaded (HTTP 500)
     ├── StoreError               the edit store is unreadable or of a newer schema (HTTP 500)
     ├── EngineError              the generation engine failed (HTTP 502 / upstream's status)
+    │   ├── DeadlineExceeded     a generation ran past its deadline and was stopped (HTTP 504)
+    │   └── RequestCancelled     the client went away; its generation was stopped (HTTP 499)
     └── ConsolidationError       a consolidation job failed; nothing was published (HTTP 500)
         └── GateError            the edited model did not pass the checks (HTTP 422)
 """
@@ -112,6 +114,24 @@ class EngineError(KemError):
         if status_code is not None:
             self.status_code = status_code
         self.body = body
+
+
+class DeadlineExceeded(EngineError):
+    """A generation ran past its per-request deadline (``KEM_REQUEST_TIMEOUT``) and was stopped."""
+
+    code = "timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status_code=504)
+
+
+class RequestCancelled(EngineError):
+    """The client closed the request; the engine stopped generating for it (nginx's 499)."""
+
+    code = "request_cancelled"
+
+    def __init__(self, message: str = "the client closed the request") -> None:
+        super().__init__(message, status_code=499)
 
 
 class ConsolidationError(KemError):

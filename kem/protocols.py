@@ -30,6 +30,23 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # passed through to engines that know them
     adapter: str | None = None  # run with this LoRA (the edit-follower, in-scope requests); None: base weights
+    deadline: float | None = None  # time.monotonic() after which engines stop (DeadlineExceeded)
+    cancel: Any = None  # a threading.Event; set: engines stop between steps (RequestCancelled)
+
+    def check_alive(self) -> None:
+        """Raise :class:`~kem.errors.RequestCancelled` / :class:`~kem.errors.DeadlineExceeded` when this
+        request was cancelled or ran past its deadline (engines call it between decoding steps)."""
+        if self.cancel is not None and self.cancel.is_set():
+            from kem.errors import RequestCancelled
+
+            raise RequestCancelled()
+        if self.deadline is not None:
+            import time
+
+            if time.monotonic() > self.deadline:
+                from kem.errors import DeadlineExceeded
+
+                raise DeadlineExceeded("the request ran past its deadline (KEM_REQUEST_TIMEOUT) and was stopped")
 
 
 @runtime_checkable

@@ -1,0 +1,78 @@
+"""The transformers engine under contention: requests interleave token by token (a long request cannot
+hold the model while a short one waits), a cancelled or timed-out request stops between steps, an
+abandoned stream holds nothing, and a prompt longer than the context is a clear 400."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from kem.errors import ContextLengthError, DeadlineExceeded, RequestCancelled
+from kem.protocols import GenerationParams
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads(one_torch_thread):
+    yield
+
+
+SHORT = GenerationParams(max_new_tokens=2)
+PROMPT = "The capital of France is"
+COUNT = "Counting: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy continues the count for hundreds of tokens
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_one(generator):
+    t0 = time.perf_counter()
+    generator.generate(PROMPT, SHORT)
+    idle = time.perf_counter() - t0
+    long_done: list[float] = []
+
+    def long_request() -> None:
+        generator.generate(COUNT, GenerationParams(max_new_tokens=150))
+        long_done.append(time.perf_counter())
+
+    th = threading.Thread(target=long_request)
+    th.start()
+    time.sleep(max(1.0, 5 * idle))  # the long request is decoding now
+    t1 = time.perf_counter()
+    assert generator.generate(PROMPT, SHORT) == generator.generate(PROMPT, SHORT)  # still exact
+    short_done = time.perf_counter()
+    still_running = th.is_alive()
+    th.join()
+    # before: one lock per request, the short one waited for all 150 tokens of the long one
+    assert still_running and long_done and short_done < long_done[0], "the short request waited for the long one"
+    assert short_done - t1 < 0.5 * (long_done[0] - t1)
+
+
+def test_cancel_and_deadline_stop_between_steps(generator):
+    cancel = threading.Event()
+    it = generator.stream(COUNT, GenerationParams(max_new_tokens=500, cancel=cancel))
+    first = next(it)
+    assert first
+    cancel.set()
+    with pytest.raises(RequestCancelled):
+        for _ in it:
+            pass
+    t0 = time.perf_counter()
+    with pytest.raises(DeadlineExceeded) as exc:
+        generator.generate(COUNT,
+                           GenerationParams(max_new_tokens=2000, deadline=time.monotonic() + 0.5))
+    assert exc.value.status_code == 504 and time.perf_counter() - t0 < 5
+
+
+def test_an_abandoned_stream_holds_nothing(generator):
+    it = generator.stream(COUNT, GenerationParams(max_new_tokens=200))
+    next(it)  # the consumer stops reading here (a client that went away) and never closes it
+    done = threading.Event()
+    threading.Thread(target=lambda: (generator.generate(PROMPT, SHORT), done.set()), daemon=True).start()
+    assert done.wait(60), "another request is blocked by a suspended stream"
+    it.close()
+
+
+def test_prompt_longer_than_the_context_is_a_400(generator):
+    text = "word " * (generator.context_length + 10)
+    with pytest.raises(ContextLengthError) as exc:
+        generator.generate(text, SHORT)
+    assert exc.value.status_code == 400 and exc.value.code == "context_length_exceeded"
