@@ -184,7 +184,8 @@ class ScoredEdit:
     """An edit retrieved for a request, with its scope decision.
 
     ``score`` is the best cosine similarity between the request and the edit's retrieval keys;
-    ``subject_match`` is the fraction of the subject's words found in the request (0..1);
+    ``subject_match`` is 1.0 when the request names the subject (:func:`kem.scope.subject_match`),
+    below it the share of the subject's words present;
     ``in_scope`` is the scope classifier's verdict.
     """
 
