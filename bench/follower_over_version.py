@@ -28,7 +28,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kem.consolidation.eval_methods import _apply_fn
-    from kem.eval.datasets import load_cases
+    from kem.datasets import load_cases
     from kem.eval.harness import EvalConfig, Evaluator
     from kem.eval.report import markdown_table
     from kem.eval.run import load_context

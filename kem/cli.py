@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -148,22 +148,32 @@ def edit_rm(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, as_json
 
 @edit_app.command("import")
 def edit_import(
-    file: Annotated[Path, typer.Argument(help="CounterFact / ZsRE JSON (as in ../shared/data) or JSONL of kem edits.")],
+    file: Annotated[Path, typer.Argument(help="JSONL (or a JSON list) of kem edits, or CounterFact / ZsRE / MQuAKE "
+                                         "JSON (as in ../shared/data).")],
     namespace: NsOpt = None,
-    limit: Annotated[int | None, typer.Option(help="Import at most this many records.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Import at most this many (valid) records.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse the whole file if a record is invalid "
+                                         "(default: skip invalid records and say which).")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import edits from a file, all or none (one transaction)."""
-    from kem.importers import edits_from_file
+    """Import edits from a file in one transaction: every valid record, or nothing. Invalid records are
+    skipped and reported (record index, field, reason); --strict refuses the file instead."""
+    from kem.datasets import read_edits
 
-    edits = edits_from_file(file, namespace=_ns(namespace, home), limit=limit)
+    loaded = read_edits(file, namespace=_ns(namespace, home), limit=limit)
+    if strict:
+        loaded.check()
+    if loaded.errors:
+        typer.secho(loaded.summary(), fg="yellow", err=True)
     with _editor(home) as ke:
-        stored = ke.add_many(edits, progress=not as_json)
+        stored = ke.add_many(loaded.items, progress=not as_json)
     if as_json:
-        _print_json({"imported": len(stored), "ids": [e.id for e in stored]})
+        _print_json({"imported": len(stored), "ids": [e.id for e in stored],
+                     "skipped": [e.as_dict() for e in loaded.errors]})
     else:
-        typer.echo(f"imported {len(stored)} edits from {file}")
+        skipped = f" (skipped {len(loaded.errors)} invalid records)" if loaded.errors else ""
+        typer.echo(f"imported {len(stored)} edits from {file}{skipped}")
 
 
 # ---- kem ask ----------------------------------------------------------------------------------------
@@ -257,19 +267,28 @@ def _mount_optional() -> None:
         pass
 
 
-def main() -> None:
-    own_process()  # before torch loads (kem/runtime.py)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _mount_optional()
+def run_app(typer_app: typer.Typer) -> NoReturn:
+    """Run a Typer app as a command and exit with its status: 0 done; 2 an error (``error: ...`` on
+    stderr, for every :class:`~kem.errors.KemError`) or a usage error; 130 interrupted; a command's
+    own ``typer.Exit(code)`` (``kem consolidate``: 1 when the gates refuse) as given."""
     try:
-        app(standalone_mode=False)
+        code = typer_app(standalone_mode=False)  # returns a typer.Exit's code instead of exiting
     except KemError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except Exception as exc:  # usage errors: click's, or typer's vendored copy of click (not a click subclass)
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(exc.exit_code)
+        show, usage_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(usage_code, int):
+            show()
+            sys.exit(usage_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def main() -> NoReturn:
+    own_process()  # before torch loads (kem/runtime.py)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _mount_optional()
+    run_app(app)

@@ -33,8 +33,8 @@ def demo_records() -> list[dict[str, Any]]:
 
 def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings | None = None) -> list[dict[str, Any]]:
     """Returns one row per question: kind, question, unedited and edited answers, applied edits."""
+    from kem.datasets import counterfact_edit
     from kem.editor import KnowledgeEditor
-    from kem.importers import counterfact_edit
 
     settings = settings or Settings()
     records = demo_records()

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     namespace: str = Field("default", description="Namespace used when a request names none.")
     top_k: int = Field(4, ge=1, le=64, description="Edits retrieved per request before the scope decision.")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Default generation length.")
+    eval_data: Path | None = Field(
+        None, description="kem eval: folder of the named benchmarks (counterfact/, zsre/, mquake/); default ../shared/data."
+    )
     demos: Path | None = Field(
         None, description="JSONL of IKE demonstrations (kind, fact, prompt, answer) instead of kem's own pool."
     )

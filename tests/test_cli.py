@@ -65,9 +65,13 @@ def test_bad_edit_rejected_store_unchanged(home):
     bad = home.parent / "bad.jsonl"
     bad.write_text(json.dumps({"subject": "A", "prompt": "{} is", "target_new": "x"}) + "\n"
                    + json.dumps({"subject": "B", "prompt": "{} is"}) + "\n")
-    proc = kem(home, "edit", "import", str(bad), ok=False)
+    proc = kem(home, "edit", "import", str(bad), "--strict", ok=False)
     assert proc.returncode == 2 and "record 1" in proc.stderr and "target_new" in proc.stderr
     assert kem_json(home, "edit", "list") == before
+    # without --strict the valid record is imported and the invalid one named
+    out = kem_json(home, "edit", "import", str(bad), "--namespace", "partial")
+    assert out["imported"] == 1 and [(e["index"], e["field"]) for e in out["skipped"]] == [(1, "target_new")]
+    assert kem(home, "edit", "rm", out["ids"][0], "--namespace", "partial").returncode == 0
 
 
 def test_import_counterfact_and_ask_json(home):
@@ -98,3 +102,15 @@ def test_usage_errors_are_one_clear_message_not_a_traceback(home):
         assert p.returncode == 2, (args, p.stderr)
         assert "Invalid value for --" in p.stderr and needle in p.stderr, (args, p.stderr)
         assert "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_errors_exit_non_zero_with_one_message(home, tmp_path):
+    """A KemError prints ``error: ...`` and exits 2 (``kem eval`` used to print it and exit 0)."""
+    for args, needle in ((["eval", "--dataset", str(tmp_path / "missing.json"), "--method", "none"], "no file at"),
+                         (["eval", "--dataset", "zsre", "--data-dir", str(tmp_path)], "no file at"),
+                         (["eval", "--dataset", "zsre", "--method", "no-such-method", "-n", "1"], "no-such-method"),
+                         (["edit", "import", str(tmp_path / "missing.jsonl")], "no file at")):
+        p = kem(home, *args, ok=False)
+        assert p.returncode == 2, (args, p.returncode, p.stderr[-2000:])
+        assert p.stderr.strip().splitlines()[-1].startswith("error: ") and needle in p.stderr, (args, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr, (args, p.stderr[-2000:])

@@ -1,18 +1,15 @@
-"""kem.eval: metric functions on hand-computed cases, loaders, the method registry, and a real
-end-to-end run (n=5) of ``none`` and ``ike`` on CounterFact."""
+"""kem.eval: metric functions on hand-computed cases, the method registry, and a real end-to-end run
+(n=5) of ``none`` and ``ike`` on CounterFact. The dataset readers: tests/test_datasets.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from kem.errors import ConflictError, DatasetFormatError, NotFoundError
 from kem.eval import metrics as M
-from kem.eval.datasets import detect_format, edits_from_file, load_cases
 from kem.eval.harness import scope_metrics, summarize
 from kem.eval.methods import EvalContext, WeightMethod, build_method, eval_methods, register_eval_method
 from kem.eval.scoring import TargetScore
@@ -107,77 +104,6 @@ def test_summary_and_scope_metrics_hand_computed():
     assert sc["scope.recall"] == 0.75
     assert sc["scope.precision"] == pytest.approx(3 / 5)
     assert sc["scope.false_positive_rate"] == 0.5
-
-
-# ---- datasets --------------------------------------------------------------------------------------------
-
-
-def test_loaders_build_cases_from_the_shared_data():
-    cf = load_cases(shared_data("counterfact", "counterfact-edit.json"), n=2)
-    c = cf[0]
-    assert c.case_id == "counterfact:0" and c.edits[0].prompt == "The mother tongue of {} is"
-    assert c.target_true == "French" and c.generalization[0].text.startswith("Where Danielle Darrieux")
-    assert c.edits[0].paraphrases == []  # probes stay unseen by the method
-    zs = load_cases(shared_data("zsre", "zsre_mend_eval_portability_gpt4.json"), n=1)[0]
-    assert zs.reliability[0].chat and zs.portability and zs.target_true is None
-    mq = load_cases(shared_data("mquake", "MQuAKE-hard.json"), n=1)[0]
-    assert len(mq.edits) == 4 and len(mq.portability) == 3 and mq.portability[0].aliases
-    assert [c.case_id for c in load_cases(shared_data("counterfact", "counterfact-edit-1k.json"), n=3, seed=1)] \
-        == [c.case_id for c in load_cases(shared_data("counterfact", "counterfact-edit-1k.json"), n=3, seed=1)]
-
-
-@pytest.mark.parametrize("records,fmt,needle", [
-    ([{"case_id": 0, "prompt": "The capital of France is", "subject": "France", "target_new": "Rome",
-       "ground_truth": "Paris", "rephrase_prompt": "x"},
-      {"case_id": 1, "prompt": "The capital of Spain is", "subject": "Spain", "ground_truth": "Madrid",
-       "rephrase_prompt": "x"}], "counterfact", "record 1: field 'target_new' is missing"),
-    ([{"subject": "X", "src": "Who made X?", "alt": "Y", "loc": "q", "loc_ans": "a"},
-      {"subject": "Z", "src": "Who made Z?", "alt": "", "loc": "q", "loc_ans": "a"}], "zsre",
-     "record 1: field 'alt' must be a non-empty string"),
-    ([{"subject": "X", "src": "Who made X?", "alt": "Y", "portability": {"New Question": "q?"}}], "zsre",
-     "record 0: field 'New Answer' is missing"),
-    ([{"case_id": 3, "requested_rewrite": [{"prompt": "{} is in", "subject": "A", "target_new": {"str": "B"},
-                                             "target_true": {}}], "questions": ["q"], "new_answer": "B"}],
-     "mquake", "record 0: field 'requested_rewrite.target_true.str'"),
-    ([{"subject": "Paris", "prompt": "The capital of France is", "target_new": "Rome"}], "counterfact",
-     "record 0: field 'ground_truth' is missing"),
-])
-def test_loader_errors_name_the_record_and_field(tmp_path, records, fmt, needle):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps(records))
-    with pytest.raises(DatasetFormatError) as err:
-        load_cases(path, fmt=fmt)
-    assert needle in str(err.value)
-
-
-def test_loader_error_from_the_edit_schema_names_the_record(tmp_path):
-    path = tmp_path / "edits.jsonl"
-    good = {"subject": "Paris", "prompt": "{} is the capital of", "target_new": "Italy"}
-    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "prompt": "no subject here"}) + "\n")
-    with pytest.raises(DatasetFormatError, match=r"record 1: .*Edit.*prompt"):
-        edits_from_file(path)
-
-
-def test_edits_from_file_all_formats(tmp_path):
-    cf = edits_from_file(shared_data("counterfact", "counterfact-edit-1k.json"))
-    assert len(cf) == 1000 and cf[0].locality and cf[0].target_true
-    assert not cf[0].paraphrases  # probes are not retrieval keys unless asked
-    assert edits_from_file(shared_data("counterfact", "counterfact-edit-1k.json"), with_paraphrases=True)[0].paraphrases
-    mq = edits_from_file(shared_data("mquake", "MQuAKE-hard.json"))
-    assert len(mq) == 4 * 429 and mq[0].relation == "P175"
-    path = tmp_path / "mine.jsonl"
-    path.write_text("\n".join(json.dumps({"subject": f"S{i}", "prompt": "{} lives in", "target_new": "Oslo"})
-                              for i in range(3)))
-    mine = edits_from_file(path, namespace="team-a")
-    assert [e.subject for e in mine] == ["S0", "S1", "S2"] and {e.namespace for e in mine} == {"team-a"}
-    assert detect_format([{"src": 1, "alt": 2}]) == "zsre"
-    with pytest.raises(DatasetFormatError, match="cannot tell the format"):
-        detect_format([{"foo": 1}])
-
-
-def test_datasets_import_without_torch():
-    code = "import sys, kem.eval.datasets, kem.eval; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---- registry --------------------------------------------------------------------------------------------
@@ -292,6 +218,27 @@ def test_e2e_outputs_every_field(e2e):
         assert (out / name / "results.md").read_text().count("|") > 20
         assert (out / name / "metrics.png").stat().st_size > 1000
         assert (out / name / "scope.png").stat().st_size > 1000
+
+
+def test_run_eval_skips_an_invalid_record_and_lists_it(generator, embedder, tmp_path):
+    """A ZsRE file whose record 2 has an empty ``alt``: the rest is evaluated and results.json says
+    which record was left out and why; ``strict=True`` refuses the file before any evaluation."""
+    from kem.eval.harness import EvalConfig, Evaluator
+    from kem.eval.run import run_eval
+
+    records = json.loads(open(shared_data("zsre", "zsre_mend_eval_portability_gpt4.json")).read())[:6]
+    records[2]["alt"] = ""
+    data = tmp_path / "zsre-bad.json"
+    data.write_text(json.dumps(records))
+    ev = Evaluator(EvalContext(generator, embedder), EvalConfig(fluency_cases=0, chat_tokens=8))
+    res = run_eval("none", data, n=3, evaluator=ev, progress=False, out=tmp_path / "out")
+    assert res["config"]["n"] == 3
+    assert [c["case_id"] for c in res["cases"]["none"]] == ["zsre:0", "zsre:1", "zsre:3"]
+    assert res["skipped"] == [{"index": 2, "field": "alt", "message": "field 'alt' must be a non-empty string (got '')"}]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["skipped"] == res["skipped"]
+    with pytest.raises(DatasetFormatError, match=r"record 2: field 'alt'") as err:
+        run_eval("none", data, n=3, evaluator=ev, progress=False, strict=True)
+    assert err.value.field == "[2].alt"
 
 
 def test_e2e_ike_beats_none_on_reliability(e2e):

@@ -195,7 +195,7 @@ def test_concurrent_requests_keep_base_answers_byte_identical(follower_gen, gene
 
 def test_eval_adapter_method_scores_in_scope_with_the_follower(follower_gen, embedder, lm_and_tok):
     from kem.adapters.transformers import TransformersGenerator
-    from kem.eval.datasets import load_cases
+    from kem.datasets import load_cases
     from kem.eval.harness import EvalConfig, Evaluator
     from kem.eval.methods import EvalContext
 

@@ -1,8 +1,8 @@
 """kem's evaluation harness: the field's metrics (EasyEdit teacher forcing, ROME/MEMIT probability
 tests, greedy generation), on CounterFact, ZsRE and MQuAKE, for registered methods.
 
-``kem.eval.datasets`` imports no torch (``edits_from_file`` serves ``kem edit import``); the rest
-loads models lazily::
+Datasets (cases, probes, the readers) are :mod:`kem.datasets`, shared with ``kem edit import`` and
+free of torch; the rest loads models lazily::
 
     from kem.eval import run_eval
     results = run_eval("none,ike", "counterfact", n=200, mode="batch", out="eval-out")
@@ -12,19 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from kem.eval.datasets import EvalCase, Probe, edits_from_file, load_cases
 from kem.eval.methods import EvalContext, Prepared, Request, WeightMethod, eval_methods, register_eval_method
 
 __all__ = [
-    "EvalCase",
     "EvalContext",
     "Prepared",
-    "Probe",
     "Request",
     "WeightMethod",
-    "edits_from_file",
     "eval_methods",
-    "load_cases",
     "register_eval_method",
     "run_eval",
 ]

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kem.datasets import EvalCase, Probe
 from kem.eval import metrics as M
-from kem.eval.datasets import EvalCase, Probe
 from kem.eval.methods import EvalContext, Prepared, Request, build_method
 from kem.eval.scoring import Job, Scorer
 

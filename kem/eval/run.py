@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import kem.consolidation.eval_methods  # noqa: F401  registers rome, memit, alphaedit, ft-l
-from kem.eval.datasets import EvalCase, load_cases
+from kem.datasets import EvalCase, Loaded, read_cases
 from kem.eval.harness import EvalConfig, Evaluator
 from kem.eval.methods import EvalContext
 
@@ -56,7 +56,8 @@ def run_eval(
     embedder: Any = None,
     settings: Any = None,
     data_dir: str | os.PathLike[str] | None = None,
-    cases: Sequence[EvalCase] | None = None,
+    cases: Sequence[EvalCase] | Loaded[EvalCase] | None = None,
+    strict: bool = False,
     config: EvalConfig | None = None,
     evaluator: Evaluator | None = None,
     progress: bool = True,
@@ -73,7 +74,10 @@ def run_eval(
         mode: ``single`` or ``batch``.
         out: Folder for ``results.json``, ``results.md`` and the PNG plots (nothing written when None).
         ctx: Shared generator/embedder (else loaded from ``generator``/``embedder``/``settings``).
-        cases: Pre-loaded cases (skip loading ``dataset``).
+        cases: Pre-loaded cases (skip loading ``dataset``), or what :func:`kem.datasets.read_cases` read
+            (its skipped records are reported like those of a loaded dataset).
+        strict: Refuse a dataset with an invalid record (:class:`~kem.errors.DatasetFormatError` naming
+            the record and field) instead of skipping it with a warning.
         config: Generation budgets etc. (its ``mode`` is replaced by ``mode``).
         evaluator: Reuse an evaluator (and its memoised results) across calls.
         progress: Show a tqdm bar.
@@ -82,15 +86,25 @@ def run_eval(
 
     Returns:
         The results dict written to ``results.json``: ``config``, ``summary`` (method ->
-        ``{"generation.reliability": ..., ...}``), ``scope_scores``, ``cases`` (method -> records), ``wall_s``.
+        ``{"generation.reliability": ..., ...}``), ``scope_scores``, ``cases`` (method -> records),
+        ``skipped`` (the invalid records left out: index, field, message), ``wall_s``.
     """
     from dataclasses import replace
 
     t0, c0 = time.perf_counter(), time.process_time()
     register_optional_methods()
     methods = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
+    loaded_here = cases is None
     if cases is None:
-        cases = load_cases(dataset, n=n, seed=seed, data_dir=data_dir)
+        cases = read_cases(dataset, n=n, seed=seed, data_dir=data_dir, settings=settings)
+    skipped: list[dict[str, Any]] = []
+    if isinstance(cases, Loaded):
+        if strict:
+            cases.check()
+        if cases.errors:  # a caller that read the file itself has reported them already
+            log.log(logging.WARNING if loaded_here else logging.INFO, "%s", cases.summary())
+        skipped = [e.as_dict() for e in cases.errors]
+        cases = cases.items
     if evaluator is None:
         ctx = ctx or load_context(settings, generator, embedder)
         evaluator = Evaluator(ctx, replace(config or EvalConfig(), mode=mode))
@@ -111,6 +125,7 @@ def run_eval(
         "summary": {r.method: r.summary for r in runs},
         "scope_scores": {r.method: {"in": r.scope_in, "out": r.scope_out} for r in runs},
         "cases": {r.method: r.cases for r in runs},
+        "skipped": skipped,
         "wall_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - c0,  # all threads; wall_s on a busy machine overstates the work
         "reference_s": runs[0].reference_seconds if runs else 0.0,
