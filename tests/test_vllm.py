@@ -156,6 +156,14 @@ def test_vllm_errors_and_concurrency(proxy):
     assert all(o.choices[0].text for o in outs)
 
 
+def test_vllm_http_engine_conformance(vllm_server):
+    """kem's OpenAI-compatible HTTP engine passes the generator conformance suite against ``vllm serve``."""
+    from kem.adapters.openai_http import OpenAIHTTPGenerator
+
+    results = run_all(OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180))
+    assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
+
+
 def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
     """The upstream vLLM dies mid-stream: the client gets an error event, kem stays up and answers 502.
     Keep it after the other upstream tests (it kills vLLM)."""
@@ -176,14 +184,6 @@ def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
 
 
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
-def test_vllm_http_engine_conformance(vllm_server):
-    """kem's OpenAI-compatible HTTP engine passes the generator conformance suite against ``vllm serve``."""
-    from kem.adapters.openai_http import OpenAIHTTPGenerator
-
-    results = run_all(OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180))
-    assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
-
-
 def test_vllm_inprocess_engine_conformance(model_dir):
     """The in-process vLLM engine (``kem serve --engine vllm``) passes the same suite, run in .venv-vllm."""
     for s in _STARTED:  # free the CPU and memory the upstream tests used
