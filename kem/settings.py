@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         "shared weights every tenant is served. Other namespaces are tenants: their edits stay on the fast path.",
     )
 
+    eval_cov_samples: int | None = Field(
+        None, ge=1, description="kem eval: covariance texts of the weight-editing methods (overrides their "
+        "mom2_samples; -H mom2_samples=N still wins).",
+    )
+    eval_cov_corpus: str | None = Field(
+        None, description="kem eval: covariance corpus of the weight-editing methods (.txt, folder or .jsonl; "
+        "default: texts sampled from the model).",
+    )
+
     max_tokens_ceiling: int = Field(
         4096, ge=1, le=1_000_000, description="Largest max_tokens a request to kem serve may ask for; more is a 400."
     )

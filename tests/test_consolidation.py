@@ -120,10 +120,18 @@ def test_arch_table(lm_and_tok):
 
 
 def test_registry():
+    from kem.consolidation.registry import default_method
+    from kem.eval.methods import eval_methods
+
     assert set(METHODS) <= set(list_methods())
+    assert set(METHODS) <= set(eval_methods())  # each registered its eval factory too
+    assert default_method() == "memit" and get_method(None).name == "memit"
+    assert get_method("alphaedit").state_cls.file_name == "alphaedit_state.safetensors"  # type: ignore[union-attr]
+    assert get_method("rome").state_cls is None
     spec = get_method("rome")
-    with pytest.raises(ConflictError):
+    with pytest.raises(ConflictError, match="already registered"):
         register_method("rome", spec.hparams_cls, spec.compute)
+    assert get_method("rome") is spec
     with pytest.raises(Exception, match="layer"):
         spec.hparams_cls(layer=-1)
     hp = spec.hparams_cls()

@@ -1,18 +1,26 @@
 """Consolidation: write accumulated edits into the weights (ROME, MEMIT, AlphaEdit, FT-L).
 
 Each method computes a :class:`~kem.consolidation.delta.WeightDelta` without touching the model;
-:func:`~kem.consolidation.delta.apply_delta` applies it (and reverts exactly). Methods are looked up
-by name in :mod:`kem.consolidation.registry`; module paths come from :mod:`kem.consolidation.arch`.
+:func:`~kem.consolidation.delta.apply_delta` applies it (and reverts exactly). Methods register
+themselves in :mod:`kem.consolidation.registry` (for the job and for ``kem eval``); importing this
+package registers the built-in ones (:mod:`.methods`). Module paths come from :mod:`kem.consolidation.arch`.
 :func:`consolidate` is the periodic job (:mod:`.job`) that publishes model versions (:mod:`.versions`).
 """
 
 from __future__ import annotations
 
+from kem.consolidation import methods  # noqa: F401  the built-in methods register themselves
 from kem.consolidation.context import EditContext
 from kem.consolidation.covariance import CovarianceCache
 from kem.consolidation.delta import AppliedDelta, WeightDelta, apply_delta, delta_hooks
-from kem.consolidation.job import ConsolidationResult, Gates, consolidate
-from kem.consolidation.registry import get_method, list_methods, register_method
+from kem.consolidation.job import ConsolidationResult, Gates, JobConfig, consolidate
+from kem.consolidation.registry import (
+    MethodSpec,
+    get_method,
+    list_methods,
+    register_method,
+    unregister_method,
+)
 
 __all__ = [
     "AppliedDelta",
@@ -20,6 +28,8 @@ __all__ = [
     "CovarianceCache",
     "EditContext",
     "Gates",
+    "JobConfig",
+    "MethodSpec",
     "WeightDelta",
     "apply_delta",
     "consolidate",
@@ -27,4 +37,5 @@ __all__ = [
     "get_method",
     "list_methods",
     "register_method",
+    "unregister_method",
 ]

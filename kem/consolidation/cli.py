@@ -30,7 +30,7 @@ def _print_json(obj: Any) -> None:
 
 
 def consolidate(
-    method: Annotated[str, typer.Option("--method", "-m", help="memit, alphaedit, rome or ft-l.")] = "memit",
+    method: Annotated[str | None, typer.Option("--method", "-m", help="A registered method: memit (default), alphaedit, rome or ft-l.")] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this shared namespace (default: every shared namespace, KEM_SHARED_NAMESPACES; tenant namespaces are refused).")] = None,
     max_edits: Annotated[int | None, typer.Option(help="At most this many pending edits (oldest first).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and evaluate; publish and change nothing.")] = False,
@@ -60,7 +60,7 @@ def consolidate(
         if "mom2_samples" not in spec.hparams_cls.model_fields:
             raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")
         overrides["mom2_samples"] = cov_samples
-    result = run_job(_settings(home), method=method, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
+    result = run_job(_settings(home), method=spec.name, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
                      gates=Gates(min_reliability, min_locality), parent=parent, corpus=corpus, hparams=overrides,
                      batch_size=batch_size, progress=not as_json)
     if as_json:

@@ -1,68 +1,66 @@
-"""The weight-editing methods as ``kem eval`` methods (``--method rome|memit|alphaedit|ft-l``).
+"""A consolidation method as a ``kem eval`` method: the default ``eval_factory`` of :func:`register_method`.
 
 Each ``prepare(edits)`` computes the method's delta on the shared (unedited) model, applies it, and
 ``close()`` reverts it exactly. In ``sequential`` mode each group's delta is computed on the model
-already carrying the earlier groups (AlphaEdit keeps its cache of past keys across them). Options
-come from ``EvalContext.options[name]`` (or ``options["consolidation"]``): ``corpus`` (covariance
-corpus; default ``$KEM_EVAL_COV_CORPUS``, else texts sampled from the model) and ``hparams``
-(overrides, e.g. ``{"mom2_samples": 500}``); the environment variable ``KEM_EVAL_COV_SAMPLES`` overrides ``mom2_samples`` too. Imported by
-:mod:`kem.eval.run`, which registers them.
+already carrying the earlier groups (a method's running state, e.g. AlphaEdit's past keys, is kept
+across them). Options come from ``EvalContext.options[name]`` (or ``options["consolidation"]``):
+``corpus`` (covariance corpus; default ``Settings.eval_cov_corpus``, i.e. ``KEM_EVAL_COV_CORPUS``,
+else texts sampled from the model) and ``hparams`` (overrides, e.g. ``{"mom2_samples": 500}``);
+``Settings.eval_cov_samples`` (``KEM_EVAL_COV_SAMPLES``) sets ``mom2_samples`` unless ``hparams`` does.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kem.edit import Edit
-from kem.eval.methods import EvalContext, WeightMethod, register_eval_method
+from kem.eval.methods import EvalContext, WeightMethod
 
-METHODS = ("rome", "memit", "alphaedit", "ft-l")
+if TYPE_CHECKING:
+    from kem.consolidation.registry import MethodSpec
 
 
-def _apply_fn(name: str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
+def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
+    """``apply(model, tok, edits, fresh=True) -> revert`` for :class:`~kem.eval.methods.WeightMethod`:
+    computes ``spec``'s delta with one :class:`EditContext` kept across calls and applies it."""
     from kem.consolidation.context import EditContext
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.registry import get_method
+    from kem.settings import Settings
 
-    spec = get_method(name)
-    opts = {**ctx.options.get("consolidation", {}), **ctx.options.get(name, {})}
+    if isinstance(spec, str):
+        spec = get_method(spec)
+    method = spec
+    opts = {**ctx.options.get("consolidation", {}), **ctx.options.get(method.name, {})}
     overrides = dict(opts.get("hparams", {}))
-    if os.environ.get("KEM_EVAL_COV_SAMPLES") and "mom2_samples" in spec.hparams_cls.model_fields:
-        overrides.setdefault("mom2_samples", int(os.environ["KEM_EVAL_COV_SAMPLES"]))
-    corpus = opts.get("corpus") or os.environ.get("KEM_EVAL_COV_CORPUS") or None
-    cache_dir = getattr(ctx.settings, "cache_dir", None)
-    ectx = EditContext.from_cache_dir(cache_dir, corpus=corpus)
+    settings = ctx.settings if ctx.settings is not None else Settings()
+    samples = getattr(settings, "eval_cov_samples", None)
+    if samples and "mom2_samples" in method.hparams_cls.model_fields:
+        overrides.setdefault("mom2_samples", samples)
+    corpus = opts.get("corpus") or getattr(settings, "eval_cov_corpus", None) or None
+    ectx = EditContext.from_cache_dir(getattr(ctx.settings, "cache_dir", None), corpus=corpus)
     box: dict[str, Any] = {}
 
     def apply(model: Any, tok: Any, edits: Sequence[Edit], fresh: bool = True) -> Callable[[], None]:
         if "hp" not in box:  # first call: the model is the unedited one
             ectx.pin_covariance(model)
-            box["hp"] = spec.hparams_for(model, **overrides)
+            box["hp"] = method.hparams_for(model, **overrides)
         if fresh:  # the previous prepare was reverted: no past edits in the weights
             ectx.forget_edits()
-        delta = spec.compute(model, tok, list(edits), box["hp"], ectx)
+        delta = method.compute(model, tok, list(edits), box["hp"], ectx)
         return apply_delta(model, delta).revert
 
     return apply
 
 
-def _factory(name: str) -> Callable[[EvalContext], WeightMethod]:
+_apply_fn = apply_fn  # the name bench/follower_over_version.py imports
+
+
+def weight_method_factory(spec: MethodSpec) -> Callable[[EvalContext], WeightMethod]:
+    """``factory(ctx) -> WeightMethod`` that computes, applies and reverts ``spec``'s deltas."""
+
     def build(ctx: EvalContext) -> WeightMethod:
-        return WeightMethod(name, ctx, _apply_fn(name, ctx))
+        return WeightMethod(spec.name, ctx, apply_fn(spec, ctx))
 
     return build
-
-
-def register_all() -> None:
-    """Register every method not registered yet (idempotent)."""
-    from kem.eval.methods import eval_methods
-
-    have = set(eval_methods())
-    for name in METHODS:
-        if name not in have:
-            register_eval_method(name, _factory(name))
-
-
-register_all()

@@ -27,27 +27,18 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+from kem.consolidation.registry import get_method, method_specs
 from kem.edit import Edit, EditStatus
 from kem.errors import ConflictError, ValidationError
 
 log = logging.getLogger(__name__)
-
-# Method state worth keeping from one version to the next (AlphaEdit's projectors and past keys):
-# ctx.state key -> (file name in the version folder, loader).
-STATE_FILES = {"alphaedit": "alphaedit_state.safetensors"}
-
-
-def _state_loader(key: str) -> Any:
-    from kem.consolidation.alphaedit.state import AlphaEditState
-
-    return {"alphaedit": AlphaEditState.load}[key]
-
 
 def default_probes() -> list[str]:
     """The shipped held-out locality prompts (``kem/data/locality_probes.json``)."""
@@ -76,6 +67,44 @@ class Gates:
                 raise ValidationError(f"Gates.{name} must lie in [0, 1] (got {v})", field=name)
         if self.probe_tokens < 1:
             raise ValidationError(f"Gates.probe_tokens must be >= 1 (got {self.probe_tokens})", field="probe_tokens")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What one job does (every argument of :func:`consolidate` but the settings and home).
+
+    Attributes:
+        method: A registered method (None: the registry's default).
+        namespaces: The shared namespaces whose edits are taken (see :func:`consolidation_scope`).
+        max_edits: At most this many edits (oldest first; None: all).
+        dry_run: Compute and evaluate, publish nothing, change nothing.
+        gates: Publishing thresholds.
+        parent: ``"current"``, ``"base"`` (or None) or ``"vN"``: the model the edits are written into.
+        corpus: Covariance corpus (text file, folder, JSONL); None samples texts from the model.
+        hparams: Overrides of the method's hyperparameters.
+        batch_size: Edits per compute call.
+        probes: Held-out locality prompts (None: :func:`default_probes`).
+        progress: Show progress bars.
+    """
+
+    method: str | None = None
+    namespaces: tuple[str, ...] = ()
+    max_edits: int | None = None
+    dry_run: bool = False
+    gates: Gates = field(default_factory=Gates)
+    parent: str | None = "current"
+    corpus: str | os.PathLike[str] | None = None
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 256
+    probes: tuple[str, ...] | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValidationError(f"batch_size must be >= 1 (got {self.batch_size})", field="batch_size")
+        if self.max_edits is not None and self.max_edits < 1:
+            raise ValidationError(f"max_edits must be >= 1 (got {self.max_edits})", field="max_edits")
+        object.__setattr__(self, "hparams", MappingProxyType(dict(self.hparams)))  # frozen all the way down
 
 
 @dataclass
@@ -206,7 +235,7 @@ def consolidate(
     settings: Any = None,
     *,
     home: str | os.PathLike[str] | None = None,
-    method: str = "memit",
+    method: str | None = None,
     namespace: str | None = None,
     max_edits: int | None = None,
     dry_run: bool = False,
@@ -223,7 +252,8 @@ def consolidate(
     Args:
         settings: kem settings (home, model, cache_dir, device); default ``Settings()``.
         home: Overrides ``settings.home``.
-        method: A registered method (``memit``, ``alphaedit``, ``rome``, ``ft-l``).
+        method: A registered method (:func:`~kem.consolidation.registry.list_methods`; None: the default,
+            :func:`~kem.consolidation.registry.default_method`).
         namespace: Only this namespace's edits; it must be a shared one (default: every namespace in
             ``settings.shared_namespaces``). Tenant namespaces are refused (:func:`consolidation_scope`).
         max_edits: At most this many edits (oldest first).
@@ -241,7 +271,6 @@ def consolidate(
     """
     from filelock import FileLock, Timeout
 
-    from kem.consolidation.registry import get_method
     from kem.settings import Settings
     from kem.versions import VersionStore
 
@@ -249,13 +278,11 @@ def consolidate(
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
     home = settings.home
-    gates = gates or Gates()
     spec = get_method(method)
-    scope = consolidation_scope(settings, namespace)  # before the lock, the store, the model
-    if batch_size < 1:
-        raise ValidationError(f"batch_size must be >= 1 (got {batch_size})", field="batch_size")
-    if max_edits is not None and max_edits < 1:
-        raise ValidationError(f"max_edits must be >= 1 (got {max_edits})", field="max_edits")
+    cfg = JobConfig(  # validated before the lock, the store, the model
+        method=spec.name, namespaces=tuple(consolidation_scope(settings, namespace)), max_edits=max_edits,
+        dry_run=dry_run, gates=gates or Gates(), parent=parent, corpus=corpus, hparams=hparams or {},
+        batch_size=batch_size, probes=None if probes is None else tuple(probes), progress=progress)
     root = VersionStore(home).root
     root.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(root / ".consolidate.lock"))
@@ -264,15 +291,12 @@ def consolidate(
     except Timeout:
         raise ConflictError(f"another consolidation job is running on {home} (lock {lock.lock_file})") from None
     try:
-        return _run(settings, spec, scope, max_edits, dry_run, gates, parent, corpus, hparams or {},
-                    batch_size, probes, progress)
+        return _run(settings, cfg)
     finally:
         lock.release()
 
 
-def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None, dry_run: bool, gates: Gates,
-         parent: str | None, corpus: Any, overrides: dict[str, Any], batch_size: int,
-         probes: Sequence[str] | None, progress: bool) -> ConsolidationResult:
+def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
     from tqdm.auto import tqdm
 
     from kem.consolidation import versions as V
@@ -283,6 +307,8 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
     from kem.versions import BASE, VersionStore
 
     home = settings.home
+    spec = get_method(cfg.method)
+    parent, gates, progress = cfg.parent, cfg.gates, cfg.progress
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if parent in (None, "current"):
@@ -291,15 +317,15 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
         parent = None
     parent_man = VersionStore(home).manifest(parent) if parent else None
     chain = VersionStore(home).absorbed(parent)
-    result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=dry_run)
+    result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=cfg.dry_run)
 
     store = SQLiteStore(Path(home) / "edits.sqlite")
     try:
-        edits = pending_edits(store, chain, namespaces, max_edits)
+        edits = pending_edits(store, chain, cfg.namespaces, cfg.max_edits)
         result.edit_ids = [e.id for e in edits]
         if not edits:
             result.message = (f"nothing to consolidate: no pending edits in the shared namespace(s) "
-                              f"{', '.join(namespaces) or '(none)'} (tenant namespaces are never consolidated)")
+                              f"{', '.join(cfg.namespaces) or '(none)'} (tenant namespaces are never consolidated)")
             return result
 
         t0 = time.perf_counter()
@@ -308,23 +334,26 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        probe_prompts = select_probes(edits, probes)
+        probe_prompts = select_probes(edits, cfg.probes)
         before = greedy(model, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (parent)")
         timings["probes_parent"] = time.perf_counter() - t0
 
-        ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=corpus)
+        ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=cfg.corpus)
         ctx.cov_fingerprint = base_fp  # covariance of the base weights serves every version built on it
         ctx.progress = progress
+        # every method's running state travels with the versions (ctx.state[name] <-> its file), so
+        # a later job of that method still sees it after versions made by other methods
+        state_classes = {m.name: m.state_cls for m in method_specs() if m.state_cls is not None}
         if parent:
-            for key, fname in STATE_FILES.items():
-                path = VersionStore(home).path(parent) / fname
+            for key, cls in state_classes.items():
+                path = VersionStore(home).path(parent) / cls.file_name
                 if path.is_file():
-                    ctx.state[key] = _state_loader(key)(path)
-        hp = spec.hparams_for(model, **overrides)
+                    ctx.state[key] = cls.load(path)
+        hp = spec.hparams_for(model, **cfg.hparams)
 
         t0 = time.perf_counter()
         total = WeightDelta(method=spec.name)
-        chunks = [edits[i : i + batch_size] for i in range(0, len(edits), batch_size)]
+        chunks = [edits[i : i + cfg.batch_size] for i in range(0, len(edits), cfg.batch_size)]
         for chunk in tqdm(chunks, desc=f"{spec.name} ({len(edits)} edits)", unit="batch", disable=not progress or len(chunks) < 2):
             delta = spec.compute(model, tok, chunk, hp, ctx)
             apply_delta(model, delta)  # the next chunk is computed on the updated model
@@ -361,7 +390,7 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
             result.reasons.append(f"locality {loc:.3f} < {gates.min_locality} "
                                   f"({len(same) - sum(same)} of {len(same)} held-out probes changed their answer)")
         result.version = VersionStore(home).next_version()
-        if result.reasons or dry_run:
+        if result.reasons or cfg.dry_run:
             result.timings = {**timings, "total": time.perf_counter() - t_start}
             what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"
             result.message = (f"{what}; nothing published (reliability {rel:.3f}, locality {loc:.3f}, "
@@ -369,7 +398,7 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
             return result
 
         t0 = time.perf_counter()
-        extra = {fname: ctx.state[key].save for key, fname in STATE_FILES.items() if key in ctx.state}
+        extra = {cls.file_name: ctx.state[key].save for key, cls in state_classes.items() if key in ctx.state}
         manifest = {
             "base": parent_man.base if parent_man else str(settings.model),
             "base_fingerprint": base_fp,
@@ -378,11 +407,11 @@ def _run(settings: Any, spec: Any, namespaces: list[str], max_edits: int | None,
             "hparams": hp.model_dump(mode="json"),
             "edit_ids": result.absorbed_ids,
             "failed_edit_ids": result.failed_ids,
-            "namespace": namespaces[0] if len(namespaces) == 1 else None,
+            "namespace": cfg.namespaces[0] if len(cfg.namespaces) == 1 else None,
             "namespaces": sorted({e.namespace for e in edits}),
             "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits")},
             "timings": {**timings, "total": time.perf_counter() - t_start},
-            "corpus": None if corpus is None else str(corpus),
+            "corpus": None if cfg.corpus is None else str(cfg.corpus),
         }
         man = V.publish(home, model, tok, total, manifest, extra_files=extra)
         timings["publish"] = time.perf_counter() - t0

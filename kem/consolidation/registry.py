@@ -1,18 +1,22 @@
-"""The method registry: each method registers ``(name, hparams class, compute function)`` from its own ``__init__``.
+"""The method registry: a method registers everything it needs from its own folder's ``__init__``.
 
-Nothing outside a method's folder branches on its name; callers look it up here.
+``register_method(name, hparams_cls, compute_fn, presets, state_cls=..., eval_factory=...)`` records
+the method for the consolidation job and, through :mod:`kem.eval.methods`, for ``kem eval``. Nothing
+outside a method's folder branches on its name; callers look it up here. The built-in methods are
+imported by :mod:`kem.consolidation.methods` (one line per method).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
 
 from kem.edit import Edit
-from kem.errors import ConflictError, NotFoundError
+from kem.errors import ConflictError, NotFoundError, ValidationError
 
 
 class ComputeFn(Protocol):
@@ -21,21 +25,50 @@ class ComputeFn(Protocol):
     def __call__(self, model: Any, tok: Any, edits: Sequence[Edit], hparams: Any, ctx: Any) -> Any: ...
 
 
+class MethodState(Protocol):
+    """Running state a method keeps in ``EditContext.state[<method name>]`` across batches, and that the
+    job carries from one model version to the next (AlphaEdit's projectors and past keys).
+
+    Attributes:
+        file_name: The state's file name inside a version folder (e.g. ``"alphaedit_state.safetensors"``).
+    """
+
+    file_name: ClassVar[str]
+
+    def forget_edits(self) -> None:
+        """Drop what describes edits that were reverted; keep what depends only on the base model."""
+
+    def save(self, path: str | Path) -> Any:
+        """Write the state to the file ``path``."""
+
+    @classmethod
+    def load(cls, path: str | Path) -> MethodState:
+        """Read a state written by :meth:`save`."""
+
+
+EvalFactory = Callable[[Any], Any]  # EvalContext -> EvalMethod (kem.eval.methods)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registered method.
 
     Attributes:
-        name: Registry key, e.g. ``"rome"``.
+        name: Registry key, e.g. ``"my-method"``.
         hparams_cls: Frozen pydantic model of its hyperparameters.
         compute: The compute function.
         presets: Preset name -> numbers overriding the class defaults (see :mod:`kem.consolidation.presets`).
+        state_cls: Class of the running state it keeps in ``ctx.state[name]`` (None: stateless); the job
+            loads it from the parent version and saves it with the new one.
+        eval_factory: ``factory(EvalContext) -> EvalMethod`` for ``kem eval --method <name>``.
     """
 
     name: str
     hparams_cls: type[BaseModel]
     compute: ComputeFn
     presets: dict[str, dict[str, Any]]
+    state_cls: type[MethodState] | None = None
+    eval_factory: EvalFactory | None = None
 
     def hparams_for(self, model: Any = None, **overrides: Any) -> Any:
         """Hyperparameters: class defaults, then the model's preset (if one matches), then ``overrides``
@@ -61,6 +94,7 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 _METHODS: dict[str, MethodSpec] = {}
+_default: str | None = None  # set by kem.consolidation.methods
 
 
 def register_method(
@@ -68,20 +102,72 @@ def register_method(
     hparams_cls: type[BaseModel],
     compute_fn: ComputeFn | Callable[..., Any],
     presets: dict[str, dict[str, Any]] | None = None,
+    *,
+    state_cls: type[MethodState] | None = None,
+    eval_factory: EvalFactory | None = None,
 ) -> MethodSpec:
-    """Register a method. Raises :class:`ConflictError` when ``name`` is taken."""
-    key = name.lower()
+    """Register a method for the consolidation job and for ``kem eval``.
+
+    Args:
+        name: Registry key (case-insensitive), e.g. ``"my-method"``.
+        hparams_cls: Frozen pydantic model of the hyperparameters (every field has a default).
+        compute_fn: ``compute(model, tok, edits, hparams, ctx) -> WeightDelta``.
+        presets: Per-model numbers (see :mod:`kem.consolidation.presets`).
+        state_cls: A :class:`MethodState` the method keeps in ``ctx.state[name]`` (None: stateless).
+        eval_factory: ``factory(EvalContext) -> EvalMethod``; default: compute, apply and revert the
+            delta (:func:`kem.consolidation.eval_methods.weight_method_factory`).
+
+    Raises:
+        ConflictError: ``name`` is taken (here or among the eval methods); nothing is registered.
+        ValidationError: ``name`` is empty or ``state_cls`` has no ``file_name``.
+    """
+    from kem.consolidation.eval_methods import weight_method_factory
+    from kem.eval.methods import eval_methods, register_eval_method
+
+    key = name.strip().lower()
+    if not key:
+        raise ValidationError("register_method needs a name (got an empty one)", field="name")
     if key in _METHODS:
-        raise ConflictError(f"consolidation method {key!r} is already registered")
-    spec = MethodSpec(key, hparams_cls, compute_fn, dict(presets or {}))
+        raise ConflictError(f"consolidation method {key!r} is already registered "
+                            f"(by {_METHODS[key].compute.__module__}); pick another name")
+    if key in eval_methods():
+        raise ConflictError(f"{key!r} is already registered as a kem eval method; pick another name")
+    if state_cls is not None and not getattr(state_cls, "file_name", None):
+        raise ValidationError(f"{state_cls.__name__}.file_name must name the state's file in a version folder",
+                              field="state_cls")
+    spec = MethodSpec(key, hparams_cls, compute_fn, dict(presets or {}), state_cls)
+    factory = eval_factory or weight_method_factory(spec)
+    register_eval_method(key, factory)
+    spec = replace(spec, eval_factory=factory)
     _METHODS[key] = spec
     return spec
 
 
-def get_method(name: str) -> MethodSpec:
-    """The registered method called ``name`` (after importing the built-in ones)."""
-    _load_builtins()
-    key = name.lower()
+def unregister_method(name: str) -> None:
+    """Remove a registered method (and its eval method); for tests and plug-ins that unload.
+
+    Raises:
+        NotFoundError: ``name`` is not registered.
+    """
+    from kem.eval.methods import unregister_eval_method
+
+    key = name.strip().lower()
+    if key not in _METHODS:
+        raise NotFoundError(f"consolidation method {name!r} is not registered")
+    del _METHODS[key]
+    unregister_eval_method(key)
+    global _default
+    if _default == key:
+        _default = None
+
+
+def get_method(name: str | None = None) -> MethodSpec:
+    """The registered method called ``name`` (None: :func:`default_method`).
+
+    Raises:
+        NotFoundError: no method of that name; the message lists the known ones.
+    """
+    key = (name if name is not None else default_method()).strip().lower()
     if key not in _METHODS:
         raise NotFoundError(f"unknown consolidation method {name!r} (known: {', '.join(sorted(_METHODS))})")
     return _METHODS[key]
@@ -89,15 +175,30 @@ def get_method(name: str) -> MethodSpec:
 
 def list_methods() -> list[str]:
     """Names of all registered methods."""
-    _load_builtins()
     return sorted(_METHODS)
 
 
-def _load_builtins() -> None:
-    import importlib
+def method_specs() -> list[MethodSpec]:
+    """Every registered method, by name."""
+    return [_METHODS[k] for k in sorted(_METHODS)]
 
-    for mod in ("rome", "memit", "alphaedit", "ftl"):
-        importlib.import_module(f"kem.consolidation.{mod}")
+
+def set_default_method(name: str) -> None:
+    """Make ``name`` (registered) what ``kem consolidate`` uses without ``--method``."""
+    global _default
+    _default = get_method(name).name
+
+
+def default_method() -> str:
+    """The method used when none is named (:mod:`kem.consolidation.methods` sets it).
+
+    Raises:
+        NotFoundError: none was set.
+    """
+    if _default is None:
+        raise NotFoundError("no default consolidation method is set; name one (known: "
+                            f"{', '.join(sorted(_METHODS)) or 'none'})")
+    return _default
 
 
 def parse_hparams(items: Sequence[str]) -> dict[str, Any]:

@@ -12,13 +12,17 @@ method's name. Built in:
   format, scored with its LoRA on; out-of-scope ones on the bare base model.
 
 A weight-editing method plugs in with :class:`WeightMethod`: give it a function that applies the
-edits to the model in place and returns a function that reverts them, e.g. for kem's consolidation::
+edits to the model in place and returns a function that reverts them::
 
-    def apply_rome(model, tokenizer, edits):
+    def apply_mine(model, tokenizer, edits):
         delta = spec.compute(model, tokenizer, edits, spec.hparams_for(model), ctx)
         return apply_delta(model, delta).revert
 
-    register_eval_method("rome", lambda ctx: WeightMethod("rome", ctx, apply_rome))
+    register_eval_method("mine", lambda ctx: WeightMethod("mine", ctx, apply_mine))
+
+This module imports nothing of the packages that plug methods in: kem's consolidation methods register
+here themselves (``kem.consolidation.register_method`` does it for each), and :mod:`kem.eval.run`
+imports the ``kem.consolidation`` package to load them.
 """
 
 from __future__ import annotations
@@ -142,6 +146,11 @@ def register_eval_method(name: str, factory: MethodFactory) -> None:
     if key in _METHODS:
         raise ConflictError(f"eval method {key!r} is already registered")
     _METHODS[key] = factory
+
+
+def unregister_eval_method(name: str) -> None:
+    """Remove the method registered as ``name`` (no error when there is none)."""
+    _METHODS.pop(name.strip().lower(), None)
 
 
 def eval_methods() -> list[str]:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import kem.consolidation.eval_methods  # noqa: F401  registers rome, memit, alphaedit, ft-l
 from kem.datasets import EvalCase, Loaded, read_cases
 from kem.eval.harness import EvalConfig, Evaluator
 from kem.eval.methods import EvalContext
@@ -35,10 +34,10 @@ def load_context(settings: Any = None, generator: Any = None, embedder: Any = No
 
 
 def register_optional_methods() -> None:
-    """Register the weight-editing methods (rome, memit, alphaedit, ft-l) of ``kem.consolidation``
-    when it is importable; they register themselves on import."""
+    """Load the packages that plug methods in: ``kem.consolidation`` registers its weight-editing
+    methods (each with its eval factory) when imported. A build without it keeps none/ike/adapter."""
     try:
-        import kem.consolidation.eval_methods  # noqa: F401
+        import kem.consolidation  # noqa: F401
     except ImportError as exc:  # a build without the consolidation package
         log.debug("weight-editing eval methods unavailable: %s", exc)
 

@@ -7,6 +7,6 @@ from kem.consolidation.alphaedit.main import compute_alphaedit
 from kem.consolidation.alphaedit.state import AlphaEditState
 from kem.consolidation.registry import register_method
 
-register_method("alphaedit", AlphaEditHParams, compute_alphaedit, PRESETS)
+SPEC = register_method("alphaedit", AlphaEditHParams, compute_alphaedit, PRESETS, state_cls=AlphaEditState)
 
-__all__ = ["AlphaEditHParams", "AlphaEditState", "compute_alphaedit"]
+__all__ = ["SPEC", "AlphaEditHParams", "AlphaEditState", "compute_alphaedit"]

@@ -1,12 +1,14 @@
 """AlphaEdit's running state: null-space projectors and the keys of edits already made.
 
-Kept in ``EditContext.state["alphaedit"]`` by the caller, so sequential batches see earlier keys.
+Kept in ``EditContext.state["alphaedit"]``, so sequential batches see earlier keys; registered as the
+method's ``state_cls``, so the consolidation job carries it from one model version to the next.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -15,6 +17,7 @@ import torch
 class AlphaEditState:
     """Per layer: projector ``P`` ``(d_mlp, d_mlp)`` onto the null space of ``C``, and ``sum K_p^T K_p`` of past edits."""
 
+    file_name: ClassVar[str] = "alphaedit_state.safetensors"  # in a model version's folder
     projectors: dict[int, torch.Tensor] = field(default_factory=dict)
     past: dict[int, torch.Tensor] = field(default_factory=dict)
     edits: int = 0

@@ -6,6 +6,6 @@ from kem.consolidation.ftl.hparams import PRESETS, FtlHParams
 from kem.consolidation.ftl.main import compute_ftl
 from kem.consolidation.registry import register_method
 
-register_method("ft-l", FtlHParams, compute_ftl, PRESETS)
+SPEC = register_method("ft-l", FtlHParams, compute_ftl, PRESETS)
 
-__all__ = ["FtlHParams", "compute_ftl"]
+__all__ = ["SPEC", "FtlHParams", "compute_ftl"]

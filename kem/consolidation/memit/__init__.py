@@ -6,6 +6,6 @@ from kem.consolidation.memit.hparams import PRESETS, MemitHParams
 from kem.consolidation.memit.main import compute_memit
 from kem.consolidation.registry import register_method
 
-register_method("memit", MemitHParams, compute_memit, PRESETS)
+SPEC = register_method("memit", MemitHParams, compute_memit, PRESETS)
 
-__all__ = ["MemitHParams", "compute_memit"]
+__all__ = ["SPEC", "MemitHParams", "compute_memit"]

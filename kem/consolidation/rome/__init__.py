@@ -6,6 +6,6 @@ from kem.consolidation.registry import register_method
 from kem.consolidation.rome.hparams import PRESETS, RomeHParams
 from kem.consolidation.rome.main import compute_rome
 
-register_method("rome", RomeHParams, compute_rome, PRESETS)
+SPEC = register_method("rome", RomeHParams, compute_rome, PRESETS)
 
-__all__ = ["RomeHParams", "compute_rome"]
+__all__ = ["SPEC", "RomeHParams", "compute_rome"]
