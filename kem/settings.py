@@ -82,6 +82,18 @@ class Settings(BaseSettings):
         "file overrides it); 0: no limit. With auth off all callers count as one key.",
     )
 
+    api_keys_file: Path | None = Field(
+        None, description="kem serve: the API keys file (kem serve --keys); none: auth off.")
+    upstream_api_key: str | None = Field(
+        None, description="kem serve --upstream: the API key sent to the upstream (kem serve --upstream-key).")
+    request_timeout: float = Field(
+        300.0, gt=0, description="kem serve: seconds a generation may run; past it the engine stops it (504).")
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="kem serve: largest request body (bulk imports included); more is a 413.")
+    api_docs: bool = Field(
+        False, description="kem serve: serve /docs, /redoc and /openapi.json (off by default: they map the API "
+        "for anyone who can reach the port).")
+
     def shared(self) -> list[str]:
         """:attr:`shared_namespaces` as a list."""
         return [n.strip() for n in self.shared_namespaces.split(",") if n.strip()]

@@ -37,7 +37,13 @@ def apply_update(edit: Edit, changes: dict[str, Any]) -> Edit:
             f"Edit.{bad[0]} cannot be changed with update (changeable: {', '.join(sorted(UPDATABLE))})",
             field=bad[0],
         )
-    if "status" in changes and EditStatus(changes["status"]) == EditStatus.consolidated:
+    if "status" in changes:
+        try:
+            changes = {**changes, "status": EditStatus(changes["status"])}
+        except (ValueError, TypeError):
+            raise ValidationError(f"Edit.status must be one of {[s.value for s in EditStatus]} "
+                                  f"(got {changes['status']!r})", field="status") from None
+    if "status" in changes and changes["status"] == EditStatus.consolidated:
         raise ValidationError("Edit.status cannot be set to 'consolidated' by hand; consolidation does it",
                               field="status")
     data = edit.model_dump()

@@ -79,7 +79,11 @@ def test_models_and_auth(servers):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.NotFoundError):
         client(a, ALICE).chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "hi"}])
-    assert httpx.get(a.url + "/healthz").json()["status"] == "ok"
+    assert httpx.get(a.url + "/healthz").json() == {"status": "ok"}  # auth on: no details without an admin key
+    assert http(a, ALICE).get("/healthz").json() == {"status": "ok"}
+    assert http(a, ADMIN).get("/healthz").json()["model"] == "smollm2-135m-instruct"
+    for path in ("/docs", "/redoc", "/openapi.json"):  # off unless KEM_API_DOCS=1
+        assert httpx.get(a.url + path).status_code == 404
 
 
 def test_chat_and_completions_stream_and_not(servers):
@@ -138,7 +142,7 @@ def test_strongly_held_fact_changes_with_the_edit_follower(servers):
     """The issue's own probe: the model knows the Eiffel Tower is in Paris; with the edit stored, the
     completion and the question answer Rome (in-scope requests run with the edit-follower)."""
     a = servers["a"]
-    assert httpx.get(a.url + "/healthz").json()["fast_path"] == "adapter"
+    assert http(a, ADMIN).get("/healthz").json()["fast_path"] == "adapter"
     c = client(a, ALICE)
     with http(a, ALICE) as h:
         h.post("/v1/edits", json={"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome",
@@ -248,10 +252,13 @@ def test_hot_swap_under_load_fails_no_request(servers, tmp):
     folder = resolve_model("smollm2-135m-instruct", Settings().cache_dir)
     publish_like_consolidation(tmp / "a-home", folder, "v1", None)
     publish_like_consolidation(tmp / "a-home", folder, "v2", "v1")
-    with http(a, ALICE) as alice:  # an edit that v1 absorbed: applied before the swap, skipped after (v2 > v1)
-        alice.post("/v1/edits/import", json={"edits": [{
-            "subject": "Zorbex Labs", "prompt": "The CEO of {} is", "target_new": "Carla Diaz",
-            "status": "consolidated", "consolidated_in": "v1"}]}).raise_for_status()
+    row = {"subject": "Zorbex Labs", "prompt": "The CEO of {} is", "target_new": "Carla Diaz",
+           "status": "consolidated", "consolidated_in": "v1"}
+    with http(a, ALICE) as alice:  # a tenant cannot store an edit as consolidated
+        r = alice.post("/v1/edits/import", json={"edits": [row]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "edits[0].status", r.text
+    with http(a, ADMIN) as admin:  # an edit that v1 absorbed: applied before the swap, skipped after (v2 > v1)
+        admin.post("/v1/edits/import", json={"edits": [{**row, "namespace": "alice"}]}).raise_for_status()
     c = client(a, ALICE)
     assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"]
     results: list[object] = []
@@ -280,7 +287,7 @@ def test_hot_swap_under_load_fails_no_request(servers, tmp):
     assert r.status_code == 200, r.text
     assert r.json()["absorbed_versions"] == ["v1", "v2"] and r.json()["version"] == "v2"
     assert len(results) >= 2 and all(isinstance(x, str) for x in results), results
-    health = httpx.get(a.url + "/healthz").json()
+    health = http(a, ADMIN).get("/healthz").json()
     assert health["model"] == "smollm2-135m-instruct@v2" and health["absorbed_versions"] == ["v1", "v2"]
     assert ask(c, "Who is the CEO of Zorbex Labs?").model_extra["kem"]["edits"] == []
     assert "kem_engine_reloads_total 1" in http(a, ADMIN).get("/metrics").text

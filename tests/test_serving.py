@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kem.edit import Edit
 from kem.editor import KnowledgeEditor
 from kem.errors import ConflictError, ForbiddenError, NotFoundError, ValidationError
 from kem.protocols import ForwardingEngine, GenerationParams, Reloadable
@@ -144,7 +145,9 @@ def test_reload_switches_absorbed_versions(serving, editor, kem_settings):
     v1 = publish_base_as(home, None, kem_settings)
     v2 = publish_base_as(home, v1, kem_settings)
     assert (v1, v2) == ("v1", "v2") and VersionStore(home).current() == "v2"
-    baked = run(serving.edits.create(ALICE, {**KEM_CEO, "status": "consolidated", "consolidated_in": "v1"}))
+    # an edit consolidation baked into v1 (stored by the job, not through the API: clients cannot set it)
+    baked = editor.add(Edit.parse({**KEM_CEO, "namespace": "alice", "status": "consolidated",
+                                   "consolidated_in": "v1"})).model_dump()
     assert [s.edit.id for s in editor.retrieve(CEO, "alice")] == [baked["id"]]
 
     out = run(serving.reload(ReloadRequest(version="current")))  # what models/current points at

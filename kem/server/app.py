@@ -7,6 +7,7 @@ import, history), ``/healthz``, ``/metrics``, and for admins ``/admin/reload`` (
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,6 +44,64 @@ def _route_label(path: str) -> str:
     if path.startswith("/admin/keys/"):
         return "/admin/keys/{id}"
     return path
+
+
+class _BodyTooLarge(KemError):
+    status_code = 413
+    code = "request_too_large"
+
+
+class _LimitBody:
+    """Pure ASGI middleware: a request body over ``max_bytes`` gets a 413 (by its ``content-length``, or
+    counted as it arrives when chunked) before any route reads it whole."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(error_body(f"the request body is larger than {self.max_bytes} bytes (KEM_MAX_BODY_BYTES)",
+                                     413, "request_too_large", "body")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    await self._reject(send)
+                    return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge(f"the request body is larger than {self.max_bytes} bytes (KEM_MAX_BODY_BYTES)")
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._reject(send)
 
 
 class _CountRequests:
@@ -96,16 +155,33 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         yield
         await serving.aclose()
 
-    app = FastAPI(title="kem", version="0.1.0", lifespan=lifespan)
+    docs = bool(getattr(settings, "api_docs", False))  # off by default: the schema maps the API for anyone
+    app = FastAPI(title="kem", version="0.1.0", lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.serving = serving
     app.state.keys = keys
+    app.add_middleware(_LimitBody, max_bytes=int(getattr(settings, "max_body_bytes", 32 * 1024 * 1024)))
     app.add_middleware(_CountRequests, metrics=serving.metrics)
 
     # ---- errors ---------------------------------------------------------------------------------------
     @app.exception_handler(KemError)
     async def _kem_error(request: Request, exc: KemError) -> JSONResponse:
-        headers = {"www-authenticate": "Bearer"} if exc.status_code == 401 else None
-        return JSONResponse(kem_error_body(exc), status_code=exc.status_code, headers=headers)
+        headers = dict(getattr(exc, "headers", None) or {})  # 429: Retry-After
+        if exc.status_code == 401:
+            headers["www-authenticate"] = "Bearer"
+        return JSONResponse(kem_error_body(exc), status_code=exc.status_code, headers=headers or None)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return JSONResponse(error_body("the request body nests too deeply", 400, "invalid_request_error", "body"),
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not bad input: logged with its traceback; the client gets a JSON body, not a reset connection
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", 500, "internal_error"),
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -157,7 +233,7 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         raw = await request.body()
         req = parse(ChatCompletionRequest, raw, "ChatCompletionRequest")
         ns = p.namespace_for(request.headers.get("x-kem-namespace"))
-        return respond(await serving.chat(req, raw, ns))
+        return respond(await serving.chat(req, raw, ns, caller=p, disconnected=request.is_disconnected))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -165,7 +241,7 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         raw = await request.body()
         req = parse(CompletionRequest, raw, "CompletionRequest")
         ns = p.namespace_for(request.headers.get("x-kem-namespace"))
-        return respond(await serving.completion(req, raw, ns))
+        return respond(await serving.completion(req, raw, ns, caller=p, disconnected=request.is_disconnected))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -173,7 +249,14 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         return serving.models().model_dump()
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz(request: Request) -> dict[str, Any]:
+        # with auth on, only admins see what is served (model, absorbed versions, fast path)
+        if keys.enabled:
+            try:
+                if not principal(request).admin:
+                    return {"status": "ok"}
+            except KemError:
+                return {"status": "ok"}
         return serving.health()
 
     @app.get("/metrics")

@@ -192,8 +192,9 @@ class KeyRing:
                             stat.S_IMODE(self.path.stat().st_mode))
 
     @classmethod
-    def from_env(cls, path: str | Path | None = None) -> KeyRing:
-        return cls(path or os.environ.get("KEM_API_KEYS_FILE") or None)
+    def from_settings(cls, path: str | Path | None = None, settings: object = None) -> KeyRing:
+        """``path``, else ``settings.api_keys_file`` (``KEM_API_KEYS_FILE``); neither: auth off."""
+        return cls(path or getattr(settings, "api_keys_file", None) or None)
 
     @property
     def enabled(self) -> bool:

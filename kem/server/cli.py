@@ -7,7 +7,6 @@ The main CLI mounts it with ``app.command("serve")(kem.server.cli.serve)``; it a
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +63,9 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
         if req.path is None:
             raise ValidationError("send {\"path\": \"/the/new/model/folder\"}", field="path")
         path = Path(req.path).expanduser()
-        if not path.is_dir():
-            raise ValidationError(f"path {req.path!r} is not a model folder", field="path")
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ValidationError(f"path {req.path!r} is not a model folder (a Hugging Face folder with a "
+                                  "config.json, e.g. one consolidation published)", field="path")
         name = req.name or (f"{base_name}@{req.version}" if req.version else str(path))
         if kind == "vllm" and isinstance(current, Reloadable) and current.can_reload_in_place(path):
             current.reload_weights(path, name=name)
@@ -94,13 +94,13 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     settings = settings or Settings()
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
-    ring = KeyRing.from_env(keys)
+    ring = KeyRing.from_settings(keys, settings)
     served = VersionStore(settings.home).resolve(model_version) if model_version else None
     reloader = None
     if upstream:
         from kem.adapters.openai_http import OpenAIHTTPGenerator
 
-        upstream_key = upstream_key or os.environ.get("KEM_UPSTREAM_API_KEY")
+        upstream_key = upstream_key or settings.upstream_api_key
         eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key, adapter=upstream_adapter)
         reloader = make_reloader("upstream", settings, eng.name, upstream_key, upstream_adapter)
     else:

@@ -22,6 +22,10 @@ from kem.server.protocol import BulkResult, EditPage
 
 MAX_PAGE = 1000  # edits per listed page
 MAX_BULK = 50_000  # edits per import
+MAX_OFFSET = 2**62  # SQLite integers are 64-bit
+# kem's bookkeeping: set by the store and consolidation, never by a client (a tenant could otherwise
+# store an edit as consolidated, or point ``supersedes`` at another tenant's id)
+SERVER_OWNED = ("status", "consolidated_in", "supersedes", "created_at", "updated_at")
 
 T = TypeVar("T")
 
@@ -57,8 +61,26 @@ def parse_json(raw: bytes) -> Any:
     """A request body as JSON (``None`` when empty)."""
     try:
         return json.loads(raw) if raw else None
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
         raise ValidationError(f"the request body is not valid JSON: {exc}", field="body") from None
+    except RecursionError:
+        raise ValidationError("the request body nests too deeply", field="body") from None
+
+
+def client_fields(caller: Principal, row: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``row`` checked for fields a tenant may not set: kem's bookkeeping (:data:`SERVER_OWNED`) and the
+    id (a tenant's chosen id could collide with another tenant's and reveal that it exists). A 400
+    names the first one. Admins may set them (restoring a backup, a migration)."""
+    if caller.admin:
+        return row
+    for name in SERVER_OWNED:
+        if name in row:
+            raise ValidationError(f"{where}{name} is set by kem, not by clients; leave it out",
+                                  field=f"{where}{name}")
+    if "id" in row:
+        raise ValidationError(f"{where}id is chosen by kem for API keys of a tenant; leave it out "
+                              "(the response carries it)", field=f"{where}id")
+    return row
 
 
 class Edits:
@@ -79,7 +101,7 @@ class Edits:
         """Add one edit (``body``: an Edit object; its own ``namespace`` field wins over ``namespace``)."""
         if not isinstance(body, dict):
             raise ValidationError("the body must be one Edit object (subject, prompt, target_new, ...)", field="body")
-        body = {**body, "namespace": caller.namespace_for(body.get("namespace") or namespace)}
+        body = {**client_fields(caller, body), "namespace": caller.namespace_for(body.get("namespace") or namespace)}
         return edit_json(await self._run(self.editor.add, Edit.parse(body)))
 
     async def import_edits(self, caller: Principal, raw: bytes, content_type: str = "",
@@ -91,7 +113,8 @@ class Edits:
             if not isinstance(row, dict):
                 raise ValidationError(f"edits[{i}] must be an object", field=f"edits[{i}]")
             try:
-                row = {**row, "namespace": caller.namespace_for(row.get("namespace") or namespace)}
+                row = {**client_fields(caller, row),
+                       "namespace": caller.namespace_for(row.get("namespace") or namespace)}
                 edits.append(Edit.parse(row))
             except ValidationError as exc:
                 raise ValidationError(f"edits[{i}]: {exc}", field=f"edits[{i}].{exc.field}") from None
@@ -104,8 +127,8 @@ class Edits:
         no namespace sees every namespace."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValidationError(f"limit must be between 1 and {MAX_PAGE} (got {limit})", field="limit")
-        if offset < 0:
-            raise ValidationError(f"offset must be >= 0 (got {offset})", field="offset")
+        if not 0 <= offset <= MAX_OFFSET:
+            raise ValidationError(f"offset must be between 0 and {MAX_OFFSET} (got {offset})", field="offset")
         try:
             st = EditStatus(status) if status else None
         except ValueError:

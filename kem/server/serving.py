@@ -20,18 +20,22 @@ Every response carries a ``kem`` field (the applied edits); :attr:`Result.applie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
-from kem.errors import EngineError, KemError, NotFoundError, ValidationError
+from kem.errors import EngineError, KemError, NotFoundError, RequestCancelled, ValidationError
 from kem.protocols import ForwardingEngine, GenerationParams, ScoredEdit
+from kem.server.auth import Principal
 from kem.server.edits import Edits
+from kem.server.limits import Admission, Limiter
 from kem.server.metrics import Metrics
 from kem.server.protocol import (
     AppliedEdit,
@@ -49,6 +53,7 @@ from kem.server.protocol import (
     ModelCard,
     ModelList,
     ReloadRequest,
+    clamp_max_tokens,
     error_body,
     kem_error_body,
     new_id,
@@ -58,6 +63,10 @@ from kem.server.protocol import (
 log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming request's client is still there
+ANONYMOUS = Principal("default", admin=True)  # the caller when none is given (auth off, direct use)
+T = TypeVar("T")
+Disconnected = Callable[[], Awaitable[bool]]
 Reloader = Callable[[ReloadRequest, Any], Any]  # (request, the engine serving now) -> the engine to serve
 
 
@@ -129,6 +138,7 @@ class Serving:
         self.metrics = metrics or Metrics()
         self.default_max_tokens = default_max_tokens or editor.settings.max_new_tokens
         self.reloader = reloader
+        self.limiter = Limiter(self.settings.max_parallel_per_key)
         self._reload_lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()  # swapped-out engines closing after a grace period
         self._engine: Any = None
@@ -259,32 +269,87 @@ class Serving:
         return rw
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, extra_stop: tuple[str, ...],
-                adapter: str | None = None) -> GenerationParams:
+                adapter: str | None, max_new_tokens: int) -> GenerationParams:
         stop = tuple(dict.fromkeys(req.stop_list() + extra_stop))
         return GenerationParams(
-            max_new_tokens=req.token_limit() or self.default_max_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=req.temperature if req.temperature is not None else 0.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
             stop=stop, extra=dict(req.model_extra or {}), adapter=adapter,
+            deadline=time.monotonic() + self.settings.request_timeout, cancel=threading.Event(),
         )
 
+    # ---- admission ----------------------------------------------------------------------------------------
+    def _admit(self, engine: Any, req: ChatCompletionRequest | CompletionRequest, rw: Rewrite,
+               caller: Principal | None, prompt_field: str) -> tuple[int, int, Admission]:
+        """Check the request against the model's context and the server's ceiling, then admit it under
+        the caller's limits. Returns ``(prompt tokens, completion budget, admission)``.
+
+        Local engines count the rewritten prompt with their tokenizer; upstreams (no tokenizer here)
+        are charged an estimate (4 characters a token) and enforce their own context."""
+        sync = getattr(engine, "sync", engine)
+        count, context = getattr(sync, "count_tokens", None), getattr(sync, "context_length", None)
+        text = rw.request if isinstance(rw.request, str) else _chat_text(sync, rw.request)
+        ceiling = self.settings.max_tokens_ceiling
+        if count is not None and context is not None:
+            prompt_tokens = int(count(text))
+        else:
+            prompt_tokens, context = len(text) // 4 + 1, None
+        n = clamp_max_tokens(req.token_limit(), prompt_tokens, context or prompt_tokens + ceiling, ceiling,
+                             default=self.default_max_tokens, prompt_field=prompt_field)
+        return prompt_tokens, n, self.limiter.acquire(caller or ANONYMOUS, prompt_tokens + n)
+
+    @staticmethod
+    async def _until_disconnected(work: Awaitable[T], disconnected: Disconnected | None,
+                                  params: GenerationParams | None = None) -> T:
+        """Await ``work``; if the client goes away first, stop it: the engine's cancel event for local
+        engines (it stops between two decoding steps), task cancellation for upstream calls."""
+        task = asyncio.ensure_future(work)
+        if disconnected is None:
+            return await task
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL)
+            if done:
+                return task.result()
+            if await disconnected():
+                log.info("client went away: stopping its generation")
+                if params is not None and params.cancel is not None:
+                    params.cancel.set()
+                else:
+                    task.cancel()
+                try:
+                    return await task
+                except asyncio.CancelledError:
+                    raise RequestCancelled() from None
+
     # ---- chat -------------------------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, raw: bytes, namespace: str) -> Result:
-        """Serve one chat completion request (``raw`` is the body as received, for pass-through)."""
+    async def chat(self, req: ChatCompletionRequest, raw: bytes, namespace: str, *,
+                   caller: Principal | None = None, disconnected: Disconnected | None = None) -> Result:
+        """Serve one chat completion request (``raw`` is the body as received, for pass-through).
+
+        ``caller``'s limits apply (:class:`~kem.server.limits.Limiter`); ``disconnected`` (e.g.
+        Starlette's ``request.is_disconnected``) is polled so a generation stops when its client leaves."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
+        if not isinstance(engine, ForwardingEngine):
+            req.single_choice()
         rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine)
         info = kem_info(rw.applied, namespace)
+        _, n, adm = self._admit(engine, req, rw, caller, "messages")
         if isinstance(engine, ForwardingEngine):
             body = _forward_body(raw, req, upstream_model, "messages", rw)
-            return await self._forward(engine, "/v1/chat/completions", body, req.stream, rw, info)
-        params = self._params(req, rw.stop, rw.adapter)
+            return await self._forward(engine, "/v1/chat/completions", body, req.stream, rw, info, adm, disconnected)
+        params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
-            text = await engine.achat(rw.request, params)
+            try:
+                text = await self._until_disconnected(engine.achat(rw.request, params), disconnected, params)
+            finally:
+                adm.release()
             resp = ChatCompletionResponse(model=self.served_name, kem=info, choices=[ChatChoice(
                 message=ChatMessageOut(content=text), finish_reason=finish_reason(engine, text, params))])
             return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
-        return Result(rw.applied, stream=self._chat_stream(engine, rw, params, info), namespace=namespace)
+        return Result(rw.applied, stream=_released(self._chat_stream(engine, rw, params, info), adm, params),
+                      namespace=namespace)
 
     async def _chat_stream(self, engine: Any, rw: Rewrite, params: GenerationParams, info: KemInfo) -> AsyncIterator[bytes]:
         cid, created = new_id("chatcmpl"), now()
@@ -310,23 +375,31 @@ class Serving:
         yield DONE
 
     # ---- completions ------------------------------------------------------------------------------------
-    async def completion(self, req: CompletionRequest, raw: bytes, namespace: str) -> Result:
-        """Serve one completion request."""
+    async def completion(self, req: CompletionRequest, raw: bytes, namespace: str, *,
+                         caller: Principal | None = None, disconnected: Disconnected | None = None) -> Result:
+        """Serve one completion request (``caller`` and ``disconnected`` as in :meth:`chat`)."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
+        if not isinstance(engine, ForwardingEngine):
+            req.single_choice()
         prompt = req.prompt_text()
         rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine)
         info = kem_info(rw.applied, namespace)
+        _, n, adm = self._admit(engine, req, rw, caller, "prompt")
         if isinstance(engine, ForwardingEngine):
             body = _forward_body(raw, req, upstream_model, "prompt", rw)
-            return await self._forward(engine, "/v1/completions", body, req.stream, rw, info)
-        params = self._params(req, rw.stop, rw.adapter)
+            return await self._forward(engine, "/v1/completions", body, req.stream, rw, info, adm, disconnected)
+        params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
-            text = await engine.agenerate(rw.request, params)
+            try:
+                text = await self._until_disconnected(engine.agenerate(rw.request, params), disconnected, params)
+            finally:
+                adm.release()
             resp = CompletionResponse(model=self.served_name, kem=info, choices=[
                 CompletionChoice(text=text, finish_reason=finish_reason(engine, text, params))])
             return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
-        return Result(rw.applied, stream=self._completion_stream(engine, rw, params, info), namespace=namespace)
+        return Result(rw.applied, stream=_released(self._completion_stream(engine, rw, params, info), adm, params),
+                      namespace=namespace)
 
     async def _completion_stream(self, engine: Any, rw: Rewrite, params: GenerationParams,
                                  info: KemInfo) -> AsyncIterator[bytes]:
@@ -355,13 +428,20 @@ class Serving:
 
     # ---- HTTP engines -----------------------------------------------------------------------------------
     async def _forward(self, engine: Any, path: str, body: bytes, stream: bool, rw: Rewrite,
-                       info: KemInfo) -> Result:
+                       info: KemInfo, adm: Admission, disconnected: Disconnected | None) -> Result:
         if not stream:
-            out = await engine.forward(path, body, stream=False)
+            try:
+                out = await self._until_disconnected(engine.forward(path, body, stream=False), disconnected)
+            finally:
+                adm.release()
             out["kem"] = info.model_dump()
             return Result(rw.applied, body=out, namespace=info.namespace)
-        events = await engine.forward(path, body, stream=True)  # raises with the upstream's status
-        return Result(rw.applied, stream=_pass_through(events, info), namespace=info.namespace)
+        try:
+            events = await engine.forward(path, body, stream=True)  # raises with the upstream's status
+        except BaseException:
+            adm.release()
+            raise
+        return Result(rw.applied, stream=_released(_pass_through(events, info), adm), namespace=info.namespace)
 
 
 async def _close_later(engine: Any, grace: float = 2.0) -> None:
@@ -417,3 +497,28 @@ def _forward_body(raw: bytes, req: ChatCompletionRequest | CompletionRequest, up
 
 class _ModelNotFound(NotFoundError):
     code = "model_not_found"
+
+
+async def _released(stream: AsyncIterator[bytes], adm: Admission,
+                    params: GenerationParams | None = None) -> AsyncIterator[bytes]:
+    """``stream``, then free its admission slot; when the client goes away mid-stream (the server
+    cancels or closes the response), the engine is told to stop and the upstream stream is closed."""
+    try:
+        async for ev in stream:
+            yield ev
+    finally:
+        if params is not None and params.cancel is not None:
+            params.cancel.set()
+        adm.release()
+        close = getattr(stream, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+def _chat_text(engine: Any, messages: Any) -> str:
+    """The prompt text of ``messages`` for counting: the engine's chat template when it has one."""
+    template = getattr(engine, "chat_prompt", None)
+    if template is not None:
+        return str(template(messages))
+    return "\n".join(str(m.get("content") or "") for m in messages)
