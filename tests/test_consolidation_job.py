@@ -248,10 +248,9 @@ def test_cli_consolidate_nothing_pending(home, published):
 def test_a_tenant_s_edits_never_reach_the_shared_weights(tmp_path):
     """Issue 12's leak: alice alone has "Danielle Darrieux -> English"; a plain `kem consolidate` must not
     write it into the weights bob is served, and `--namespace alice` is refused before any work."""
-    from kem.stores.sqlite import SQLiteStore
-
     from kem.errors import ValidationError
     from kem.settings import Settings
+    from kem.stores.sqlite import SQLiteStore
 
     store = SQLiteStore(tmp_path / "edits.sqlite")
     (alice,) = store.add_many(_edits([0], namespace="alice"))
