@@ -95,7 +95,8 @@ def edit_list(
         st = EditStatus(status) if status else None
     except ValueError:
         raise KemError(f"--status must be one of active, consolidated, retired (got {status!r})") from None
-    store = SQLiteStore(_settings(home).home / "edits.sqlite")  # listing needs no embedder
+    settings = _settings(home)
+    store = SQLiteStore(settings.home / "edits.sqlite", synchronous=settings.sqlite_synchronous)  # no embedder
     try:
         rows = store.list(namespace, st, limit, offset)
     finally:
@@ -115,7 +116,8 @@ def edit_list(
 def _store(home: Path | None) -> Any:
     from kem.stores.sqlite import SQLiteStore
 
-    return SQLiteStore(_settings(home).home / "edits.sqlite")
+    settings = _settings(home)
+    return SQLiteStore(settings.home / "edits.sqlite", synchronous=settings.sqlite_synchronous)
 
 
 @edit_app.command("show")

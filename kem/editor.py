@@ -105,7 +105,7 @@ class KnowledgeEditor:
         settings = settings or Settings()
         home = Path(path) if path is not None else settings.home
         settings = settings.model_copy(update={"home": home})
-        store = SQLiteStore(home / "edits.sqlite")
+        store = SQLiteStore(home / "edits.sqlite", synchronous=settings.sqlite_synchronous)
         try:
             memory = EditMemory(store, embedder or default_embedder(settings), home / "index")
         except BaseException:

@@ -252,6 +252,56 @@ class VersionStore:
         return man
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """What :meth:`VersionStore.recover` repaired: temporary folders removed, edits marked."""
+
+    removed: tuple[str, ...] = ()
+    marked: tuple[tuple[str, str], ...] = ()  # (edit id, version)
+
+
+def recover(versions: VersionStore, store: Any) -> Recovery:
+    """Finish what a killed job left half done; run before a job takes edits and when a server starts.
+
+    * A kill during publish leaves ``models/.tmp-vN-*``: removed (unless a publisher holds the lock).
+    * A kill between publishing ``vN`` and marking its edits leaves them ``active``: the manifest is
+      the journal, so every edit it lists that is still active and was not changed after ``vN`` was
+      published is marked ``consolidated_in = vN`` (else the next job would consolidate it again).
+    """
+    from filelock import FileLock, Timeout
+
+    from kem.edit import EditStatus
+    from kem.errors import NotFoundError as _Missing
+
+    removed: list[str] = []
+    if versions.root.is_dir():
+        try:
+            with FileLock(str(versions.root / ".publish.lock"), timeout=0):
+                for p in versions.root.glob(".tmp-v*"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                        removed.append(p.name)
+        except Timeout:  # a publisher is writing its temporary folder right now
+            pass
+    marked: list[tuple[str, str]] = []
+    for man in versions.list():
+        todo = []
+        for edit_id in man.edit_ids:
+            try:
+                e = store.get(edit_id)
+            except _Missing:
+                continue
+            if e.status == EditStatus.active and e.updated_at <= man.created_at:
+                todo.append(edit_id)
+        if todo:
+            store.mark_consolidated(todo, man.version)
+            marked += [(i, man.version) for i in todo]
+    if removed or marked:
+        log.warning("recovered from an interrupted consolidation: removed %s, marked %d edits consolidated",
+                    removed or "nothing", len(marked))
+    return Recovery(tuple(removed), tuple(marked))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -304,7 +304,7 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
     from kem.stores.sqlite import SQLiteStore
-    from kem.versions import BASE, VersionStore
+    from kem.versions import BASE, VersionStore, recover
 
     home = settings.home
     spec = get_method(cfg.method)
@@ -319,8 +319,9 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
     chain = VersionStore(home).absorbed(parent)
     result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=cfg.dry_run)
 
-    store = SQLiteStore(Path(home) / "edits.sqlite")
+    store = SQLiteStore(Path(home) / "edits.sqlite", synchronous=settings.sqlite_synchronous)
     try:
+        recover(VersionStore(home), store)  # a job killed between publish and marking: finish it first
         edits = pending_edits(store, chain, cfg.namespaces, cfg.max_edits)
         result.edit_ids = [e.id for e in edits]
         if not edits:
@@ -398,6 +399,11 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
             return result
 
         t0 = time.perf_counter()
+        unchanged = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
+        if len(unchanged) < len(result.absorbed_ids):
+            log.warning("%d absorbed edits were changed or deleted during the job; they stay as they are",
+                        len(result.absorbed_ids) - len(unchanged))
+            result.absorbed_ids = unchanged
         extra = {cls.file_name: ctx.state[key].save for key, cls in state_classes.items() if key in ctx.state}
         manifest = {
             "base": parent_man.base if parent_man else str(settings.model),
@@ -417,11 +423,8 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
         timings["publish"] = time.perf_counter() - t0
         result.version = man.version
         result.published = True
-        unchanged = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
-        if len(unchanged) < len(result.absorbed_ids):
-            log.warning("%d absorbed edits were changed or deleted during the job; they stay as they are",
-                        len(result.absorbed_ids) - len(unchanged))
-            result.absorbed_ids = unchanged
+        # the manifest lists the absorbed edits: a kill from here to the marking is repaired by recover()
+        result.absorbed_ids = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
         if result.absorbed_ids:
             store.mark_consolidated(result.absorbed_ids, man.version)
         result.timings = {**timings, "total": time.perf_counter() - t_start}

@@ -89,7 +89,7 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     from kem.server.app import build_app
     from kem.server.auth import KeyRing
     from kem.settings import Settings
-    from kem.versions import VersionStore
+    from kem.versions import VersionStore, recover
 
     settings = settings or Settings()
     if home is not None:
@@ -113,6 +113,7 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
             eng = build_engine(engine, settings.model, settings)
             reloader = make_reloader(engine, settings, served_name or eng.name)
     editor = KnowledgeEditor.open(settings.home, settings=settings, generator=eng)
+    recover(VersionStore(settings.home), editor.store)  # what a killed consolidation job left half done
     if served is not None:
         editor.serve_version(served.absorbed)
     return build_app(settings, editor, eng, keys=ring, served_name=served_name, reloader=reloader)
