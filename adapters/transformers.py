@@ -99,7 +99,8 @@ class TransformersGenerator:
     def context_length(self) -> int:
         """Tokens the model attends over (prompt + completion)."""
         cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+        n: Any = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return int(n or 2048)
 
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes as a prompt (what :meth:`generate` feeds the model)."""

@@ -8,6 +8,7 @@ generator together. A user's first three lines::
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -192,12 +193,12 @@ class KnowledgeEditor:
              limit: int | None = None, offset: int = 0) -> list[Edit]:
         return self.store.list(namespace, status, limit, offset)
 
-    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]:
+    def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
         return self.store.history(edit_id, namespace)
 
     # ---- the fast path ------------------------------------------------------------------------------
     def retrieve(self, query: str, namespace: str | None = None, k: int | None = None,
-                 query_vec: np.ndarray | None = None) -> list[ScoredEdit]:
+                 query_vec: np.ndarray | None = None) -> builtins.list[ScoredEdit]:
         """Retrieve the top-``k`` edits of ``namespace`` for ``query`` with their scope verdicts."""
         ns = namespace or self.settings.namespace
         hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions)

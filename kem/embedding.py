@@ -36,7 +36,7 @@ class SentenceTransformerEmbedder:
         self._model: Any = SentenceTransformer(str(folder), device=device)
         self.name = str(name_or_path)
         dim = self._model.get_embedding_dimension() if hasattr(self._model, "get_embedding_dimension") else None
-        self.dim = int(dim or self._model.get_sentence_embedding_dimension())
+        self.dim = int(dim or self._model.get_sentence_embedding_dimension() or 0)
         self.batch_size = batch_size
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lru_size = lru_size

@@ -119,7 +119,7 @@ def _converted_gguf(spec: PackagedModel, gguf: Path, cache_dir: Path) -> Path:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             # Weights are dense float32 after dequantisation; drop the GGUF quantizer so saving works.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)
@@ -158,7 +158,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except Exception as exc:
         raise ModelError(f"loading the model at {folder} failed: {exc}") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

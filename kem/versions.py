@@ -22,6 +22,7 @@ a rollback to vN the edits absorbed by later versions are applied in context aga
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import re
@@ -156,7 +157,7 @@ class VersionStore:
             return True
         return bool(VERSION_RE.fullmatch(version or "")) and (self.root / version / MANIFEST).is_file()
 
-    def ancestors(self, version: str | None) -> list[str]:
+    def ancestors(self, version: str | None) -> builtins.list[str]:
         """``[version, its parent, ...]`` back to the first version built on the base model
         (``None`` / ``base``: empty)."""
         chain: list[str] = []

@@ -7,6 +7,7 @@ durable default. Both apply the rules of :mod:`kem.stores.rules` and pass ``test
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +57,7 @@ class InMemoryStore:
     def add_many(self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None,
                  embedder: str | None = None) -> list[Edit]:
         edits = [Edit.parse(e) for e in edits]
-        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]
+        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]  # type: ignore[list-item]
         if embeddings is not None and not embedder:
             raise ValidationError("embedder must be named when embeddings are given", field="embedder")
         with self._lock:
@@ -134,11 +135,11 @@ class InMemoryStore:
     def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
         return len(self.list(namespace, status))
 
-    def namespaces(self) -> list[str]:
+    def namespaces(self) -> builtins.list[str]:
         with self._lock:
             return sorted({e.namespace for e in self._edits.values()})
 
-    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]:
+    def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
         with self._lock:
             rows = [c for c in self._history if c.edit_id == edit_id and (namespace is None or c.namespace == namespace)]
         if not rows:
@@ -148,7 +149,7 @@ class InMemoryStore:
     def revision(self) -> int:
         return len(self._history)
 
-    def changes_since(self, revision: int) -> list[Change]:
+    def changes_since(self, revision: int) -> builtins.list[Change]:
         with self._lock:
             return self._history[revision:]
 

@@ -16,6 +16,7 @@ before a power loss can be lost.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -152,7 +153,7 @@ class SQLiteStore:
         edits = [Edit.parse(e) for e in edits]
         if embeddings is not None and not embedder:
             raise ValidationError("embedder must be named when embeddings are given", field="embedder")
-        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]
+        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]  # type: ignore[list-item]
         out: list[Edit] = []
         with self._tx() as db:
             for e, v in zip(edits, vecs, strict=True):
@@ -234,7 +235,7 @@ class SQLiteStore:
         with self._lock:
             return int(self._db.execute(f"SELECT COUNT(*) FROM edits{where}", args).fetchone()[0])
 
-    def namespaces(self) -> list[str]:
+    def namespaces(self) -> builtins.list[str]:
         with self._lock:
             return [r[0] for r in self._db.execute("SELECT DISTINCT namespace FROM edits ORDER BY namespace")]
 
@@ -242,7 +243,7 @@ class SQLiteStore:
     def _change(row: tuple[Any, ...]) -> Change:
         return Change(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None)
 
-    def history(self, edit_id: str, namespace: str | None = None) -> list[Change]:
+    def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
         sql = "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE edit_id=?"
         args: list[Any] = [edit_id]
         if namespace is not None:
@@ -258,7 +259,7 @@ class SQLiteStore:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM history").fetchone()[0])
 
-    def changes_since(self, revision: int) -> list[Change]:
+    def changes_since(self, revision: int) -> builtins.list[Change]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE seq > ? ORDER BY seq",

@@ -82,7 +82,7 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
     vs = VersionStore(_settings(home).home)
     cur = vs.current()
-    rows = [{"version": m.version, "current": m.version == cur, "parent": m.parent, "method": m.method,
+    rows: list[dict[str, Any]] = [{"version": m.version, "current": m.version == cur, "parent": m.parent, "method": m.method,
              "edits": len(m.edit_ids), "reliability": m.metrics.get("reliability"),
              "locality": m.metrics.get("locality"), "created_at": m.created_at.isoformat()} for m in vs.list()]
     if as_json:

@@ -272,9 +272,9 @@ class IkePrepared:
     def chat(self, question: str) -> Request:
         m = self.method
         rw = m.editor.rewrite_chat([{"role": "user", "content": question}], self.namespace, m.follower)
-        msgs = list(rw.request)
+        msgs: list[Any] = list(rw.request)  # a chat rewrite: the messages
         return Request(m.ctx.generator.chat_prompt(msgs), tuple(rw.stop), _ids(rw.applied),
-                       _considered(rw.considered), messages=[dict(m) for m in msgs], **m.runs_on(rw))
+                       _considered(rw.considered), messages=[dict(x) for x in msgs], **m.runs_on(rw))
 
     def close(self) -> None:
         for i in self.ids:

@@ -204,7 +204,7 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
             raise ForbiddenError("this endpoint needs an admin key")
         return p
 
-    def parse(model: type, raw: bytes, what: str) -> Any:
+    def parse(model: Any, raw: bytes, what: str) -> Any:
         try:
             return model.model_validate_json(raw)
         except PydanticValidationError as exc:

@@ -24,6 +24,7 @@ Without a keys file auth is off and every caller is an admin of the ``default`` 
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import os
@@ -226,7 +227,7 @@ class KeyRing:
                 out.append(row)
             return out
 
-    def _rewrite(self, edit: Callable[[list[str]], list[str]]) -> None:
+    def _rewrite(self, edit: Callable[[builtins.list[str]], builtins.list[str]]) -> None:
         """Re-read the keys file (keeping edits made to it by hand), change its lines, write it atomically."""
         assert self.path is not None
         lines = self.path.read_text(encoding="utf-8").splitlines()

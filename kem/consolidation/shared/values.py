@@ -115,7 +115,7 @@ class TargetBatch:
             self.position_ids = torch.tensor(cut, device=device)[:, None] + torch.arange(width, device=device)[None]
         else:
             self.mask = smask
-            self.position_ids = None
+            self.position_ids = None  # type: ignore[assignment]
         self.sel = torch.arange(len(all_rows), device=device)
         self.pos = torch.tensor([r.subject_pos for r in suffix], device=device)
         self.owner = torch.tensor([r.edit for r in all_rows], device=device)
