@@ -100,27 +100,19 @@ class Example:
 
 
 def load_records(path: str | Path) -> list[Record]:
-    """Read a flat CounterFact file. Raises :class:`DatasetFormatError` naming the record and field."""
-    p = Path(path)
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetFormatError(f"cannot read CounterFact file {p}: {exc}", field="data") from None
-    if not isinstance(raw, list):
-        raise DatasetFormatError(f"{p}: expected a JSON list of CounterFact records", field="data")
+    """Read a CounterFact file through :func:`kem.datasets.read_cases` (the one dataset reader).
+
+    Raises:
+        DatasetFormatError: naming the record and field of the first invalid record.
+    """
+    from kem.datasets import read_cases
+
     out = []
-    for i, r in enumerate(raw):
-        if not isinstance(r, dict):
-            raise DatasetFormatError(f"{p} record {i}: must be an object", field=f"[{i}]")
-        for fld in ("subject", "prompt", "target_new", "ground_truth"):
-            if not isinstance(r.get(fld), str) or not r[fld].strip():
-                raise DatasetFormatError(f"{p} record {i}: field {fld!r} must be a non-empty string", field=f"[{i}].{fld}")
-        subject, prompt = r["subject"].strip(), r["prompt"].strip()
-        template = prompt.replace(subject, "{}") if subject in prompt else prompt
-        rendered = prompt.replace("{}", subject)
-        out.append(Record(int(r.get("case_id", i)), subject, rendered, template, r["target_new"].strip(),
-                          r["ground_truth"].strip(), (r.get("rephrase_prompt") or "").strip() or None,
-                          (r.get("locality_prompt") or "").strip() or None))
+    for c in read_cases(path, fmt="counterfact").check().items:
+        e = c.edits[0]
+        out.append(Record(int(c.case_id.split(":", 1)[1]), e.subject, e.rendered_prompt, e.prompt, c.target_new,
+                          c.target_true or "", c.generalization[0].text if c.generalization else None,
+                          c.locality[0].text if c.locality else None))
     return out
 
 
