@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from kem.errors import ConflictError, NotFoundError, ValidationError
+from kem.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class VersionStore:
         if version not in (None, BASE):
             self.path(version)  # must exist
         self.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.root / CURRENT, (version or BASE) + "\n")
+        write_atomic(self.root / CURRENT, (version or BASE) + "\n", new_mode=0o644)
 
     def rollback(self, version: str) -> Manifest | None:
         """Serve ``version`` (or ``"base"``) from now on; nothing is deleted.
@@ -301,16 +302,3 @@ def recover(versions: VersionStore, store: Any) -> Recovery:
         log.warning("recovered from an interrupted consolidation: removed %s, marked %d edits consolidated",
                     removed or "nothing", len(marked))
     return Recovery(tuple(removed), tuple(marked))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kem.errors import AuthError, ValidationError
-from kem.server.auth import KeyRing, digest, parse_keys, write_atomic
+from kem.files import write_atomic
+from kem.server.auth import KeyRing, digest, parse_keys
 from kem.server.limits import KeyLimits
 
 

@@ -27,10 +27,8 @@ from __future__ import annotations
 import builtins
 import hashlib
 import logging
-import os
 import secrets
 import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from pathlib import Path
 
 from kem.edit import NAMESPACE_RE
 from kem.errors import AuthError, ForbiddenError, ValidationError
+from kem.files import write_atomic
 from kem.server.limits import NO_LIMITS, KeyLimits
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,6 @@ def digest(key: str) -> str:
 
 
 LIMIT_NAMES = ("rpm", "tpm", "parallel")
-NEW_FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -125,41 +123,6 @@ def parse_keys(text: str, where: str = "keys file") -> dict[str, KeyEntry]:
             raise ValidationError(f"{where} line {n}: sha256: must be followed by 64 hex digits", field="keys")
         out[h] = KeyEntry(h, "default" if ns == ALL else ns, admin, KeyLimits(**limits), hashed)
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader sees the old file or the new one, never a torn one:
-    a temporary file in the same folder, fsync, ``os.replace``. Keeps ``path``'s mode (a new file: 0600);
-    a symlink's target is replaced, not the link."""
-    path = path.resolve()
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        mode = NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # before any secret is written; mkstemp made it 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _key_line(h: str, namespace: str, admin: bool, limits: KeyLimits) -> str:
