@@ -1,0 +1,87 @@
+"""One tenant cannot starve another (issue 12): bob's 2-token chat latency, idle and while alice sends
+max-size requests in a loop (a prompt filling half the context, max_tokens up to the ceiling), through a
+real ``kem serve`` (transformers engine) on 127.0.0.1. Prints a table with the ratio to the idle p50.
+
+    .venv/bin/python bench/bench_fairness.py [--n 15] [--alice-threads 2] [--prompt-tokens 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHAT = {"model": "default", "max_tokens": 2, "temperature": 0,
+        "messages": [{"role": "user", "content": "Name one primary color."}]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=15, help="bob's requests per phase")
+    ap.add_argument("--alice-threads", type=int, default=2)
+    ap.add_argument("--prompt-tokens", type=int, default=4000, help="about this many tokens in alice's prompts")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="alice's max_tokens (the default ceiling)")
+    args = ap.parse_args()
+    import httpx
+
+    from tests.conftest import kem_server
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        (tmp / "keys.txt").write_text("sk-b-alice alice\nsk-b-bob bob\n")
+        server = kem_server(tmp, "fair", "--keys", str(tmp / "keys.txt"), env={"KEM_REQUEST_TIMEOUT": "3600"}).start()
+        try:
+            server.wait()
+            bob = httpx.Client(base_url=server.url, headers={"authorization": "Bearer sk-b-bob"}, timeout=120)
+
+            def phase() -> list[float]:
+                out = []
+                for _ in range(args.n):
+                    t0 = time.perf_counter()
+                    bob.post("/v1/chat/completions", json=CHAT).raise_for_status()
+                    out.append(time.perf_counter() - t0)
+                return out
+
+            phase()  # warm-up
+            idle = phase()
+            stop = threading.Event()
+            alice_done: list[int] = []
+            alice_errors: list[str] = []
+
+            def alice() -> None:
+                c = httpx.Client(base_url=server.url, headers={"authorization": "Bearer sk-b-alice"}, timeout=3600)
+                prompt = "Counting: " + ", ".join(str(i) for i in range(args.prompt_tokens // 2)) + ","
+                while not stop.is_set():
+                    r = c.post("/v1/completions", json={"model": "default", "prompt": prompt,
+                                                        "max_tokens": args.max_tokens, "temperature": 0})
+                    (alice_done.append(1) if r.status_code == 200 else alice_errors.append(r.text[:200]))
+
+            threads = [threading.Thread(target=alice, daemon=True) for _ in range(args.alice_threads)]
+            for t in threads:
+                t.start()
+            time.sleep(5)  # alice's requests are prefilling / decoding now
+            loaded = phase()
+            stop.set()
+        finally:
+            server.stop()
+    p50i, p50l = statistics.median(idle), statistics.median(loaded)
+    print("| bob's 2-token chat | p50 s | p90 s | max s | ratio to idle p50 |\n|---|---:|---:|---:|---:|")
+    for name, xs in (("idle", idle), (f"alice: {args.alice_threads} x max-size loop", loaded)):
+        q = statistics.quantiles(xs, n=10)
+        print(f"| {name} | {statistics.median(xs):.3f} | {q[-1]:.3f} | {max(xs):.3f} | {statistics.median(xs) / p50i:.2f}x |")
+    print(f"\nalice: prompt ~{args.prompt_tokens} tokens, max_tokens {args.max_tokens}; errors: {alice_errors[:1]}; "
+          f"goal: loaded p50 <= 2x idle p50 -> {'met' if p50l <= 2 * p50i else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    from kem.runtime import own_process
+
+    own_process()  # before torch loads
+    main()
