@@ -1,8 +1,8 @@
 """The embedded default engine: a Hugging Face causal LM run in-process with transformers.
 
 One model instance serves every caller. kem decodes step by step itself (KV cache, chunked prefill)
-and every forward pass takes one turn of a FIFO turnstile, so concurrent requests interleave token by
-token: one long request cannot hold the model while a short one waits, and a cancelled or timed-out
+and every forward pass takes one turn of a fair turnstile (fewest tokens served first), so concurrent
+requests interleave token by token: one long request cannot hold the model while a short one waits, and a cancelled or timed-out
 request stops between two steps. Greedy decoding (``temperature == 0``) is deterministic, which the
 tests and the out-of-scope "byte-identical" guarantee rely on.
 
@@ -13,10 +13,10 @@ for that request's forward passes only); every other request runs on the bare ba
 
 from __future__ import annotations
 
+import heapq
 import inspect
 import logging
 import threading
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,7 +37,7 @@ class TransformersGenerator:
         name: The name this engine answers to.
     """
 
-    PREFILL_CHUNK = 256  # prompt tokens per forward pass (a turn) during prefill
+    PREFILL_CHUNK = 128  # prompt tokens per forward pass (a turn) during prefill
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "smollm2-135m-instruct",
                  follower: Any = None) -> None:
@@ -112,10 +112,10 @@ class TransformersGenerator:
             eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list | tuple) else ({int(eos)} if eos is not None else set())
 
-    def _forward(self, ids: Any, past: Any, params: GenerationParams) -> tuple[Any, Any]:
+    def _forward(self, ids: Any, past: Any, params: GenerationParams, served: int) -> tuple[Any, Any]:
         """One model step over ``ids`` (shape ``(1, n)``) that extends the KV cache ``past`` in place,
         taking a turn. Returns ``(next-token logits (vocab,), past)``."""
-        with self._turns.turn(), self._adapter(params):
+        with self._turns.turn(served), self._adapter(params):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
         return out.logits[0, -1], past
 
@@ -136,8 +136,9 @@ class TransformersGenerator:
         """Decode ``prompt`` step by step, yielding text as it becomes final.
 
         Every forward pass (a prefill chunk of :attr:`PREFILL_CHUNK` tokens, or one new token) takes
-        one turn of the engine's FIFO turnstile, so concurrent requests interleave token by token: a long
-        request cannot hold the model while a short one waits. Between steps the request's deadline and
+        one turn of the engine's turnstile (:class:`FairTurns`: the request served the fewest tokens
+        goes first), so concurrent requests interleave token by token: a long request cannot hold the
+        model while a short one waits. Between steps the request's deadline and
         cancel event are checked. Text ending in a partial character or in a prefix of a stop string is
         held back until it is final, so the pieces join to exactly what :meth:`generate` returns.
         """
@@ -158,7 +159,7 @@ class TransformersGenerator:
             try:
                 for i in range(0, n, self.PREFILL_CHUNK):
                     params.check_alive()
-                    logits, past = self._forward(ids[:, i:i + self.PREFILL_CHUNK], past, params)
+                    logits, past = self._forward(ids[:, i:i + self.PREFILL_CHUNK], past, params, i)
                 out: list[int] = []
                 sent = ""
                 for _ in range(budget):
@@ -179,7 +180,7 @@ class TransformersGenerator:
                     if len(out) == budget:
                         break
                     params.check_alive()
-                    logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, params)
+                    logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, params, n + len(out))
                 text = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), params.stop)[0]
                 if len(text) > len(sent):
                     yield text[len(sent):]
@@ -220,22 +221,28 @@ def _settled(text: str, stop: Sequence[str]) -> str:
 
 
 class FairTurns:
-    """A FIFO turnstile over one model: each forward step takes a turn, and callers waiting for a turn
-    get it in arrival order (a plain ``Lock`` lets one thread re-acquire it forever)."""
+    """The turnstile over one model: each forward step takes a turn, and among the callers waiting for a
+    turn the one whose request has been served the fewest tokens so far goes first (ties: arrival
+    order). A new short request therefore overtakes a long one at its next step instead of queueing
+    behind it (fair queueing on tokens served; a plain ``Lock`` lets one thread re-acquire it forever).
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
+        self._waiting: list[tuple[int, int]] = []  # a heap of (tokens served, arrival number)
+        self._arrivals = 0
         self._busy = False
 
     @contextmanager
-    def turn(self) -> Iterator[None]:
-        me = object()
+    def turn(self, served: int = 0) -> Iterator[None]:
+        """Hold the model for one step of a request that has been served ``served`` tokens so far."""
         with self._cond:
-            self._queue.append(me)
-            while self._busy or self._queue[0] is not me:
+            me = (served, self._arrivals)
+            self._arrivals += 1
+            heapq.heappush(self._waiting, me)
+            while self._busy or self._waiting[0] != me:
                 self._cond.wait()
-            self._queue.popleft()
+            heapq.heappop(self._waiting)
             self._busy = True
         try:
             yield
