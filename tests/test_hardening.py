@@ -2,8 +2,9 @@
 context, generation stopped when the client leaves, body size and nesting bounds, server-owned fields,
 no existence oracle on ids, and a bounded property-based fuzz of every endpoint (no 5xx, no hang).
 
-Two real servers on 127.0.0.1 (transformers engine, auth on): ``s`` for the limits (ceiling 4096), ``f``
-for the fuzz (ceiling 8 tokens, so a fuzzed valid request costs one short generation).
+Real servers on 127.0.0.1 (transformers engine, auth on): ``s`` for the limits (ceiling 4096), ``f``
+for the fuzz (ceiling 8 tokens, so a fuzzed valid request costs one short generation), and ``u``, kem in
+upstream mode in front of ``f``, fuzzed the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     try:
         for x in started:
             x.wait()
-        yield {"s": s, "f": f}
+        # upstream mode: a proxy in front of f (f's own auth: the proxy sends the admin key upstream)
+        u = kem_server(tmp, "u", "--keys", str(fkeys), "--upstream", f.url, "--upstream-key", ADMIN,
+                       "--model", "smollm2-135m-instruct", env={**env, "KEM_MAX_TOKENS_CEILING": "8"})
+        started.append(u.start())
+        u.wait()
+        yield {"s": s, "f": f, "u": u}
     finally:
         for x in started:
             x.stop()
@@ -116,6 +122,21 @@ def test_a_client_that_leaves_frees_its_slot_and_the_engine(servers, stream):
             time.sleep(0.5)
 
 
+def test_admins_create_keys_with_limits(servers):
+    s = servers["s"]
+    with http(s, ADMIN) as admin:
+        r = admin.post("/admin/keys", json={"namespace": "dave", "rpm": 1})
+        assert r.status_code == 201 and r.json()["rpm"] == 1, r.text
+        key = r.json()["key"]
+        for bad in ({"namespace": "dave", "rpm": 0}, {"namespace": "dave", "tpm": "many"},
+                    {"namespace": "dave", "admin": "yes"}):
+            r = admin.post("/admin/keys", json=bad)
+            assert r.status_code == 400, (bad, r.text)
+    with http(s, key) as dave:  # rpm=1: the second request within the minute is refused
+        assert dave.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert dave.post("/v1/chat/completions", json=CHAT).status_code == 429
+
+
 def test_bodies_are_bounded(servers):
     s = servers["s"]
     with http(s, CAROL) as c:
@@ -152,8 +173,9 @@ def test_tenants_cannot_set_server_fields_or_probe_ids(servers):
         assert r.status_code == 400 and err(r)["param"] == "path"
 
 
-def test_fuzzed_requests_never_get_a_5xx(servers):
-    f = servers["f"]
+@pytest.mark.parametrize("which", ["f", "u"], ids=["in-process", "upstream"])
+def test_fuzzed_requests_never_get_a_5xx(servers, which):
+    f = servers[which]
     with http(f, ADMIN) as admin:
         ids = [admin.post("/v1/edits", json={"subject": f"Zorbex {i}", "prompt": "The CEO of {} is",
                                              "target_new": "Carla Diaz", "namespace": ns}).json()["id"]

@@ -24,6 +24,7 @@ from kem.editor import KnowledgeEditor
 from kem.errors import ForbiddenError, KemError, ValidationError
 from kem.server.auth import KeyRing, Principal
 from kem.server.edits import parse_json
+from kem.server.limits import KeyLimits
 from kem.server.metrics import Metrics
 from kem.server.protocol import (
     ChatCompletionRequest,
@@ -323,9 +324,15 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         body = await json_body(request) or {}
         ns = body.get("namespace") if isinstance(body, dict) else None
         if not isinstance(ns, str):
-            raise ValidationError('send {"namespace": "...", "admin": false}', field="namespace")
-        key = keys.create(ns, bool(body.get("admin", False)))
-        return JSONResponse({"object": "api_key", "key": key, "namespace": ns}, status_code=201)
+            raise ValidationError('send {"namespace": "...", "admin": false, "rpm": N, "tpm": N, "parallel": N}',
+                                  field="namespace")
+        is_admin = body.get("admin", False)
+        if not isinstance(is_admin, bool):
+            raise ValidationError(f"admin must be true or false (got {is_admin!r})", field="admin")
+        limits = KeyLimits(**{k: body[k] for k in ("rpm", "tpm", "parallel") if body.get(k) is not None})
+        key = keys.create(ns, is_admin, limits=limits)
+        return JSONResponse({"object": "api_key", "key": key, "namespace": ns,
+                             **{k: v for k, v in vars(limits).items() if v is not None}}, status_code=201)
 
     @app.delete("/admin/keys/{key_id}")
     async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
