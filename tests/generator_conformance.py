@@ -10,8 +10,11 @@ Two ways to run it:
 
 * in pytest: subclass :class:`GeneratorConformance` and give it an ``engine`` fixture;
 * in another interpreter (the in-process vLLM engine lives in ``.venv-vllm``, which has no pytest):
-  ``python -m tests.generator_conformance --vllm MODEL_DIR`` prints one JSON object
-  ``{check: "ok" | error}`` and exits 1 when a check fails.
+  ``python -m tests.generator_conformance --vllm MODEL_DIR`` runs :data:`CHECKS` and
+  :data:`VLLM_CHECKS` (scheduling: a short request is not stuck behind a long one, cancel, deadline and
+  a closed stream stop a request, streaming is incremental, context length, reload between requests)
+  on one engine start; it prints ``RESULTS`` with one JSON object ``{check: "ok" | error}`` and
+  ``NUMBERS`` with the timings those checks measured, and exits 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import asyncio
 import concurrent.futures as cf
 import json
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kem.adapters.base import to_async
+from kem.errors import ContextLengthError, DeadlineExceeded, EngineError, RequestCancelled
 from kem.protocols import AsyncGenerator, GenerationParams, Generator
 
 PROMPT = "The capital of France is"
@@ -112,10 +118,150 @@ CHECKS: list[Callable[[Any], None]] = [
 ]
 
 
-def run_all(gen: Any) -> dict[str, str]:
-    """Run every check; ``{check name: "ok" | the failure}``."""
+# ---- in-process engines that schedule requests themselves (run here for vLLM: ``--vllm``) -------------
+LONG = GenerationParams(max_new_tokens=300, temperature=0.0, extra={"ignore_eos": True})  # runs all 300 tokens
+NUMBERS: dict[str, float] = {}  # timings the checks below measured, printed by main()
+
+
+def _engine_idle(gen: Any, within: float = 5.0) -> bool:
+    """Whether vLLM has no unfinished request within ``within`` seconds (true for engines without one)."""
+    engine = getattr(getattr(gen, "llm", None), "llm_engine", None)
+    end = time.monotonic() + within
+    while engine is not None and engine.get_num_unfinished_requests():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def check_short_request_is_not_stuck_behind_a_long_one(gen: Any) -> None:
+    short_params = _with(GREEDY, max_new_tokens=2)
+    alone = gen.generate("Water boils at", short_params)
+    long_it = gen.stream(PROMPT, LONG)
+    next(long_it)  # the long request is running
+    t0 = time.monotonic()
+    done: dict[str, float] = {}
+
+    def drain() -> None:
+        for _ in long_it:
+            pass
+        done["long"] = time.monotonic() - t0
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    short = gen.generate("Water boils at", short_params)
+    short_s = time.monotonic() - t0
+    still_running = "long" not in done
+    reader.join(300)
+    NUMBERS.update(short_beside_long_s=round(short_s, 2), long_rest_s=round(done.get("long", -1.0), 2))
+    assert short == alone, (short, alone)
+    assert still_running and short_s < done["long"] / 3, NUMBERS
+
+
+def check_cancel_deadline_and_close_stop_a_request(gen: Any) -> None:
+    cancel = threading.Event()
+    it = gen.stream(PROMPT, _with(LONG, cancel=cancel))
+    next(it)
+    t0 = time.monotonic()
+    cancel.set()
+    pieces = 0
+    try:
+        for _ in it:
+            pieces += 1
+        raise AssertionError("a cancelled stream ran to its end")
+    except RequestCancelled as exc:
+        assert exc.status_code == 499
+    NUMBERS.update(cancel_to_error_s=round(time.monotonic() - t0, 3), pieces_after_cancel=pieces)
+    assert pieces < 20 and _engine_idle(gen), NUMBERS
+    t0 = time.monotonic()
+    try:
+        gen.generate(PROMPT, _with(LONG, deadline=t0 + 0.5))
+        raise AssertionError("a request ran past its deadline")
+    except DeadlineExceeded as exc:
+        assert exc.status_code == 504
+    NUMBERS.update(deadline_0_5s_stopped_after_s=round(time.monotonic() - t0, 3))
+    assert NUMBERS["deadline_0_5s_stopped_after_s"] < 3 and _engine_idle(gen), NUMBERS
+    it = gen.stream(PROMPT, LONG)
+    next(it)
+    t0 = time.monotonic()
+    it.close()  # the consumer went away
+    assert _engine_idle(gen), "closing a stream did not abort its request"
+    NUMBERS.update(close_to_idle_s=round(time.monotonic() - t0, 3))
+    assert gen.generate(PROMPT, GREEDY).strip()  # the engine goes on
+
+
+def check_streaming_is_incremental(gen: Any) -> None:
+    params = _with(LONG, max_new_tokens=40)
+    t0 = time.monotonic()
+    pieces, at = [], []
+    for p in gen.stream(PROMPT, params):
+        pieces.append(p)
+        at.append(time.monotonic() - t0)
+    NUMBERS.update(stream_pieces=len(pieces), first_piece_s=round(at[0], 3), last_piece_s=round(at[-1], 3))
+    assert len(pieces) >= 10 and at[0] < at[-1] / 2, NUMBERS
+    assert "".join(pieces) == gen.generate(PROMPT, params)
+
+
+def check_context_length(gen: Any) -> None:
+    ctx = gen.context_length
+    n = gen.count_tokens(PROMPT)
+    assert ctx >= 512 and 0 < n < 20, (ctx, n)
+    try:
+        gen.generate("hello" + " hello" * ctx, GREEDY)
+        raise AssertionError("a prompt longer than the context was accepted")
+    except ContextLengthError as exc:
+        assert exc.status_code == 400
+    near = "hello" + " hello" * (ctx - 8)
+    room = ctx - gen.count_tokens(near)
+    assert 0 < room < 16, room
+    out = gen.generate(near, _with(LONG, max_new_tokens=64))  # clamped to the room left, no error
+    assert gen.count_tokens(out) <= room + 1, (room, out)
+
+
+def check_unknown_adapter_fails_alone(gen: Any) -> None:
+    alone = gen.generate(PROMPT, GREEDY)
+    with cf.ThreadPoolExecutor(2) as pool:
+        bad = pool.submit(gen.generate, PROMPT, _with(GREEDY, adapter="no-such-adapter"))
+        good = pool.submit(gen.generate, PROMPT, GREEDY)
+        try:
+            bad.result()
+            raise AssertionError("an unknown adapter was accepted")
+        except EngineError as exc:
+            assert exc.status_code == 400 and "no-such-adapter" in str(exc)
+        assert good.result() == alone
+
+
+def check_reload_lets_running_requests_finish(gen: Any) -> None:
+    """An in-place reload (same weights) while one request streams and another arrives: both finish
+    with the text they get alone."""
+    params = _with(LONG, max_new_tokens=60)
+    want, want_short = gen.generate(PROMPT, params), gen.generate("Water boils at", GREEDY)
+    it = gen.stream(PROMPT, params)
+    first = next(it)
+    with cf.ThreadPoolExecutor(2) as pool:
+        reload = pool.submit(gen.reload_weights, gen.model_dir)
+        time.sleep(0.2)
+        short = pool.submit(gen.generate, "Water boils at", GREEDY)
+        text = first + "".join(it)
+        NUMBERS.update(reload_s=round(reload.result(300), 2))
+        assert short.result(300) == want_short
+    assert text == want, (text, want)
+
+
+VLLM_CHECKS: list[Callable[[Any], None]] = [
+    check_short_request_is_not_stuck_behind_a_long_one,
+    check_cancel_deadline_and_close_stop_a_request,
+    check_streaming_is_incremental,
+    check_context_length,
+    check_unknown_adapter_fails_alone,
+    check_reload_lets_running_requests_finish,
+]
+
+
+def run_all(gen: Any, checks: Sequence[Callable[[Any], None]] = CHECKS) -> dict[str, str]:
+    """Run ``checks``; ``{check name: "ok" | the failure}``."""
     out = {}
-    for check in CHECKS:
+    for check in checks:
         try:
             check(gen)
             out[check.__name__] = "ok"
@@ -147,10 +293,13 @@ def main(argv: list[str]) -> int:
 
     gen = VLLMGenerator.load(argv[1], name="smollm2")
     try:
-        results = run_all(gen)
+        results = run_all(gen, CHECKS + VLLM_CHECKS)
     finally:
+        t0 = time.monotonic()
         gen.close()
+        NUMBERS["close_s"] = round(time.monotonic() - t0, 2)
     sys.stdout.write("RESULTS " + json.dumps(results) + "\n")
+    sys.stdout.write("NUMBERS " + json.dumps(NUMBERS) + "\n")
     return 0 if all(v == "ok" for v in results.values()) else 1
 
 

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess, free_port, kem_server
-from tests.generator_conformance import CHECKS, run_all
+from tests.generator_conformance import CHECKS, VLLM_CHECKS, run_all
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = Path(os.environ.get("KEM_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
@@ -185,7 +185,9 @@ def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
 
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
 def test_vllm_inprocess_engine_conformance(model_dir):
-    """The in-process vLLM engine (``kem serve --engine vllm``) passes the same suite, run in .venv-vllm."""
+    """The in-process vLLM engine (``kem serve --engine vllm``) passes the same suite, run in .venv-vllm,
+    and the scheduling checks (``VLLM_CHECKS``: a short request beside a 300-token one, cancel, deadline,
+    closed stream, incremental streaming, context length, reload) on the same engine start."""
     for s in _STARTED:  # free the CPU and memory the upstream tests used
         s.stop()
     out = subprocess.run([str(VLLM_PY), "-m", "tests.generator_conformance", "--vllm", model_dir], cwd=ROOT,
@@ -193,7 +195,9 @@ def test_vllm_inprocess_engine_conformance(model_dir):
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line is not None, f"rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     results = json.loads(line.removeprefix("RESULTS "))
-    assert list(results) == [c.__name__ for c in CHECKS]
+    numbers = next((ln for ln in out.stdout.splitlines() if ln.startswith("NUMBERS ")), "NUMBERS {}")
+    print(numbers)  # timings of the scheduling checks (pytest -rP shows them)
+    assert list(results) == [c.__name__ for c in CHECKS + VLLM_CHECKS]
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
 
 
@@ -232,7 +236,7 @@ def test_kem_serve_engine_vllm(kem_vllm):
     streamed = "".join(ch.choices[0].text for ch in
                        c.completions.create(model="default", prompt=CEO, max_tokens=6, temperature=0, stream=True))
     assert streamed == comp.choices[0].text
-    with cf.ThreadPoolExecutor(8) as pool:  # batched by the adapter's worker
+    with cf.ThreadPoolExecutor(8) as pool:  # continuously batched by the adapter's engine thread
         outs = list(pool.map(lambda i: c.completions.create(model="default", prompt=f"{i} + {i} =", max_tokens=3,
                                                             temperature=0), range(8)))
     assert all(o.choices[0].text for o in outs)
