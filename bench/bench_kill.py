@@ -156,7 +156,7 @@ def consolidate_phase(tmp: Path, kills: int) -> list[dict[str, object]]:
         store = _store(home)
         before = {e.id for e in store.list()}
         store.close()
-        delay = duration * (0.5 + 0.5 * (k + 1) / (kills + 1))  # the second half: compute, gates, publish
+        delay = duration * (0.6 + 0.45 * k / max(kills - 1, 1))  # 60%..105%: compute, gates, publish, marking
         rc = _killed_after(home, ["consolidate", "--method", "ft-l", "--min-reliability", "0", "--min-locality", "0"],
                            delay)
         vs = VersionStore(home)

@@ -174,6 +174,9 @@ def serve(
 
 def main() -> None:
     """Entry point of ``python -m kem.server``."""
+    from kem.runtime import own_process
+
+    own_process()  # before torch loads (kem/runtime.py)
     cli = typer.Typer(add_completion=False, help="kem's OpenAI-compatible server.")
     cli.callback()(lambda: None)
     cli.command("serve")(serve)
