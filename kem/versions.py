@@ -11,6 +11,18 @@ Layout::
                           manifest.json       base, parent, method, hparams, edit ids, metrics, timings
       v2/ ...
       current             the name of the version served by default ("v2")
+      tenants/<namespace>/  a tenant's own versions, same layout: vN/ (manifest.json with kind
+                          "adapter", adapter/ a peft LoRA folder, optionally adapter_with_follower/)
+                          and current
+
+A tenant version (``VersionStore(home, namespace="alice")``) is a LoRA adapter over the shared version
+it was computed on (its manifest's ``parent``; None: the base model). It is valid on that shared
+version only: :meth:`VersionStore.adapter_on` refuses it on any other, and the tenant's edits are then
+served by the fast path until ``kem consolidate --namespace alice`` recomputes an adapter on the new
+shared version. A tenant's adapter is cumulative: ``alice/v2`` holds the edits of ``alice/v1`` too
+(its ``tenant_parent``) when both sit on the same shared version. Edits a tenant version absorbed are
+marked ``consolidated_in = "alice/v2"`` (:meth:`VersionStore.label`), so shared and tenant version
+names never collide in the fast path's skip set.
 
 A version is written into a temporary folder beside the others and renamed into place, and
 ``current`` is replaced atomically, so a crash never leaves a half-written ``vN`` or pointer.
@@ -46,6 +58,11 @@ BASE = "base"  # pseudo-version: the base model, nothing absorbed
 CURRENT = "current"  # pseudo-version: what models/current points at
 MANIFEST = "manifest.json"
 DELTA = "delta.safetensors"
+TENANTS = "tenants"  # models/tenants/<namespace>/: the tenants' own versions
+ADAPTER = "adapter"  # a tenant version's peft LoRA folder
+ADAPTER_WITH_FOLLOWER = "adapter_with_follower"  # the same plus the edit-follower's LoRA, one adapter
+CHECKPOINT_KIND = "checkpoint"
+ADAPTER_KIND = "adapter"
 
 
 class Manifest(BaseModel):
@@ -55,12 +72,17 @@ class Manifest(BaseModel):
         version: ``"vN"``.
         base: The base model (name or folder) the chain of versions started from.
         base_fingerprint: Fingerprint of the base weights (covariance statistics are keyed by it).
-        parent: The version this one was built on, or None when built on the base model.
+        kind: ``"checkpoint"`` (a shared version: a full model folder) or ``"adapter"`` (a tenant
+            version: a LoRA folder ``adapter/`` over the shared version ``parent``).
+        parent: The shared version this one was built on, or None when built on the base model.
+        tenant_parent: A tenant version only: the tenant's earlier version whose edits this adapter
+            also holds (None: it holds only its own ``edit_ids``).
         method: Consolidation method (``memit``, ``alphaedit``, ``rome``, ``ft-l``).
         hparams: The method's hyperparameters, as used.
         edit_ids: Edits absorbed by this version (marked ``consolidated_in`` = this version).
         failed_edit_ids: Edits that were in the delta but did not pass reliability; they stay active.
-        namespace: The namespace the job took edits from when it was one (else None).
+        namespace: The namespace the job took edits from when it was one (else None); a tenant
+            version's tenant.
         namespaces: Every namespace the job took edits from (shared namespaces only).
         metrics: Gate metrics (reliability, locality, ...) and thresholds.
         timings: Seconds per step of the job.
@@ -70,9 +92,11 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     version: str
+    kind: str = CHECKPOINT_KIND
     base: str
     base_fingerprint: str | None = None
     parent: str | None = None
+    tenant_parent: str | None = None
     method: str
     hparams: dict[str, Any] = Field(default_factory=dict)
     edit_ids: list[str] = Field(default_factory=list)
@@ -91,12 +115,28 @@ class ServedVersion:
     Attributes:
         version: ``vN``, or ``base`` for the base model.
         path: Its model folder (``None`` for ``base``: the caller resolves the base model itself).
-        absorbed: The version and its ancestors (empty for the base model).
+        absorbed: The version and its ancestors (empty for the base model); for a tenant version
+            their labels (``"alice/v2"``), as edits record them in ``consolidated_in``.
+        namespace: The tenant (None: a shared version).
+        parent: A tenant version only: the shared version its adapter applies to (None: the base model).
     """
 
     version: str
     path: Path | None
     absorbed: frozenset[str]
+    namespace: str | None = None
+    parent: str | None = None
+
+    @property
+    def adapter(self) -> Path | None:
+        """A tenant version's peft LoRA folder (None for shared versions and ``base``)."""
+        return None if self.namespace is None or self.path is None else self.path / ADAPTER
+
+    @property
+    def adapter_with_follower(self) -> Path | None:
+        """A tenant version's adapter combined with the edit-follower, when it was built."""
+        p = None if self.path is None or self.namespace is None else self.path / ADAPTER_WITH_FOLLOWER
+        return p if p is not None and (p / "adapter_config.json").is_file() else None
 
 
 def check_name(version: str) -> str:
@@ -106,19 +146,51 @@ def check_name(version: str) -> str:
     return version
 
 
+def check_namespace(namespace: str) -> str:
+    """``namespace`` if it is a valid tenant name (as :class:`kem.edit.Edit` validates it), else a
+    :class:`ValidationError` naming the field."""
+    from kem.edit import NAMESPACE_RE
+
+    if not isinstance(namespace, str) or not NAMESPACE_RE.fullmatch(namespace):
+        raise ValidationError("a namespace starts with a letter or digit and uses only letters, digits, _ . @ : - "
+                              f"(got {namespace!r})", field="namespace")
+    return namespace
+
+
 class VersionStore:
-    """The published versions under ``<home>/models``.
+    """The published versions under ``<home>/models`` (shared), or a tenant's under
+    ``<home>/models/tenants/<namespace>`` (LoRA adapters over a shared version).
 
     Args:
         home: kem's data folder (``Settings.home``).
+        namespace: None for the shared versions; a tenant namespace for that tenant's versions.
     """
 
-    def __init__(self, home: str | os.PathLike[str]) -> None:
+    def __init__(self, home: str | os.PathLike[str], namespace: str | None = None) -> None:
         self.home = Path(home).expanduser()
-        self.root = self.home / "models"
+        self.namespace = None if namespace is None else check_namespace(namespace)
+        shared = self.home / "models"
+        self.root = shared if namespace is None else shared / TENANTS / namespace
 
     def __repr__(self) -> str:
-        return f"VersionStore({str(self.home)!r})"
+        ns = "" if self.namespace is None else f", namespace={self.namespace!r}"
+        return f"VersionStore({str(self.home)!r}{ns})"
+
+    def label(self, version: str) -> str:
+        """How edits absorbed by ``version`` record it in ``consolidated_in``: ``vN`` for a shared
+        version, ``<namespace>/vN`` for a tenant's."""
+        return version if self.namespace is None else f"{self.namespace}/{version}"
+
+    def tenants(self) -> builtins.list[str]:
+        """Namespaces with a tenant version folder under ``<home>/models/tenants`` (sorted)."""
+        root = self.home / "models" / TENANTS
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def shared(self) -> VersionStore:
+        """The shared versions' store of the same home."""
+        return self if self.namespace is None else VersionStore(self.home)
 
     # ---- reading ------------------------------------------------------------------------------------
     def path(self, version: str) -> Path:
@@ -126,7 +198,8 @@ class VersionStore:
         path = self.root / check_name(version)
         if not (path / MANIFEST).is_file():
             known = ", ".join(m.version for m in self.list()) or "none published yet"
-            raise NotFoundError(f"model version {version!r} does not exist under {self.root} (known: {known})")
+            whose = "" if self.namespace is None else f" of namespace {self.namespace!r}"
+            raise NotFoundError(f"model version {version!r}{whose} does not exist under {self.root} (known: {known})")
         return path
 
     def manifest(self, version: str) -> Manifest:
@@ -160,19 +233,40 @@ class VersionStore:
 
     def ancestors(self, version: str | None) -> builtins.list[str]:
         """``[version, its parent, ...]`` back to the first version built on the base model
-        (``None`` / ``base``: empty)."""
+        (``None`` / ``base``: empty). For a tenant: ``[version, its tenant_parent, ...]``."""
         chain: list[str] = []
         v = None if version in (None, BASE) else version
         while v is not None:
             if v in chain:
                 raise ConflictError(f"model versions form a cycle through {v} (check {self.root}/*/{MANIFEST})")
             chain.append(v)
-            v = self.manifest(v).parent
+            man = self.manifest(v)
+            v = man.parent if self.namespace is None else man.tenant_parent
         return chain
 
     def absorbed(self, version: str | None) -> frozenset[str]:
-        """Versions whose edits are in ``version``'s weights: the version and its ancestors."""
-        return frozenset(self.ancestors(version))
+        """Versions whose edits are in ``version``'s weights: the version and its ancestors (for a
+        tenant, their labels ``<namespace>/vN``, see :meth:`label`)."""
+        return frozenset(self.label(v) for v in self.ancestors(version))
+
+    def adapter_on(self, shared_version: str | None) -> ServedVersion | None:
+        """A tenant's ``current`` version if its adapter applies to ``shared_version`` (None / ``base``:
+        the base model), else None: nothing published, or the adapter was computed on another shared
+        version (refused: its edits go back to the fast path until the next tenant job recomputes it)."""
+        if self.namespace is None:
+            raise ValidationError("adapter_on is for a tenant's versions: VersionStore(home, namespace=...)",
+                                  field="namespace")
+        cur = self.current()
+        if cur is None:
+            return None
+        served = self.resolve(cur)
+        want = None if shared_version in (None, BASE) else shared_version
+        if served.parent != want:
+            log.warning("adapter %s of namespace %r was computed on %s, not on the served %s: not applied "
+                        "(run kem consolidate --namespace %s to recompute it)", cur, self.namespace,
+                        served.parent or BASE, want or BASE, self.namespace)
+            return None
+        return served
 
     def resolve(self, version: str) -> ServedVersion:
         """``vN`` / ``current`` / ``base`` to the folder to load and the absorbed versions.
@@ -185,9 +279,11 @@ class VersionStore:
         if version == CURRENT:
             version = self.current() or BASE
         if version == BASE:
-            return ServedVersion(BASE, None, frozenset())
+            return ServedVersion(BASE, None, frozenset(), self.namespace)
         chain = self.ancestors(version)
-        return ServedVersion(version, self.root / version, frozenset(chain))
+        parent = self.manifest(version).parent if self.namespace is not None else None
+        return ServedVersion(version, self.root / version, frozenset(self.label(v) for v in chain),
+                             self.namespace, parent)
 
     def next_version(self) -> str:
         """The next free name: one more than the highest ``vN`` folder (published or being written)."""
@@ -218,7 +314,7 @@ class VersionStore:
             return None
         man = self.manifest(version)
         self.set_current(version)
-        log.info("current model version is now %s", version)
+        log.info("current model version%s is now %s", "" if self.namespace is None else f" of {self.namespace}", version)
         return man
 
     def publish(self, manifest: dict[str, Any], write: Callable[[Path], None], make_current: bool = True) -> Manifest:
@@ -239,6 +335,8 @@ class VersionStore:
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / ".publish.lock"), timeout=600):
             version = self.next_version()
+            if self.namespace is not None:
+                manifest = {"kind": ADAPTER_KIND, **manifest, "namespace": self.namespace}
             man = Manifest(version=version, **manifest)
             tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
             try:
@@ -250,7 +348,7 @@ class VersionStore:
                 raise
             if make_current:
                 self.set_current(version)
-        log.info("published model version %s (%d edits, method %s)", version, len(man.edit_ids), man.method)
+        log.info("published model version %s (%d edits, method %s)", self.label(version), len(man.edit_ids), man.method)
         return man
 
 
@@ -269,35 +367,42 @@ def recover(versions: VersionStore, store: Any) -> Recovery:
     * A kill between publishing ``vN`` and marking its edits leaves them ``active``: the manifest is
       the journal, so every edit it lists that is still active and was not changed after ``vN`` was
       published is marked ``consolidated_in = vN`` (else the next job would consolidate it again).
+
+    Given the shared store, the tenants' versions (``models/tenants/*``) are recovered too (their edits
+    marked with the tenant label, ``alice/vN``); given a tenant's store, that tenant's only.
     """
     from filelock import FileLock, Timeout
 
     from kem.edit import EditStatus
     from kem.errors import NotFoundError as _Missing
 
+    stores = [versions]
+    if versions.namespace is None:
+        stores += [VersionStore(versions.home, ns) for ns in versions.tenants()]
     removed: list[str] = []
-    if versions.root.is_dir():
-        try:
-            with FileLock(str(versions.root / ".publish.lock"), timeout=0):
-                for p in versions.root.glob(".tmp-v*"):
-                    if p.is_dir():
-                        shutil.rmtree(p, ignore_errors=True)
-                        removed.append(p.name)
-        except Timeout:  # a publisher is writing its temporary folder right now
-            pass
     marked: list[tuple[str, str]] = []
-    for man in versions.list():
-        todo = []
-        for edit_id in man.edit_ids:
+    for vs in stores:
+        if vs.root.is_dir():
             try:
-                e = store.get(edit_id)
-            except _Missing:
-                continue
-            if e.status == EditStatus.active and e.updated_at <= man.created_at:
-                todo.append(edit_id)
-        if todo:
-            store.mark_consolidated(todo, man.version)
-            marked += [(i, man.version) for i in todo]
+                with FileLock(str(vs.root / ".publish.lock"), timeout=0):
+                    for p in vs.root.glob(".tmp-v*"):
+                        if p.is_dir():
+                            shutil.rmtree(p, ignore_errors=True)
+                            removed.append(p.name if vs.namespace is None else f"{TENANTS}/{vs.namespace}/{p.name}")
+            except Timeout:  # a publisher is writing its temporary folder right now
+                pass
+        for man in vs.list():
+            todo = []
+            for edit_id in man.edit_ids:
+                try:
+                    e = store.get(edit_id)
+                except _Missing:
+                    continue
+                if e.status == EditStatus.active and e.updated_at <= man.created_at:
+                    todo.append(edit_id)
+            if todo:
+                store.mark_consolidated(todo, vs.label(man.version))
+                marked += [(i, vs.label(man.version)) for i in todo]
     if removed or marked:
         log.warning("recovered from an interrupted consolidation: removed %s, marked %d edits consolidated",
                     removed or "nothing", len(marked))

@@ -38,3 +38,41 @@ def test_recover_finishes_an_interrupted_publish(tmp_path):
     assert recover(versions, store).marked == ()  # idempotent
     assert [m.version for m in versions.list()] == ["v1"] and versions.current() == "v1"
     store.close()
+
+
+def test_tenant_versions_live_apart_and_recover_covers_them(tmp_path):
+    """``VersionStore(home, namespace)``: a tenant's versions under models/tenants/<ns>/, numbered on
+    their own, labelled ``<ns>/vN`` in edits, never listed with the shared ones; recover() of the shared
+    store repairs the tenants' interrupted publishes too."""
+    import pytest
+
+    from kem.errors import ValidationError
+
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    shared, alice, bob = VersionStore(tmp_path), VersionStore(tmp_path, "alice"), VersionStore(tmp_path, "bob")
+    (a,) = store.add_many([_edit(0).model_copy(update={"namespace": "alice"})])
+    shared.publish({"base": "m", "method": "toy"}, lambda f: None)
+    man = alice.publish({"base": "m", "method": "toy", "parent": "v1", "edit_ids": [a.id]},
+                        lambda f: (f / "adapter").mkdir())
+    assert man.version == "v1" and man.kind == "adapter" and man.namespace == "alice" and man.parent == "v1"
+    assert alice.root == tmp_path / "models" / "tenants" / "alice" and (alice.root / "v1" / "adapter").is_dir()
+    assert [m.version for m in shared.list()] == ["v1"] and shared.manifest("v1").kind == "checkpoint"
+    assert shared.tenants() == ["alice"] and bob.list() == [] and bob.current() is None
+    assert alice.absorbed("v1") == frozenset({"alice/v1"}) and shared.absorbed("v1") == frozenset({"v1"})
+    served = alice.resolve("current")
+    assert served.parent == "v1" and served.namespace == "alice" and served.adapter == alice.root / "v1" / "adapter"
+    assert alice.adapter_on("v1") == served and alice.adapter_on(None) is None  # valid on its shared version only
+    man2 = alice.publish({"base": "m", "method": "toy", "parent": "v1", "tenant_parent": "v1"}, lambda f: None)
+    assert alice.absorbed(man2.version) == frozenset({"alice/v1", "alice/v2"}) and shared.next_version() == "v2"
+    alice.rollback("v1")
+    assert alice.current() == "v1" and shared.current() == "v1"
+    with pytest.raises(ValidationError) as err:
+        VersionStore(tmp_path, "../etc")
+    assert err.value.field == "namespace"
+
+    # a tenant job killed during publish and before marking its edits
+    (alice.root / ".tmp-v3-zz").mkdir()
+    out = recover(shared, store)
+    assert out.removed == ("tenants/alice/.tmp-v3-zz",) and out.marked == ((a.id, "alice/v1"),)
+    assert store.get(a.id).consolidated_in == "alice/v1"
+    store.close()
