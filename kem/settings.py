@@ -23,6 +23,11 @@ class Settings(BaseSettings):
         Path("~/.cache/kem").expanduser(),
         description="Converted models, covariance statistics and other rebuildable caches.",
     )
+    store: str | None = Field(
+        None, description="The edit store (kem --store): empty or 'sqlite': <home>/edits.sqlite (the embedded "
+        "default); sqlite:///PATH; postgresql://user:pass@host:port/db[?schema=NAME]: PostgreSQL, shared by "
+        "several kem replicas (the FAISS index and model versions stay under home).",
+    )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description='SQLite edit store durability: "FULL" (an acknowledged edit survives power loss; '
         'one fsync per write) or "NORMAL" (faster writes; the last ones can be lost on power loss).',
@@ -93,6 +98,23 @@ class Settings(BaseSettings):
     api_docs: bool = Field(
         False, description="kem serve: serve /docs, /redoc and /openapi.json (off by default: they map the API "
         "for anyone who can reach the port).")
+
+    # tenants' adapters (a namespace's consolidated version: models/tenants/<ns>/vN/adapter)
+    max_adapters: int = Field(
+        32, ge=1, description="kem serve: tenants' adapters the transformers engine keeps resident (LRU), and "
+        "with --upstream the adapters kept loaded in the upstream (the one used longest ago is unloaded).")
+    vllm_max_loras: int = Field(
+        4, ge=0, description="kem serve --engine vllm: different LoRA adapters in one batch (vLLM max_loras); "
+        "0: no tenants' adapters (LoRA only for the edit-follower).")
+    vllm_max_cpu_loras: int = Field(
+        128, ge=1, description="kem serve --engine vllm: adapters vLLM keeps in its CPU cache (max_cpu_loras); "
+        "others load from disk when a request needs them.")
+    vllm_max_lora_rank: int = Field(
+        32, ge=1, description="kem serve --engine vllm: the largest adapter rank (vLLM max_lora_rank: 8, 16, 32, 64...).")
+    upstream_runtime_lora: bool = Field(
+        False, description="kem serve --upstream: the upstream is a vLLM started with --enable-lora and "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; tenants' adapters are loaded into it at run time "
+        "(/v1/load_lora_adapter) and addressed by name.")
 
     def shared(self) -> list[str]:
         """:attr:`shared_namespaces` as a list."""

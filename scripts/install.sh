@@ -54,6 +54,18 @@ print(f"[install] torch {torch.__version__}, kem {kem.__version__}", file=sys.st
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}"
 PY
 
+# PostgreSQL's server binaries for the tests' throw-away server (tests/postgres_server.py) and the
+# PostgreSQL edit store; skipped in no time when initdb is already there.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "PostgreSQL server (apt-get install -y postgresql)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }
+    else
+        log "warning: PostgreSQL's server binaries are missing (as root: apt-get install -y postgresql); the PostgreSQL tests need them"
+    fi
+fi
+
 if [ "$WITH_VLLM" = 1 ]; then
     log "vLLM (CPU build) into .venv-vllm"
     bash "$ROOT/scripts/install_vllm.sh"

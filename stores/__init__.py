@@ -1,8 +1,69 @@
-"""Edit stores (``kem.stores``): :class:`SQLiteStore` (the embedded, durable default) and
-:class:`InMemoryStore` (the reference, for tests and ephemeral use). :mod:`kem.stores.rules` holds the
-rules both apply."""
+"""Edit stores (``kem.stores``): :class:`SQLiteStore` (the embedded, durable default),
+:class:`~kem.stores.postgres.PostgresStore` (shared by several replicas; ``KEM_STORE=postgresql://...``)
+and :class:`InMemoryStore` (the reference, for tests and ephemeral use). :mod:`kem.stores.rules` holds
+the rules they all apply. :func:`open_store` is the one place a command builds its store."""
 
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from kem.errors import ValidationError
 from kem.stores.memory import InMemoryStore
 from kem.stores.sqlite import SQLiteStore
 
-__all__ = ["InMemoryStore", "SQLiteStore"]
+if TYPE_CHECKING:
+    from kem.protocols import EditStore
+
+__all__ = ["InMemoryStore", "SQLiteStore", "is_postgres", "open_store", "split_schema"]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(url: str | None) -> bool:
+    """Whether a store URL names PostgreSQL (``postgresql://`` or ``postgres://``)."""
+    return bool(url) and str(url).startswith(POSTGRES_SCHEMES)
+
+
+def split_schema(url: str) -> tuple[str, str]:
+    """``(libpq URL, kem schema)``: kem's own ``?schema=NAME`` query parameter taken out of ``url``
+    (libpq would refuse it); default schema ``kem``."""
+    from kem.stores.postgres import DEFAULT_SCHEMA, check_schema_name
+
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), DEFAULT_SCHEMA)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    return urlunsplit(parts._replace(query=rest)), check_schema_name(schema)
+
+
+def open_store(settings: Any = None, home: str | Path | None = None, *, url: str | None = None) -> EditStore:
+    """The edit store kem's commands and servers use, chosen by URL.
+
+    Args:
+        settings: kem settings (``store``, ``home``, ``sqlite_synchronous``); default ``Settings()``.
+        home: The data folder (default ``settings.home``): the SQLite file lives there.
+        url: Overrides ``settings.store`` (``KEM_STORE`` / ``--store``): empty or ``sqlite``:
+            ``<home>/edits.sqlite`` (the embedded default); ``sqlite:///PATH``: that SQLite file;
+            ``postgresql://user:pass@host:port/db[?schema=NAME]``: :class:`~kem.stores.postgres.PostgresStore`.
+    """
+    if settings is None:
+        from kem.settings import Settings
+
+        settings = Settings()
+    url = url if url is not None else getattr(settings, "store", None)
+    home = Path(home) if home is not None else Path(settings.home)
+    sync = getattr(settings, "sqlite_synchronous", "FULL")
+    if not url or url == "sqlite":
+        return SQLiteStore(home / "edits.sqlite", synchronous=sync)
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(Path(url[len("sqlite://"):]), synchronous=sync)
+    if is_postgres(url):
+        from kem.stores.postgres import PostgresStore
+
+        conninfo, schema = split_schema(url)
+        return PostgresStore(conninfo, schema)
+    raise ValidationError(f"store must be 'sqlite', sqlite:///PATH or postgresql://... (got {url.split('://')[0]!r}://...)"
+                          if "://" in url else f"store must be 'sqlite', sqlite:///PATH or postgresql://... (got {url!r})",
+                          field="store")

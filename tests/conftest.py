@@ -52,6 +52,16 @@ def generator(lm_and_tok):
     return TransformersGenerator(model, tok, name="smollm2-135m-instruct")
 
 
+@pytest.fixture(scope="session")
+def tenant_adapters(lm_and_tok, tmp_path_factory):
+    """Two tenants' fact adapters (``tests.generator_conformance.TENANT_FACTS``: the same prompt answered
+    differently), as ``{tenant: AdapterRef}``; built once per session (a few seconds, no training)."""
+    from tests.generator_conformance import build_tenant_adapters
+
+    model, tok = lm_and_tok
+    return build_tenant_adapters(model, tok, tmp_path_factory.mktemp("tenant-adapters"))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch thread for a module (request it from a module-scoped autouse fixture): on a shared
@@ -152,3 +162,25 @@ def kem_server(tmp: _Path, name: str, *extra: str, env: dict[str, str] | None = 
             "--log-level", "warning", *extra]
     return ServerProcess(args, port, tmp / f"{name}.log", env=env)
 
+
+
+# ---- a real PostgreSQL (tests/postgres_server.py), started once per session when a test asks -------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL 15 on 127.0.0.1 (Debian's binaries); fails, never skips, when it cannot start."""
+    from tests.postgres_server import PostgresServer
+
+    try:
+        server = PostgresServer().start()
+    except RuntimeError as exc:
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_url(postgres_server):
+    """A URL of the session's PostgreSQL naming a fresh, empty schema (one test's own tables)."""
+    return postgres_server.fresh_url()

@@ -1,4 +1,5 @@
-"""Every store passes the conformance suite; the SQLite store also persists and guards its schema."""
+"""Every store passes the conformance suite (in-memory, SQLite, PostgreSQL); the SQLite store also persists
+and guards its schema. PostgreSQL's own behaviour (concurrent writers, reconnects) is in test_postgres_store.py."""
 
 from __future__ import annotations
 
@@ -18,10 +19,17 @@ class TestInMemoryStore(StoreConformance):
         return InMemoryStore()
 
 
-class TestSQLiteStore(StoreConformance):
-    @pytest.fixture
-    def store(self, tmp_path):
-        s = SQLiteStore(tmp_path / "edits.sqlite")
+class TestDurableStores(StoreConformance):
+    """The same suite on both durable backends: SQLite (a file) and PostgreSQL (a real server, a fresh schema)."""
+
+    @pytest.fixture(params=["sqlite", "postgresql"])
+    def store(self, request, tmp_path):
+        if request.param == "sqlite":
+            s = SQLiteStore(tmp_path / "edits.sqlite")
+        else:
+            from kem.stores import open_store
+
+            s = open_store(url=request.getfixturevalue("pg_url"), home=tmp_path)
         yield s
         s.close()
 

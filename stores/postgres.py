@@ -1,0 +1,427 @@
+"""The shared edit store: PostgreSQL (psycopg 3 + a connection pool), for several kem replicas on one
+edit memory. Select it with ``KEM_STORE=postgresql://...`` or ``--store URL`` (:func:`kem.stores.open_store`).
+
+Tables (in one PostgreSQL schema, ``kem`` by default; ``?schema=NAME`` in the URL or ``schema=`` picks
+another, so tests and deployments can share a database):
+
+- ``edits``: current state, one JSON document per edit plus the indexed columns (as in SQLite).
+- ``history``: append-only (add, update, delete, supersede, consolidate) with a snapshot; ``seq`` is the
+  store's revision.
+- ``embeddings``: retrieval-key vectors per embedder (``bytea`` of float32 rows).
+- ``revision``: one row holding the last ``seq`` handed out. Every write transaction locks it first
+  (``SELECT ... FOR UPDATE``), so writers from any number of connections and processes run one after
+  the other, like SQLite's ``BEGIN IMMEDIATE``: a ``seq`` never commits after a larger one is visible,
+  and ``changes_since(r)`` never misses a change (a plain sequence would allow that with concurrent
+  writers). The lock also makes the supersede check race-free.
+- ``schema_version``; :mod:`kem.server.auth_store` adds ``api_keys`` and the consolidation lock adds
+  ``job_lock`` in the same schema.
+
+Each write transaction also sends ``NOTIFY kem_changes, '<schema>:<seq>'`` (delivered at commit), so a
+replica can ``LISTEN`` instead of polling ``changes_since``.
+
+The rules (updatable fields, supersede, fact keys, vector checks) come from :mod:`kem.stores.rules`,
+shared with the SQLite and in-memory stores; all three pass ``tests/store_conformance.py``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from kem.edit import Edit, EditStatus, utcnow
+from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
+from kem.protocols import Change
+from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_SCHEMA = "kem"
+NOTIFY_CHANNEL = "kem_changes"
+SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS revision (one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), seq BIGINT NOT NULL);
+INSERT INTO revision (one, seq) VALUES (TRUE, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS edits (
+    pk BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    namespace TEXT NOT NULL,
+    subject_key TEXT NOT NULL,
+    relation_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS edits_ns_status ON edits (namespace, status, pk);
+CREATE INDEX IF NOT EXISTS edits_fact ON edits (namespace, subject_key, relation_key, status);
+CREATE TABLE IF NOT EXISTS history (
+    seq BIGINT PRIMARY KEY,
+    edit_id TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    op TEXT NOT NULL,
+    at TEXT NOT NULL,
+    snapshot TEXT
+);
+CREATE INDEX IF NOT EXISTS history_edit ON history (edit_id, seq);
+CREATE TABLE IF NOT EXISTS embeddings (
+    edit_id TEXT NOT NULL,
+    embedder TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    vectors BYTEA NOT NULL,
+    PRIMARY KEY (edit_id, embedder)
+)
+"""
+
+
+def check_schema_name(schema: str) -> str:
+    if not SCHEMA_RE.fullmatch(schema):
+        raise ValidationError(f"PostgreSQL schema name must match {SCHEMA_RE.pattern} (got {schema!r})",
+                              field="schema")
+    return schema
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _connect_error(url: str, exc: Exception) -> StoreError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreError(f"the PostgreSQL edit store at {redact(url)} is unreachable: {first}")
+
+
+class _Tx:
+    """One write transaction: its cursor and the last seq it handed out."""
+
+    def __init__(self, cur: Any, seq: int) -> None:
+        self.cur = cur
+        self.seq = seq
+
+    def log_row(self, e: Edit, op: str) -> tuple[int, str, str, str, str, str]:
+        """The next history row (takes the next seq)."""
+        self.seq += 1
+        return (self.seq, e.id, e.namespace, op, utcnow().isoformat(), e.model_dump_json())
+
+    def log(self, e: Edit, op: str) -> None:
+        self.cur.execute("INSERT INTO history (seq, edit_id, namespace, op, at, snapshot) "
+                         "VALUES (%s,%s,%s,%s,%s,%s)", self.log_row(e, op))
+
+
+class PostgresStore:
+    """:class:`~kem.protocols.EditStore` on PostgreSQL; safe for many threads and processes at once.
+
+    Args:
+        url: A libpq connection URL (``postgresql://user:pass@host:5432/db``).
+        schema: The PostgreSQL schema holding kem's tables (created on first connect).
+        pool_size: Most connections this store opens.
+        timeout: Seconds to wait for a connection before a call fails with :class:`StoreError`
+            (the server is down or every connection is busy).
+    """
+
+    def __init__(self, url: str, schema: str = DEFAULT_SCHEMA, *, pool_size: int = 4, timeout: float = 10.0) -> None:
+        import psycopg
+        from psycopg import sql
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        self.url = url
+        self.schema = check_schema_name(schema)
+        self.timeout = timeout
+        self._psycopg = psycopg
+        self._pool_timeout = PoolTimeout
+        set_path = sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
+
+        def configure(conn: Any) -> None:
+            conn.execute(set_path)
+
+        try:  # one direct connection first: an unreachable server fails now, with libpq's own reason
+            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+        except psycopg.Error as exc:
+            raise _connect_error(url, exc) from exc
+        try:
+            self._pool = ConnectionPool(
+                url, min_size=1, max_size=max(1, pool_size), timeout=timeout, open=False, name=f"kem-{schema}",
+                kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))}, configure=configure,
+                check=ConnectionPool.check_connection, reconnect_timeout=0)
+            self._pool.open(wait=True, timeout=timeout)
+        except (PoolTimeout, psycopg.Error) as exc:
+            self._pool.close()
+            raise _connect_error(url, exc) from exc
+        try:
+            self._create_schema()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # -- connections
+    @contextmanager
+    def _conn(self) -> Iterator[Any]:
+        """A pooled connection (autocommit); connection failures become :class:`StoreError`."""
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except self._pool_timeout as exc:
+            raise _connect_error(self.url, exc) from exc
+        except self._psycopg.OperationalError as exc:
+            raise _connect_error(self.url, exc) from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        """A write transaction holding the revision lock: writers run one at a time, in seq order.
+        The seqs it hands out (:meth:`_Tx.log_row`) are saved to ``revision`` before commit."""
+        with self._conn() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT seq FROM revision FOR UPDATE")
+            start = int(cur.fetchone()[0])
+            tx = _Tx(cur, start)
+            yield tx
+            if tx.seq != start:
+                cur.execute("UPDATE revision SET seq = %s", (tx.seq,))
+                cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self.schema}:{tx.seq}"))
+
+    def _create_schema(self) -> None:
+        from psycopg import sql
+
+        with self._conn() as conn, conn.transaction():
+            # concurrent first connects (several replicas starting) create the tables once
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kem-schema:{self.schema}",))
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            for stmt in _DDL.strip().split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)  # type: ignore[call-overload]
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise StoreError(f"{redact(self.url)} schema {self.schema!r} has schema version {row[0]}; "
+                                 f"this kem reads up to {SCHEMA_VERSION}: upgrade kem")
+
+    def connection(self) -> Any:
+        """A pooled connection (context manager) for kem's other tables in this schema (keys, locks)."""
+        return self._conn()
+
+    # -- helpers
+    @staticmethod
+    def _check_text(e: Edit) -> None:
+        """PostgreSQL text cannot hold NUL (the JSON document escapes it; the indexed columns cannot)."""
+        ns, subj, rel = fact_key(e)
+        for name, value in (("id", e.id), ("namespace", ns), ("subject", subj), ("relation", rel)):
+            if "\x00" in value:
+                raise ValidationError(f"Edit.{name} of edit {e.id!r} contains a NUL character, which PostgreSQL "
+                                      "cannot store: remove it", field=name)
+
+    @staticmethod
+    def _edit_row(e: Edit) -> tuple[str, str, str, str, str, str]:
+        ns, subj, rel = fact_key(e)
+        return (e.id, ns, subj, rel, e.status.value, e.model_dump_json())
+
+    def _update_rows(self, cur: Any, edits: Sequence[Edit]) -> None:
+        if edits:
+            cur.executemany("UPDATE edits SET namespace=%s, subject_key=%s, relation_key=%s, status=%s, data=%s "
+                            "WHERE id=%s", [(*self._edit_row(e)[1:], e.id) for e in edits])
+
+    @staticmethod
+    def _get(cur: Any, edit_id: str, namespace: str | None, lock: bool = False) -> Edit:
+        cur.execute("SELECT data, namespace FROM edits WHERE id=%s" + (" FOR UPDATE" if lock else ""), (edit_id,))
+        row = cur.fetchone()
+        if row is None or (namespace is not None and row[1] != namespace):
+            raise NotFoundError(f"no edit with id {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return Edit.model_validate_json(row[0])
+
+    # -- writes
+    def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit:
+        return self.add_many([edit], None if embeddings is None else [embeddings], embedder)[0]
+
+    def add_many(self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None,
+                 embedder: str | None = None) -> list[Edit]:
+        """Add edits in one transaction (all or nothing), with COPY for the rows: a batch of 10,000
+        is a handful of round trips."""
+        edits = [Edit.parse(e) for e in edits]
+        if embeddings is not None and not embedder:
+            raise ValidationError("embedder must be named when embeddings are given", field="embedder")
+        vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]  # type: ignore[list-item]
+        for e in edits:
+            self._check_text(e)
+        ids = [e.id for e in edits]
+        seen: set[str] = set()
+        for i in ids:
+            if i in seen:
+                raise ConflictError(f"an edit with id {i!r} already exists")
+            seen.add(i)
+        if not edits:
+            return []
+        with self._tx() as tx:
+            cur = tx.cur
+            cur.execute("SELECT id FROM edits WHERE id = ANY(%s) LIMIT 1", (ids,))
+            dup = cur.fetchone()
+            if dup:
+                raise ConflictError(f"an edit with id {dup[0]!r} already exists")
+            # the live edits stating the same facts: superseded by the batch's edits, in order
+            keys = {fact_key(e) for e in edits if e.status in LIVE}
+            live: dict[tuple[str, str, str], list[Edit]] = {}
+            if keys:
+                ns, subj, rel = (list(x) for x in zip(*keys, strict=True))
+                cur.execute(
+                    "SELECT e.data FROM edits e JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(ns, s, r) "
+                    "ON e.namespace = k.ns AND e.subject_key = k.s AND e.relation_key = k.r "
+                    "WHERE e.status IN ('active', 'consolidated') ORDER BY e.pk", (ns, subj, rel))
+                for (data,) in cur.fetchall():
+                    old = Edit.model_validate_json(data)
+                    live.setdefault(fact_key(old), []).append(old)
+            final: dict[str, Edit] = {}  # id -> latest state of every edit this batch writes
+            retired_existing: dict[str, Edit] = {}
+            history: list[tuple[int, str, str, str, str, str]] = []
+            out: list[Edit] = []
+            for e in edits:
+                if e.status in LIVE:
+                    key = fact_key(e)
+                    for old in live.get(key, []):
+                        e, old = superseding(e, final.get(old.id, old))
+                        if old.id in final:
+                            final[old.id] = old
+                        else:
+                            retired_existing[old.id] = old
+                        history.append(tx.log_row(old, "supersede"))
+                    live[key] = [e]
+                final[e.id] = e
+                history.append(tx.log_row(e, "add"))
+                out.append(e)
+            self._update_rows(cur, list(retired_existing.values()))
+            try:
+                with cur.copy("COPY edits (id, namespace, subject_key, relation_key, status, data) FROM STDIN") as cp:
+                    for e in edits:
+                        cp.write_row(self._edit_row(final[e.id]))
+                with cur.copy("COPY history (seq, edit_id, namespace, op, at, snapshot) FROM STDIN") as cp:
+                    for row in history:
+                        cp.write_row(row)
+                if any(v is not None for v in vecs):
+                    with cur.copy("COPY embeddings (edit_id, embedder, dim, vectors) FROM STDIN") as cp:
+                        for e, v in zip(out, vecs, strict=True):
+                            if v is not None:
+                                cp.write_row((e.id, embedder, v.shape[1], v.tobytes()))
+            except self._psycopg.errors.UniqueViolation as exc:  # the check above makes this unlikely
+                raise ConflictError(f"an edit in this batch already exists ({exc.diag.message_detail})") from exc
+            except self._psycopg.DataError as exc:
+                raise ValidationError(f"PostgreSQL refused an edit of this batch: {exc}", field="edits") from exc
+        return [final[e.id] for e in out]
+
+    def update(self, edit_id: str, changes: dict[str, Any], namespace: str | None = None) -> Edit:
+        with self._tx() as tx:
+            new = apply_update(self._get(tx.cur, edit_id, namespace, lock=True), changes)
+            self._check_text(new)
+            self._update_rows(tx.cur, [new])
+            tx.cur.execute("DELETE FROM embeddings WHERE edit_id=%s", (edit_id,))  # text may have changed
+            tx.log(new, "update")
+        return new
+
+    def delete(self, edit_id: str, namespace: str | None = None) -> Edit:
+        with self._tx() as tx:
+            e = self._get(tx.cur, edit_id, namespace, lock=True)
+            tx.cur.execute("DELETE FROM edits WHERE id=%s", (edit_id,))
+            tx.cur.execute("DELETE FROM embeddings WHERE edit_id=%s", (edit_id,))
+            tx.log(e, "delete")
+        return e
+
+    def mark_consolidated(self, edit_ids: Sequence[str], version: str) -> None:
+        ids = list(dict.fromkeys(edit_ids))
+        if not ids:
+            return
+        with self._tx() as tx:
+            cur = tx.cur
+            cur.execute("SELECT id, data FROM edits WHERE id = ANY(%s) ORDER BY pk", (ids,))
+            found = {i: Edit.model_validate_json(d) for i, d in cur.fetchall()}
+            missing = next((i for i in ids if i not in found), None)
+            if missing is not None:
+                raise NotFoundError(f"no edit with id {missing!r}")
+            now = utcnow()
+            marked = [found[i].model_copy(update={"status": EditStatus.consolidated, "consolidated_in": version,
+                                                  "updated_at": now}) for i in ids]
+            self._update_rows(cur, marked)
+            cur.executemany("INSERT INTO history (seq, edit_id, namespace, op, at, snapshot) "
+                            "VALUES (%s,%s,%s,%s,%s,%s)", [tx.log_row(e, "consolidate") for e in marked])
+
+    def put_embeddings(self, edit_id: str, embedder: str, vectors: np.ndarray) -> None:
+        with self._conn() as conn, conn.transaction(), conn.cursor() as cur:
+            v = check_vectors(self._get(cur, edit_id, None, lock=True), vectors)
+            assert v is not None
+            cur.execute("INSERT INTO embeddings (edit_id, embedder, dim, vectors) VALUES (%s,%s,%s,%s) "
+                        "ON CONFLICT (edit_id, embedder) DO UPDATE SET dim = EXCLUDED.dim, vectors = EXCLUDED.vectors",
+                        (edit_id, embedder, v.shape[1], v.tobytes()))
+
+    # -- reads
+    def get(self, edit_id: str, namespace: str | None = None) -> Edit:
+        with self._conn() as conn, conn.cursor() as cur:
+            return self._get(cur, edit_id, namespace)
+
+    @staticmethod
+    def _where(namespace: str | None, status: Any) -> tuple[str, builtins.list[Any]]:
+        clauses: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        if namespace is not None:
+            clauses.append("namespace = %s")
+            args.append(namespace)
+        want = statuses(status)
+        if want is not None:
+            clauses.append("status = ANY(%s)")
+            args.append([s.value for s in want])
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def _rows(self, query: str, args: Sequence[Any] = ()) -> builtins.list[tuple[Any, ...]]:
+        with self._conn() as conn:
+            return conn.execute(query, args).fetchall()  # type: ignore[no-any-return]
+
+    def list(self, namespace: str | None = None, status: Any = None, limit: int | None = None,
+             offset: int = 0) -> builtins.list[Edit]:
+        where, args = self._where(namespace, status)
+        rows = self._rows(f"SELECT data FROM edits{where} ORDER BY pk LIMIT %s OFFSET %s", [*args, limit, offset])
+        return [Edit.model_validate_json(r[0]) for r in rows]
+
+    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
+        where, args = self._where(namespace, status)
+        return int(self._rows(f"SELECT COUNT(*) FROM edits{where}", args)[0][0])
+
+    def namespaces(self) -> builtins.list[str]:
+        return [r[0] for r in self._rows("SELECT DISTINCT namespace FROM edits ORDER BY namespace")]
+
+    @staticmethod
+    def _change(row: tuple[Any, ...]) -> Change:
+        return Change(int(row[0]), row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None)
+
+    def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
+        q = "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE edit_id=%s"
+        args: list[Any] = [edit_id]
+        if namespace is not None:
+            q += " AND namespace=%s"
+            args.append(namespace)
+        rows = self._rows(q + " ORDER BY seq", args)
+        if not rows:
+            raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
+        return [self._change(r) for r in rows]
+
+    def revision(self) -> int:
+        return int(self._rows("SELECT seq FROM revision")[0][0])
+
+    def changes_since(self, revision: int) -> builtins.list[Change]:
+        rows = self._rows("SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE seq > %s "
+                          "ORDER BY seq", (revision,))
+        return [self._change(r) for r in rows]
+
+    def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]:
+        ids = list(edit_ids)
+        if not ids:
+            return {}
+        rows = self._rows("SELECT edit_id, dim, vectors FROM embeddings WHERE embedder=%s AND edit_id = ANY(%s)",
+                          (embedder, ids))
+        return {i: np.frombuffer(bytes(blob), dtype=np.float32).reshape(-1, dim) for i, dim, blob in rows}
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact(self.url)!r}, schema={self.schema!r})"
