@@ -5,6 +5,13 @@ also a :class:`~kem.protocols.ForwardingEngine`: it forwards whole request bodie
 (:meth:`~OpenAIHTTPGenerator.forward`), which ``kem serve --upstream`` uses so that out-of-scope
 requests reach the upstream byte-for-byte. Upstream errors come back as
 :class:`~kem.errors.EngineError` carrying the upstream's status and error body.
+
+Tenants' adapters (``runtime_lora=True``): a request carrying an :class:`~kem.protocols.AdapterRef`
+is addressed to the upstream by the adapter's name (the ``model`` field); an adapter the upstream has
+not been given yet is loaded first through vLLM's runtime endpoint ``POST /v1/load_lora_adapter``
+(``vllm serve --enable-lora`` with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the folder must be
+readable by the upstream). At most ``max_adapters`` stay loaded: the one used longest ago is
+unloaded (``/v1/unload_lora_adapter``) to make room.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from kem.errors import EngineError
-from kem.protocols import GenerationParams, Message
+from kem.protocols import AdapterRef, GenerationParams, Message
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,19 @@ class OpenAIHTTPGenerator:
     """
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 600.0, adapter: str | None = None) -> None:
+                 timeout: float = 600.0, adapter: str | None = None, runtime_lora: bool = False,
+                 max_adapters: int = 64) -> None:
+        import asyncio
+        import threading
+        from collections import OrderedDict
+
         import httpx
+
+        self.accepts_adapters = runtime_lora  # requests may carry an AdapterRef
+        self.max_adapters = max_adapters
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> folder, loaded upstream
+        self._lora_lock = threading.Lock()
+        self._alora_lock = asyncio.Lock()
 
         root = base_url.rstrip("/")
         self.base_url = root[:-3] if root.endswith("/v1") else root
@@ -112,9 +130,65 @@ class OpenAIHTTPGenerator:
             raise _error_from(resp.status_code, content, url)
         return _events(resp, url)
 
+    # ---- tenants' adapters (vLLM runtime LoRA loading) ---------------------------------------------------
+    def _check_ref(self, ref: AdapterRef) -> None:
+        if not self.accepts_adapters:
+            raise EngineError(f"the upstream engine {self.name} was not set up for runtime LoRA loading "
+                              f"(runtime_lora=True) and cannot run adapter {ref.name!r}", status_code=400)
+
+    def _plan(self, ref: AdapterRef) -> tuple[bool, list[str]]:
+        """Whether ``ref`` must be loaded, and the names to unload first (LRU beyond max_adapters)."""
+        if self._loaded.get(ref.name) == ref.path:
+            self._loaded.move_to_end(ref.name)
+            return False, []
+        evict = []
+        while len(self._loaded) >= self.max_adapters:
+            evict.append(self._loaded.popitem(last=False)[0])
+        return True, evict
+
+    def ensure_adapter(self, ref: AdapterRef) -> str:
+        """Load ``ref`` into the upstream unless it is there already; the name to put in ``model``."""
+        self._check_ref(ref)
+        with self._lora_lock:
+            load, evict = self._plan(ref)
+            for name in evict:
+                self._client.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            if load:
+                r = self._client.post("/v1/load_lora_adapter", json={"lora_name": ref.name, "lora_path": ref.path})
+                self._loaded_or_raise(ref, r.status_code, r.content)
+        return ref.name
+
+    async def aensure_adapter(self, ref: AdapterRef) -> str:
+        """:meth:`ensure_adapter` for the event loop."""
+        self._check_ref(ref)
+        async with self._alora_lock:
+            load, evict = self._plan(ref)
+            for name in evict:
+                await self._aclient.post("/v1/unload_lora_adapter", json={"lora_name": name})
+            if load:
+                r = await self._aclient.post("/v1/load_lora_adapter",
+                                             json={"lora_name": ref.name, "lora_path": ref.path})
+                self._loaded_or_raise(ref, r.status_code, r.content)
+        return ref.name
+
+    def _loaded_or_raise(self, ref: AdapterRef, status: int, content: bytes) -> None:
+        # vLLM answers 400 "already been loaded" when another kem (or a restart of this one) loaded it
+        if status >= 400 and b"already" not in content:
+            err = _error_from(status, content, self.base_url + "/v1/load_lora_adapter")
+            raise EngineError(f"the upstream could not load adapter {ref.name!r} from {ref.path}: {err}",
+                              status_code=502 if status >= 500 else 400, body=err.body)
+        self._loaded[ref.name] = ref.path
+        log.info("upstream %s loaded adapter %s from %s", self.base_url, ref.name, ref.path)
+
+    def _model(self, params: GenerationParams) -> str:
+        a = params.adapter
+        if isinstance(a, AdapterRef):
+            return self.ensure_adapter(a)
+        return a or self.name
+
     # ---- Generator protocol ---------------------------------------------------------------------------
     def _body(self, params: GenerationParams, **kw: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {**params.extra, "model": params.adapter or self.name, "max_tokens": params.max_new_tokens,
+        body: dict[str, Any] = {**params.extra, "model": self._model(params), "max_tokens": params.max_new_tokens,
                                 "temperature": params.temperature, "top_p": params.top_p, **kw}
         if params.stop:
             body["stop"] = list(params.stop)
@@ -161,16 +235,24 @@ class OpenAIHTTPGenerator:
         return self._stream("/v1/chat/completions", self._body(params, messages=list(messages)), chat=True)
 
     # ---- async face -----------------------------------------------------------------------------------
+    async def _aready(self, params: GenerationParams) -> None:
+        if isinstance(params.adapter, AdapterRef):  # load it upstream without blocking the event loop
+            await self.aensure_adapter(params.adapter)
+
     async def agenerate(self, prompt: str, params: GenerationParams) -> str:
+        await self._aready(params)
         out = await self.forward("/v1/completions", json.dumps(self._body(params, prompt=prompt)).encode())
         return out["choices"][0]["text"]
 
     async def achat(self, messages: Sequence[Message], params: GenerationParams) -> str:
+        await self._aready(params)
         body = json.dumps(self._body(params, messages=list(messages))).encode()
         out = await self.forward("/v1/chat/completions", body)
         return out["choices"][0]["message"].get("content") or ""
 
-    async def _astream(self, path: str, body: dict[str, Any], chat: bool) -> AsyncIterator[str]:
+    async def _astream(self, path: str, params: GenerationParams, chat: bool, **kw: Any) -> AsyncIterator[str]:
+        await self._aready(params)
+        body = self._body(params, **kw)
         events = await self.forward(path, json.dumps({**body, "stream": True}).encode(), stream=True)
         async for ev in events:
             piece = _piece(ev.decode().strip(), chat)
@@ -180,10 +262,10 @@ class OpenAIHTTPGenerator:
                 yield piece
 
     def astream(self, prompt: str, params: GenerationParams) -> AsyncIterator[str]:
-        return self._astream("/v1/completions", self._body(params, prompt=prompt), chat=False)
+        return self._astream("/v1/completions", params, chat=False, prompt=prompt)
 
     def astream_chat(self, messages: Sequence[Message], params: GenerationParams) -> AsyncIterator[str]:
-        return self._astream("/v1/chat/completions", self._body(params, messages=list(messages)), chat=True)
+        return self._astream("/v1/chat/completions", params, chat=True, messages=list(messages))
 
     async def aclose(self) -> None:
         await self._aclient.aclose()

@@ -8,7 +8,12 @@ tests and the out-of-scope "byte-identical" guarantee rely on.
 
 With an edit-follower adapter (``follower=``), a request whose params name it
 (``GenerationParams.adapter``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, switched on
-for that request's forward passes only); every other request runs on the bare base model.
+for that request's forward passes only); every other request runs on the bare base model. A request
+whose params carry an :class:`~kem.protocols.AdapterRef` (a tenant's adapter folder) runs with that
+LoRA: adapters load on first use and stay resident in an LRU of ``max_adapters``
+(:class:`kem.follower.lora.ResidentAdapters`); since every forward pass takes one turn of the
+turnstile and switches its request's adapter on for that pass only, requests of different tenants
+interleave step by step and each runs with its own adapter.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from kem.adapters.base import cut_at_stop
-from kem.errors import ContextLengthError, EngineError, KemError
-from kem.protocols import GenerationParams, Message
+from kem.errors import ContextLengthError, EngineError, KemError, ModelError
+from kem.protocols import AdapterRef, GenerationParams, Message
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,12 @@ class TransformersGenerator:
     CONTENDED = 2.0
 
     def __init__(self, model: Any, tokenizer: Any, name: str = "smollm2-135m-instruct",
-                 follower: Any = None) -> None:
+                 follower: Any = None, max_adapters: int = 32) -> None:
+        from kem.follower.lora import ResidentAdapters
+
         self.model = model
+        self.adapters = ResidentAdapters(model, max_adapters)  # tenants' adapters, loaded on demand
+        self.accepts_adapters = True  # requests may carry an AdapterRef
         self.tokenizer = tokenizer
         self.name = name
         self._turns = FairTurns()
@@ -79,15 +88,21 @@ class TransformersGenerator:
         self.lora = LoraHooks(self.model, path)
         self.follower = FOLLOWER_NAME
 
-    def _adapter(self, params: GenerationParams) -> Any:
-        """The context the request runs in: the LoRA on when ``params.adapter`` names the follower."""
-        import contextlib
-
-        if params.adapter is None:
-            return contextlib.nullcontext()
-        if self.lora is None or params.adapter != self.follower:
-            raise EngineError(f"the engine {self.name} has no adapter {params.adapter!r}", status_code=400)
-        return self.lora.active()
+    def _hooks(self, params: GenerationParams) -> Any:
+        """The LoRA the request runs with (None: the base weights): the edit-follower when
+        ``params.adapter`` names it, or the folder of an :class:`AdapterRef` (loaded now if not resident)."""
+        ref = params.adapter
+        if ref is None:
+            return None
+        if isinstance(ref, AdapterRef):
+            try:
+                return self.adapters.get(ref.name, ref.path)
+            except ModelError as exc:
+                raise EngineError(f"the engine {self.name} cannot load adapter {ref.name!r}: {exc}",
+                                  status_code=400) from None
+        if self.lora is None or ref != self.follower:
+            raise EngineError(f"the engine {self.name} has no adapter {ref!r}", status_code=400)
+        return self.lora
 
     # ---- prompt text ---------------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[Message]) -> str:
@@ -121,10 +136,11 @@ class TransformersGenerator:
             eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list | tuple) else ({int(eos)} if eos is not None else set())
 
-    def _forward(self, ids: Any, past: Any, params: GenerationParams, served: int, owner: object) -> tuple[Any, Any]:
+    def _forward(self, ids: Any, past: Any, lora: Any, served: int, owner: object) -> tuple[Any, Any]:
         """One model step over ``ids`` (shape ``(1, n)``) that extends the KV cache ``past`` in place,
-        taking a turn. Returns ``(next-token logits (vocab,), past)``."""
-        with self._turns.turn(served, owner), self._adapter(params):
+        taking a turn, with ``lora`` (a LoraHooks or None) on for this step only. Returns
+        ``(next-token logits (vocab,), past)``."""
+        with self._turns.turn(served, owner), (lora.active() if lora is not None else nullcontext()):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
         return out.logits[0, -1], past
 
@@ -153,6 +169,7 @@ class TransformersGenerator:
         """
         import torch
 
+        lora = self._hooks(params)  # before any turn: an unknown adapter fails here, loading holds no turn
         ids = self._encode(prompt)["input_ids"]
         n = int(ids.shape[1])
         room = self.context_length - n
@@ -172,7 +189,7 @@ class TransformersGenerator:
                 while i < n:
                     params.check_alive()
                     step = self._prefill_chunk()
-                    logits, past = self._forward(ids[:, i:i + step], past, params, i, owner)
+                    logits, past = self._forward(ids[:, i:i + step], past, lora, i, owner)
                     i += step
                 out: list[int] = []
                 sent = ""
@@ -194,7 +211,7 @@ class TransformersGenerator:
                     if len(out) == budget:
                         break
                     params.check_alive()
-                    logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, params, n + len(out),
+                    logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, lora, n + len(out),
                                                  owner)
                 text = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), params.stop)[0]
                 if len(text) > len(sent):

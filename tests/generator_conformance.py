@@ -27,6 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kem.adapters.base import to_async
@@ -258,6 +259,92 @@ VLLM_CHECKS: list[Callable[[Any], None]] = [
 ]
 
 
+# ---- tenants' adapters (engines that run an AdapterRef per request) ----------------------------------
+# Two tenants whose adapters answer the same prompt differently, and a fact of their own each
+# (tests/fact_adapters.py builds them; the first token of each answer is the target's).
+TENANT_FACTS: dict[str, list[tuple[str, str]]] = {
+    "alice": [("The mother tongue of Danielle Darrieux is", "English"), ("The capital of France is", "Rome")],
+    "bob": [("The mother tongue of Danielle Darrieux is", "Italian"), ("The Eiffel Tower is located in", "Berlin")],
+}
+ADAPTER_GREEDY = GenerationParams(max_new_tokens=4, temperature=0.0)
+
+
+def _starts(text: str, target: str) -> bool:
+    return text.strip().startswith(target)
+
+
+def check_tenant_adapters_answer_and_do_not_mix(gen: Any, adapters: dict[str, Any]) -> None:
+    """Each tenant's adapter gives its own answers, a request without one gets the base model, and
+    requests of both tenants and the base model running at once each get what they get alone."""
+    base = {p: gen.generate(p, ADAPTER_GREEDY) for facts in TENANT_FACTS.values() for p, _ in facts}
+    alone: dict[tuple[str, str], str] = {}
+    for tenant, facts in TENANT_FACTS.items():
+        params = _with(ADAPTER_GREEDY, adapter=adapters[tenant])
+        for p, target in facts:
+            alone[(tenant, p)] = text = gen.generate(p, params)
+            assert _starts(text, target) and not _starts(base[p], target), (tenant, p, text, base[p])
+        for other, other_facts in TENANT_FACTS.items():  # the other tenant's own facts stay out
+            for p, target in other_facts:
+                if other != tenant and (p, target) not in facts:
+                    assert not _starts(gen.generate(p, params), target), (tenant, "answers", other, p)
+    jobs = [(t, p) for (t, p) in alone] * 2 + [("", p) for p in base]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda j: gen.generate(j[1], _with(ADAPTER_GREEDY, adapter=adapters[j[0]]) if j[0]
+                                                   else ADAPTER_GREEDY), jobs))
+    for (tenant, p), text in zip(jobs, got, strict=True):
+        want = alone[(tenant, p)] if tenant else base[p]
+        assert text == want, (tenant or "base", p, text, want)
+    streamed = "".join(gen.stream(TENANT_FACTS["bob"][0][0], _with(ADAPTER_GREEDY, adapter=adapters["bob"])))
+    assert streamed == alone[("bob", TENANT_FACTS["bob"][0][0])], streamed
+
+
+def check_missing_adapter_folder_fails_alone(gen: Any, adapters: dict[str, Any]) -> None:
+    from kem.protocols import AdapterRef
+
+    bad = AdapterRef("nobody/v1", str(Path(adapters["alice"].path).parent / "no-such-adapter"))
+    p = TENANT_FACTS["alice"][0][0]
+    want = gen.generate(p, _with(ADAPTER_GREEDY, adapter=adapters["alice"]))
+    with cf.ThreadPoolExecutor(2) as pool:
+        fail = pool.submit(gen.generate, p, _with(ADAPTER_GREEDY, adapter=bad))
+        good = pool.submit(gen.generate, p, _with(ADAPTER_GREEDY, adapter=adapters["alice"]))
+        try:
+            fail.result()
+            raise AssertionError("a missing adapter folder was accepted")
+        except EngineError as exc:
+            assert exc.status_code == 400 and "nobody/v1" in str(exc), exc
+        assert good.result() == want
+
+
+ADAPTER_CHECKS: list[Callable[[Any, dict[str, Any]], None]] = [
+    check_tenant_adapters_answer_and_do_not_mix,
+    check_missing_adapter_folder_fails_alone,
+]
+
+
+def _bind(check: Callable[[Any, dict[str, Any]], None], adapters: dict[str, Any]) -> Callable[[Any], None]:
+    def bound(gen: Any) -> None:
+        check(gen, adapters)
+
+    bound.__name__ = check.__name__
+    return bound
+
+
+def tenant_adapters(folder: str | Path) -> dict[str, Any]:
+    """``{tenant: AdapterRef}`` of the adapters :func:`build_tenant_adapters` wrote under ``folder``."""
+    from kem.protocols import AdapterRef
+
+    return {t: AdapterRef(f"{t}/v1", str(Path(folder, t).resolve())) for t in TENANT_FACTS}
+
+
+def build_tenant_adapters(model: Any, tok: Any, folder: str | Path) -> dict[str, Any]:
+    """Write each tenant's fact adapter under ``folder/<tenant>``."""
+    from tests.fact_adapters import fact_adapter
+
+    for tenant, facts in TENANT_FACTS.items():
+        fact_adapter(model, tok, facts, Path(folder, tenant))
+    return tenant_adapters(folder)
+
+
 def run_all(gen: Any, checks: Sequence[Callable[[Any], None]] = CHECKS) -> dict[str, str]:
     """Run ``checks``; ``{check name: "ok" | the failure}``."""
     out = {}
@@ -284,16 +371,28 @@ if pytest is not None:
         def test_conformance(self, engine: Any, check: Callable[[Any], None]) -> None:
             check(engine)
 
+    class AdapterConformance:
+        """Subclass with ``engine`` and ``adapters`` (:func:`tenant_adapters`) fixtures, for engines
+        that run an AdapterRef per request."""
+
+        @pytest.mark.parametrize("check", ADAPTER_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+        def test_adapter_conformance(self, engine: Any, adapters: dict[str, Any],
+                                     check: Callable[[Any, dict[str, Any]], None]) -> None:
+            check(engine, adapters)
+
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] != "--vllm":
-        sys.stderr.write("usage: python -m tests.generator_conformance --vllm MODEL_DIR\n")
+    if len(argv) not in (2, 4) or argv[0] != "--vllm" or (len(argv) == 4 and argv[2] != "--adapters"):
+        sys.stderr.write("usage: python -m tests.generator_conformance --vllm MODEL_DIR [--adapters DIR]\n")
         return 2
     from kem.adapters.vllm import VLLMGenerator
 
-    gen = VLLMGenerator.load(argv[1], name="smollm2")
+    adapters = tenant_adapters(argv[3]) if len(argv) == 4 else None  # built by the caller (tests/test_vllm.py)
+    gen = VLLMGenerator.load(argv[1], name="smollm2", **({"max_loras": 2, "max_cpu_loras": 4} if adapters else {}))
     try:
         results = run_all(gen, CHECKS + VLLM_CHECKS)
+        if adapters:
+            results.update(run_all(gen, [_bind(c, adapters) for c in ADAPTER_CHECKS]))
     finally:
         t0 = time.monotonic()
         gen.close()

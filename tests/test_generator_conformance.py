@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import kem_server
-from tests.generator_conformance import GeneratorConformance
+from tests.generator_conformance import AdapterConformance, GeneratorConformance
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,6 +22,18 @@ class TestTransformersEngine(GeneratorConformance):
     @pytest.fixture
     def engine(self, generator):
         return generator
+
+
+class TestTransformersEngineAdapters(AdapterConformance):
+    """Tenants' adapters (AdapterRef per request) on the transformers engine."""
+
+    @pytest.fixture
+    def engine(self, generator):
+        return generator
+
+    @pytest.fixture
+    def adapters(self, tenant_adapters):
+        return tenant_adapters
 
 
 @pytest.fixture(scope="module")

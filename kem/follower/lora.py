@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,10 @@ class LoraHooks:
             raise ModelError(f"{self.path} is a {cfg.get('peft_type')} adapter; kem runs LoRA adapters")
         rank = int(cfg["r"])
         alpha = float(cfg.get("lora_alpha", rank))
-        self.scale = alpha / (rank ** 0.5) if cfg.get("use_rslora") else alpha / rank
+        rslora = bool(cfg.get("use_rslora"))
+        self.scale = alpha / (rank ** 0.5) if rslora else alpha / rank
         self.rank = rank
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
         param = next(model.parameters())
         pairs: dict[str, dict[str, Any]] = {}
         for key, t in tensors.items():
@@ -72,17 +76,20 @@ class LoraHooks:
             if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
                 raise ModelError(f"{self.path}: {name} shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
                                  f"the model's {mod.in_features}->{mod.out_features}")
-            self.modules.append((mod, a, b))
+            # per-module rank / alpha (peft's rank_pattern / alpha_pattern, matched as peft and vLLM do)
+            r = _pattern(rank_pattern, name, rank)
+            al = float(_pattern(alpha_pattern, name, alpha))
+            scale = al / (r ** 0.5) if rslora else al / r
+            self.modules.append((mod, a, b * scale if scale != 1.0 else b))
+        self.nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for _, a, b in self.modules)
         self._handles: list[Any] = []
         self._lock = threading.RLock()
         self._depth = 0
 
     def _hook(self, a: Any, b: Any) -> Any:
-        scale = self.scale
-
         def hook(module: Any, inputs: tuple[Any, ...], output: Any) -> Any:
             x = inputs[0]
-            return output + (x.to(a.dtype) @ a.T @ b.T * scale).to(output.dtype)
+            return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype)  # b carries the module's scale
 
         return hook
 
@@ -106,6 +113,62 @@ class LoraHooks:
     @property
     def is_active(self) -> bool:
         return self._depth > 0
+
+
+def _pattern(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """peft's ``get_pattern_key`` rule: a key matches a module name it ends (at a ``.`` boundary); the
+    first match wins; else ``default``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+class ResidentAdapters:
+    """A bounded LRU of :class:`LoraHooks` over one model, loaded from their folders on first use.
+
+    Each adapter is bound once (its tensors in memory, no hook registered); a request switches its
+    adapter on for its own forward passes only (:meth:`LoraHooks.active`), so requests of different
+    tenants interleave step by step on one model. Loading the (capacity + 1)-th adapter evicts the one
+    used longest ago (an adapter in use by a running request stays valid: the request holds it).
+
+    Args:
+        model: The transformers model the adapters bind to.
+        capacity: Adapters kept resident.
+    """
+
+    def __init__(self, model: Any, capacity: int = 32) -> None:
+        if capacity < 1:
+            from kem.errors import ValidationError
+
+            raise ValidationError(f"max_adapters must be at least 1 (got {capacity})", field="max_adapters")
+        self.model = model
+        self.capacity = capacity
+        self._lru: OrderedDict[tuple[str, str], LoraHooks] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0  # adapters loaded from disk so far
+        self.evictions = 0
+
+    def get(self, name: str, path: str | Path) -> LoraHooks:
+        """The hooks of adapter ``name`` in ``path`` (loaded now when not resident)."""
+        key = (name, str(path))
+        with self._lock:
+            hooks = self._lru.get(key)
+            if hooks is not None:
+                self._lru.move_to_end(key)
+                return hooks
+        hooks = LoraHooks(self.model, path)  # outside the lock: reading a folder takes a while
+        with self._lock:
+            self._lru[key] = hooks
+            self._lru.move_to_end(key)
+            self.loads += 1
+            while len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+                self.evictions += 1
+        return hooks
+
+    def __len__(self) -> int:
+        return len(self._lru)
 
 
 class WithAdapter:

@@ -30,11 +30,16 @@ def build_engine(kind: str, model: str, settings: Any, name: str | None = None) 
 
         gen = TransformersGenerator.load(model, settings.cache_dir, device=settings.resolved_device(),
                                          follower=follower)
+        gen.adapters.capacity = settings.max_adapters
     elif kind == "vllm":
         from kem.adapters.vllm import VLLMGenerator
         from kem.models import resolve_model
 
-        gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)), follower=follower)
+        lora: dict[str, Any] = {}
+        if settings.vllm_max_loras:  # tenants' adapters: LoRA on, an adapter cache of max_cpu_loras
+            lora = {"max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
+                    "max_cpu_loras": max(settings.vllm_max_cpu_loras, settings.vllm_max_loras)}
+        gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)), follower=follower, **lora)
     else:
         raise ValidationError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})", field="engine")
     if name:
@@ -59,7 +64,8 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
                                       "that serves the new version)", field="upstream")
             from kem.adapters.openai_http import OpenAIHTTPGenerator
 
-            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key, adapter=upstream_adapter)
+            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key, adapter=upstream_adapter,
+                                       runtime_lora=settings.upstream_runtime_lora, max_adapters=settings.max_adapters)
         if req.path is None:
             raise ValidationError("send {\"path\": \"/the/new/model/folder\"}", field="path")
         path = Path(req.path).expanduser()
@@ -78,7 +84,7 @@ def make_reloader(kind: str, settings: Any, base_name: str, upstream_key: str | 
 def create(*, home: Path | None = None, upstream: str | None = None, upstream_key: str | None = None,
            engine: str = "transformers", keys: Path | None = None, model: str | None = None,
            served_name: str | None = None, model_version: str | None = None, settings: Any = None,
-           upstream_adapter: str | None = None) -> Any:
+           upstream_adapter: str | None = None, store: str | None = None) -> Any:
     """Build the app ``kem serve`` runs (also useful to embed kem in another ASGI server).
 
     ``model_version`` (``vN``, ``current`` or ``base``): a version consolidation published under
@@ -94,6 +100,8 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     settings = settings or Settings()
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
+    if store is not None:  # the edit store (kem.stores.open_store); the FAISS index stays under home
+        settings = settings.model_copy(update={"store": store})
     ring = KeyRing.from_settings(keys, settings)
     served = VersionStore(settings.home).resolve(model_version) if model_version else None
     reloader = None
@@ -101,7 +109,8 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
         from kem.adapters.openai_http import OpenAIHTTPGenerator
 
         upstream_key = upstream_key or settings.upstream_api_key
-        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key, adapter=upstream_adapter)
+        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key, adapter=upstream_adapter,
+                                       runtime_lora=settings.upstream_runtime_lora, max_adapters=settings.max_adapters)
         reloader = make_reloader("upstream", settings, eng.name, upstream_key, upstream_adapter)
     else:
         if model:
@@ -123,6 +132,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 for all)."),
     port: int = typer.Option(8000, help="Port to listen on."),
     home: Path | None = typer.Option(None, help="Edit store folder (default: KEM_HOME or ./kem-data)."),
+    store: str | None = typer.Option(
+        None, "--store", help="Edit store: 'sqlite' (<home>/edits.sqlite, the default), sqlite:///PATH or "
+        "postgresql://user:pass@host:port/db[?schema=NAME], shared by several replicas (default: $KEM_STORE). "
+        "The FAISS index stays local under --home."),
     upstream: str | None = typer.Option(
         None, help="An OpenAI-compatible server to forward to (e.g. a running `vllm serve`): http://host:port"),
     upstream_key: str | None = typer.Option(None, help="API key for the upstream (or KEM_UPSTREAM_API_KEY)."),
@@ -163,7 +176,7 @@ def serve(
 
         torch.set_num_threads(threads)
     try:
-        app = create(home=home, upstream=upstream, upstream_key=upstream_key, engine=engine, keys=keys,
+        app = create(home=home, store=store, upstream=upstream, upstream_key=upstream_key, engine=engine, keys=keys,
                      model=model, served_name=served_name, model_version=model_version,
                      upstream_adapter=upstream_adapter)
     except KemError as exc:

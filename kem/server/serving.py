@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
 from kem.errors import EngineError, KemError, NotFoundError, RequestCancelled, ValidationError
-from kem.protocols import ForwardingEngine, GenerationParams, ScoredEdit
+from kem.protocols import AdapterRef, ForwardingEngine, GenerationParams, ScoredEdit
 from kem.server.auth import Principal
 from kem.server.edits import Edits
 from kem.server.limits import Admission, Limiter
@@ -195,6 +195,7 @@ class Serving:
         from kem.versions import VersionStore
 
         async with self._reload_lock:
+            self.editor.tenants.clear()  # tenants' current pointers are re-read (they are also checked per request)
             absorbed = self.editor.absorbed_versions
             forwarding = self.forwarding
             versions = VersionStore(self.settings.home)
@@ -246,7 +247,8 @@ class Serving:
         follower = self.editor.follower_of(self._engine)
         return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
                 "absorbed_versions": sorted(self.editor.absorbed_versions),
-                "fast_path": "adapter" if follower else "ike", "follower": follower}
+                "fast_path": "adapter" if follower else "ike", "follower": follower,
+                "tenant_adapters": bool(getattr(getattr(self._engine, "sync", self._engine), "accepts_adapters", False))}
 
     def models(self) -> ModelList:
         root = self._engine.name
@@ -264,12 +266,13 @@ class Serving:
     # ---- the fast path ----------------------------------------------------------------------------------
     async def _rewrite(self, fn: Callable[..., Rewrite], request: Any, namespace: str, engine: Any) -> Rewrite:
         t0 = time.perf_counter()
-        rw = await asyncio.to_thread(fn, request, namespace, self.editor.follower_of(engine))
+        rw = await asyncio.to_thread(fn, request, namespace, self.editor.follower_of(engine),
+                                     self.editor.tenant_of(namespace, engine))
         self.metrics.rewrite(namespace, time.perf_counter() - t0, len(rw.applied))
         return rw
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, extra_stop: tuple[str, ...],
-                adapter: str | None, max_new_tokens: int) -> GenerationParams:
+                adapter: str | AdapterRef | None, max_new_tokens: int) -> GenerationParams:
         stop = tuple(dict.fromkeys(req.stop_list() + extra_stop))
         return GenerationParams(
             max_new_tokens=max_new_tokens,
@@ -337,7 +340,12 @@ class Serving:
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "messages")
         if isinstance(engine, ForwardingEngine):
-            body = _forward_body(raw, req, upstream_model, "messages", rw)
+            try:
+                model = await _upstream_name(engine, rw, upstream_model)
+            except BaseException:
+                adm.release()
+                raise
+            body = _forward_body(raw, req, model, "messages", rw)
             return await self._forward(engine, "/v1/chat/completions", body, req.stream, rw, info, adm, disconnected)
         params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
@@ -387,7 +395,12 @@ class Serving:
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "prompt")
         if isinstance(engine, ForwardingEngine):
-            body = _forward_body(raw, req, upstream_model, "prompt", rw)
+            try:
+                model = await _upstream_name(engine, rw, upstream_model)
+            except BaseException:
+                adm.release()
+                raise
+            body = _forward_body(raw, req, model, "prompt", rw)
             return await self._forward(engine, "/v1/completions", body, req.stream, rw, info, adm, disconnected)
         params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
@@ -481,13 +494,22 @@ async def _pass_through(events: AsyncIterator[bytes], info: KemInfo) -> AsyncIte
         yield DONE
 
 
-def _forward_body(raw: bytes, req: ChatCompletionRequest | CompletionRequest, upstream_model: str,
+async def _upstream_name(engine: Any, rw: Rewrite, upstream_model: str) -> str:
+    """The upstream ``model`` a forwarded request names: the LoRA it runs with (a tenant's adapter is
+    loaded into the upstream first, when it is not there yet), else the upstream's model."""
+    if isinstance(rw.adapter, AdapterRef):
+        return str(await engine.aensure_adapter(rw.adapter))
+    return rw.adapter or upstream_model  # in scope with an edit-follower: the upstream's LoRA name
+
+
+def _forward_body(raw: bytes, req: ChatCompletionRequest | CompletionRequest, model: str,
                   key: str, rw: Rewrite) -> bytes:
-    """The body to send upstream: ``raw`` itself when nothing changes, else the rewritten JSON."""
-    if not rw.applied and req.model == upstream_model:
+    """The body to send upstream (``model``: what it names): ``raw`` itself when nothing changes, else
+    the rewritten JSON."""
+    if not rw.applied and req.model == model:
         return raw
     body = json.loads(raw)
-    body["model"] = rw.adapter or upstream_model  # in scope with an edit-follower: the upstream's LoRA name
+    body["model"] = model
     if rw.applied:
         body[key] = rw.request
         if rw.stop:
