@@ -7,10 +7,11 @@ when its threads have stopped it compares the index with what the writers wrote 
 namespace, and exact top-k against brute force with every inverted list visited).
 
 Threads: searchers; an adder and a deleter (each owning its ids, both adding and deleting); a
-rebuilder that grows a namespace past ``ann_threshold`` (flat -> IVF, training k-means) and shrinks
-it below half (IVF -> flat); a saver that saves and reloads.
+rebuilder that grows a namespace past ``ann_threshold`` (flat -> HNSW or IVF, built in the background
+while the others go on) and shrinks it below half (-> flat; on the way HNSW tombstones pass
+``DEAD_FRACTION`` and start background compactions); a saver that saves and reloads.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/stress_index.py --seconds 60
+    OMP_NUM_THREADS=1 .venv/bin/python bench/stress_index.py --seconds 60 [--kind ivf]
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kem.index import IVF, NamespacedIndex
+from kem.index import ANN_KINDS, FLAT, HNSW, IVF, NamespacedIndex
 
 D = 32
-THRESHOLD = 1500  # vectors: "b" stays above it (IVF), "a" hovers around it, "burst" crosses it both ways
+THRESHOLD = 1500  # vectors: "b" stays above it (HNSW/IVF), "a" hovers around it, "burst" crosses it both ways
 KINDS = ("search", "add", "delete", "rebuild", "save")
 
 
@@ -45,21 +46,23 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
 class Run:
     """One child's workload: shared index, per-writer ground truth, counters and errors."""
 
-    def __init__(self, seconds: float, seed: int, searchers: int) -> None:
-        self.seconds, self.seed, self.searchers = seconds, seed, searchers
-        self.idx = NamespacedIndex(D, ann_threshold=THRESHOLD, nprobe=8)
+    def __init__(self, seconds: float, seed: int, searchers: int, kind: str = HNSW) -> None:
+        self.seconds, self.seed, self.searchers, self.kind = seconds, seed, searchers, kind
+        self.params = {"ann_kind": kind, "nprobe": 8, "ef_search": 32}
+        self.idx = NamespacedIndex(D, ann_threshold=THRESHOLD, **self.params)  # type: ignore[arg-type]
         self.truth: dict[str, dict[str, dict[str, np.ndarray]]] = {}  # writer -> {ns/id: vectors}
         self.ops: Counter[str] = Counter()
         self._ops_lock = threading.Lock()
         self.errors: list[str] = []
         self.stop = threading.Event()
         rng = np.random.default_rng(seed)
-        for ns, n, keys in (("a", 300, 2), ("b", 2000, 1)):  # a starts flat, b IVF
+        for ns, n, keys in (("a", 300, 2), ("b", 2000, 1)):  # a starts flat, b approximate
             own = self.truth.setdefault(f"pre-{ns}", {})
             ids = [f"{ns}/pre{i}" for i in range(n)]
             vecs = [unit(rng, keys) for _ in ids]
             self.idx.add_many(ns, [i.split("/", 1)[1] for i in ids], vecs)
             own.update(zip(ids, vecs, strict=True))
+        self.idx.wait()
 
     def count(self, kind: str, n: int = 1) -> None:
         with self._ops_lock:
@@ -115,7 +118,7 @@ class Run:
                 self.count("add")
 
     def rebuilder(self, rng: np.random.Generator) -> None:
-        """Grow "burst" past the threshold (flat -> IVF), then shrink it under half (IVF -> flat)."""
+        """Grow "burst" past the threshold (flat -> ANN), then shrink it under half (ANN -> flat)."""
         own = self.truth.setdefault("burst", {})
         n = 0
         while not self.stop.is_set():
@@ -124,20 +127,26 @@ class Run:
             vecs = [unit(rng, 2) for _ in keys]
             self.idx.add_many("burst", [k.split("/", 1)[1] for k in keys], vecs)
             own.update(zip(keys, vecs, strict=True))
-            if self.idx.kind("burst") != IVF:
-                self.errors.append("burst did not switch to IVF")
+            self.idx.wait("burst")  # searches and the other writers go on meanwhile
+            if self.idx.kind("burst") != self.kind:
+                self.errors.append(f"burst did not switch to {self.kind}")
             self.count("rebuild")
-            while self.idx.kind("burst") == IVF and not self.stop.is_set():
+            while self.idx.kind("burst") != FLAT and not self.stop.is_set():
+                if 2 * len(own) < THRESHOLD // 2 - 40:  # past the switch: it waits for a compaction
+                    self.idx.wait("burst")
+                    if self.idx.kind("burst") != FLAT:
+                        self.errors.append(f"burst stayed {self.idx.kind('burst')} at {2 * len(own)} vectors")
+                    break
                 key = next(iter(own))
                 self.idx.remove("burst", key.split("/", 1)[1])
                 del own[key]
-            self.count("rebuild", int(self.idx.kind("burst") != IVF))
+            self.count("rebuild", int(self.idx.kind("burst") == FLAT))
 
     def saver(self, rng: np.random.Generator) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             while not self.stop.is_set():
                 self.idx.save(Path(tmp) / "ix", {"embedder": "stress"})
-                back, _ = NamespacedIndex.load(Path(tmp) / "ix", THRESHOLD, nprobe=8)  # raises if torn
+                back, _ = NamespacedIndex.load(Path(tmp) / "ix", THRESHOLD, **self.params)  # raises if torn
                 if not back.namespaces():
                     self.errors.append("saved index has no namespaces")
                 self.count("save")
@@ -159,8 +168,13 @@ class Run:
                 continue
             if part.ntotal != sum(len(v) for v in edits.values()):
                 problems.append(f"{ns}: {part.ntotal} vectors, writers left {sum(len(v) for v in edits.values())}")
+            if part.index.ntotal != part.ntotal + part.dead:
+                problems.append(f"{ns}: {part.index.ntotal} vectors in FAISS, {part.ntotal} live + {part.dead} dead")
             if part.kind == IVF:
                 part.index.nprobe = part.index.nlist  # every list visited: exact
+            elif part.kind == HNSW:
+                part.ef_search = part.index.ntotal  # the whole (connected) graph visited: exact
+                part.apply_params()
             ids = list(edits)
             mat = np.concatenate([edits[i] for i in ids])
             owner = np.repeat(np.arange(len(ids)), [len(edits[i]) for i in ids])
@@ -197,8 +211,8 @@ class Run:
                 "problems": problems[:10], "consistent": not problems}
 
 
-def child(seconds: float, seed: int, searchers: int) -> int:
-    out = Run(seconds, seed, searchers).go()
+def child(seconds: float, seed: int, searchers: int, kind: str) -> int:
+    out = Run(seconds, seed, searchers, kind).go()
     print(json.dumps(out), flush=True)
     return 0 if out["consistent"] and not out["n_errors"] else 1
 
@@ -209,10 +223,11 @@ def main() -> None:
     ap.add_argument("--round-seconds", type=float, default=10.0, help="time per child process")
     ap.add_argument("--searchers", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kind", choices=ANN_KINDS, default=HNSW, help="the approximate index kind")
     ap.add_argument("--child", action="store_true", help="run one round here and print its JSON")
     args = ap.parse_args()
     if args.child:
-        sys.exit(child(args.seconds, args.seed, args.searchers))
+        sys.exit(child(args.seconds, args.seed, args.searchers, args.kind))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     ops: Counter[str] = Counter()
     wall = 0.0
@@ -221,7 +236,7 @@ def main() -> None:
     while left > 0.5:
         secs = min(args.round_seconds, left)
         proc = subprocess.run([sys.executable, __file__, "--child", "--seconds", str(secs), "--seed",
-                               str(args.seed + rounds), "--searchers", str(args.searchers)],
+                               str(args.seed + rounds), "--searchers", str(args.searchers), "--kind", args.kind],
                               capture_output=True, text=True, env=env, check=False)
         rounds += 1
         left -= secs
@@ -235,7 +250,7 @@ def main() -> None:
         if proc.returncode:
             failed += 1
             print(f"round {rounds}: {res['errors'][:3]} {res['problems'][:3]}", file=sys.stderr)
-    print(f"stress_index: {rounds} rounds of {args.round_seconds:g} s, {args.searchers} searchers, "
+    print(f"stress_index: {args.kind}, {rounds} rounds of {args.round_seconds:g} s, {args.searchers} searchers, "
           f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {os.cpu_count()} CPUs\n")
     print("| kind | ops | ops/s |\n|---|---:|---:|")
     for kind in KINDS:

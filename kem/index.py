@@ -4,14 +4,22 @@ Each namespace has its own FAISS index, so a search in namespace A cannot return
 namespace B. An edit contributes one vector per retrieval key (rendered prompt, fact, paraphrases); a
 search returns edits ranked by their best key (max over keys).
 
-Small partitions use exact inner-product search (``IndexFlatIP``). A partition that grows past
-``ann_threshold`` vectors switches to an inverted-file index (``IndexIVFFlat``: spherical k-means
-coarse quantizer with ``nlist ≈ 4·sqrt(n)`` lists, ``nprobe`` lists visited per query), retrained
-with more lists each time it has grown ``RETRAIN_GROWTH``-fold since its last training, and turned
-back into a flat index when it shrinks below half the threshold. IVF was chosen over HNSW by
-measurement (docs/retrieval.md): on real edit embeddings its recall is on a par with HNSW's, it
-builds 2M vectors in minutes instead of a quarter of an hour, and it removes vectors for real (no
-tombstones), through a hash-table direct map; HNSW answers single queries faster at equal recall.
+The index type follows the partition's size, with hysteresis: exact inner-product search
+(``IndexFlatIP``) up to ``ann_threshold`` vectors; past it an approximate index, built in a
+background thread while the flat index keeps answering; back to exact search (at once) when the
+partition shrinks below half the threshold. The approximate kind (``ann_kind``) is chosen by
+measurement (docs/retrieval.md):
+
+- ``"hnsw"`` (default): an ``IndexHNSWFlat`` graph (M=32) over full vectors behind an
+  ``IndexIDMap2``. One query visits a few thousand vectors whatever the partition's size, so 1M
+  edits answer in ~1 ms on one thread. HNSW cannot delete: a removed edit's vectors stay in the
+  graph as *tombstones* (their slot is no longer in the id tables, so a search skips them and
+  over-fetches to make up for them), and once tombstones pass ``DEAD_FRACTION`` of the graph it is
+  rebuilt from the live vectors in the background.
+- ``"ivf"``: an ``IndexIVFFlat`` (spherical k-means coarse quantizer with ``nlist ≈ 4·sqrt(n)``
+  lists, ``nprobe`` lists visited per query) with real deletions through a hash-table direct map,
+  retrained in the background each time the partition has grown ``RETRAIN_GROWTH``-fold. kem's
+  index before HNSW; kept for comparison and for memory-tight or delete-heavy namespaces.
 
 The index is saved beside the store with the store revision it reflects; ``EditMemory`` rebuilds it
 from the store's saved embeddings when it is missing, corrupt or stale.
@@ -19,13 +27,16 @@ from the store's saved embeddings when it is missing, corrupt or stale.
 Thread safety: FAISS releases the GIL, and a search running while another thread adds to or
 removes from the same FAISS index can crash the process. Each partition therefore has a
 readers-writer lock: searches (and saves) share it, so they run in parallel with each other;
-adds and removes take it alone. Writers of one partition also take its ``writer`` mutex, one at a
-time; a rebuild (IVF training, which can take minutes) holds only that mutex while it builds the new
-FAISS index aside, so searches go on against the old one until the swap.
+adds and removes take it alone (big batches in slices, so searches are not stalled for long).
+Writers of one partition also take its ``writer`` mutex, one at a time. A rebuild snapshots the live
+vectors under ``writer``, builds the new FAISS index in a background thread holding no lock (searches
+and writes go on against the old index; writes are also journaled), then takes ``writer``, replays
+the journal onto the new index and swaps it in under ``rw.write()``.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -34,7 +45,8 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +57,18 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 KEY_BITS = 6  # up to 64 retrieval keys per edit
-INDEX_FORMAT = 2  # 1: flat/HNSW with tombstones (rebuilt from the store on load)
+INDEX_FORMAT = 2  # 1: flat/HNSW with tombstones and no slot tables (rebuilt from the store on load)
 
-FLAT, IVF = "flat", "ivf"
+FLAT, IVF, HNSW = "flat", "ivf", "hnsw"
+ANN_KINDS = (HNSW, IVF)
+DEFAULT_ANN_KIND = HNSW
 DEFAULT_ANN_THRESHOLD = 20_000  # vectors in one namespace above which it leaves exact search
+# HNSW (docs/retrieval.md): M graph neighbours per vector, efConstruction when adding, efSearch per query
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+DEFAULT_EF_SEARCH = 128
+DEAD_FRACTION = 0.2  # tombstoned share of an HNSW graph that triggers a background rebuild
+# IVF
 DEFAULT_NPROBE = 64  # inverted lists visited per query
 NLIST_FACTOR = 4.0  # nlist = NLIST_FACTOR * sqrt(vectors at training time)
 MIN_NLIST, MAX_NLIST = 64, 65_536
@@ -57,6 +77,23 @@ TRAIN_POINTS_PER_LIST = 32  # k-means sample size per list (faiss subsamples abo
 TRAIN_ITERATIONS = 10
 TRAIN_SEED = 1234
 SINGLE_THREAD_QUERIES = 4  # searches of at most this many queries run on one thread (docs/retrieval.md)
+WRITE_SLICE = 4096  # vectors added to an approximate index per hold of the write lock
+BUILD_BATCH = 16_384  # vectors per FAISS add call while building (progress logged, exit checked between them)
+
+
+_EXITING = threading.Event()  # set at interpreter exit: background builds stop between batches
+_BUILDERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_builds() -> None:
+    _EXITING.set()
+    for t in list(_BUILDERS):
+        t.join(60)
+
+
+class _Cancelled(Exception):
+    """A background build stopped because the interpreter is exiting."""
 
 
 def _faiss() -> Any:
@@ -138,34 +175,39 @@ def _id_range(slot: int, n: int) -> np.ndarray:
 class _Partition:
     """One namespace's vectors. FAISS ids are ``(slot << KEY_BITS) | key_number``.
 
-    ``trained_on`` is the number of vectors the IVF quantizer was trained on (0 for flat).
+    A slot is never reused, so the FAISS ids of a removed edit (HNSW tombstones: ``dead`` of the
+    FAISS index's vectors) can never be mistaken for another edit's. ``trained_on`` is the number of
+    vectors an IVF quantizer was trained on (0 otherwise).
 
     Locking (see the module docstring) is the caller's: :meth:`search` and :meth:`all_vectors` under
     ``rw.read()``; :meth:`add` and :meth:`remove` under ``writer`` and ``rw.write()``; :meth:`rebuild`
-    under ``writer`` only (it takes ``rw.write()`` itself for the swap).
+    and :meth:`start_rebuild` under ``writer`` only (they take ``rw.write()`` themselves for the swap).
     """
 
     dim: int
     kind: str = FLAT
     nprobe: int = DEFAULT_NPROBE
+    ef_search: int = DEFAULT_EF_SEARCH
+    hnsw_m: int = HNSW_M
     index: Any = None
     slot_of: dict[str, int] = field(default_factory=dict)
     edit_of: dict[int, str] = field(default_factory=dict)
     keys_of: dict[int, int] = field(default_factory=dict)  # slot -> number of vectors
     next_slot: int = 0
     trained_on: int = 0
+    dead: int = 0  # tombstoned vectors still inside an HNSW index
     rw: RWLock = field(default_factory=RWLock, repr=False, compare=False)
     writer: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    building: threading.Thread | None = field(default=None, repr=False, compare=False)
+    building_kind: str | None = None
+    # writes since the snapshot of a background build: ("add", ids, vectors) or ("remove", slot, n)
+    journal: list[tuple[str, Any, Any]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.index is None:
-            self.index = self._new_flat()
+            self.index = self._build(FLAT, np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64))
 
     # ---- construction ---------------------------------------------------------------------------
-    def _new_flat(self) -> Any:
-        faiss = _faiss()
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-
     def _new_ivf(self, train: np.ndarray, nlist: int) -> Any:
         """A trained, empty ``IndexIVFFlat`` (inner product, spherical k-means, hash-table direct map)."""
         faiss = _faiss()
@@ -183,9 +225,55 @@ class _Partition:
         ivf.nprobe = min(self.nprobe, nlist)
         return ivf
 
+    def _new_hnsw(self) -> Any:
+        faiss = _faiss()
+        hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        hnsw.hnsw.efSearch = self.ef_search
+        index = faiss.IndexIDMap2(hnsw)
+        index.own_fields = True
+        hnsw.this.disown()
+        return index
+
+    def _build(self, kind: str, x: np.ndarray, ids: np.ndarray, nlist_factor: float = NLIST_FACTOR) -> Any:
+        """A new FAISS index of ``kind`` holding ``x`` (``(n, dim)`` float32) under ``ids``."""
+        faiss = _faiss()
+        if kind == FLAT:
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        elif kind == IVF:
+            nlist = ivf_nlist(len(x), nlist_factor)
+            log.info("training an IVF index: %d vectors, %d lists", len(x), nlist)
+            index = self._new_ivf(x, nlist)
+        elif kind == HNSW:
+            index = self._new_hnsw()
+        else:
+            raise ValueError(f"index kind must be one of {(FLAT, *ANN_KINDS)} (got {kind!r})")
+        for lo in range(0, len(x), BUILD_BATCH):
+            if _EXITING.is_set() and threading.current_thread() in _BUILDERS:
+                raise _Cancelled
+            index.add_with_ids(x[lo:lo + BUILD_BATCH], ids[lo:lo + BUILD_BATCH])
+            if kind != FLAT and len(x) > BUILD_BATCH:
+                log.info("building a %s index: %d / %d vectors", kind, min(len(x), lo + BUILD_BATCH), len(x))
+        return index
+
+    def apply_params(self) -> None:
+        """Set the search-time knobs (``nprobe``, ``efSearch``) on the current FAISS index."""
+        if self.kind == IVF:
+            self.index.nprobe = min(self.nprobe, self.index.nlist)
+        elif self.kind == HNSW:
+            _faiss().downcast_index(self.index.index).hnsw.efSearch = self.ef_search
+
+    def describe(self) -> str:
+        if self.kind == IVF:
+            return f"ivf nlist={self.index.nlist} nprobe={self.index.nprobe}"
+        if self.kind == HNSW:
+            return f"hnsw M={self.hnsw_m} efSearch={self.ef_search} tombstones={self.dead}"
+        return FLAT
+
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """Live vectors (an HNSW index also holds ``dead`` tombstoned ones)."""
+        return int(self.index.ntotal) - self.dead
 
     # ---- writes ---------------------------------------------------------------------------------
     def add(self, edit_ids: Sequence[str], vecs: Sequence[np.ndarray]) -> None:
@@ -209,7 +297,22 @@ class _Partition:
             rows.append(v)
         if rows:
             x = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
-            self.index.add_with_ids(x, np.ascontiguousarray(np.concatenate(ids)))
+            id_arr = np.ascontiguousarray(np.concatenate(ids))
+            self.index.add_with_ids(x, id_arr)
+            if self.journal is not None:
+                self.journal.append(("add", id_arr, x))
+
+    def _drop(self, index: Any, kind: str, slot: int, n: int) -> int:
+        """Remove slot ``slot``'s ``n`` vectors from ``index``; returns how many became tombstones."""
+        faiss = _faiss()
+        if kind == HNSW:  # no removal in a graph: the id tables no longer name the slot
+            return n
+        if kind == FLAT:
+            index.remove_ids(faiss.IDSelectorRange(int(slot) << KEY_BITS, (int(slot) << KEY_BITS) + n))
+        else:  # the hash-table direct map only takes explicit id arrays
+            ids = _id_range(slot, n)
+            index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
+        return 0
 
     def remove(self, edit_id: str) -> bool:
         slot = self.slot_of.pop(edit_id, None)
@@ -217,60 +320,101 @@ class _Partition:
             return False
         del self.edit_of[slot]
         n = self.keys_of.pop(slot)
-        faiss = _faiss()
-        if self.kind == FLAT:
-            self.index.remove_ids(faiss.IDSelectorRange(int(slot) << KEY_BITS, (int(slot) << KEY_BITS) + n))
-        else:  # the hash-table direct map only takes explicit id arrays
-            ids = _id_range(slot, n)
-            self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)))
+        self.dead += self._drop(self.index, self.kind, slot, n)
+        if self.journal is not None:
+            self.journal.append(("remove", slot, n))
         return True
 
     # ---- rebuilds -------------------------------------------------------------------------------
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored vector and its FAISS id: ``(n, dim)`` float32 and ``(n,)`` int64 (copies)."""
+        """Every live vector and its FAISS id: ``(n, dim)`` float32 and ``(n,)`` int64 (copies)."""
         faiss = _faiss()
-        n, d = self.ntotal, self.dim
+        n, d = int(self.index.ntotal), self.dim
         if n == 0:
             return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
-        if self.kind == FLAT:
-            flat = faiss.downcast_index(self.index.index)
-            x = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d).copy()
-            return x, faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        invlists = self.index.invlists
-        xs, ids = [], []
-        for lst in range(self.index.nlist):
-            size = invlists.list_size(lst)
-            if size:
-                ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
-                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * invlists.code_size)
-                xs.append(codes.view(np.float32).reshape(size, d).copy())
-        return np.concatenate(xs), np.concatenate(ids).astype(np.int64)
+        if self.kind == IVF:
+            invlists = self.index.invlists
+            xs, idl = [], []
+            for lst in range(self.index.nlist):
+                size = invlists.list_size(lst)
+                if size:
+                    idl.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+                    codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * invlists.code_size)
+                    xs.append(codes.view(np.float32).reshape(size, d).copy())
+            return np.concatenate(xs), np.concatenate(idl).astype(np.int64)
+        inner = faiss.downcast_index(self.index.index)
+        flat = inner if self.kind == FLAT else faiss.downcast_index(inner.storage)
+        x = faiss.rev_swig_ptr(flat.get_xb(), n * d).reshape(n, d)
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        if not self.dead:
+            return x.copy(), ids
+        live = np.isin(ids >> KEY_BITS, np.fromiter(self.edit_of, np.int64, len(self.edit_of)))
+        return x[live], ids[live]  # boolean indexing copies
 
     def rebuild(self, kind: str, nlist_factor: float = NLIST_FACTOR) -> None:
-        """Rebuild as ``kind`` from the stored vectors (an IVF is retrained on its current content).
-
-        The new FAISS index is built aside while searches keep using the current one (the caller
-        holds ``writer``, so nothing changes it meanwhile), then swapped in under ``rw.write()``.
-        """
+        """Rebuild as ``kind`` from the live vectors, here and now (builds aside, then swaps)."""
         x, ids = self.all_vectors()  # a read: safe beside searches
-        if kind == IVF:
-            nlist = ivf_nlist(len(x), nlist_factor)
-            log.info("training an IVF index: %d vectors, %d lists", len(x), nlist)
-            index, trained_on = self._new_ivf(x, nlist), len(x)
-        else:
-            index, trained_on = self._new_flat(), 0
-        if len(x):
-            index.add_with_ids(x, ids)
+        index = self._build(kind, x, ids, nlist_factor)
         with self.rw.write():
-            self.index, self.kind, self.trained_on = index, kind, trained_on
+            self.index, self.kind, self.dead = index, kind, 0
+            self.trained_on = len(x) if kind == IVF else 0
+            self.apply_params()
+
+    def start_rebuild(self, kind: str, nlist_factor: float, done: Callable[[], None]) -> bool:
+        """Rebuild as ``kind`` in a background thread; ``done()`` runs after the swap, holding ``writer``.
+
+        Returns False (and does nothing) when a rebuild is already running.
+        """
+        if self.building is not None:
+            return False
+        x, ids = self.all_vectors()
+        self.journal = []
+        self.building_kind = kind
+        self.building = threading.Thread(target=self._build_and_swap, args=(kind, x, ids, nlist_factor, done),
+                                         name=f"kem-index-{kind}-build", daemon=True)
+        _BUILDERS.add(self.building)
+        self.building.start()
+        return True
+
+    def _build_and_swap(self, kind: str, x: np.ndarray, ids: np.ndarray, nlist_factor: float,
+                        done: Callable[[], None]) -> None:
+        try:
+            index = self._build(kind, x, ids, nlist_factor)
+        except Exception as exc:
+            if not isinstance(exc, _Cancelled):
+                log.exception("building a %s index of %d vectors failed; keeping the %s index", kind, len(x),
+                              self.kind)
+            with self.writer:
+                self.journal, self.building, self.building_kind = None, None, None
+            return
+        trained_on = len(x) if kind == IVF else 0
+        del x, ids
+        with self.writer:
+            dead = 0
+            for op, a, b in self.journal or []:  # the writes made while it was being built
+                if op == "add":
+                    for lo in range(0, len(a), BUILD_BATCH):
+                        index.add_with_ids(b[lo:lo + BUILD_BATCH], a[lo:lo + BUILD_BATCH])
+                else:
+                    dead += self._drop(index, kind, a, b)
+            with self.rw.write():
+                self.index, self.kind, self.dead, self.trained_on = index, kind, dead, trained_on
+                self.apply_params()
+            self.journal, self.building, self.building_kind = None, None, None
+            log.info("index partition is now %s (%d vectors)", self.describe(), self.ntotal)
+            done()
 
     # ---- reads ----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """Best ``k`` edits per query row, by the max inner product over each edit's keys."""
-        out: list[list[tuple[str, float]]] = []
+        """Best ``k`` edits per query row, by the max inner product over each edit's keys.
+
+        Hits on tombstones and on further keys of an edit already found are skipped; a query whose
+        page held fewer than ``k`` distinct live edits is asked again for a page four times larger.
+        """
+        raw = int(self.index.ntotal)
         if self.ntotal == 0 or k <= 0:
             return [[] for _ in range(len(queries))]
-        fetch = min(self.ntotal, 4 * k + 8)
+        fetch = min(raw, 4 * k + 8)
         todo = list(range(len(queries)))
         results: dict[int, list[tuple[str, float]]] = {}
         while todo:
@@ -282,19 +426,18 @@ class _Partition:
                 best: dict[str, float] = {}
                 for s, i in zip(srow.tolist(), irow.tolist(), strict=True):
                     if i < 0:
-                        break
+                        continue  # HNSW may pad a page with -1 before its end
                     edit_id = self.edit_of.get(i >> KEY_BITS)
                     if edit_id is not None and edit_id not in best:
                         best[edit_id] = s  # results come sorted: the first hit is the edit's best key
                         if len(best) == k:
                             break
                 results[q] = list(best.items())
-                # fewer than k distinct edits in a full page: some edits filled it with several keys
-                if len(best) < k and fetch < self.ntotal and irow[-1] >= 0:
+                # fewer than k distinct live edits in a full page: keys or tombstones filled it
+                if len(best) < k and fetch < raw and (self.kind == HNSW or irow[-1] >= 0):
                     again.append(q)
-            todo, fetch = again, min(self.ntotal, fetch * 4)
-        out = [results[q] for q in range(len(queries))]
-        return out
+            todo, fetch = again, min(raw, fetch * 4)
+        return [results[q] for q in range(len(queries))]
 
 
 class NamespacedIndex:
@@ -302,25 +445,43 @@ class NamespacedIndex:
 
     Args:
         dim: Embedding dimension.
-        ann_threshold: Vectors in one namespace above which it switches from exact (flat) search to
-            an IVF index. ``None``: :data:`DEFAULT_ANN_THRESHOLD`.
+        ann_threshold: Vectors in one namespace above which it leaves exact (flat) search for the
+            approximate ``ann_kind`` (and below half of which it comes back). ``None``:
+            :data:`DEFAULT_ANN_THRESHOLD`.
+        ann_kind: ``"hnsw"`` (default) or ``"ivf"``; see the module docstring.
         nprobe: Inverted lists an IVF partition visits per query (recall/latency trade-off).
         nlist_factor: IVF partitions get ``nlist_factor * sqrt(n)`` lists when (re)trained.
+        ef_search: Candidates an HNSW search keeps (recall/latency trade-off).
+        hnsw_m: Graph neighbours per vector of an HNSW partition built from now on.
     """
 
     def __init__(self, dim: int, ann_threshold: int | None = DEFAULT_ANN_THRESHOLD, *,
-                 nprobe: int = DEFAULT_NPROBE, nlist_factor: float = NLIST_FACTOR) -> None:
+                 ann_kind: str = DEFAULT_ANN_KIND, nprobe: int = DEFAULT_NPROBE,
+                 nlist_factor: float = NLIST_FACTOR, ef_search: int = DEFAULT_EF_SEARCH,
+                 hnsw_m: int = HNSW_M) -> None:
         self.dim = dim
         self.ann_threshold = DEFAULT_ANN_THRESHOLD if ann_threshold is None else int(ann_threshold)
         if self.ann_threshold < 1:
             raise ValueError(f"ann_threshold must be >= 1 (got {ann_threshold})")
+        if ann_kind not in ANN_KINDS:
+            raise ValueError(f"ann_kind must be one of {ANN_KINDS} (got {ann_kind!r})")
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1 (got {nprobe})")
+        if ef_search < 1:
+            raise ValueError(f"ef_search must be >= 1 (got {ef_search})")
+        if hnsw_m < 2:
+            raise ValueError(f"hnsw_m must be >= 2 (got {hnsw_m})")
+        self.ann_kind = ann_kind
         self.nprobe = nprobe
         self.nlist_factor = nlist_factor
+        self.ef_search = ef_search
+        self.hnsw_m = hnsw_m
         self._parts: dict[str, _Partition] = {}
         self._parts_lock = threading.Lock()  # guards the dict itself (partitions lock themselves)
         self.revision = 0
+
+    def _new_partition(self, **kw: Any) -> _Partition:
+        return _Partition(self.dim, nprobe=self.nprobe, ef_search=self.ef_search, hnsw_m=self.hnsw_m, **kw)
 
     def _partitions(self) -> list[tuple[str, _Partition]]:
         with self._parts_lock:
@@ -330,7 +491,7 @@ class NamespacedIndex:
         with self._parts_lock:
             part = self._parts.get(namespace)
             if part is None and create:
-                part = self._parts[namespace] = _Partition(self.dim, nprobe=self.nprobe)
+                part = self._parts[namespace] = self._new_partition()
             return part
 
     def __len__(self) -> int:
@@ -351,9 +512,32 @@ class NamespacedIndex:
             return edit_id in p.slot_of
 
     def kind(self, namespace: str) -> str | None:
-        """``"flat"`` or ``"ivf"``: the index type of ``namespace``'s partition (``None``: no partition)."""
+        """``"flat"``, ``"hnsw"`` or ``"ivf"``: the index type of ``namespace``'s partition (``None``: no partition)."""
         p = self._partition(namespace)
         return None if p is None else p.kind
+
+    def describe(self, namespace: str) -> str | None:
+        """The index type of ``namespace``'s partition with its parameters, e.g. ``"hnsw M=32 efSearch=128 tombstones=0"``."""
+        p = self._partition(namespace)
+        if p is None:
+            return None
+        with p.rw.read():
+            return p.describe()
+
+    def wait(self, namespace: str | None = None, timeout: float | None = None) -> bool:
+        """Wait for background rebuilds (of ``namespace``, or of all); False if ``timeout`` ran out."""
+        import time
+
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            parts = [p for ns, p in self._partitions() if namespace is None or ns == namespace]
+            busy = [t for t in (p.building for p in parts) if t is not None]
+            if not busy:
+                return True
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            busy[0].join(left)
 
     def _check(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -368,6 +552,10 @@ class NamespacedIndex:
     def add_many(self, namespace: str, edit_ids: Sequence[str], vectors: Sequence[np.ndarray]) -> None:
         """Index (or re-index) several edits of one namespace at once (one FAISS call: much faster).
 
+        An approximate partition takes a big batch in slices of about ``WRITE_SLICE`` vectors, each
+        under its own write lock, so concurrent searches wait for one slice at a time (and may see
+        part of the batch). An id given twice keeps its last vectors.
+
         Args:
             namespace: The namespace of every edit.
             edit_ids: Edit ids.
@@ -375,26 +563,48 @@ class NamespacedIndex:
         """
         if len(edit_ids) != len(vectors):
             raise ValueError(f"edit_ids and vectors differ in length ({len(edit_ids)} vs {len(vectors)})")
-        vecs = [self._check(v) for v in vectors]
+        latest = dict(zip(edit_ids, (self._check(v) for v in vectors), strict=True))
         part = self._partition(namespace, create=True)
         assert part is not None
+        ids, vecs = list(latest), list(latest.values())
         with part.writer:
-            with part.rw.write():
-                part.add(list(edit_ids), vecs)
+            lo = 0
+            while lo < len(ids):
+                hi, n = lo, 0
+                while hi < len(ids) and (part.kind == FLAT or n < WRITE_SLICE):
+                    n += len(vecs[hi])
+                    hi += 1
+                with part.rw.write():
+                    part.add(ids[lo:hi], vecs[lo:hi])
+                lo = hi
             self._maybe_rebuild(namespace, part)
 
     def _maybe_rebuild(self, namespace: str, part: _Partition) -> None:
-        """Switch ``part`` between flat and IVF, or retrain it, as its size asks (caller holds ``part.writer``)."""
+        """Switch ``part`` between flat and approximate, retrain or compact it, as its size asks.
+
+        The caller holds ``part.writer``. Building an approximate index runs in the background (one
+        at a time per partition; this check runs again after its swap); going back to flat is
+        immediate (a copy of the live vectors), once no build is running.
+        """
+        if part.building is not None:
+            return  # the check runs again when that build is swapped in
         n = part.ntotal
+
+        def start(target: str, why: str) -> None:
+            log.info("namespace %r: %s (%d vectors): building a %s index in the background", namespace, why, n, target)
+            part.start_rebuild(target, self.nlist_factor, lambda: self._maybe_rebuild(namespace, part))
+
         if part.kind == FLAT and n > self.ann_threshold:
-            log.info("namespace %r passed %d vectors: switching to IVF", namespace, self.ann_threshold)
-            part.rebuild(IVF, self.nlist_factor)
-        elif part.kind == IVF and n > RETRAIN_GROWTH * part.trained_on:
-            log.info("namespace %r grew to %d vectors: retraining its IVF index", namespace, n)
-            part.rebuild(IVF, self.nlist_factor)
-        elif part.kind == IVF and n < self.ann_threshold // 2:
+            start(self.ann_kind, f"passed {self.ann_threshold} vectors")
+        elif part.kind != FLAT and n < self.ann_threshold // 2:
             log.info("namespace %r shrank to %d vectors: back to exact search", namespace, n)
             part.rebuild(FLAT)
+        elif part.kind != FLAT and part.kind != self.ann_kind:
+            start(self.ann_kind, f"holds a {part.kind} index")
+        elif part.kind == IVF and n > RETRAIN_GROWTH * part.trained_on:
+            start(IVF, f"grew {RETRAIN_GROWTH}x since its training")
+        elif part.kind == HNSW and part.dead > DEAD_FRACTION * part.index.ntotal:
+            start(HNSW, f"{part.dead} tombstones")
 
     def remove(self, namespace: str, edit_id: str) -> bool:
         part = self._partition(namespace)
@@ -420,7 +630,8 @@ class NamespacedIndex:
     def save(self, folder: str | Path, meta: dict[str, Any]) -> None:
         """Write every partition and a ``meta.json`` (with ``revision``) atomically into ``folder``.
 
-        Each partition is written as one consistent snapshot (under its read lock, beside searches);
+        Each partition is written as one consistent snapshot (under its read lock, beside searches;
+        an HNSW partition with its tombstones, a partition being rebuilt as its current index);
         a caller that needs every partition and ``revision`` from one moment serialises its writers
         around this call, as :class:`~kem.memory.EditMemory` does.
         """
@@ -438,7 +649,7 @@ class NamespacedIndex:
                     table = np.array([[s, p.keys_of[s]] for s in slots], dtype=np.int64)
                     names = [p.edit_of[s] for s in slots]
                     parts[ns] = {"file": fname, "kind": p.kind, "next_slot": p.next_slot,
-                                 "trained_on": p.trained_on, "nprobe": p.nprobe}
+                                 "trained_on": p.trained_on, "dead": p.dead}
                 np.save(tmp / f"{fname}.slots.npy", table)
                 (tmp / f"{fname}.ids.json").write_text(json.dumps(names))
             info = {**meta, "format": INDEX_FORMAT, "dim": self.dim, "revision": self.revision, "partitions": parts}
@@ -453,26 +664,32 @@ class NamespacedIndex:
             raise
 
     @classmethod
-    def load(cls, folder: str | Path, ann_threshold: int | None = DEFAULT_ANN_THRESHOLD, *,
-             nprobe: int = DEFAULT_NPROBE, nlist_factor: float = NLIST_FACTOR) -> tuple[NamespacedIndex, dict[str, Any]]:
-        """Load an index saved by :meth:`save`. Raises on any missing, corrupt or older-format file."""
+    def load(cls, folder: str | Path, ann_threshold: int | None = DEFAULT_ANN_THRESHOLD,
+             **params: Any) -> tuple[NamespacedIndex, dict[str, Any]]:
+        """Load an index saved by :meth:`save` (``params``: as for the constructor).
+
+        Raises on any missing, corrupt or older-format file. A partition of another approximate kind
+        than ``ann_kind`` keeps working and is rebuilt as ``ann_kind`` at its next write.
+        """
         faiss = _faiss()
         folder = Path(folder)
         info = json.loads((folder / "meta.json").read_text())
         if info.get("format") != INDEX_FORMAT:
             raise ValueError(f"index format {info.get('format')} is not {INDEX_FORMAT}")
-        idx = cls(int(info["dim"]), ann_threshold, nprobe=nprobe, nlist_factor=nlist_factor)
+        idx = cls(int(info["dim"]), ann_threshold, **params)
         idx.revision = int(info["revision"])
         for ns, p in info["partitions"].items():
-            if p["kind"] not in (FLAT, IVF):
+            if p["kind"] not in (FLAT, *ANN_KINDS):
                 raise ValueError(f"index partition {ns!r} has unknown kind {p['kind']!r}")
             index = faiss.read_index(str(folder / f"{p['file']}.faiss"))
-            part = _Partition(idx.dim, kind=p["kind"], nprobe=nprobe, index=index)
-            if part.kind == IVF:
-                part.index.nprobe = min(nprobe, part.index.nlist)
+            part = idx._new_partition(kind=p["kind"], index=index)
+            part.dead = int(p.get("dead", 0))
+            if part.kind == HNSW:
+                part.hnsw_m = int(faiss.downcast_index(index.index).hnsw.nb_neighbors(1))
+            part.apply_params()
             slots = np.load(folder / f"{p['file']}.slots.npy").reshape(-1, 2)
             ids = json.loads((folder / f"{p['file']}.ids.json").read_text())
-            if len(ids) != len(slots) or int(slots[:, 1].sum()) != part.ntotal:
+            if len(ids) != len(slots) or int(slots[:, 1].sum()) != part.ntotal or part.dead < 0:
                 raise ValueError(f"index partition {ns!r} is inconsistent")
             for (slot, n), edit_id in zip(slots.tolist(), ids, strict=True):
                 part.slot_of[edit_id] = slot
