@@ -245,27 +245,111 @@ def test_cli_consolidate_nothing_pending(home, published):
     assert r.exit_code == 0 and json.loads(r.output)["version"] == "v1"
 
 
-def test_a_tenant_s_edits_never_reach_the_shared_weights(tmp_path):
-    """Issue 12's leak: alice alone has "Danielle Darrieux -> English"; a plain `kem consolidate` must not
-    write it into the weights bob is served, and `--namespace alice` is refused before any work."""
-    from kem.errors import ValidationError
+BARE = {**COV, "context_templates": 0}  # MEMIT on bare prompts: ~10 s a job, and these edits pass the gates
+
+
+def _served(home: Path, namespace: str, lm_and_tok, prompts: list[str]) -> list[str]:
+    """Greedy answers of the shared base model with ``namespace``'s current adapter loaded by peft."""
+    import copy
+
+    from peft import PeftModel
+
+    from kem.consolidation.job import greedy
+
+    model, tok = lm_and_tok
+    served = VersionStore(home, namespace).resolve("current")
+    assert served.adapter is not None
+    return greedy(PeftModel.from_pretrained(copy.deepcopy(model), str(served.adapter)).eval(), tok, prompts, 6)
+
+
+def test_tenant_consolidation_publishes_an_isolated_adapter(tmp_path, lm_and_tok, monkeypatch):
+    """Issue 15: `kem consolidate --namespace alice` writes alice's edits into alice's LoRA adapter
+    (models/tenants/alice/vN), never into the shared weights (issue 12's leak stays closed: a plain job
+    takes no tenant edit); bob's adapter and the shared model never carry alice's fact; a failed tenant
+    job leaves nothing; alice's next job extends her adapter; list and rollback per tenant."""
+    from typer.testing import CliRunner
+
+    import kem.consolidation.tenant as tenant_mod
+    from kem.consolidation.cli import models_app
+    from kem.consolidation.job import greedy
     from kem.settings import Settings
     from kem.stores.sqlite import SQLiteStore
+    from kem.versions import ADAPTER, ADAPTER_WITH_FOLLOWER
 
     store = SQLiteStore(tmp_path / "edits.sqlite")
-    (alice,) = store.add_many(_edits([0], namespace="alice"))
+    (alice,) = store.add_many(_edits([0], namespace="alice"))  # Danielle Darrieux -> English
+    (bob,) = store.add_many(_edits([1], namespace="bob"))  # Edwin of Northumbria -> Islam
     store.close()
-    settings = Settings(home=tmp_path, device="cpu")  # shared: "default" only
-    res = consolidate(settings, method="ft-l")
-    assert not res.published and res.edit_ids == [] and "tenant namespaces are never consolidated" in res.message
-    with pytest.raises(ValidationError, match="tenant namespace") as err:
-        consolidate(settings, method="ft-l", namespace="alice")
-    assert err.value.field == "namespace"
-    r = _kem(tmp_path, "consolidate", "--namespace", "alice", "--method", "ft-l")
-    assert r.returncode == 2 and "tenant namespace" in r.stderr and "Traceback" not in r.stderr
+    settings = Settings(home=tmp_path, device="cpu")  # shared: "default" only; the shipped follower
+    res = consolidate(settings, method="memit")
+    assert not res.published and res.edit_ids == [] and "--namespace" in res.message
+
+    # a tenant job that fails while publishing leaves no version, no temporary folder, the edit active
+    def boom(*a, **k):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(tenant_mod, "combine_adapters", boom)
+    with pytest.raises(OSError, match="injected"):
+        consolidate(settings, method="memit", namespace="bob", hparams=BARE, probes=PROBES, corpus=WIKITEXT)
+    monkeypatch.undo()
+    assert VersionStore(tmp_path, "bob").list() == [] and not list(VersionStore(tmp_path, "bob").root.glob(".tmp-*"))
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    assert store.get(bob.id, "bob").status == EditStatus.active
+    store.close()
+
+    got = {ns: consolidate(settings, method="memit", namespace=ns, hparams=BARE, probes=PROBES, corpus=WIKITEXT)
+           for ns in ("alice", "bob")}
+    for ns, res in got.items():
+        assert res.published and res.namespace == ns and res.version == "v1" and res.parent is None, res.message
+        assert res.metrics["adapter"]["truncated"] is False and res.metrics["adapter"]["bytes"] < 100_000
+        vs = VersionStore(tmp_path, ns)
+        man = vs.manifest("v1")
+        assert man.kind == "adapter" and man.namespace == ns and man.parent is None and vs.current() == "v1"
+        assert (vs.root / "v1" / ADAPTER / "adapter_model.safetensors").is_file()
+        assert (vs.root / "v1" / ADAPTER_WITH_FOLLOWER / "adapter_config.json").is_file()  # follower configured
+    assert VersionStore(tmp_path, "alice").manifest("v1").edit_ids == [alice.id]
+    assert VersionStore(tmp_path, "bob").manifest("v1").edit_ids == [bob.id]
+    # the shared weights are untouched: no shared version, nothing current
+    assert VersionStore(tmp_path).list() == [] and VersionStore(tmp_path).current() is None
+    assert not list((tmp_path / "models").glob("v*"))
     store = SQLiteStore(tmp_path / "edits.sqlite")
     try:
-        assert store.get(alice.id, "alice").status == EditStatus.active  # still on alice's fast path only
+        assert store.get(alice.id, "alice").consolidated_in == "alice/v1"
+        assert store.get(bob.id, "bob").consolidated_in == "bob/v1"
     finally:
         store.close()
-    assert VersionStore(tmp_path).current() is None and not list((tmp_path / "models").glob("v*"))
+
+    prompts = [_edits([0])[0].rendered_prompt, _edits([1])[0].rendered_prompt]
+    a_ans, b_ans = _served(tmp_path, "alice", lm_and_tok, prompts), _served(tmp_path, "bob", lm_and_tok, prompts)
+    base = greedy(*lm_and_tok, prompts, 6)
+    assert "English" in a_ans[0] and "English" not in b_ans[0] and "English" not in base[0], (a_ans, b_ans, base)
+    assert "Islam" in b_ans[1] and "Islam" not in a_ans[1] and "Islam" not in base[1], (a_ans, b_ans, base)
+    assert b_ans[0] == base[0] and a_ans[1] == base[1]  # each adapter leaves the other's fact at the base answer
+
+    # alice's next edit: her v2 extends v1 (one adapter holds both), numbered in her folder only
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    (alice2,) = store.add_many(_edits([3], namespace="alice"))  # Thomas Joannes Stieltjes -> English
+    store.close()
+    res = consolidate(settings, method="memit", namespace="alice", hparams=BARE, probes=PROBES, corpus=WIKITEXT)
+    assert res.published and res.version == "v2" and res.tenant_parent == "v1" and res.edit_ids == [alice2.id], res.message
+    vs = VersionStore(tmp_path, "alice")
+    assert vs.absorbed("v2") == frozenset({"alice/v1", "alice/v2"}) and VersionStore(tmp_path, "bob").current() == "v1"
+    ans = _served(tmp_path, "alice", lm_and_tok, [prompts[0], _edits([3])[0].rendered_prompt])
+    assert all("English" in a for a in ans), ans
+
+    # per-tenant list and rollback
+    r = CliRunner().invoke(models_app, ["list", "--namespace", "alice", "--home", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["current"] == "v2" and [v["version"] for v in out["versions"]] == ["v1", "v2"]
+    assert out["versions"][1]["kind"] == "adapter" and out["versions"][1]["tenant_parent"] == "v1"
+    r = CliRunner().invoke(models_app, ["list", "--home", str(tmp_path)])
+    assert r.exit_code == 0 and "2 tenant(s)" in r.output and "alice, bob" in r.output, r.output
+    r = CliRunner().invoke(models_app, ["rollback", "v1", "--namespace", "alice", "--home", str(tmp_path), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["absorbed_versions"] == ["alice/v1"], r.output
+    assert vs.current() == "v1" and VersionStore(tmp_path, "bob").current() == "v1"
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    try:  # back on v1: alice's second edit is pending again (the fast path serves it)
+        assert [e.id for e in pending_edits(store, vs.absorbed("v1"), "alice")] == [alice2.id]
+    finally:
+        store.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -176,8 +177,6 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, matched as peft does)."""
     from safetensors.torch import load_file
 
-    from kem.follower.lora import _pattern
-
     folder = Path(folder)
     try:
         cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
@@ -203,6 +202,15 @@ def read_adapter(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tens
         scale = alpha / math.sqrt(r) if rs else alpha / r
         out[mod] = (ab["lora_B"] * scale, ab["lora_A"])
     return out
+
+
+def _pattern(pattern: dict[str, Any], name: str, default: Any) -> Any:
+    """peft's ``get_pattern_key`` rule (vLLM's too): a key matches a module name it ends at a ``.``
+    boundary; the first match wins; else ``default``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def combine_adapters(folders: Sequence[str | Path], out: str | Path, *, base_model: str) -> Path:

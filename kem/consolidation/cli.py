@@ -16,13 +16,23 @@ models_app = typer.Typer(no_args_is_help=True, help="Published model versions: l
 
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="Data folder (default: $KEM_HOME or ./kem-data).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+NamespaceOpt = Annotated[str | None, typer.Option("--namespace", "-n", help="A tenant's adapter versions "
+                                                  "(models/tenants/NAME) instead of the shared ones.")]
+StoreOpt = Annotated[str | None, typer.Option(
+    "--store", help="Edit store: 'sqlite' (<home>/edits.sqlite, the default), sqlite:///PATH or "
+    "postgresql://user:pass@host:port/db[?schema=NAME] (default: $KEM_STORE).")]
 
 
-def _settings(home: Path | None) -> Any:
+def _settings(home: Path | None, store: str | None = None) -> Any:
     from kem.settings import Settings
 
     s = Settings()
-    return s.model_copy(update={"home": home}) if home is not None else s
+    update: dict[str, Any] = {}
+    if home is not None:
+        update["home"] = home
+    if store is not None:
+        update["store"] = store
+    return s.model_copy(update=update) if update else s
 
 
 def _print_json(obj: Any) -> None:
@@ -31,7 +41,7 @@ def _print_json(obj: Any) -> None:
 
 def consolidate(
     method: Annotated[str | None, typer.Option("--method", "-m", help="A registered method: memit (default), alphaedit, rome or ft-l.")] = None,
-    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this shared namespace (default: every shared namespace, KEM_SHARED_NAMESPACES; tenant namespaces are refused).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: every shared namespace, KEM_SHARED_NAMESPACES). A tenant namespace publishes that tenant's LoRA adapter version (models/tenants/NAME/vN), never shared weights.")] = None,
     max_edits: Annotated[int | None, typer.Option(help="At most this many pending edits (oldest first).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and evaluate; publish and change nothing.")] = False,
     parent: Annotated[str, typer.Option("--from", help="Build on: 'current' (default), 'base' or a version vN.")] = "current",
@@ -40,12 +50,16 @@ def consolidate(
     corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: texts sampled from the model).")] = None,
     cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
     batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
+    max_rank: Annotated[int, typer.Option(help="Tenant adapters: per-module LoRA rank limit (the engine's max LoRA "
+                                          "rank); larger updates are SVD-truncated and the gates check the result.")] = 64,
     hparams: Annotated[list[str] | None, typer.Option("--hparams", "-H", help="KEY=VALUE hyperparameter override "
                                                       "(repeatable; dots reach nested ones, e.g. -H values.edit_batch=4).")] = None,
     home: HomeOpt = None,
+    store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write the pending edits into the weights, check them, and publish a new model version."""
+    """Write the pending edits into the weights, check them, and publish a new model version. One job at a
+    time per store: a second one says who holds the lock and exits with code 2, touching nothing."""
     from kem.consolidation.job import Gates
     from kem.consolidation.job import consolidate as run_job
     from kem.consolidation.registry import get_method, parse_hparams
@@ -60,9 +74,9 @@ def consolidate(
         if "mom2_samples" not in spec.hparams_cls.model_fields:
             raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")
         overrides["mom2_samples"] = cov_samples
-    result = run_job(_settings(home), method=spec.name, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
+    result = run_job(_settings(home, store), method=spec.name, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
                      gates=Gates(min_reliability, min_locality), parent=parent, corpus=corpus, hparams=overrides,
-                     batch_size=batch_size, progress=not as_json)
+                     batch_size=batch_size, progress=not as_json, max_rank=max_rank)
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -76,41 +90,56 @@ def consolidate(
 
 
 @models_app.command("list")
-def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List published versions (the current one is marked)."""
+def models_list(namespace: NamespaceOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List published versions (the current one is marked): the shared ones, or a tenant's adapters."""
     from kem.versions import VersionStore
 
-    vs = VersionStore(_settings(home).home)
+    vs = VersionStore(_settings(home).home, namespace)
     cur = vs.current()
-    rows: list[dict[str, Any]] = [{"version": m.version, "current": m.version == cur, "parent": m.parent, "method": m.method,
-             "edits": len(m.edit_ids), "reliability": m.metrics.get("reliability"),
-             "locality": m.metrics.get("locality"), "created_at": m.created_at.isoformat()} for m in vs.list()]
+    rows: list[dict[str, Any]] = []
+    for m in vs.list():
+        row = {"version": m.version, "current": m.version == cur, "kind": m.kind, "parent": m.parent,
+               "method": m.method, "edits": len(m.edit_ids), "reliability": m.metrics.get("reliability"),
+               "locality": m.metrics.get("locality"), "created_at": m.created_at.isoformat()}
+        if namespace is not None:
+            adapter = getattr(m, "adapter", None) or {}
+            row.update(tenant_parent=m.tenant_parent, adapter_bytes=adapter.get("bytes"),
+                       max_rel_error=adapter.get("max_rel_error"))
+        rows.append(row)
+    tenants = vs.tenants() if namespace is None else []
     if as_json:
-        _print_json({"current": cur, "versions": rows})
+        _print_json({"namespace": namespace, "current": cur, "versions": rows,
+                     **({"tenants": tenants} if namespace is None else {})})
         return
     if not rows:
-        typer.echo(f"no published versions under {vs.root} (serving the base model)")
-        return
-    from rich.console import Console
-    from rich.table import Table
+        typer.echo(f"no published versions under {vs.root} (serving the "
+                   f"{'base model' if namespace is None else 'shared model without an adapter'})")
+    else:
+        from rich.console import Console
+        from rich.table import Table
 
-    table = Table("", "version", "parent", "method", "edits", "reliability", "locality", "created")
-    for r in rows:
-        table.add_row("*" if r["current"] else "", r["version"], r["parent"] or "base", r["method"], str(r["edits"]),
-                      f"{r['reliability']:.3f}" if r["reliability"] is not None else "-",
-                      f"{r['locality']:.3f}" if r["locality"] is not None else "-", r["created_at"][:19])
-    Console().print(table)
+        title = None if namespace is None else f"adapters of namespace {namespace} (parent: the shared version each applies to)"
+        table = Table("", "version", "parent", "method", "edits", "reliability", "locality", "created", title=title)
+        for r in rows:
+            table.add_row("*" if r["current"] else "", r["version"], r["parent"] or "base", r["method"], str(r["edits"]),
+                          f"{r['reliability']:.3f}" if r["reliability"] is not None else "-",
+                          f"{r['locality']:.3f}" if r["locality"] is not None else "-", r["created_at"][:19])
+        Console().print(table)
+    if tenants:
+        shown = ", ".join(tenants[:8]) + (f" and {len(tenants) - 8} more" if len(tenants) > 8 else "")
+        typer.echo(f"{len(tenants)} tenant(s) have their own adapter versions ({shown}): kem models list --namespace NAME")
 
 
 @models_app.command("show")
-def models_show(version: Annotated[str, typer.Argument(help="vN")], home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def models_show(version: Annotated[str, typer.Argument(help="vN")], namespace: NamespaceOpt = None,
+                home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Show a version's manifest."""
     from kem.versions import VersionStore
 
-    vs = VersionStore(_settings(home).home)
+    vs = VersionStore(_settings(home).home, namespace)
     man = vs.manifest(version)
     row = {**man.model_dump(mode="json"), "current": vs.current() == man.version,
-           "path": str(vs.path(version)), "absorbed_versions": vs.ancestors(version)}
+           "path": str(vs.path(version)), "absorbed_versions": [vs.label(v) for v in vs.ancestors(version)]}
     if as_json:
         _print_json(row)
     else:
@@ -121,16 +150,18 @@ def models_show(version: Annotated[str, typer.Argument(help="vN")], home: HomeOp
 
 
 @models_app.command("rollback")
-def models_rollback(version: Annotated[str, typer.Argument(help="vN, or 'base' for the base model")],
-                    home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def models_rollback(version: Annotated[str, typer.Argument(help="vN, or 'base' for the base model (a tenant: no adapter)")],
+                    namespace: NamespaceOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Serve an earlier version (nothing is deleted); edits of later versions return to the fast path."""
     from kem.versions import VersionStore
 
-    vs = VersionStore(_settings(home).home)
+    vs = VersionStore(_settings(home).home, namespace)
     before = vs.current()
     vs.rollback(version)
     after = vs.current()
     if as_json:
-        _print_json({"previous": before, "current": after, "absorbed_versions": vs.ancestors(after)})
+        _print_json({"namespace": namespace, "previous": before, "current": after,
+                     "absorbed_versions": [vs.label(v) for v in vs.ancestors(after)]})
     else:
-        typer.echo(f"current model version: {after or 'base'} (was {before or 'base'})")
+        whose = "" if namespace is None else f" of namespace {namespace}"
+        typer.echo(f"current model version{whose}: {after or 'base'} (was {before or 'base'})")

@@ -19,6 +19,14 @@
 Edits that failed reliability stay ``active``: the fast path keeps applying them on top of ``vN`` and
 the next job takes them again. Nothing touches the store or ``models/`` before step 7, so a failure
 (or a kill) anywhere earlier leaves both as they were; a gate failure or ``dry_run`` publishes nothing.
+
+A tenant namespace (not in ``KEM_SHARED_NAMESPACES``) never reaches the shared weights: its job computes
+the delta on the shared version (plus the tenant's current adapter when that adapter was computed on
+the same shared version: tenant versions are cumulative), exports the sum as a LoRA adapter
+(:mod:`kem.consolidation.adapter`), runs the gates on the shared weights with the adapter applied (as it
+will be served), and publishes ``models/tenants/<namespace>/vN`` (``adapter/``, ``delta.safetensors``
+and, when an edit-follower is configured, ``adapter_with_follower/``); the edits are marked
+``consolidated_in = "<namespace>/vN"``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any
 
 from kem.consolidation.registry import get_method, method_specs
 from kem.edit import Edit, EditStatus
-from kem.errors import ConflictError, ValidationError
+from kem.errors import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +83,8 @@ class JobConfig:
 
     Attributes:
         method: A registered method (None: the registry's default).
-        namespaces: The shared namespaces whose edits are taken (see :func:`consolidation_scope`).
+        namespaces: The namespaces whose edits are taken (see :func:`consolidation_scope`).
+        tenant: The tenant namespace when the job publishes a tenant adapter (None: shared weights).
         max_edits: At most this many edits (oldest first; None: all).
         dry_run: Compute and evaluate, publish nothing, change nothing.
         gates: Publishing thresholds.
@@ -85,10 +94,13 @@ class JobConfig:
         batch_size: Edits per compute call.
         probes: Held-out locality prompts (None: :func:`default_probes`).
         progress: Show progress bars.
+        max_rank: A tenant adapter's per-module rank limit (larger updates are SVD-truncated; the gates
+            then check the truncated adapter).
     """
 
     method: str | None = None
     namespaces: tuple[str, ...] = ()
+    tenant: str | None = None
     max_edits: int | None = None
     dry_run: bool = False
     gates: Gates = field(default_factory=Gates)
@@ -98,8 +110,11 @@ class JobConfig:
     batch_size: int = 256
     probes: tuple[str, ...] | None = None
     progress: bool = False
+    max_rank: int = 64
 
     def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise ValidationError(f"max_rank must be >= 1 (got {self.max_rank})", field="max_rank")
         if self.batch_size < 1:
             raise ValidationError(f"batch_size must be >= 1 (got {self.batch_size})", field="batch_size")
         if self.max_edits is not None and self.max_edits < 1:
@@ -113,8 +128,11 @@ class ConsolidationResult:
 
     Attributes:
         published: True when a version was written (and made current).
-        version: The published version (or the one it would have been, for a dry run / gate failure).
-        parent: The version built on (None: the base model).
+        version: The published version (or the one it would have been, for a dry run / gate failure);
+            a tenant's version is numbered in that tenant's folder.
+        parent: The shared version built on (None: the base model).
+        namespace: The tenant whose adapter version this is (None: a shared version).
+        tenant_parent: A tenant job only: the tenant's version the new adapter extends.
         edit_ids: Edits taken by the job.
         absorbed_ids: Edits marked ``consolidated`` in ``version``.
         failed_ids: Edits whose greedy answer did not carry the target (left active).
@@ -128,6 +146,8 @@ class ConsolidationResult:
     method: str
     version: str | None = None
     parent: str | None = None
+    namespace: str | None = None
+    tenant_parent: str | None = None
     dry_run: bool = False
     edit_ids: list[str] = field(default_factory=list)
     absorbed_ids: list[str] = field(default_factory=list)
@@ -213,22 +233,23 @@ def pending_edits(store: Any, chain: frozenset[str], namespace: str | Sequence[s
 
 
 def consolidation_scope(settings: Any, namespace: str | None) -> list[str]:
-    """The namespaces a job may write into the shared weights: the shared ones (``KEM_SHARED_NAMESPACES``,
-    default ``default``), or ``namespace`` when it is one of them.
+    """The namespaces a job takes edits from: the shared ones (``KEM_SHARED_NAMESPACES``, default
+    ``default``; their edits go into the shared weights), or ``[namespace]``: a shared one, or a tenant's
+    (see :func:`is_tenant`), whose edits go into that tenant's adapter only.
 
     Raises:
-        ValidationError: ``namespace`` is a tenant's: its edits would reach every tenant served the
-            new version, so kem keeps them on the fast path (per-tenant versions need per-tenant adapters).
+        ValidationError: ``namespace`` is not a valid namespace name.
     """
-    shared = settings.shared()
+    from kem.versions import check_namespace
+
     if namespace is None:
-        return shared
-    if namespace not in shared:
-        raise ValidationError(
-            f"namespace {namespace!r} is a tenant namespace: consolidating it would write its edits into the "
-            f"weights every tenant is served (shared namespaces: {', '.join(shared) or 'none'}). Its edits stay "
-            "on the fast path; to share them with everyone, add it to KEM_SHARED_NAMESPACES.", field="namespace")
-    return [namespace]
+        return settings.shared()
+    return [check_namespace(namespace)]
+
+
+def is_tenant(settings: Any, namespace: str | None) -> bool:
+    """Whether a job of ``namespace`` publishes a tenant adapter (it is not a shared namespace)."""
+    return namespace is not None and namespace not in settings.shared()
 
 
 def consolidate(
@@ -246,16 +267,18 @@ def consolidate(
     batch_size: int = 256,
     probes: Sequence[str] | None = None,
     progress: bool = False,
+    max_rank: int = 64,
 ) -> ConsolidationResult:
-    """Consolidate the pending edits of ``<home>/edits.sqlite`` into a new model version.
+    """Consolidate the pending edits of the edit store (``settings.store``; default ``<home>/edits.sqlite``)
+    into a new model version.
 
     Args:
         settings: kem settings (home, model, cache_dir, device); default ``Settings()``.
         home: Overrides ``settings.home``.
         method: A registered method (:func:`~kem.consolidation.registry.list_methods`; None: the default,
             :func:`~kem.consolidation.registry.default_method`).
-        namespace: Only this namespace's edits; it must be a shared one (default: every namespace in
-            ``settings.shared_namespaces``). Tenant namespaces are refused (:func:`consolidation_scope`).
+        namespace: Only this namespace's edits (default: every namespace in ``settings.shared_namespaces``).
+            A tenant namespace (not shared) publishes the tenant's adapter version, never shared weights.
         max_edits: At most this many edits (oldest first).
         dry_run: Compute and evaluate, publish nothing, change nothing.
         gates: Publishing thresholds (:class:`Gates`).
@@ -265,14 +288,13 @@ def consolidate(
         batch_size: Edits per compute call; larger jobs run chunk after chunk on the updated model.
         probes: Held-out locality prompts (default: :func:`default_probes`).
         progress: Show progress bars.
+        max_rank: A tenant adapter's per-module rank limit (the serving engine's ``max_lora_rank``).
 
     Raises:
         ConflictError: another job holds the lock. Any exception leaves store and versions untouched.
     """
-    from filelock import FileLock, Timeout
-
+    from kem.joblock import job_lock
     from kem.settings import Settings
-    from kem.versions import VersionStore
 
     settings = settings or Settings()
     if home is not None:
@@ -280,20 +302,13 @@ def consolidate(
     home = settings.home
     spec = get_method(method)
     cfg = JobConfig(  # validated before the lock, the store, the model
-        method=spec.name, namespaces=tuple(consolidation_scope(settings, namespace)), max_edits=max_edits,
+        method=spec.name, namespaces=tuple(consolidation_scope(settings, namespace)),
+        tenant=namespace if is_tenant(settings, namespace) else None, max_edits=max_edits,
         dry_run=dry_run, gates=gates or Gates(), parent=parent, corpus=corpus, hparams=hparams or {},
-        batch_size=batch_size, probes=None if probes is None else tuple(probes), progress=progress)
-    root = VersionStore(home).root
-    root.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(root / ".consolidate.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConflictError(f"another consolidation job is running on {home} (lock {lock.lock_file})") from None
-    try:
+        batch_size=batch_size, probes=None if probes is None else tuple(probes), progress=progress,
+        max_rank=max_rank)
+    with job_lock(settings):  # one job at a time: a file lock, or PostgreSQL's advisory lock (kem.joblock)
         return _run(settings, cfg)
-    finally:
-        lock.release()
 
 
 def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
@@ -303,8 +318,8 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
     from kem.consolidation.context import EditContext
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
-    from kem.stores.sqlite import SQLiteStore
-    from kem.versions import BASE, VersionStore, recover
+    from kem.stores import open_store
+    from kem.versions import BASE, DELTA, VersionStore, recover
 
     home = settings.home
     spec = get_method(cfg.method)
@@ -317,16 +332,27 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
         parent = None
     parent_man = VersionStore(home).manifest(parent) if parent else None
     chain = VersionStore(home).absorbed(parent)
-    result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=cfg.dry_run)
+    vs = VersionStore(home, cfg.tenant)  # where the new version goes
+    extends = None  # a tenant job: the tenant's version the new adapter extends
+    if cfg.tenant is not None:
+        served = vs.adapter_on(parent)
+        extends = served.version if served is not None and served.version != BASE else None
+        chain = vs.absorbed(extends)
+    result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=cfg.dry_run,
+                                 namespace=cfg.tenant, tenant_parent=extends)
 
-    store = SQLiteStore(Path(home) / "edits.sqlite", synchronous=settings.sqlite_synchronous)
+    store = open_store(settings)  # settings.store: <home>/edits.sqlite by default, or PostgreSQL
+    tenant: Any = None  # a tenant job's adapter (kem.consolidation.tenant.TenantAdapter)
     try:
         recover(VersionStore(home), store)  # a job killed between publish and marking: finish it first
         edits = pending_edits(store, chain, cfg.namespaces, cfg.max_edits)
         result.edit_ids = [e.id for e in edits]
         if not edits:
-            result.message = (f"nothing to consolidate: no pending edits in the shared namespace(s) "
-                              f"{', '.join(cfg.namespaces) or '(none)'} (tenant namespaces are never consolidated)")
+            what = (f"tenant namespace {cfg.tenant}" if cfg.tenant else
+                    f"shared namespace(s) {', '.join(cfg.namespaces) or '(none)'}")
+            result.message = (f"nothing to consolidate: no pending edits in the {what}"
+                              + ("" if cfg.tenant else " (a tenant's edits go into its own adapter: "
+                                 "kem consolidate --namespace NAME)"))
             return result
 
         t0 = time.perf_counter()
@@ -343,33 +369,52 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
         ctx.cov_fingerprint = base_fp  # covariance of the base weights serves every version built on it
         ctx.progress = progress
         # every method's running state travels with the versions (ctx.state[name] <-> its file), so
-        # a later job of that method still sees it after versions made by other methods
+        # a later job of that method still sees it after versions made by other methods; a tenant's
+        # adapter versions carry their own, started from the shared parent's
         state_classes = {m.name: m.state_cls for m in method_specs() if m.state_cls is not None}
-        if parent:
+        state_from = vs.path(extends) if extends else VersionStore(home).path(parent) if parent else None
+        if state_from is not None:
             for key, cls in state_classes.items():
-                path = VersionStore(home).path(parent) / cls.file_name
+                path = state_from / cls.file_name
                 if path.is_file():
                     ctx.state[key] = cls.load(path)
         hp = spec.hparams_for(model, **cfg.hparams)
 
         t0 = time.perf_counter()
         total = WeightDelta(method=spec.name)
+        applied = []
+        if extends:  # the tenant's current adapter: the new edits are computed on top of it, and kept
+            prev = WeightDelta.load(vs.path(extends) / DELTA)
+            applied.append(apply_delta(model, prev))
+            for name, f in prev.updates.items():
+                total.add(name, f.a, f.b)
         chunks = [edits[i : i + cfg.batch_size] for i in range(0, len(edits), cfg.batch_size)]
         for chunk in tqdm(chunks, desc=f"{spec.name} ({len(edits)} edits)", unit="batch", disable=not progress or len(chunks) < 2):
             delta = spec.compute(model, tok, chunk, hp, ctx)
-            apply_delta(model, delta)  # the next chunk is computed on the updated model
+            applied.append(apply_delta(model, delta))  # the next chunk is computed on the updated model
             for name, f in delta.updates.items():
                 total.add(name, f.a, f.b)
         timings["compute"] = time.perf_counter() - t0
         timings["covariance"] = ctx.covariance.last_compute_seconds
         total.meta = {"edit_ids": result.edit_ids, "hparams": hp.model_dump(mode="json"), "parent": parent}
+        if cfg.tenant is not None:
+            total.meta.update(namespace=cfg.tenant, tenant_parent=extends)
 
         t0 = time.perf_counter()
-        rel, flags, answers = reliability(model, tok, edits, progress=progress)
-        after = greedy(model, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (edited)")
+        judged = model
+        if cfg.tenant is not None:  # judge the adapter as it will be served: shared weights + LoRA
+            from kem.consolidation.tenant import TenantAdapter
+
+            for handle in reversed(applied):
+                handle.revert()
+            tenant = TenantAdapter.build(total, model, settings, cfg.max_rank)
+            judged = tenant.view
+            timings["export_adapter"] = time.perf_counter() - t0
+        rel, flags, answers = reliability(judged, tok, edits, progress=progress)
+        after = greedy(judged, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (edited)")
         same = [a.strip() == b.strip() for a, b in zip(after, before, strict=True)]
         loc = sum(same) / len(same) if same else 1.0
-        timings["evaluate"] = time.perf_counter() - t0
+        timings["evaluate"] = time.perf_counter() - t0 - timings.get("export_adapter", 0.0)
         result.absorbed_ids = [e.id for e, ok in zip(edits, flags, strict=True) if ok]
         result.failed_ids = [e.id for e, ok in zip(edits, flags, strict=True) if not ok]
         result.metrics = {
@@ -384,13 +429,15 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
             "failed_edits": [{"id": e.id, "prompt": e.rendered_prompt, "target_new": e.target_new, "answer": a}
                              for e, a, ok in zip(edits, answers, flags, strict=True) if not ok][:20],
         }
+        if tenant is not None:
+            result.metrics["adapter"] = tenant.summary()
         if rel < gates.min_reliability:
             result.reasons.append(f"reliability {rel:.3f} < {gates.min_reliability} "
                                   f"({len(result.failed_ids)} of {len(edits)} edits not carried by greedy answers)")
         if loc < gates.min_locality:
             result.reasons.append(f"locality {loc:.3f} < {gates.min_locality} "
                                   f"({len(same) - sum(same)} of {len(same)} held-out probes changed their answer)")
-        result.version = VersionStore(home).next_version()
+        result.version = vs.next_version()
         if result.reasons or cfg.dry_run:
             result.timings = {**timings, "total": time.perf_counter() - t_start}
             what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"
@@ -419,20 +466,29 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
             "timings": {**timings, "total": time.perf_counter() - t_start},
             "corpus": None if cfg.corpus is None else str(cfg.corpus),
         }
-        man = V.publish(home, model, tok, total, manifest, extra_files=extra)
+        if tenant is not None:
+            manifest["tenant_parent"] = extends
+            man = tenant.publish(vs, manifest, extra_files=extra)
+        else:
+            man = V.publish(home, model, tok, total, manifest, extra_files=extra)
         timings["publish"] = time.perf_counter() - t0
         result.version = man.version
         result.published = True
         # the manifest lists the absorbed edits: a kill from here to the marking is repaired by recover()
         result.absorbed_ids = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
         if result.absorbed_ids:
-            store.mark_consolidated(result.absorbed_ids, man.version)
+            store.mark_consolidated(result.absorbed_ids, vs.label(man.version))
         result.timings = {**timings, "total": time.perf_counter() - t_start}
-        result.message = (f"published {man.version} (parent {parent or 'base'}): {len(result.absorbed_ids)} of "
-                          f"{len(edits)} edits absorbed, reliability {rel:.3f}, locality {loc:.3f}")
+        result.message = (f"published {vs.label(man.version)} (parent {parent or 'base'}"
+                          + (f", an adapter extending {vs.label(extends)}" if extends else
+                             ", an adapter" if tenant is not None else "")
+                          + f"): {len(result.absorbed_ids)} of {len(edits)} edits absorbed, reliability {rel:.3f}, "
+                          f"locality {loc:.3f}")
         log.info(result.message)
         return result
     finally:
+        if tenant is not None:
+            tenant.close()
         store.close()
 
 
