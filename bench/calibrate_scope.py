@@ -6,6 +6,9 @@ scope decision's precision and recall, where a positive is "the query's own edit
 false positive is any edit applied to a locality query or a wrong edit applied to an in-scope query.
 
     .venv/bin/python bench/calibrate_scope.py --n 2000
+    .venv/bin/python bench/calibrate_scope.py --n 2000 --backend onnx-int8 --single-queries   # another embedder
+
+``--single-queries`` embeds each query alone (as a served request is), not in one batch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from kem.edit import Edit
-from kem.embedding import SentenceTransformerEmbedder
+from kem.embedding import BACKENDS, SentenceEmbedder
 from kem.index import NamespacedIndex
 from kem.scope import subject_match
 
@@ -30,10 +33,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--split", default="counterfact/counterfact-train.json")
+    ap.add_argument("--backend", default="torch", choices=BACKENDS, help="embedder backend (KEM_EMBEDDER_BACKEND)")
+    ap.add_argument("--single-queries", action="store_true", help="embed each query alone, as served")
     args = ap.parse_args()
     recs = json.loads((DATA / args.split).read_text())[: args.n]
     edits = [Edit(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"]) for r in recs]
-    emb = SentenceTransformerEmbedder()
+    emb = SentenceEmbedder(backend=args.backend, lru_size=0)
     t0 = time.perf_counter()
     keys = emb.embed([e.rendered_prompt for e in edits])
     idx = NamespacedIndex(emb.dim)
@@ -42,14 +47,16 @@ def main() -> None:
     queries = [(r["prompt"], i, True) for i, r in enumerate(recs)] + \
               [(r["rephrase_prompt"], i, True) for i, r in enumerate(recs)] + \
               [(r["locality_prompt"], i, False) for i, r in enumerate(recs)]
-    qv = emb.embed([q for q, _, _ in queries])
+    qv = np.concatenate([emb.embed([q]) for q, _, _ in queries]) if args.single_queries else \
+        emb.embed([q for q, _, _ in queries])
     hits = idx.search("ns", qv, 4)
     by_id = {e.id: (n, e) for n, e in enumerate(edits)}
     rows = []
     for (q, own, pos), h in zip(queries, hits, strict=True):
         cands = [(by_id[i][0], s, subject_match(q, by_id[i][1].subject)) for i, s in h]
         rows.append((own, pos, cands))
-    print(f"embedded and searched {len(queries)} queries over {len(edits)} edits in {time.perf_counter() - t0:.1f} s")
+    print(f"embedder {emb.key}: embedded and searched {len(queries)} queries over {len(edits)} edits in "
+          f"{time.perf_counter() - t0:.1f} s")
     print("| threshold | subject_threshold | min_subject_match | recall (own edit applied) | rephrase recall | "
           "locality false-apply rate | wrong-edit rate |")
     print("|---|---|---|---|---|---|---|")
@@ -73,7 +80,6 @@ def main() -> None:
         print(f"| {th} | {sth} | {msm} | {rec:.3f} | {reph:.3f} | {loc_fp:.3f} | {wr:.3f} |")
     print(f"\nbest (recall - 2*locality_fp - wrong): threshold={best[1]} subject_threshold={best[2]} "
           f"min_subject_match={best[3]}")
-    _ = np
 
 
 if __name__ == "__main__":

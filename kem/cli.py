@@ -156,11 +156,15 @@ def edit_import(
     limit: Annotated[int | None, typer.Option(min=1, help="Import at most this many (valid) records.")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Refuse the whole file if a record is invalid "
                                          "(default: skip invalid records and say which).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=0, help="Edits per transaction, embedded while "
+                                            "the previous batch is written; 0: one transaction for the file.")] = 1000,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Import edits from a file in one transaction: every valid record, or nothing. Invalid records are
-    skipped and reported (record index, field, reason); --strict refuses the file instead."""
+    """Import edits from a file, one transaction per --batch-size edits (the next batch is embedded while
+    one is written). If a batch fails, the batches before it stay imported and the rest is not written
+    (--batch-size 0: one transaction, every valid record or nothing). Invalid records are skipped and
+    reported before anything is written (record index, field, reason); --strict refuses the file instead."""
     from kem.datasets import read_edits
 
     loaded = read_edits(file, namespace=_ns(namespace, home), limit=limit)
@@ -169,7 +173,7 @@ def edit_import(
     if loaded.errors:
         typer.secho(loaded.summary(), fg="yellow", err=True)
     with _editor(home) as ke:
-        stored = ke.add_many(loaded.items, progress=not as_json)
+        stored = ke.add_many(loaded.items, progress=not as_json, batch_size=batch_size or None)
     if as_json:
         _print_json({"imported": len(stored), "ids": [e.id for e in stored],
                      "skipped": [e.as_dict() for e in loaded.errors]})

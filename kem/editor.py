@@ -180,9 +180,11 @@ class KnowledgeEditor:
         replaced an older edit of the same subject and relation)."""
         return self.memory.add_many([Edit.parse(edit)])[0]
 
-    def add_many(self, edits: Iterable[Edit | dict[str, Any]], progress: bool = False) -> list[Edit]:
-        """Add many edits in one transaction (all or none)."""
-        return self.memory.add_many([Edit.parse(e) for e in edits], progress=progress)
+    def add_many(self, edits: Iterable[Edit | dict[str, Any]], progress: bool = False,
+                 batch_size: int | None = None) -> list[Edit]:
+        """Add many edits in one transaction (all or none); with ``batch_size``, one transaction per
+        batch, embedding the next batch while one is written (see :meth:`kem.memory.EditMemory.add_many`)."""
+        return self.memory.add_many([Edit.parse(e) for e in edits], progress=progress, batch_size=batch_size)
 
     def get(self, edit_id: str, namespace: str | None = None) -> Edit:
         return self.store.get(edit_id, namespace)
@@ -329,6 +331,6 @@ class KnowledgeEditor:
 
 
 def default_embedder(settings: Settings) -> Embedder:
-    from kem.embedding import SentenceTransformerEmbedder
+    from kem.embedding import make_embedder
 
-    return SentenceTransformerEmbedder(settings.embedder, settings.cache_dir, device=settings.resolved_device())
+    return make_embedder(settings)  # settings.embedder on settings.embedder_backend

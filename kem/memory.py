@@ -158,12 +158,50 @@ class EditMemory:
             self._dirty = False
 
     # ---- writes and reads ---------------------------------------------------------------------------
-    def add_many(self, edits: Iterable[Edit], progress: bool = False) -> list[Edit]:
-        """Embed and store edits (one transaction), then index them."""
+    def add_many(self, edits: Iterable[Edit], progress: bool = False, batch_size: int | None = None) -> list[Edit]:
+        """Embed and store edits, then index them.
+
+        Args:
+            edits: The edits (all validated before anything is written).
+            progress: Show a progress bar.
+            batch_size: ``None``: one transaction for all the edits (all or nothing). ``N``: one
+                transaction per ``N`` edits, in order, embedding batch ``k + 1`` (on every core) while
+                the store writes batch ``k``. If a batch fails, the batches before it stay stored (and
+                are indexed), the failing batch and the ones after it are not written, and the error
+                is raised with a note saying how many edits were stored.
+        """
         edits = [Edit.parse(e) for e in edits]
-        vecs = self.embed_edits(edits, progress=progress)
-        stored = self.store.add_many(edits, vecs, self.embedder.name)
-        self.sync()
+        if batch_size is None or len(edits) <= batch_size:
+            vecs = self.embed_edits(edits, progress=progress)
+            stored = self.store.add_many(edits, vecs, self.embedder.name)
+            self.sync()
+            return stored
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or None (got {batch_size})")
+        return self._add_batched(edits, progress, batch_size)
+
+    def _add_batched(self, edits: list[Edit], progress: bool, batch_size: int) -> list[Edit]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        batches = [edits[i:i + batch_size] for i in range(0, len(edits), batch_size)]
+        stored: list[Edit] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="kem-import") as pool, \
+                tqdm(total=len(edits), desc="importing", unit="edit", disable=not progress) as bar:
+            pending = pool.submit(self.embed_edits, batches[0])
+            try:
+                for k, batch in enumerate(batches):
+                    vecs = pending.result()
+                    if k + 1 < len(batches):  # embed the next batch while this one is written
+                        pending = pool.submit(self.embed_edits, batches[k + 1])
+                    stored += self.store.add_many(batch, vecs, self.embedder.name)
+                    bar.update(len(batch))
+            except BaseException as exc:
+                pending.cancel()
+                exc.add_note(f"{len(stored)} edits in {len(stored) // batch_size} earlier batches of "
+                             f"{batch_size} were stored; the failing batch and later ones were not")
+                raise
+            finally:
+                self.sync()
         return stored
 
     def search(self, query: str, namespace: str, k: int, query_vec: np.ndarray | None = None,

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     embedder: str = Field(
         "all-minilm-l6-v2", description="Embedder: a known name or a local sentence-transformers folder."
     )
+    embedder_backend: Literal["auto", "torch", "onnx", "onnx-int8", "openvino"] = Field(
+        "auto", description='Embedder runtime: "torch" (sentence-transformers), "onnx" (onnxruntime, same '
+        'vectors), "onnx-int8" (int8 weights: fastest on CPU, cosine ~0.99 to torch), "openvino" (needs '
+        '`pip install openvino`), "auto" (onnx-int8 on CPU, torch on CUDA). See docs/retrieval.md.',
+    )
     namespace: str = Field("default", description="Namespace used when a request names none.")
     top_k: int = Field(4, ge=1, le=64, description="Edits retrieved per request before the scope decision.")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Default generation length.")

@@ -77,9 +77,9 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def embedder(kem_settings):
-    from kem.embedding import SentenceTransformerEmbedder
+    from kem.embedding import make_embedder
 
-    return SentenceTransformerEmbedder(kem_settings.embedder, kem_settings.cache_dir)
+    return make_embedder(kem_settings)  # the default backend (KEM_EMBEDDER_BACKEND picks another)
 
 
 # ---- servers started as subprocesses (test_server.py, test_langchain.py, test_vllm.py) ----------------

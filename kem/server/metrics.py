@@ -1,13 +1,15 @@
 """Prometheus metrics for ``kem serve``, written in the text exposition format (no extra dependency).
 
 Exposed at ``/metrics``: request counts by endpoint and status, edits applied, in-scope requests,
-retrieval latency (a histogram) and the engine's model.
+retrieval latency (a histogram), the engine's model, and the query-embedding cache and micro-batcher
+(hits, misses, model calls, texts embedded through them).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import Any
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -31,6 +33,7 @@ class Metrics:
         self._sum = 0.0
         self.reloads = 0
         self.model = ""
+        self.embedder: Any = None  # an embedder with stats() (kem.embedding.SentenceEmbedder), if any
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -70,4 +73,27 @@ class Metrics:
                     "# TYPE kem_engine_reloads_total counter", f"kem_engine_reloads_total {self.reloads}",
                     "# HELP kem_engine_info The model the engine serves.", "# TYPE kem_engine_info gauge",
                     f"kem_engine_info{_labels(model=self.model)} 1"]
-            return "\n".join(out) + "\n"
+        out += self._embedder_lines()
+        return "\n".join(out) + "\n"
+
+    def _embedder_lines(self) -> list[str]:
+        stats = getattr(self.embedder, "stats", None)
+        if stats is None:
+            return []
+        st = stats()
+        hits, misses = st.get("cache_hits", 0), st.get("cache_misses", 0)
+        return [
+            "# HELP kem_embedding_cache_hits_total Query embeddings served from the LRU cache.",
+            "# TYPE kem_embedding_cache_hits_total counter", f"kem_embedding_cache_hits_total {hits}",
+            "# HELP kem_embedding_cache_misses_total Query embeddings computed (not in the LRU cache).",
+            "# TYPE kem_embedding_cache_misses_total counter", f"kem_embedding_cache_misses_total {misses}",
+            "# HELP kem_embedding_cache_hit_ratio Hits / look-ups of the query-embedding cache.",
+            "# TYPE kem_embedding_cache_hit_ratio gauge",
+            f"kem_embedding_cache_hit_ratio {hits / (hits + misses) if hits + misses else 0.0:.6f}",
+            "# HELP kem_embedding_batched_calls_total Model calls made by the query micro-batcher.",
+            "# TYPE kem_embedding_batched_calls_total counter",
+            f"kem_embedding_batched_calls_total {st.get('batched_calls', 0)}",
+            "# HELP kem_embedding_batched_texts_total Query texts embedded through those calls.",
+            "# TYPE kem_embedding_batched_texts_total counter",
+            f"kem_embedding_batched_texts_total {st.get('batched_texts', 0)}",
+        ]

@@ -136,6 +136,7 @@ class Serving:
         self.settings = settings or editor.settings
         self.edits = Edits(editor)
         self.metrics = metrics or Metrics()
+        self.metrics.embedder = editor.memory.embedder  # cache and micro-batcher counters in /metrics
         self.default_max_tokens = default_max_tokens or editor.settings.max_new_tokens
         self.reloader = reloader
         self.limiter = Limiter(self.settings.max_parallel_per_key)
