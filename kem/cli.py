@@ -21,19 +21,27 @@ app.add_typer(edit_app, name="edit")
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="Data folder (default: $KEM_HOME or ./kem-data).")]
 NsOpt = Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace (default: $KEM_NAMESPACE or 'default').")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+StoreOpt = Annotated[str | None, typer.Option(
+    "--store", help="Edit store: 'sqlite' (<home>/edits.sqlite, the default), sqlite:///PATH or "
+    "postgresql://user:pass@host:port/db[?schema=NAME] (default: $KEM_STORE).")]
 
 
-def _settings(home: Path | None) -> Any:
+def _settings(home: Path | None, store: str | None = None) -> Any:
     from kem.settings import Settings
 
     s = Settings()
-    return s.model_copy(update={"home": home}) if home is not None else s
+    update: dict[str, Any] = {}
+    if home is not None:
+        update["home"] = home
+    if store is not None:
+        update["store"] = store
+    return s.model_copy(update=update) if update else s
 
 
-def _editor(home: Path | None) -> Any:
+def _editor(home: Path | None, store: str | None = None) -> Any:
     from kem.editor import KnowledgeEditor
 
-    s = _settings(home)
+    s = _settings(home, store)
     return KnowledgeEditor.open(s.home, settings=s)
 
 
@@ -61,6 +69,7 @@ def edit_add(
     source: Annotated[str | None, typer.Option(help="Provenance.")] = None,
     namespace: NsOpt = None,
     home: HomeOpt = None,
+    store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add one edit."""
@@ -69,7 +78,7 @@ def edit_add(
     edit = Edit.parse({"subject": subject, "prompt": prompt, "target_new": target, "target_true": target_true,
                        "relation": relation, "paraphrases": paraphrase or [], "source": source or "cli",
                        "namespace": _ns(namespace, home)})
-    with _editor(home) as ke:
+    with _editor(home, store) as ke:
         stored = ke.add(edit)
     if as_json:
         _print_json(_edit_row(stored))
@@ -85,22 +94,21 @@ def edit_list(
     limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
     offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
     home: HomeOpt = None,
+    store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List edits (newest last)."""
     from kem.edit import EditStatus
-    from kem.stores.sqlite import SQLiteStore
 
     try:
         st = EditStatus(status) if status else None
     except ValueError:
         raise KemError(f"--status must be one of active, consolidated, retired (got {status!r})") from None
-    settings = _settings(home)
-    store = SQLiteStore(settings.home / "edits.sqlite", synchronous=settings.sqlite_synchronous)  # no embedder
+    db = _store(home, store)  # no embedder
     try:
-        rows = store.list(namespace, st, limit, offset)
+        rows = db.list(namespace, st, limit, offset)
     finally:
-        store.close()
+        db.close()
     if as_json:
         _print_json([_edit_row(e) for e in rows])
         return
@@ -113,22 +121,22 @@ def edit_list(
     Console().print(table)
 
 
-def _store(home: Path | None) -> Any:
-    from kem.stores.sqlite import SQLiteStore
+def _store(home: Path | None, store: str | None = None) -> Any:
+    from kem.stores import open_store
 
-    settings = _settings(home)
-    return SQLiteStore(settings.home / "edits.sqlite", synchronous=settings.sqlite_synchronous)
+    return open_store(_settings(home, store))
 
 
 @edit_app.command("show")
-def edit_show(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def edit_show(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, store: StoreOpt = None,
+              as_json: JsonOpt = False) -> None:
     """Show one edit and its history."""
-    store = _store(home)
+    db = _store(home, store)
     try:
-        e = store.get(edit_id, namespace)
-        hist = store.history(edit_id, namespace)
+        e = db.get(edit_id, namespace)
+        hist = db.history(edit_id, namespace)
     finally:
-        store.close()
+        db.close()
     row = {**_edit_row(e), "history": [{"seq": h.seq, "op": h.op, "at": h.at} for h in hist]}
     if as_json:
         _print_json(row)
@@ -138,13 +146,14 @@ def edit_show(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, as_js
 
 
 @edit_app.command("rm")
-def edit_rm(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def edit_rm(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, store: StoreOpt = None,
+            as_json: JsonOpt = False) -> None:
     """Delete an edit (its history is kept)."""
-    store = _store(home)
+    db = _store(home, store)
     try:
-        e = store.delete(edit_id, namespace)
+        e = db.delete(edit_id, namespace)
     finally:
-        store.close()
+        db.close()
     _print_json({"deleted": e.id}) if as_json else typer.echo(f"deleted {e.id}")
 
 
@@ -159,6 +168,7 @@ def edit_import(
     batch_size: Annotated[int, typer.Option("--batch-size", min=0, help="Edits per transaction, embedded while "
                                             "the previous batch is written; 0: one transaction for the file.")] = 1000,
     home: HomeOpt = None,
+    store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Import edits from a file, one transaction per --batch-size edits (the next batch is embedded while
@@ -172,7 +182,7 @@ def edit_import(
         loaded.check()
     if loaded.errors:
         typer.secho(loaded.summary(), fg="yellow", err=True)
-    with _editor(home) as ke:
+    with _editor(home, store) as ke:
         stored = ke.add_many(loaded.items, progress=not as_json, batch_size=batch_size or None)
     if as_json:
         _print_json({"imported": len(stored), "ids": [e.id for e in stored],
@@ -192,10 +202,11 @@ def ask(
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
     model_version: Annotated[str | None, typer.Option("--model-version", help="Ask a published version (vN).")] = None,
     home: HomeOpt = None,
+    store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask the model with the edits of a namespace applied in context."""
-    ke = _editor(home)
+    ke = _editor(home, store)
     try:
         if model_version is not None:
             _use_version(ke, model_version)
@@ -269,6 +280,12 @@ def _mount_optional() -> None:
         from kem.server.cli import serve
 
         app.command("serve")(serve)
+    except ImportError:
+        pass
+    try:
+        from kem.server.keys_cli import keys_app
+
+        app.add_typer(keys_app, name="keys")
     except ImportError:
         pass
 

@@ -16,7 +16,7 @@ from kem.stores.sqlite import SQLiteStore
 if TYPE_CHECKING:
     from kem.protocols import EditStore
 
-__all__ = ["InMemoryStore", "SQLiteStore", "is_postgres", "open_store", "split_schema"]
+__all__ = ["InMemoryStore", "SQLiteStore", "index_dir", "is_postgres", "open_store", "split_schema"]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -67,3 +67,21 @@ def open_store(settings: Any = None, home: str | Path | None = None, *, url: str
     raise ValidationError(f"store must be 'sqlite', sqlite:///PATH or postgresql://... (got {url.split('://')[0]!r}://...)"
                           if "://" in url else f"store must be 'sqlite', sqlite:///PATH or postgresql://... (got {url!r})",
                           field="store")
+
+
+def index_dir(store: Any, home: str | Path) -> Path:
+    """Where a store's derived FAISS index lives under ``home`` (always local to this machine):
+    ``<home>/index`` for the SQLite file, ``<home>/index-pg-<hash>`` per PostgreSQL database and schema,
+    so switching ``--store`` never replays one store's history onto another's index."""
+    from kem.stores.postgres import PostgresStore
+
+    home = Path(home)
+    if isinstance(store, PostgresStore):
+        import hashlib
+
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(store.url)
+        ident = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}/{store.schema}"
+        return home / f"index-pg-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return home / "index"

@@ -20,6 +20,12 @@ A tenant key reads and writes only its own namespace's edits and only gets them 
 key sees every namespace (``?namespace=`` / the ``x-kem-namespace`` header / an edit's ``namespace``
 field pick one; default: its own, or ``default`` for ``*``) and manages keys (``/admin/keys``).
 Without a keys file auth is off and every caller is an admin of the ``default`` namespace.
+
+Replicas that share a PostgreSQL edit store can share their keys too: ``KEM_API_KEYS_FILE=store``
+(``kem serve --keys store``) keeps them, hashed, in the store's ``api_keys`` table
+(:mod:`kem.server.keys_pg`). One :class:`KeyRing` serves both, over a small :class:`KeyBackend`
+(:class:`FileKeys` or :class:`~kem.server.keys_pg.PostgresKeys`); ``kem keys add|list|revoke`` manages
+either from the command line.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ import logging
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kem.edit import NAMESPACE_RE
 from kem.errors import AuthError, ForbiddenError, ValidationError
@@ -131,38 +139,125 @@ def _key_line(h: str, namespace: str, admin: bool, limits: KeyLimits) -> str:
     return f"sha256:{h} {namespace}{''.join(opts)}"
 
 
+class KeyBackend(Protocol):
+    """Where a :class:`KeyRing`'s keys live: the keys file (:class:`FileKeys`) or, for replicas that share
+    them, the PostgreSQL store (:class:`kem.server.keys_pg.PostgresKeys`). Only digests are stored.
+
+    ``refresh``: seconds after which the ring re-reads the keys (another process may change them);
+    ``None``: only this process changes them (re-read at start).
+    """
+
+    where: str
+    refresh: float | None
+
+    def load(self) -> dict[str, KeyEntry]: ...
+
+    def add(self, entry: KeyEntry) -> None: ...
+
+    def remove(self, prefix: str) -> set[str]: ...
+
+
+class FileKeys:
+    """The keys file (format in the module docstring), rewritten atomically, keeping hand edits."""
+
+    refresh: float | None = None
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.where = str(self.path)
+        if not self.path.is_file():
+            raise ValidationError(f"keys file {self.path} does not exist", field="keys")
+
+    def load(self) -> dict[str, KeyEntry]:
+        keys = parse_keys(self.path.read_text(encoding="utf-8"), str(self.path))
+        clear = sum(not e.hashed for e in keys.values())
+        if clear:
+            log.warning("%s holds %d API keys in clear text; store them as sha256:HEX digests "
+                        "(KeyRing.hash_clear_keys rewrites them)", self.path, clear)
+        if stat.S_IMODE(self.path.stat().st_mode) & 0o077:
+            log.warning("%s is readable by other users (mode %o); chmod 600 it", self.path,
+                        stat.S_IMODE(self.path.stat().st_mode))
+        return keys
+
+    def rewrite(self, edit: Callable[[builtins.list[str]], builtins.list[str]]) -> None:
+        """Re-read the keys file (keeping edits made to it by hand), change its lines, write it atomically."""
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        write_atomic(self.path, "".join(line + "\n" for line in edit(lines)))
+
+    def add(self, entry: KeyEntry) -> None:
+        self.rewrite(lambda lines: [*lines, _key_line(entry.digest, entry.namespace, entry.admin, entry.limits)])
+
+    def remove(self, prefix: str) -> set[str]:
+        gone: set[str] = set()
+
+        def edit(lines: builtins.list[str]) -> builtins.list[str]:
+            keep = []
+            for raw in lines:
+                h = _line_digest(raw)
+                if h is not None and h.startswith(prefix):
+                    gone.add(h)
+                else:
+                    keep.append(raw)
+            return keep
+
+        self.rewrite(edit)
+        return gone
+
+
 class KeyRing:
     """The API keys, looked up by SHA-256 digest (so only digests are kept in memory).
 
     Args:
-        path: The keys file; ``None``: auth off.
+        path: The keys file; ``None`` (and no ``backend``): auth off.
+        backend: Where the keys live instead of a file (:class:`KeyBackend`; the PostgreSQL store's
+            ``api_keys`` table: :meth:`from_settings` with ``KEM_API_KEYS_FILE=store``).
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else None
+    def __init__(self, path: str | Path | None = None, *, backend: KeyBackend | None = None) -> None:
+        self.path = Path(path) if path and backend is None else None
+        self.backend: KeyBackend | None = backend or (FileKeys(self.path) if self.path is not None else None)
         self._lock = threading.Lock()
         self._keys: dict[str, KeyEntry] = {}
-        if self.path is not None:
-            if not self.path.is_file():
-                raise ValidationError(f"keys file {self.path} does not exist", field="keys")
-            self._keys = parse_keys(self.path.read_text(encoding="utf-8"), str(self.path))
-            log.info("auth on: %d keys from %s", len(self._keys), self.path)
-            clear = sum(not e.hashed for e in self._keys.values())
-            if clear:
-                log.warning("%s holds %d API keys in clear text; store them as sha256:HEX digests "
-                            "(KeyRing.hash_clear_keys rewrites them)", self.path, clear)
-            if stat.S_IMODE(self.path.stat().st_mode) & 0o077:
-                log.warning("%s is readable by other users (mode %o); chmod 600 it", self.path,
-                            stat.S_IMODE(self.path.stat().st_mode))
+        self._loaded = self._forced = 0.0
+        if self.backend is not None:
+            self._keys = self.backend.load()
+            self._loaded = time.monotonic()
+            log.info("auth on: %d keys from %s", len(self._keys), self.backend.where)
 
     @classmethod
     def from_settings(cls, path: str | Path | None = None, settings: object = None) -> KeyRing:
-        """``path``, else ``settings.api_keys_file`` (``KEM_API_KEYS_FILE``); neither: auth off."""
-        return cls(path or getattr(settings, "api_keys_file", None) or None)
+        """``path``, else ``settings.api_keys_file`` (``KEM_API_KEYS_FILE``); neither: auth off. The value
+        ``store`` keeps the keys in the PostgreSQL edit store (``settings.store``), shared by replicas."""
+        path = path or getattr(settings, "api_keys_file", None) or None
+        if path is not None and str(path) == STORE_KEYS:
+            return cls(backend=store_keys(settings))
+        return cls(path)
 
     @property
     def enabled(self) -> bool:
-        return self.path is not None
+        return self.backend is not None
+
+    def _refresh(self, force: bool = False) -> None:
+        """Re-read a shared backend's keys when they are older than its ``refresh`` (or ``force``, at most
+        every 0.2 s: an unknown key may have just been added by another replica). A failed read keeps
+        the keys read last."""
+        b = self.backend
+        if b is None or b.refresh is None:
+            return
+        now = time.monotonic()
+        if now - self._loaded < b.refresh and not (force and now - self._forced > 0.2):
+            return
+        if force:
+            self._forced = now
+        try:
+            keys = b.load()
+        except Exception as exc:  # the database is away: keep serving with the keys read last
+            log.warning("cannot re-read the API keys from %s (%s); using the %d read before", b.where, exc,
+                        len(self._keys))
+            self._loaded = time.monotonic()
+            return
+        with self._lock:
+            self._keys, self._loaded = keys, time.monotonic()
 
     def authenticate(self, authorization: str | None, api_key: str | None = None) -> Principal:
         """The caller for an ``Authorization: Bearer KEY`` header (or an ``x-api-key`` header)."""
@@ -175,13 +270,18 @@ class KeyRing:
         if not key:
             raise AuthError("missing API key: send 'Authorization: Bearer YOUR_KEY'")
         h = digest(key)
+        self._refresh()
         entry = self._keys.get(h)
+        if entry is None:
+            self._refresh(force=True)
+            entry = self._keys.get(h)
         if entry is None or not secrets.compare_digest(entry.digest, h):
             raise AuthError("invalid API key")
         return Principal(entry.namespace, entry.admin, h[:12], entry.limits)
 
     # ---- key management (admin) -----------------------------------------------------------------------
-    def list(self) -> list[dict[str, object]]:
+    def list(self) -> builtins.list[dict[str, object]]:
+        self._refresh(force=True)
         with self._lock:
             out: list[dict[str, object]] = []
             for e in self._keys.values():
@@ -191,43 +291,44 @@ class KeyRing:
             return out
 
     def _rewrite(self, edit: Callable[[builtins.list[str]], builtins.list[str]]) -> None:
-        """Re-read the keys file (keeping edits made to it by hand), change its lines, write it atomically."""
-        assert self.path is not None
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        write_atomic(self.path, "".join(line + "\n" for line in edit(lines)))
+        assert isinstance(self.backend, FileKeys)
+        self.backend.rewrite(edit)
 
     def create(self, namespace: str, admin: bool = False, *, limits: KeyLimits = NO_LIMITS) -> str:
-        """Make a new key for ``namespace``; only its digest is written to the keys file. Returns the key,
-        which is not stored anywhere: the caller shows it once."""
-        if not self.enabled:
+        """Make a new key for ``namespace``; only its digest is stored. Returns the key, which is not
+        stored anywhere: the caller shows it once."""
+        if self.backend is None:
             raise ValidationError("auth is off (no keys file): start kem serve with --keys FILE", field="keys")
         if namespace != ALL and not NAMESPACE_RE.fullmatch(namespace):
             raise ValidationError(f"namespace {namespace!r} is not a valid namespace", field="namespace")
         key = "kem-" + secrets.token_urlsafe(24)
         h = digest(key)
+        entry = KeyEntry(h, "default" if namespace == ALL else namespace, admin or namespace == ALL, limits)
         with self._lock:
-            self._rewrite(lambda lines: [*lines, _key_line(h, namespace, admin, limits)])
-            self._keys[h] = KeyEntry(h, "default" if namespace == ALL else namespace, admin or namespace == ALL,
-                                     limits)
+            if isinstance(self.backend, FileKeys):  # the file keeps "*" as written
+                self.backend.rewrite(lambda lines: [*lines, _key_line(h, namespace, admin, limits)])
+            else:
+                self.backend.add(entry)
+            self._keys[h] = entry
         return key
 
     def revoke(self, key_id: str) -> int:
-        """Remove every key whose digest starts with ``key_id`` (at least 8 hex digits) from memory and file."""
+        """Remove every key whose digest starts with ``key_id`` (at least 8 hex digits) from memory and
+        from where the keys live."""
         if len(key_id) < 8:
             raise ValidationError("key id must be at least 8 hex digits (GET /admin/keys lists them)", field="id")
         with self._lock:
-            gone = {h for h in self._keys if h.startswith(key_id.lower())}
-            if gone and self.path is not None:
-                self._rewrite(lambda lines: [raw for raw in lines if _line_digest(raw) not in gone])
+            gone = set(self.backend.remove(key_id.lower())) if self.backend is not None else set()
+            gone |= {h for h in self._keys if h.startswith(key_id.lower())}
             for h in gone:
-                del self._keys[h]
+                self._keys.pop(h, None)
         return len(gone)
 
     def hash_clear_keys(self) -> int:
         """Rewrite the keys file's clear-text keys as ``sha256:HEX`` digests (namespace, options and
         comments kept). Clients keep using the same keys. Returns how many lines changed."""
-        if self.path is None:
-            return 0
+        if not isinstance(self.backend, FileKeys):
+            return 0  # other backends hold digests only
         changed = 0
 
         def edit(lines: list[str]) -> list[str]:
@@ -248,6 +349,23 @@ class KeyRing:
             self._rewrite(edit)
             self._keys = {h: KeyEntry(e.digest, e.namespace, e.admin, e.limits, True) for h, e in self._keys.items()}
         return changed
+
+
+STORE_KEYS = "store"  # KEM_API_KEYS_FILE / --keys value: the keys live in the PostgreSQL edit store
+
+
+def store_keys(settings: object) -> KeyBackend:
+    """The key table of the PostgreSQL edit store ``settings.store`` names."""
+    from kem.stores import is_postgres
+
+    url = getattr(settings, "store", None)
+    if not url or not is_postgres(url):
+        raise ValidationError("API keys in the store (--keys store / KEM_API_KEYS_FILE=store) need a PostgreSQL "
+                              "edit store (--store postgresql://... or KEM_STORE); with SQLite use a keys file",
+                              field="keys")
+    from kem.server.keys_pg import PostgresKeys
+
+    return PostgresKeys(url)
 
 
 def _line_digest(raw: str) -> str | None:

@@ -1,0 +1,131 @@
+"""One consolidation job at a time, across processes and machines: :func:`job_lock`.
+
+Two backends behind one context manager, chosen by the edit store (``settings.store``):
+
+- SQLite (one machine): a file lock, ``<home>/models/.consolidate.lock`` (``filelock``: released by the
+  OS when the holder dies), with the holder's details in ``.consolidate.holder`` (JSON) beside it.
+- PostgreSQL (several replicas): a session-level advisory lock on a dedicated connection (released by the
+  server when the holder's connection drops, so a killed job never leaves it stuck), with the holder's
+  details in the ``job_lock`` table of the store's schema.
+
+A second job does not wait: it raises :class:`~kem.errors.ConflictError` naming the holder (host, pid,
+since when), which ``kem consolidate`` prints before exiting with code 2, having touched nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kem.errors import ConflictError
+
+JOB = "consolidate"
+
+
+def holder_info() -> dict[str, Any]:
+    """Who takes the lock: this host, this process, now (UTC)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def describe(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "holder unknown"
+    return f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
+
+
+@contextmanager
+def file_lock(folder: str | Path, job: str = JOB) -> Iterator[dict[str, Any]]:
+    """Hold ``<folder>/.<job>.lock`` for the block; yields the holder details written beside it."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / f".{job}.lock"))
+    info_path = folder / f".{job}.holder"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            holder = json.loads(info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            holder = None
+        raise ConflictError(f"another {job} job is running on {folder.parent} ({describe(holder)}; "
+                            f"lock {lock.lock_file})") from None
+    try:
+        info = holder_info()
+        info_path.write_text(json.dumps(info), encoding="utf-8")
+        yield info
+    finally:
+        info_path.unlink(missing_ok=True)
+        lock.release()
+
+
+_DDL = ("CREATE TABLE IF NOT EXISTS job_lock (job TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL, "
+        "since TEXT NOT NULL)")
+
+
+@contextmanager
+def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
+    """Hold a session-level advisory lock named after the store's schema and ``job`` on a dedicated
+    connection for the block; yields the holder details written to ``job_lock``."""
+    import psycopg
+    from psycopg import sql
+
+    from kem.stores import split_schema
+    from kem.stores.postgres import _connect_error
+
+    conninfo, schema = split_schema(url)
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise _connect_error(conninfo, exc) from exc
+    key = f"kem-job:{schema}:{job}"  # advisory keys are per database: the schema keeps stores apart
+    try:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        conn.execute(_DDL)
+        row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+        if not row or not row[0]:
+            held = conn.execute("SELECT host, pid, since FROM job_lock WHERE job = %s", (job,)).fetchone()
+            holder = dict(zip(("host", "pid", "since"), held, strict=True)) if held else None
+            raise ConflictError(f"another {job} job is running on the PostgreSQL store (schema {schema!r}; "
+                                f"{describe(holder)})")
+        info = holder_info()
+        conn.execute("INSERT INTO job_lock (job, host, pid, since) VALUES (%s, %s, %s, %s) ON CONFLICT (job) "
+                     "DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, since = EXCLUDED.since",
+                     (job, info["host"], info["pid"], info["since"]))
+        try:
+            yield info
+        finally:
+            try:
+                conn.execute("DELETE FROM job_lock WHERE job = %s AND pid = %s AND host = %s",
+                             (job, info["pid"], info["host"]))
+                conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+            except psycopg.Error:
+                pass  # the connection is gone: so is the lock
+    finally:
+        conn.close()
+
+
+@contextmanager
+def job_lock(settings: Any, job: str = JOB) -> Iterator[dict[str, Any]]:
+    """The lock for ``job`` on the store ``settings`` names: PostgreSQL's advisory lock for a PostgreSQL
+    store, a file lock under ``<home>/models`` otherwise. Raises ConflictError (naming the holder) at once
+    when another process holds it."""
+    from kem.stores import is_postgres
+
+    url = getattr(settings, "store", None)
+    if url and is_postgres(url):
+        with postgres_lock(url, job) as info:
+            yield info
+    else:
+        from kem.versions import VersionStore
+
+        with file_lock(VersionStore(settings.home).root, job) as info:
+            yield info

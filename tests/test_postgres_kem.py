@@ -1,0 +1,161 @@
+"""kem on a PostgreSQL store (issue 13, first half), on a real PostgreSQL: ``--store`` / ``KEM_STORE`` on the
+CLI and the editor (an edit added by one process is applied by another with its own home and local
+index), API keys in the database shared by replicas (``kem keys``), and one consolidation at a time on
+both backends (two real ``kem consolidate`` at once: exactly one publishes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kem.edit import Edit, EditStatus
+from kem.errors import AuthError, ConflictError, ValidationError
+from kem.settings import Settings
+from kem.stores import open_store
+from tests.conftest import shared_data
+
+PROMPT = "The mother tongue of Danielle Darrieux is"
+
+
+def kem(*args: str, home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full = {**os.environ, "KEM_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kem", *args], capture_output=True, text=True, env=full, timeout=600)
+
+
+def test_cli_adds_into_postgres_and_another_home_applies_it(pg_url, tmp_path, generator, embedder):
+    """`kem edit add --store URL` in one process; `kem edit list` with KEM_STORE and an editor on the same
+    URL but another home (another replica) see and apply it; the FAISS index is local to each home."""
+    one, two = tmp_path / "replica-1", tmp_path / "replica-2"
+    r = kem("edit", "add", "--subject", "Danielle Darrieux", "--prompt", "The mother tongue of {} is",
+            "--target", "English", "--store", pg_url, "--json", home=one)
+    assert r.returncode == 0, r.stderr[-2000:]
+    added = json.loads(r.stdout)
+    r = kem("edit", "list", "--json", home=two, env={"KEM_STORE": pg_url})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [e["id"] for e in json.loads(r.stdout)] == [added["id"]]
+    assert not (one / "edits.sqlite").exists() and not (two / "edits.sqlite").exists()
+
+    from kem.editor import KnowledgeEditor
+
+    settings = Settings(device="cpu", store=pg_url)
+    with KnowledgeEditor.open(two, settings=settings, generator=generator, embedder=embedder) as ke:
+        ans = ke.generate(PROMPT, "default", max_new_tokens=6)
+        assert [s.edit.id for s in ans.edits] == [added["id"]] and "English" in ans.text
+        assert "English" not in ke.generate(PROMPT, "default", max_new_tokens=6, use_edits=False).text
+    assert len(list(two.glob("index-pg-*"))) == 1  # derived, local, named after the database and schema
+    r = kem("edit", "list", "--store", "mysql://nope", home=two)
+    assert r.returncode == 2 and "store must be" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_keys_in_postgres_are_shared_by_replicas(pg_url, tmp_path):
+    from kem.server.auth import KeyRing
+    from kem.server.keys_cli import keys_app
+
+    run = CliRunner().invoke
+    r = run(keys_app, ["add", "alice", "--rpm", "30", "--store", pg_url, "--home", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)
+    settings = Settings(store=pg_url, home=tmp_path)
+    a, b = KeyRing.from_settings("store", settings), KeyRing.from_settings("store", settings)  # two replicas
+    who = b.authenticate(f"Bearer {row['key']}")
+    assert (who.namespace, who.admin, who.limits.rpm) == ("alice", False, 30)
+    key2 = a.create("bob")  # added on replica a (POST /admin/keys): replica b knows it at once
+    assert b.authenticate(f"Bearer {key2}").namespace == "bob"
+    listed = json.loads(run(keys_app, ["list", "--store", pg_url, "--json"]).output)
+    assert sorted((k["namespace"], k["id"] == row["id"]) for k in listed) == [("alice", True), ("bob", False)]
+
+    import psycopg
+
+    from kem.stores import split_schema
+
+    conninfo, schema = split_schema(pg_url)
+    with psycopg.connect(conninfo) as conn:
+        stored = conn.execute(f"SELECT digest, namespace FROM {schema}.api_keys").fetchall()
+    assert len(stored) == 2 and all(row["key"] not in str(r) and key2 not in str(r) for r in stored)
+
+    r = run(keys_app, ["revoke", row["id"], "--store", pg_url])
+    assert r.exit_code == 0 and "revoked 1 key" in r.output
+    b.backend.refresh = 0  # type: ignore[union-attr]  # (2 s by default)
+    with pytest.raises(AuthError):
+        b.authenticate(f"Bearer {row['key']}")
+    assert run(keys_app, ["revoke", row["id"], "--store", pg_url]).exit_code != 0  # gone: NotFoundError
+
+
+def test_keys_cli_on_a_keys_file(tmp_path):
+    from kem.server.auth import KeyRing
+    from kem.server.keys_cli import keys_app
+
+    run = CliRunner().invoke
+    path = tmp_path / "keys.txt"
+    r = run(keys_app, ["add", "*", "--keys", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output)
+    assert row["admin"] and oct(path.stat().st_mode & 0o777) == "0o600" and row["key"] not in path.read_text()
+    assert KeyRing(path).authenticate(f"Bearer {row['key']}").admin
+    assert [k["id"] for k in json.loads(run(keys_app, ["list", "--keys", str(path), "--json"]).output)] == [row["id"]]
+    assert run(keys_app, ["revoke", row["id"], "--keys", str(path)]).exit_code == 0
+    assert KeyRing(path).list() == []
+    r = run(keys_app, ["list", "--home", str(tmp_path)], env={"KEM_API_KEYS_FILE": None, "KEM_STORE": None})
+    assert isinstance(r.exception, ValidationError) and "--keys FILE" in str(r.exception)
+    with pytest.raises(ValidationError, match="need a PostgreSQL"):
+        KeyRing.from_settings("store", Settings(home=tmp_path))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_job_lock_says_who_holds_it(backend, pg_url, tmp_path):
+    from kem.joblock import job_lock
+
+    settings = Settings(home=tmp_path, store=pg_url if backend == "postgresql" else None)
+    with job_lock(settings) as held:
+        with pytest.raises(ConflictError, match=re.escape(f"pid {os.getpid()}, since {held['since']}")) as err:
+            with job_lock(settings):
+                pass
+        assert held["host"] in str(err.value)
+    with job_lock(settings):  # released: the next job takes it
+        pass
+
+
+def _counterfact(n: int) -> list[Edit]:
+    recs = json.loads(Path(shared_data("counterfact", "counterfact-edit.json")).read_text())
+    return [Edit(subject=r["subject"], prompt=r["prompt"], target_new=r["target_new"], namespace="default")
+            for r in recs[:n]]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_consolidations_at_once_exactly_one_publishes(backend, pg_url, tmp_path):
+    """Two `kem consolidate` started together (FT-L, gates off, two CounterFact edits). On PostgreSQL they
+    run from two homes (two machines): only the database's advisory lock keeps them apart."""
+    url = pg_url if backend == "postgresql" else None
+    homes = [tmp_path / "a", tmp_path / ("b" if url else "a")]
+    store = open_store(Settings(home=homes[0], store=url))
+    edits = store.add_many(_counterfact(2))
+    store.close()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "KEM_STORE": url or ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "kem", "consolidate", "--method", "ft-l", "--min-reliability", "0",
+                               "--min-locality", "0", "--home", str(h), "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for h in homes]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-1500:] for o in outs]
+    won = next(json.loads(o[0]) for p, o in zip(procs, outs, strict=True) if p.returncode == 0)
+    lost = next(o[1] for p, o in zip(procs, outs, strict=True) if p.returncode == 2)
+    assert won["published"] and won["version"] == "v1" and sorted(won["absorbed_ids"]) == sorted(e.id for e in edits)
+    assert "another consolidate job is running" in lost and "pid" in lost and "since" in lost
+    store = open_store(Settings(home=homes[0], store=url))
+    try:
+        for e in edits:
+            assert store.get(e.id).status == EditStatus.consolidated
+            assert [c.op for c in store.history(e.id)] == ["add", "consolidate"]  # consolidated once
+    finally:
+        store.close()
+    published = [h for h in set(homes) if (h / "models" / "v1").is_dir()]
+    assert len(published) == 1 and not any((h / "models" / "v2").exists() for h in homes)
