@@ -36,7 +36,7 @@ def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings
     from kem.datasets import counterfact_edit
     from kem.editor import KnowledgeEditor
 
-    settings = settings or Settings()
+    settings = (settings or Settings()).model_copy(update={"store": None})  # a temporary SQLite, never KEM_STORE
     records = demo_records()
     questions: list[tuple[str, str, bool]] = []  # (kind, text, chat?)
     for r in records:
