@@ -232,9 +232,10 @@ def bench_search(data: RealData, n_edits: int, args: argparse.Namespace, rows: l
     t0 = time.perf_counter()
     for lo in range(0, n_edits, args.chunk):
         idx.add_many("bench", ids[lo:lo + args.chunk], list(x3[lo:lo + args.chunk]))
+    idx.wait()  # approximate indexes are built in the background
     build = time.perf_counter() - t0
     part = idx._parts["bench"]
-    kind = part.kind + (f" nlist={part.index.nlist} nprobe={part.index.nprobe}" if part.kind == "ivf" else "")
+    kind = idx.describe("bench")
     print(f"[{label}] built {kind} over {len(x):,} vectors in {build:.1f} s (add_many, chunks of {args.chunk})",
           flush=True)
 

@@ -30,8 +30,9 @@ readers-writer lock: searches (and saves) share it, so they run in parallel with
 adds and removes take it alone (big batches in slices, so searches are not stalled for long).
 Writers of one partition also take its ``writer`` mutex, one at a time. A rebuild snapshots the live
 vectors under ``writer``, builds the new FAISS index in a background thread holding no lock (searches
-and writes go on against the old index; writes are also journaled), then takes ``writer``, replays
-the journal onto the new index and swaps it in under ``rw.write()``.
+and writes go on against the old index), then takes ``writer``, brings the new index up to date
+(edits added since the snapshot are copied over from the old index, edits removed since are removed
+or tombstoned) and swaps it in under ``rw.write()``.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ DEFAULT_ANN_KIND = HNSW
 DEFAULT_ANN_THRESHOLD = 20_000  # vectors in one namespace above which it leaves exact search
 # HNSW (docs/retrieval.md): M graph neighbours per vector, efConstruction when adding, efSearch per query
 HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 40
+HNSW_EF_CONSTRUCTION = 100
 DEFAULT_EF_SEARCH = 128
 DEAD_FRACTION = 0.2  # tombstoned share of an HNSW graph that triggers a background rebuild
 # IVF
@@ -200,8 +201,6 @@ class _Partition:
     writer: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     building: threading.Thread | None = field(default=None, repr=False, compare=False)
     building_kind: str | None = None
-    # writes since the snapshot of a background build: ("add", ids, vectors) or ("remove", slot, n)
-    journal: list[tuple[str, Any, Any]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -299,8 +298,6 @@ class _Partition:
             x = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
             id_arr = np.ascontiguousarray(np.concatenate(ids))
             self.index.add_with_ids(x, id_arr)
-            if self.journal is not None:
-                self.journal.append(("add", id_arr, x))
 
     def _drop(self, index: Any, kind: str, slot: int, n: int) -> int:
         """Remove slot ``slot``'s ``n`` vectors from ``index``; returns how many became tombstones."""
@@ -321,8 +318,6 @@ class _Partition:
         del self.edit_of[slot]
         n = self.keys_of.pop(slot)
         self.dead += self._drop(self.index, self.kind, slot, n)
-        if self.journal is not None:
-            self.journal.append(("remove", slot, n))
         return True
 
     # ---- rebuilds -------------------------------------------------------------------------------
@@ -368,15 +363,15 @@ class _Partition:
         if self.building is not None:
             return False
         x, ids = self.all_vectors()
-        self.journal = []
         self.building_kind = kind
-        self.building = threading.Thread(target=self._build_and_swap, args=(kind, x, ids, nlist_factor, done),
+        self.building = threading.Thread(target=self._build_and_swap,
+                                         args=(kind, x, ids, self.next_slot, nlist_factor, done),
                                          name=f"kem-index-{kind}-build", daemon=True)
         _BUILDERS.add(self.building)
         self.building.start()
         return True
 
-    def _build_and_swap(self, kind: str, x: np.ndarray, ids: np.ndarray, nlist_factor: float,
+    def _build_and_swap(self, kind: str, x: np.ndarray, ids: np.ndarray, first_new_slot: int, nlist_factor: float,
                         done: Callable[[], None]) -> None:
         try:
             index = self._build(kind, x, ids, nlist_factor)
@@ -385,24 +380,37 @@ class _Partition:
                 log.exception("building a %s index of %d vectors failed; keeping the %s index", kind, len(x),
                               self.kind)
             with self.writer:
-                self.journal, self.building, self.building_kind = None, None, None
+                self.building, self.building_kind = None, None
             return
         trained_on = len(x) if kind == IVF else 0
-        del x, ids
+        del x
         with self.writer:
-            dead = 0
-            for op, a, b in self.journal or []:  # the writes made while it was being built
-                if op == "add":
-                    for lo in range(0, len(a), BUILD_BATCH):
-                        index.add_with_ids(b[lo:lo + BUILD_BATCH], a[lo:lo + BUILD_BATCH])
-                else:
-                    dead += self._drop(index, kind, a, b)
+            dead = self._catch_up(index, kind, ids, first_new_slot)
             with self.rw.write():
                 self.index, self.kind, self.dead, self.trained_on = index, kind, dead, trained_on
                 self.apply_params()
-            self.journal, self.building, self.building_kind = None, None, None
+            self.building, self.building_kind = None, None
             log.info("index partition is now %s (%d vectors)", self.describe(), self.ntotal)
             done()
+
+    def _catch_up(self, index: Any, kind: str, snapshot_ids: np.ndarray, first_new_slot: int) -> int:
+        """Bring ``index`` (built from ``snapshot_ids``) up to the writes made since; returns its tombstones.
+
+        Edits added since have slots from ``first_new_slot`` on; their vectors are copied from the
+        current index. Snapshot vectors whose slot is gone were removed since.
+        """
+        live = np.fromiter(self.edit_of, np.int64, len(self.edit_of))
+        new = np.sort(live[live >= first_new_slot])
+        for lo in range(0, len(new), BUILD_BATCH // 4):
+            ids = np.concatenate([_id_range(int(s), self.keys_of[int(s)]) for s in new[lo:lo + BUILD_BATCH // 4]])
+            index.add_with_ids(self.index.reconstruct_batch(ids), ids)
+        gone = snapshot_ids[~np.isin(snapshot_ids >> KEY_BITS, live)]
+        if kind == HNSW or not len(gone):
+            return len(gone)
+        faiss = _faiss()  # a hash-set selector for the id map; IVF's hash-table direct map takes an array
+        sel = faiss.IDSelectorBatch if kind == FLAT else faiss.IDSelectorArray
+        index.remove_ids(sel(len(gone), faiss.swig_ptr(gone)))
+        return 0
 
     # ---- reads ----------------------------------------------------------------------------------
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
