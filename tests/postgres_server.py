@@ -47,7 +47,8 @@ def free_port() -> int:
 class PostgresServer:
     """One throw-away PostgreSQL cluster (see the module docstring)."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, fsync: bool = False) -> None:
+        self.fsync = fsync  # off for tests (throw-away data); benchmarks turn it on, as in production
         self.bindir = pg_bindir()
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="kem-pg-"))
@@ -77,7 +78,7 @@ class PostgresServer:
             self._check(self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", PG_USER, "-E", "UTF8",
                                   "--no-sync", timeout=120), "initdb")
             self._initialised = True
-        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+        opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync={'on' if self.fsync else 'off'} "
                 f"-c max_connections=100 -c shared_buffers=64MB")
         self._check(self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.log), "-w", "-t", "60",
                               "start", timeout=90), "start")
