@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "kem"
 NOTIFY_CHANNEL = "kem_changes"
+SMALL_BATCH = 16  # add_many of at most this many edits uses INSERTs; larger ones COPY
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _DDL = """
@@ -181,9 +182,9 @@ class PostgresStore:
             start = int(cur.fetchone()[0])
             tx = _Tx(cur, start)
             yield tx
-            if tx.seq != start:
-                cur.execute("UPDATE revision SET seq = %s", (tx.seq,))
-                cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, f"{self.schema}:{tx.seq}"))
+            if tx.seq != start:  # one round trip: the new revision and its notification
+                cur.execute("WITH r AS (UPDATE revision SET seq = %s RETURNING seq) SELECT pg_notify(%s, %s) FROM r",
+                            (tx.seq, NOTIFY_CHANNEL, f"{self.schema}:{tx.seq}"))
 
     def _create_schema(self) -> None:
         from psycopg import sql
@@ -258,22 +259,22 @@ class PostgresStore:
             return []
         with self._tx() as tx:
             cur = tx.cur
-            cur.execute("SELECT id FROM edits WHERE id = ANY(%s) LIMIT 1", (ids,))
-            dup = cur.fetchone()
-            if dup:
-                raise ConflictError(f"an edit with id {dup[0]!r} already exists")
-            # the live edits stating the same facts: superseded by the batch's edits, in order
+            # one query: an id that exists already (a conflict), and the live edits stating the same facts
+            # as the batch's edits (superseded by them, in order)
             keys = {fact_key(e) for e in edits if e.status in LIVE}
+            ns, subj, rel = (list(x) for x in zip(*keys, strict=True)) if keys else ([], [], [])
+            cur.execute(
+                "(SELECT 0, id, 0 FROM edits WHERE id = ANY(%s) LIMIT 1) UNION ALL "
+                "(SELECT 1, e.data, e.pk FROM edits e JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(ns, s, r) "
+                "ON e.namespace = k.ns AND e.subject_key = k.s AND e.relation_key = k.r "
+                "WHERE e.status IN ('active', 'consolidated')) ORDER BY 1, 3", (ids, ns, subj, rel))
+            found = cur.fetchall()
+            if found and found[0][0] == 0:
+                raise ConflictError(f"an edit with id {found[0][1]!r} already exists")
             live: dict[tuple[str, str, str], list[Edit]] = {}
-            if keys:
-                ns, subj, rel = (list(x) for x in zip(*keys, strict=True))
-                cur.execute(
-                    "SELECT e.data FROM edits e JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(ns, s, r) "
-                    "ON e.namespace = k.ns AND e.subject_key = k.s AND e.relation_key = k.r "
-                    "WHERE e.status IN ('active', 'consolidated') ORDER BY e.pk", (ns, subj, rel))
-                for (data,) in cur.fetchall():
-                    old = Edit.model_validate_json(data)
-                    live.setdefault(fact_key(old), []).append(old)
+            for _, data, _pk in found:
+                old = Edit.model_validate_json(data)
+                live.setdefault(fact_key(old), []).append(old)
             final: dict[str, Edit] = {}  # id -> latest state of every edit this batch writes
             retired_existing: dict[str, Edit] = {}
             history: list[tuple[int, str, str, str, str, str]] = []
@@ -294,12 +295,20 @@ class PostgresStore:
                 out.append(e)
             self._update_rows(cur, list(retired_existing.values()))
             try:
-                with cur.copy("COPY edits (id, namespace, subject_key, relation_key, status, data) FROM STDIN") as cp:
-                    for e in edits:
-                        cp.write_row(self._edit_row(final[e.id]))
-                with cur.copy("COPY history (seq, edit_id, namespace, op, at, snapshot) FROM STDIN") as cp:
-                    for row in history:
-                        cp.write_row(row)
+                rows = [self._edit_row(final[e.id]) for e in edits]
+                if len(rows) <= SMALL_BATCH:  # a few rows: pipelined INSERTs, fewer round trips than COPY
+                    cur.executemany("INSERT INTO edits (id, namespace, subject_key, relation_key, status, data) "
+                                    "VALUES (%s,%s,%s,%s,%s,%s)", rows)
+                    cur.executemany("INSERT INTO history (seq, edit_id, namespace, op, at, snapshot) "
+                                    "VALUES (%s,%s,%s,%s,%s,%s)", history)
+                else:
+                    with cur.copy("COPY edits (id, namespace, subject_key, relation_key, status, data) "
+                                  "FROM STDIN") as cp:
+                        for row in rows:
+                            cp.write_row(row)
+                    with cur.copy("COPY history (seq, edit_id, namespace, op, at, snapshot) FROM STDIN") as cp:
+                        for hrow in history:
+                            cp.write_row(hrow)
                 if any(v is not None for v in vecs):
                     with cur.copy("COPY embeddings (edit_id, embedder, dim, vectors) FROM STDIN") as cp:
                         for e, v in zip(out, vecs, strict=True):

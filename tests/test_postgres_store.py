@@ -84,19 +84,21 @@ def test_a_bad_record_leaves_the_batch_unwritten(store):
     assert store.get(a.id).status.value == "active"  # the batch's supersede of nothing rolled back too
 
 
-def test_batch_supersedes_in_order_like_sqlite(store, tmp_path):
+@pytest.mark.parametrize("pad", [0, 20])  # INSERTs for small batches, COPY past SMALL_BATCH
+def test_batch_supersedes_in_order_like_sqlite(store, tmp_path, pad):
     """One batch that restates a stored fact twice: the store's edit and the batch's first are retired,
     the last wins, history in order (the SQLite store gives the same)."""
     from kem.stores.sqlite import SQLiteStore
 
     def run(s):
         old = s.add(mk(target="English", id="e-old"))
-        got = s.add_many([mk(target="German", id="e-1"), mk("Other", id="e-x"), mk(target="Dutch", id="e-2")])
+        padding = [mk(f"Pad {i}", id=f"p-{i}") for i in range(pad)]
+        got = s.add_many([mk(target="German", id="e-1"), *padding, mk("Other", id="e-x"), mk(target="Dutch", id="e-2")])
         rows = {e.id: (e.status.value, e.supersedes) for e in s.list()}
         ops = [(c.op, c.edit_id) for c in s.changes_since(0)]
         return [g.supersedes for g in got], rows, ops, old.id
 
-    lite = SQLiteStore(tmp_path / "e.sqlite")
+    lite = SQLiteStore(tmp_path / f"e{pad}.sqlite")
     assert run(store) == run(lite)
     lite.close()
 
