@@ -72,7 +72,8 @@ class Settings(BaseSettings):
 
     shared_namespaces: str = Field(
         "default", description="Comma-separated namespaces whose edits consolidation may write into the "
-        "shared weights every tenant is served. Other namespaces are tenants: their edits stay on the fast path.",
+        "shared weights every tenant is served. Other namespaces are tenants: their edits stay on the fast path "
+        "or, with kem consolidate --namespace NAME, become that tenant's own LoRA adapter.",
     )
 
     eval_cov_samples: int | None = Field(
