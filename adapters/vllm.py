@@ -135,13 +135,17 @@ class VLLMGenerator:
     @classmethod
     def load(cls, model_dir: str, name: str | None = None, *, dtype: str = "float32", max_model_len: int = 2048,
              enforce_eager: bool = True, follower: str | Path | None = None, max_loras: int | None = None,
-             max_cpu_loras: int | None = None, max_lora_rank: int | None = None, **kwargs: Any) -> VLLMGenerator:
+             max_cpu_loras: int | None = None, max_lora_rank: int | None = None, max_batch: int = 64,
+             lora_target_modules: list[str] | None = None, **kwargs: Any) -> VLLMGenerator:
         """Start ``vllm.LLM`` on a local Hugging Face folder (SmolLM2: the converted safetensors folder).
 
         With ``follower`` (an edit-follower adapter folder) LoRA is enabled for in-scope requests; with
         ``max_loras`` (different adapters in one batch) it is enabled for tenants' adapters too
         (:class:`~kem.protocols.AdapterRef`), ``max_cpu_loras`` adapters kept in vLLM's CPU cache
-        (default: ``max_loras``), of rank at most ``max_lora_rank`` (default 16)."""
+        (default: ``max_loras``), of rank at most ``max_lora_rank`` (default 16). ``lora_target_modules``
+        (e.g. ``["down_proj"]`` for ROME / MEMIT adapters) limits the layers vLLM wraps for LoRA: its
+        CPU path gathers every token's LoRA weights in every wrapped layer, so fewer is faster
+        (None: all; the edit-follower needs all)."""
         if follower is not None or max_loras is not None:
             rank = 8
             if follower is not None:
@@ -150,6 +154,8 @@ class VLLMGenerator:
                                     "max_lora_rank": max_lora_rank or max(16, rank)}
             if max_cpu_loras is not None:
                 lora["max_cpu_loras"] = max_cpu_loras
+            if lora_target_modules:
+                lora["lora_target_modules"] = list(lora_target_modules)
             kwargs = {**lora, **kwargs}
         from kem.models import offline
 
@@ -162,7 +168,7 @@ class VLLMGenerator:
             llm = LLM(model=model_dir, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager, **kwargs)
         except Exception as exc:
             raise ModelError(f"vLLM could not load {model_dir}: {exc}") from exc
-        return cls(llm, name=name or model_dir, model_dir=model_dir, follower=follower)
+        return cls(llm, name=name or model_dir, max_batch=max_batch, model_dir=model_dir, follower=follower)
 
     # ---- requests (caller threads) ------------------------------------------------------------------
     @property

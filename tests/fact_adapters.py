@@ -2,19 +2,21 @@
 example's fallback and bench/bench_tenants.py; the exact export of ROME / MEMIT deltas is
 ``kem consolidate --namespace``'s job).
 
-For n facts ``(prompt, target)`` one LoRA of rank n on the LAST layer's ``mlp.down_proj``:
+For facts ``(prompt, target)`` one LoRA on the LAST layer's ``mlp.down_proj``, of rank the targets'
+token count (or the number of facts, first tokens only):
 
-1. one forward pass per prompt reads, at the prompt's last position, the key ``k_i`` (the input of
-   that ``down_proj``, 1536-d on SmolLM2-135M) and the residual ``h_i`` before the final norm;
-2. the value ``d_i``: a vector for which the target's first token ``t_i`` leads the next-token logits
+1. one batched forward pass over ``prompt + target`` reads, at each position that predicts a target
+   token, the key ``k_i`` (the input of that ``down_proj``, 1536-d on SmolLM2-135M) and the residual
+   ``h_i`` before the final norm;
+2. the value ``d_i``: a vector for which the target token ``t_i`` leads the next-token logits
    of ``lm_head(norm(h_i + d_i))`` by ``margin`` (a few Adam steps on that tiny head alone);
 3. ``dW = D (K^T M K)^-1 K^T M`` with ``M = (C + lam I)^-1`` (C: second moment of background keys:
    the prompts' other positions, the answers' positions, unrelated text) maps each fact's key to its
-   value exactly and changes the background least: ``B = D`` (out x n), ``A = (K^T M K)^-1 K^T M``
-   (n x in), ``lora_alpha = r`` (scale 1).
+   value exactly and changes the background least: ``B = D`` (out x r), ``A = (K^T M K)^-1 K^T M``
+   (r x in), ``lora_alpha = r`` (scale 1).
 
-No gradient step: 10 facts take a few forward passes. The prompts must then be asked as raw text
-(completions): the key is read at the prompt's last token.
+No gradient step through the model: 10 facts take one batched forward pass and a few hundred steps
+on the head. The prompts must then be asked as raw text (completions): the keys are read there.
 """
 
 from __future__ import annotations
@@ -44,72 +46,89 @@ BACKGROUND = (
 )
 
 
-def _keys(model: Any, tok: Any, texts: Sequence[str], layer: int) -> tuple[list[Any], list[Any]]:
+def _keys(model: Any, tok: Any, texts: Sequence[Any], layer: int) -> tuple[list[Any], list[Any]]:
     """Per text: the keys (positions, in) entering ``layer``'s down_proj and the pre-norm residuals
-    (positions, hidden)."""
+    (positions, hidden). One padded batch (right padding: causal attention keeps each text's own
+    positions exact)."""
     import torch
 
     mod = model.model.layers[layer].mlp.down_proj
     got: dict[str, Any] = {}
-    h1 = mod.register_forward_pre_hook(lambda m, inp: got.__setitem__("k", inp[0][0].detach().float().clone()))
-    h2 = model.model.norm.register_forward_pre_hook(lambda m, inp: got.__setitem__("h", inp[0][0].detach().float().clone()))
-    keys, resid = [], []
+    h1 = mod.register_forward_pre_hook(lambda m, inp: got.__setitem__("k", inp[0].detach().float()))
+    h2 = model.model.norm.register_forward_pre_hook(lambda m, inp: got.__setitem__("h", inp[0].detach().float()))
+    rows = [t if isinstance(t, list) else tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     try:
         with torch.inference_mode():
-            for text in texts:
-                model(input_ids=tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"])
-                keys.append(got["k"])
-                resid.append(got["h"])
+            model(input_ids=ids, attention_mask=mask)
     finally:
         h1.remove()
         h2.remove()
-    return keys, resid
+    return ([got["k"][i, :len(r)].clone() for i, r in enumerate(rows)],
+            [got["h"][i, :len(r)].clone() for i, r in enumerate(rows)])
 
 
-def _value(norm: Any, emb: Any, h: Any, t: int, margin: float, steps: int = 200) -> Any:
-    """The smallest-ish ``d`` (hidden,) for which token ``t`` leads the logits of ``norm(h + d)`` by
-    ``margin``: Adam on cross-entropy, stopped as soon as the lead is reached."""
+def _values(norm: Any, emb: Any, h: Any, t: Any, margin: float, steps: int = 300) -> Any:
+    """Rows ``d`` (n, hidden), each small, for which token ``t[i]`` leads the logits of
+    ``norm(h[i] + d[i])`` by ``margin``: Adam on cross-entropy, all facts at once; a row stops moving
+    once its lead is reached."""
     import torch
 
     d = torch.zeros_like(h, requires_grad=True)
     opt = torch.optim.Adam([d], lr=0.5)
+    rows = torch.arange(len(t))
     for _ in range(steps):
-        logits = emb @ norm(h + d).float()
-        other = torch.cat([logits[:t], logits[t + 1:]]).max()
-        if float((logits[t] - other).detach()) >= margin:
+        logits = norm(h + d).float() @ emb.T  # (n, vocab)
+        tgt = logits[rows, t]
+        other = logits.scatter(1, t[:, None], float("-inf")).max(dim=1).values
+        todo = (tgt - other).detach() < margin
+        if not bool(todo.any()):
             break
-        loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([t]))
+        loss = torch.nn.functional.cross_entropy(logits[todo], t[todo], reduction="sum")
         opt.zero_grad()
         loss.backward()
+        assert d.grad is not None
+        d.grad[~todo] = 0
         opt.step()
     return d.detach()
 
 
 def fact_delta(model: Any, tok: Any, facts: Sequence[tuple[str, str]], margin: float = 3.0,
-               layer: int = -1) -> tuple[Any, Any, str]:
-    """``(A (n, in), B (out, n), module name)`` of the rank-n edit making each prompt answer its target."""
+               layer: int = -1, whole_target: bool = True) -> tuple[Any, Any, str]:
+    """``(A (r, in), B (out, r), module name)`` of the edit making each prompt answer its target: every
+    token of it (``whole_target``; r = the targets' tokens) or its first token (r = len(facts))."""
     import torch
 
-
-    n_layers = len(model.model.layers)
-    layer = layer % n_layers
-    keys, resid = _keys(model, tok, [p for p, _ in facts], layer)
+    layer = layer % len(model.model.layers)
+    seqs, forced = [], []  # per fact: prompt + target + "." ids, and the (position, token) pairs to force
+    for p, t in facts:
+        pid = tok(p, add_special_tokens=True)["input_ids"]
+        tid = tok(" " + t.strip(), add_special_tokens=False)["input_ids"]
+        seqs.append(pid + tid + tok(".", add_special_tokens=False)["input_ids"])
+        forced.append([(len(pid) - 1 + j, tid[j]) for j in range(len(tid) if whole_target else 1)])
+    keys, resid = _keys(model, tok, seqs, layer)
     norm = model.model.norm
     emb = model.get_output_embeddings().weight.detach().float()  # (vocab, hidden)
-    values = [_value(norm, emb, r[-1], first_token(tok, target), margin)
-              for (_, target), r in zip(facts, resid, strict=True)]
-    # background keys the edit must leave alone: every other position of the prompts, the positions of
-    # the answers themselves (else the target repeats) and some unrelated text
-    cont, _ = _keys(model, tok, [f"{p} {t.strip()}." for p, t in facts], layer)
-    other, _ = _keys(model, tok, BACKGROUND, layer)
-    n_prompt = [k.shape[0] for k in keys]
-    bg = torch.cat([k[:-1] for k in keys] + [c[n:] for c, n in zip(cont, n_prompt, strict=True)] + other)
-    Kf = torch.stack([k[-1] for k in keys]).T  # (in, n)
-    D = torch.stack(values).T  # (out, n)
+    h = torch.stack([resid[i][pos] for i, f in enumerate(forced) for pos, _ in f])
+    targets = torch.tensor([tid for f in forced for _, tid in f])
+    D = _values(norm, emb, h, targets, margin).T  # (out, r)
+    Kf = torch.stack([keys[i][pos] for i, f in enumerate(forced) for pos, _ in f]).T  # (in, r)
+    # background keys the edit must leave alone: the facts' other positions (the prompt before its end,
+    # after the answer: else the answer repeats) and some unrelated text
+    cache = getattr(model, "_kem_fact_background", None)  # the unrelated text's keys: the same every call
+    if cache is None or cache[0] != layer:
+        cache = (layer, _keys(model, tok, BACKGROUND, layer)[0])
+        model._kem_fact_background = cache
+    bg_rows = [keys[i][[q for q in range(len(seqs[i])) if q not in {pos for pos, _ in f}]]
+               for i, f in enumerate(forced)]
+    bg = torch.cat(bg_rows + list(cache[1]))
     C = bg.T @ bg / bg.shape[0]
     M = torch.linalg.inv(C + 1e-2 * float(torch.trace(C)) / C.shape[0] * torch.eye(C.shape[0]))
-    # dW = D (Kf^T M Kf)^-1 Kf^T M: exactly d_i at each fact's key, least energy on the background
-    A = torch.linalg.solve(Kf.T @ M @ Kf, Kf.T @ M)  # (n, in)
+    # dW = D (Kf^T M Kf)^-1 Kf^T M: exactly d_i at each forced key, least energy on the background
+    A = torch.linalg.solve(Kf.T @ M @ Kf, Kf.T @ M)  # (r, in)
     return A.contiguous(), D.contiguous(), f"model.layers.{layer}.mlp.down_proj"
 
 
@@ -133,9 +152,9 @@ def write_lora(folder: str | Path, A: Any, B: Any, module: str, base: str = "smo
 
 
 def fact_adapter(model: Any, tok: Any, facts: Sequence[tuple[str, str]], folder: str | Path,
-                 margin: float = 3.0) -> Path:
+                 margin: float = 3.0, whole_target: bool = True) -> Path:
     """Compute the edit of ``facts`` and write it as a LoRA folder."""
-    A, B, module = fact_delta(model, tok, facts, margin)
+    A, B, module = fact_delta(model, tok, facts, margin, whole_target=whole_target)
     return write_lora(folder, A, B, module)
 
 

