@@ -69,13 +69,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KEM_CACHE_DIR", "~/.cache/kem")).expanduser() / "bench"
 
 
-def make_embedder():  # noqa: ANN201
+def make_embedder(backend: str = "torch"):  # noqa: ANN201
     import torch
 
-    from kem.embedding import SentenceTransformerEmbedder
+    from kem.embedding import SentenceEmbedder
 
     torch.set_num_threads(EMBED_THREADS)
-    return SentenceTransformerEmbedder(batch_size=64)
+    return SentenceEmbedder(batch_size=64, backend=backend)
 
 
 N_QUERIES = 2000
@@ -380,7 +380,7 @@ def bench_full_path(data: RealData, n_edits: int, idx: object, embedder: object,
         nq = min(args.full_queries, len(texts))
         for t in ("warm-up query one", "warm-up query two"):
             scope.decide(t, memory.search(t, "bench", args.k))
-        embedder._lru.clear()  # type: ignore[attr-defined]  # the embedder memoises single texts: time real work
+        embedder.cache.clear()  # type: ignore[attr-defined]  # the embedder memoises single texts: time real work
         faiss.omp_set_num_threads(1)
         ms = timed(lambda i: scope.decide(texts[i], memory.search(texts[i], "bench", args.k)), nq)
         faiss.omp_set_num_threads(2)
@@ -438,6 +438,123 @@ def bench_import(data: RealData, embedder: object, args: argparse.Namespace, row
     print(rows[-1].note, flush=True)
 
 
+# ---- the embedder: old path (sentence-transformers on torch) vs new (kem's default backend) ----------
+def _p50_interleaved(fns: dict[str, Callable[[str], object]], texts: Sequence[str]) -> dict[str, np.ndarray]:
+    """Milliseconds per call of each ``fns[name](text)``, the backends taking turns on each text so
+    that load on a shared machine falls on all of them alike."""
+    out: dict[str, list[float]] = {n: [] for n in fns}
+    for i, t in enumerate(texts):
+        names = list(fns)
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            fns[n](t)
+            out[n].append((time.perf_counter() - t0) * 1e3)
+    return {n: np.array(v) for n, v in out.items()}
+
+
+def bench_embedders(args: argparse.Namespace) -> None:
+    """Query embedding, the full fast path in scope and bulk import with embedding: the old torch path
+    against the new backend (and the other backends), in one run, with the load average."""
+    import torch
+
+    from kem.embedding import SentenceEmbedder, resolve_backend
+    from kem.memory import EditMemory
+    from kem.scope import ScopeClassifier
+    from kem.stores.sqlite import SQLiteStore
+
+    new_b = resolve_backend(args.new_backend, "cpu")
+    others = [b for b in ("onnx", "onnx-int8", "openvino") if b != new_b]
+    print(f"load average at the start: {os.getloadavg()} ({os.cpu_count()} cores)", flush=True)
+    t_all = time.perf_counter()
+    records = load_records()
+    embs = {"torch": SentenceEmbedder(backend="torch", lru_size=0), new_b: SentenceEmbedder(backend=new_b, lru_size=0)}
+    for b in others:
+        try:
+            embs[b] = SentenceEmbedder(backend=b, lru_size=0)
+        except ImportError as exc:
+            print(f"({b} skipped: {exc})")
+    lines = ["| measurement | old: torch | new: " + new_b + " | new vs old | " + " | ".join(b for b in embs
+             if b not in ("torch", new_b)) + " | notes |", "|---" * (5 + len(embs) - 2) + "|"]
+
+    def row(what: str, vals: dict[str, float], fmt: str, ratio: str, note: str) -> None:
+        rest = " | ".join(fmt.format(vals[b]) if b in vals else "" for b in embs if b not in ("torch", new_b))
+        lines.append(f"| {what} | {fmt.format(vals['torch'])} | {fmt.format(vals[new_b])} | {ratio} | {rest} | {note} |")
+        print(lines[-1], flush=True)
+
+    # 1. one short query (the old path as kem ran it in the benchmarks: 1 torch thread)
+    torch.set_num_threads(EMBED_THREADS)
+    queries = [r["rephrase_prompt"] for r in records[10_000:10_000 + args.embed_queries]]
+    for e in embs.values():
+        for q in ("warm-up one", "warm-up two", "warm-up three"):
+            e.embed([q])
+    ms = _p50_interleaved({b: (lambda t, e=e: e.embed([t])) for b, e in embs.items()}, queries)  # type: ignore[misc]
+    p50 = {b: float(np.percentile(v, 50)) for b, v in ms.items()}
+    row("query embedding, 1 short query, p50 ms", p50, "{:.2f}", f"**{p50['torch'] / p50[new_b]:.1f}x faster**",
+        f"{len(queries)} CounterFact paraphrases, cache off; p99 old {np.percentile(ms['torch'], 99):.1f} / "
+        f"new {np.percentile(ms[new_b], 99):.1f} ms")
+
+    # 2. bulk import of CounterFact edits with embedding (new path, batched) and a plain encode of their keys
+    n = args.embed_import
+    edits = [to_edit(r, paraphrase=False) for r in records[:n]]
+    keys = [k for e in edits for k in e.retrieval_keys()]
+    torch.set_num_threads(os.cpu_count() or 1)  # a plain sentence-transformers encode on every core
+    t0 = time.perf_counter()
+    embs["torch"].runtime.encode(keys)
+    st_s = time.perf_counter() - t0
+    print(f"plain sentence-transformers encode of {len(keys):,} keys: {st_s:.1f} s ({len(keys) / st_s:.0f}/s, "
+          f"{torch.get_num_threads()} torch threads, batch 64)", flush=True)
+    tmp = tempfile.mkdtemp(dir=args.tmp, prefix="bench-embed-")
+    store = SQLiteStore(Path(tmp) / "new.sqlite")
+    memory = EditMemory(store, embs[new_b], Path(tmp) / "new-index")
+    t0 = time.perf_counter()
+    memory.add_many(edits, batch_size=1000, progress=True)
+    memory.save()
+    new_s = time.perf_counter() - t0
+    imp = {"torch": float("nan"), new_b: n / new_s}
+    old_note = "old path not run"
+    if not args.no_old_import:
+        old_store = SQLiteStore(Path(tmp) / "old.sqlite")
+        old_mem = EditMemory(old_store, embs["torch"], Path(tmp) / "old-index")
+        t0 = time.perf_counter()
+        old_mem.add_many(edits, progress=True)  # the old path: embed everything, then one transaction
+        old_mem.save()
+        old_s = time.perf_counter() - t0
+        imp["torch"] = n / old_s
+        old_note = f"old path {old_s:.0f} s"
+        old_store.close()
+    torch.set_num_threads(EMBED_THREADS)
+    row(f"bulk import with embedding, {n:,} CounterFact edits, edits/s", imp, "{:.0f}",
+        f"**{new_s / st_s:.2f}x the time of a plain ST encode** of the same {len(keys):,} keys ({st_s:.0f} s)",
+        f"EditMemory.add_many into SQLite + index save; new: batches of 1000, {new_s:.0f} s; {old_note}")
+
+    # 3. the full fast path, in scope: embed + EditMemory.search (SQLite, the n edits) + scope decision
+    scope = ScopeClassifier()
+    in_scope = [r["rephrase_prompt"] for r in records[: min(n, args.embed_queries)]]
+    for q in in_scope[:3]:
+        memory.search(q, "default", args.k)
+
+    def full(e: object) -> Callable[[str], object]:
+        def go(t: str) -> object:
+            qv = e.embed([t])[0]  # type: ignore[attr-defined]
+            return scope.decide(t, memory.search(t, "default", args.k, query_vec=qv))
+        return go
+
+    ms = _p50_interleaved({b: full(e) for b, e in embs.items()}, in_scope)
+    p50 = {b: float(np.percentile(v, 50)) for b, v in ms.items()}
+    applied = sum(any(s.in_scope for s in full(embs[new_b])(t)) for t in in_scope)  # type: ignore[attr-defined]
+    row("full fast path, in scope (embed + search + store.get + scope), p50 ms", p50, "{:.2f}",
+        f"**{p50['torch'] / p50[new_b]:.1f}x faster**",
+        f"{n:,} edits in SQLite, k={args.k}, {len(in_scope)} paraphrases of stored edits "
+        f"({applied} got an edit in scope); index and store built by the new path, only the query embedder differs")
+    store.close()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    print("\n".join(lines))
+    print(f"\nload average at the end: {os.getloadavg()}; {time.perf_counter() - t_all:.0f} s in all")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     def ints(s: str) -> list[int]:
         return [int(v) for v in s.split(",") if v.strip()]
@@ -462,17 +579,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--nprobe", type=int, default=None)
     p.add_argument("--tmp", default=None, help="folder for the temporary SQLite stores")
     p.add_argument("--no-import", action="store_true")
+    p.add_argument("--backend", default="torch", help="embedder backend of the full-request and import rows")
+    p.add_argument("--embedders", action="store_true",
+                   help="only the embedder section: old (torch) vs new (--new-backend) path, in one run")
+    p.add_argument("--new-backend", default="auto", help="the new path's backend in --embedders (auto: kem's default)")
+    p.add_argument("--embed-queries", type=int, default=300, help="--embedders: single queries timed per backend")
+    p.add_argument("--embed-import", type=int, default=10_000, help="--embedders: CounterFact edits imported")
+    p.add_argument("--no-old-import", action="store_true", help="--embedders: skip the old path's import")
     a = p.parse_args(argv)
     from kem import index as kem_index
 
     a.nprobe = a.nprobe or kem_index.DEFAULT_NPROBE
     a.ann_threshold = a.ann_threshold or kem_index.DEFAULT_ANN_THRESHOLD
     a.full_sizes = a.sizes if a.full_sizes is None else a.full_sizes
+    if a.embedders:
+        bench_embedders(a)
+        return
     data = real_data()
     if a.prepare:
         print(len(data.records), len(data.text_vec))
         return
-    embedder = make_embedder()
+    embedder = make_embedder(a.backend)
     rows: list[Row] = []
     print(f"load average at the start: {os.getloadavg()} ({os.cpu_count()} cores)", flush=True)
     t_all = time.perf_counter()

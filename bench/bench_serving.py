@@ -8,6 +8,10 @@ Out-of-scope requests: the same request to the engine and through kem. In-scope 
 kem vs. the *rewritten* request sent to the engine directly, so the longer prompt's generation cost
 is excluded and what is left is kem's own work (embedding, retrieval, scope, composition, proxying).
 Requests to the engine and to kem alternate, so load on a shared machine hits both alike.
+
+``--backends torch,auto`` (the default) runs one kem server per embedder backend against the same
+engine, in one run: the old path (sentence-transformers on torch) and kem's default, each with its
+own store of the same edits (``--home``, and ``--home``-<backend> for the others).
 """
 
 from __future__ import annotations
@@ -48,18 +52,24 @@ def synthetic_edits(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def prepare_home(home: Path, n: int) -> list[dict]:
-    """A store with ``n`` synthetic edits (reused when it already holds them)."""
+def prepare_home(home: Path, n: int, backend: str = "auto") -> list[dict]:
+    """A store with ``n`` synthetic edits embedded by ``backend`` (reused when it already holds them)."""
     from kem import KnowledgeEditor
+    from kem.settings import Settings
 
     edits = synthetic_edits(n)
-    with KnowledgeEditor.open(home) as ke:
+    with KnowledgeEditor.open(home, settings=Settings(embedder_backend=backend)) as ke:
         have = ke.store.count()
         if have != n:
             t0 = time.perf_counter()
-            ke.add_many(edits[have:], progress=True)
+            ke.add_many(edits[have:], progress=True, batch_size=1000)
             print(f"stored {n - have} edits in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return edits
+
+
+def backend_home(home: Path, backend: str) -> Path:
+    """One store per embedder backend (their key vectors differ; two servers must not share an index)."""
+    return home if backend == "torch" else home.with_name(f"{home.name}-{backend}")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -105,15 +115,24 @@ def main() -> None:
     ap.add_argument("--home", type=Path, default=Path("~/.cache/kem/bench-serving-home").expanduser(),
                     help="Edit store with the synthetic edits (built once, then reused).")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
+    ap.add_argument("--backends", default="torch,auto",
+                    help="Embedder backends to compare, one kem server each (torch: the old path; auto: kem's default).")
     args = ap.parse_args()
+
+    import os
 
     from kem import KnowledgeEditor
     from kem.models import resolve_model
     from kem.settings import Settings
 
-    edits = prepare_home(args.home, args.edits)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    print(f"load average at the start: {os.getloadavg()} ({os.cpu_count()} cores)", file=sys.stderr)
+    edits = []
+    for b in backends:
+        edits = prepare_home(backend_home(args.home, b), args.edits, b)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     procs: list[ServerProcess] = []
+    retrieval_ms: dict[str, float] = {}
     try:
         engine_url = args.engine_url
         if engine_url is None:
@@ -130,53 +149,73 @@ def main() -> None:
             v.wait(timeout=900)
             engine_url = v.url
         model = httpx.get(engine_url + "/v1/models").json()["data"][0]["id"]
-        k = kem_server(tmp, "kem", "--upstream", engine_url)
-        k.args[k.args.index("--home") + 1] = str(args.home)
-        procs.append(k.start())
-        k.wait(timeout=600)
+        servers = {}
+        for b in backends:
+            k = kem_server(tmp, f"kem-{b}", "--upstream", engine_url, env={"KEM_EMBEDDER_BACKEND": b})
+            k.args[k.args.index("--home") + 1] = str(backend_home(args.home, b))
+            procs.append(k.start())
+            k.wait(timeout=600)
+            servers[b] = k
 
-        ke = KnowledgeEditor.open(args.home)  # the same store, to build the rewritten requests
-        rng = random.Random(1)
-        base = {"model": model, "max_tokens": args.max_tokens, "temperature": 0}
         rows = []
+        base = {"model": model, "max_tokens": args.max_tokens, "temperature": 0}
         for conc in args.concurrency:
             n = args.requests * max(1, conc // 2)
+            rng = random.Random(conc)
             oos = [OUT_OF_SCOPE[i % len(OUT_OF_SCOPE)] for i in range(n)]
             ins = [e["prompt"].replace("{}", e["subject"]) for e in rng.sample(edits, n)]
-            pairs_out = [(engine_url + "/v1/completions", {**base, "prompt": p},
-                          k.url + "/v1/completions", {**base, "prompt": p}) for p in oos]
-            pairs_in = []
-            for p in ins:
-                rw = ke.rewrite_prompt(p)
-                body = {**base, "prompt": rw.request, **({"stop": list(rw.stop)} if rw.stop else {})}
-                pairs_in.append((engine_url + "/v1/completions", body, k.url + "/v1/completions", {**base, "prompt": p}))
-            asyncio.run(measure(pairs_out[:4], conc))  # warm-up
-            for scope, pairs in (("out-of-scope", pairs_out), ("in-scope", pairs_in)):
-                r = asyncio.run(measure(pairs, conc))
-                e, m = r["lat"]["engine"], r["lat"]["kem"]
-                rows.append({"scope": scope, "concurrency": conc, "n": len(pairs),
-                             "engine_p50_ms": 1e3 * statistics.median(e), "engine_p99_ms": 1e3 * pct(e, 0.99),
-                             "kem_p50_ms": 1e3 * statistics.median(m), "kem_p99_ms": 1e3 * pct(m, 0.99),
-                             "errors": r["errors"]["kem"] + r["errors"]["engine"], "rps": r["rps"]})
-        ke.close()
-        metrics = httpx.get(k.url + "/metrics").text
-        ret = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines()
-               if ln.startswith("kem_retrieval_seconds_sum") or ln.startswith("kem_retrieval_seconds_count")}
-        retrieval_ms = 1e3 * ret["kem_retrieval_seconds_sum"] / max(1.0, ret["kem_retrieval_seconds_count"])
+            for b, k in servers.items():
+                # the same store as the server, to build the rewritten requests
+                ke = KnowledgeEditor.open(backend_home(args.home, b), settings=Settings(embedder_backend=b))
+                pairs_out = [(engine_url + "/v1/completions", {**base, "prompt": p},
+                              k.url + "/v1/completions", {**base, "prompt": p}) for p in oos]
+                pairs_in = []
+                for p in ins:
+                    rw = ke.rewrite_prompt(p)
+                    body = {**base, "prompt": rw.request, **({"stop": list(rw.stop)} if rw.stop else {})}
+                    pairs_in.append((engine_url + "/v1/completions", body, k.url + "/v1/completions",
+                                     {**base, "prompt": p}))
+                ke.close()
+                asyncio.run(measure(pairs_out[:4], conc))  # warm-up
+                for scope, pairs in (("out-of-scope", pairs_out), ("in-scope", pairs_in)):
+                    r = asyncio.run(measure(pairs, conc))
+                    e, m = r["lat"]["engine"], r["lat"]["kem"]
+                    rows.append({"backend": b, "scope": scope, "concurrency": conc, "n": len(pairs),
+                                 "engine_p50_ms": 1e3 * statistics.median(e), "engine_p99_ms": 1e3 * pct(e, 0.99),
+                                 "kem_p50_ms": 1e3 * statistics.median(m), "kem_p99_ms": 1e3 * pct(m, 0.99),
+                                 "errors": r["errors"]["kem"] + r["errors"]["engine"], "rps": r["rps"]})
+        for b, k in servers.items():
+            metrics = httpx.get(k.url + "/metrics").text
+            ret = {ln.split()[0]: float(ln.split()[1]) for ln in metrics.splitlines()
+                   if ln.startswith("kem_retrieval_seconds_sum") or ln.startswith("kem_retrieval_seconds_count")}
+            retrieval_ms[b] = 1e3 * ret["kem_retrieval_seconds_sum"] / max(1.0, ret["kem_retrieval_seconds_count"])
     finally:
         for p in reversed(procs):
             p.stop()
 
-    print(f"\nkem serve --upstream {model} ({args.edits} edits stored, max_tokens={args.max_tokens}); "
-          f"mean kem retrieval {retrieval_ms:.1f} ms/request\n")
-    head = "| scope | clients | n | engine p50 | engine p99 | kem p50 | kem p99 | added p50 | kem/engine p50 | req/s | errors |"
+    print(f"\nkem serve --upstream {model} ({args.edits} edits stored, max_tokens={args.max_tokens}); mean kem "
+          "retrieval per request (embed + search + scope, from /metrics): "
+          + ", ".join(f"{b} {ms:.1f} ms" for b, ms in retrieval_ms.items()) + "\n")
+    head = ("| embedder | scope | clients | n | engine p50 | engine p99 | kem p50 | kem p99 | added p50 | kem/engine p50 "
+            "| req/s | errors |")
     print(head)
-    print("|---" * 11 + "|")
+    print("|---" * 12 + "|")
     for r in rows:
         added = r["kem_p50_ms"] - r["engine_p50_ms"]
-        print(f"| {r['scope']} | {r['concurrency']} | {r['n']} | {r['engine_p50_ms']:.0f} ms | {r['engine_p99_ms']:.0f} ms"
-              f" | {r['kem_p50_ms']:.0f} ms | {r['kem_p99_ms']:.0f} ms | {added:+.1f} ms"
+        print(f"| {r['backend']} | {r['scope']} | {r['concurrency']} | {r['n']} | {r['engine_p50_ms']:.0f} ms "
+              f"| {r['engine_p99_ms']:.0f} ms | {r['kem_p50_ms']:.0f} ms | {r['kem_p99_ms']:.0f} ms | {added:+.1f} ms"
               f" | {r['kem_p50_ms'] / r['engine_p50_ms']:.3f} | {r['rps']:.1f} | {r['errors']} |")
+    if len(backends) >= 2:
+        old, new = backends[0], backends[-1]
+        print(f"\nadded p50, {old} -> {new} (same run):")
+        for r in rows:
+            if r["backend"] != new:
+                continue
+            o = next(x for x in rows if x["backend"] == old and x["scope"] == r["scope"]
+                     and x["concurrency"] == r["concurrency"])
+            a_old, a_new = o["kem_p50_ms"] - o["engine_p50_ms"], r["kem_p50_ms"] - r["engine_p50_ms"]
+            print(f"- {r['scope']}, {r['concurrency']} clients: {a_old:+.1f} ms -> {a_new:+.1f} ms")
+    print(f"\nload average at the end: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "retrieval_ms": retrieval_ms}, indent=2))
 

@@ -13,7 +13,12 @@ Backends (``Settings.embedder_backend`` / ``KEM_EMBEDDER_BACKEND``):
 
 Vectors of ``onnx-int8`` differ a little from the others, so that embedder has its own ``name``
 (``<model>+int8``): the store keeps vectors per embedder name, and an index built with one is rebuilt
-(re-embedding the keys) when the other opens it.
+(re-embedding the keys) when the other opens it. Its activations are quantised with one scale per
+model call, so a text's int8 vector depends a little on the texts it is batched with (cosine ~0.99
+measured): the int8 backend embeds each query alone (the same text always gets the same vector, and
+a scope decision does not depend on which requests came together); concurrent queries run in
+parallel instead of in one micro-batch. The fp32 backends micro-batch (a row does not depend on its
+batch-mates there: cosine >= 0.99999).
 """
 
 from __future__ import annotations
@@ -307,12 +312,14 @@ class SentenceEmbedder:
         threads: Model calls run at once in bulk embedding (graph backends; default: every core).
         cache: A cache to share between embedders (entries are keyed by :attr:`key`).
         max_wait_s: The micro-batcher's bounded wait (see :class:`MicroBatcher`).
+        batch_queries: Micro-batch concurrent single queries (default: every backend but ``onnx-int8``,
+            whose vectors would depend on their batch-mates; see the module docstring).
     """
 
     def __init__(
         self, name_or_path: str = "all-minilm-l6-v2", cache_dir: str | Path = "~/.cache/kem", device: str = "cpu",
         backend: str = "torch", batch_size: int = 64, lru_size: int = 4096, threads: int | None = None,
-        cache: EmbeddingCache | None = None, max_wait_s: float = 0.002,
+        cache: EmbeddingCache | None = None, max_wait_s: float = 0.002, batch_queries: bool | None = None,
     ) -> None:
         offline()
         self.backend = resolve_backend(backend, device)
@@ -332,6 +339,7 @@ class SentenceEmbedder:
         self.batch_size = batch_size
         self.cache = cache if cache is not None else EmbeddingCache(lru_size)
         self._batcher = MicroBatcher(self._encode_batch, max_batch=batch_size, max_wait_s=max_wait_s)
+        self.batching = self.backend != "onnx-int8" if batch_queries is None else batch_queries
         self._torch_lock = threading.Lock()  # one torch call at a time (as before); graphs run in parallel
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:
@@ -350,7 +358,7 @@ class SentenceEmbedder:
             hit = self.cache.get(key)
             if hit is not None:
                 return hit[None, :].copy()
-            vec = self._batcher(texts[0])
+            vec = self._batcher(texts[0]) if self.batching else self._encode_batch(texts)[0]
             self.cache.put(key, vec)
             return np.array(vec, dtype=np.float32)[None, :]
         if self.backend == "torch":

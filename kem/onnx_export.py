@@ -98,6 +98,7 @@ def exported(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[
             meta = _export(src, tmp)
             meta["fingerprint"] = fp
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            tmp.chmod(0o755)  # mkdtemp made it private; it is a cache like models/<name>
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)

@@ -69,6 +69,9 @@ def test_onnx_vectors_match_torch(torch_emb, onnx_emb, int8_emb, texts):
     assert float(one @ ref[3]) >= 0.9999
     # vectors that differ carry another name (the store keeps vectors per embedder name)
     assert onnx_emb.name == torch_emb.name != int8_emb.name
+    # int8 queries are embedded alone (their vectors would depend on batch-mates): deterministic
+    assert onnx_emb.batching and not int8_emb.batching
+    assert np.array_equal(int8_emb.embed(texts[5:6]), int8_emb.runtime.encode_one_batch(texts[5:6]))
 
 
 def test_export_is_cached(kem_settings, onnx_emb):

@@ -26,10 +26,9 @@ def load_context(settings: Any = None, generator: Any = None, embedder: Any = No
 
         generator = TransformersGenerator.load(settings.model, settings.cache_dir, device=settings.resolved_device())
     if embedder is None:
-        from kem.embedding import SentenceTransformerEmbedder
+        from kem.embedding import make_embedder
 
-        embedder = SentenceTransformerEmbedder(settings.embedder, settings.cache_dir,
-                                               device=settings.resolved_device())
+        embedder = make_embedder(settings)  # the served backend (KEM_EMBEDDER_BACKEND)
     return EvalContext(generator=generator, embedder=embedder, settings=settings)
 
 
