@@ -3,6 +3,7 @@ tokens/s with per-tenant adapters vs the base model in the same run, and tenant 
 
     .venv-vllm/bin/python bench/bench_tenants.py                 # 100 tenants x 10 facts
     .venv-vllm/bin/python bench/bench_tenants.py --tenants 4 --requests 32   # a quick look
+    .venv/bin/python bench/bench_tenants.py --switch-cost     # the transformers engine's adapter switch
 
 Adapters: ``tests/fact_adapters.py`` (quickly computed low-rank edits, no training: one rank-10 LoRA
 on the last layer's ``down_proj`` per tenant, from CounterFact's TRAIN split, 10 records a tenant,
@@ -82,8 +83,59 @@ def build(folder: Path, model_dir: str, n_tenants: int, per: int) -> tuple[list[
     return tenants, time.perf_counter() - t0
 
 
+def switch_cost(n: int = 200) -> int:
+    """The transformers engine's per-request adapter switch: kem's LoraHooks (forward hooks added and
+    removed around each step) vs peft's multi-adapter ``set_adapter``, against one decoding step."""
+    import copy
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+
+    from kem.follower.lora import LoraHooks
+    from kem.models import load_causal_lm
+    from kem.settings import Settings
+    from tests.fact_adapters import fact_adapter
+    from tests.generator_conformance import TENANT_FACTS
+
+    torch.set_num_threads(1)
+    s = Settings()
+    model, tok = load_causal_lm(s.model, s.cache_dir, device="cpu")
+    follower = ROOT / "kem" / "data" / "adapters" / "smollm2-135m-instruct"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {t: fact_adapter(model, tok, f, Path(tmp, t)) for t, f in TENANT_FACTS.items()}
+        ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(20):
+                model(input_ids=ids[:, -1:])
+            step = (time.perf_counter() - t0) / 20
+        for label, path in (("kem LoraHooks, 1 module (a fact adapter)", paths["alice"]),
+                            ("kem LoraHooks, 210 modules (the edit-follower)", follower)):
+            hooks = LoraHooks(model, path)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                with hooks.active():
+                    pass
+            rows.append((label, (time.perf_counter() - t0) / n))
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(paths["alice"]), adapter_name="alice")
+        peft_model.load_adapter(str(paths["bob"]), adapter_name="bob")
+        t0 = time.perf_counter()
+        for i in range(n):
+            peft_model.set_adapter("alice" if i % 2 else "bob")
+        rows.append(("peft set_adapter, 2 adapters (1 module each)", (time.perf_counter() - t0) / n))
+    print(f"\nadapter switch per request step (load average {os.getloadavg()[0]:.2f}); one decoding step: "
+          f"{step * 1000:.1f} ms")
+    for label, sec in rows:
+        print(f"  {label:50s} {sec * 1e6:9.1f} us  ({sec / step:.2%} of a step)")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--switch-cost", action="store_true",
+                    help="only measure the transformers engine's adapter switch (run with .venv/bin/python)")
     ap.add_argument("--tenants", type=int, default=100)
     ap.add_argument("--facts", type=int, default=10, help="facts per tenant (the adapter's rank)")
     ap.add_argument("--requests", type=int, default=256, help="completions per throughput run")
@@ -96,6 +148,8 @@ def main() -> int:
     ap.add_argument("--adapters", type=Path, default=Path("/tmp/kem-bench-tenants"))
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.switch_cost:
+        return switch_cost()
 
     from kem.models import resolve_model
     from kem.settings import Settings
