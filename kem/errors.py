@@ -11,6 +11,7 @@
     ├── RateLimitError           a key over its request, token or concurrency limit (HTTP 429)
     ├── ModelError               a model could not be found, converted or loaded (HTTP 500)
     ├── StoreError               the edit store is unreadable or of a newer schema (HTTP 500)
+    │   └── StoreUnavailable     the edit store's server (PostgreSQL) cannot be reached (HTTP 503)
     ├── EngineError              the generation engine failed (HTTP 502 / upstream's status)
     │   ├── DeadlineExceeded     a generation ran past its deadline and was stopped (HTTP 504)
     │   └── RequestCancelled     the client went away; its generation was stopped (HTTP 499)
@@ -103,6 +104,14 @@ class ModelError(KemError):
 class StoreError(KemError):
     status_code = 500
     code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    """The edit store's database server cannot be reached (down, restarting, every connection busy);
+    the same request may succeed once it is back."""
+
+    status_code = 503
+    code = "store_unavailable"
 
 
 class EngineError(KemError):

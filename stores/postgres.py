@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from kem.edit import Edit, EditStatus, utcnow
-from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
+from kem.errors import ConflictError, NotFoundError, StoreError, StoreUnavailable, ValidationError
 from kem.protocols import Change
 from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
 
@@ -94,9 +94,9 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
-def _connect_error(url: str, exc: Exception) -> StoreError:
+def _connect_error(url: str, exc: Exception) -> StoreUnavailable:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return StoreError(f"the PostgreSQL edit store at {redact(url)} is unreachable: {first}")
+    return StoreUnavailable(f"the PostgreSQL edit store at {redact(url)} is unreachable: {first}")
 
 
 class _Tx:

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from kem.errors import StoreError, ValidationError
+from kem.errors import StoreError, StoreUnavailable, ValidationError
 from kem.stores import open_store, split_schema
 from tests.store_conformance import mk
 
@@ -121,8 +121,9 @@ def test_restarted_server_is_a_clear_error_then_works_again(postgres_server, pg_
     a = store.add(mk())
     postgres_server.stop()
     try:
-        with pytest.raises(StoreError, match="PostgreSQL edit store at .* is unreachable"):
+        with pytest.raises(StoreUnavailable, match="PostgreSQL edit store at .* is unreachable") as err:
             store.count()
+        assert err.value.status_code == 503  # kem serve answers 503 while the database is away
     finally:
         postgres_server.start()
     assert store.get(a.id) == a and store.add(mk("Again")).id
