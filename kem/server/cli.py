@@ -38,7 +38,9 @@ def build_engine(kind: str, model: str, settings: Any, name: str | None = None) 
         lora: dict[str, Any] = {}
         if settings.vllm_max_loras:  # tenants' adapters: LoRA on, an adapter cache of max_cpu_loras
             lora = {"max_loras": settings.vllm_max_loras, "max_lora_rank": settings.vllm_max_lora_rank,
-                    "max_cpu_loras": max(settings.vllm_max_cpu_loras, settings.vllm_max_loras)}
+                    "max_cpu_loras": max(settings.vllm_max_cpu_loras, settings.vllm_max_loras),
+                    "lora_target_modules": [m.strip() for m in settings.vllm_lora_target_modules.split(",")
+                                            if m.strip()] or None}
         gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)), follower=follower, **lora)
     else:
         raise ValidationError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})", field="engine")
