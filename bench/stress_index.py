@@ -146,7 +146,8 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             while not self.stop.is_set():
                 self.idx.save(Path(tmp) / "ix", {"embedder": "stress"})
-                back, _ = NamespacedIndex.load(Path(tmp) / "ix", THRESHOLD, **self.params)  # raises if torn
+                back, _ = NamespacedIndex.load(Path(tmp) / "ix", THRESHOLD, maintain=False,  # raises if torn
+                                               **self.params)
                 if not back.namespaces():
                     self.errors.append("saved index has no namespaces")
                 self.count("save")

@@ -547,6 +547,13 @@ class NamespacedIndex:
                 return False
             busy[0].join(left)
 
+    def maintain(self) -> None:
+        """Start the rebuilds each partition's size and kind ask for (:meth:`load` calls it: a partition
+        may have been saved while it was being rebuilt, or as another approximate kind)."""
+        for ns, p in self._partitions():
+            with p.writer:
+                self._maybe_rebuild(ns, p)
+
     def _check(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -672,12 +679,13 @@ class NamespacedIndex:
             raise
 
     @classmethod
-    def load(cls, folder: str | Path, ann_threshold: int | None = DEFAULT_ANN_THRESHOLD,
+    def load(cls, folder: str | Path, ann_threshold: int | None = DEFAULT_ANN_THRESHOLD, *, maintain: bool = True,
              **params: Any) -> tuple[NamespacedIndex, dict[str, Any]]:
         """Load an index saved by :meth:`save` (``params``: as for the constructor).
 
-        Raises on any missing, corrupt or older-format file. A partition of another approximate kind
-        than ``ann_kind`` keeps working and is rebuilt as ``ann_kind`` at its next write.
+        Raises on any missing, corrupt or older-format file. With ``maintain``, partitions whose size
+        or kind ask for a rebuild (a flat one past the threshold, an IVF one when ``ann_kind`` is
+        HNSW) keep answering and are rebuilt in the background (:meth:`maintain`).
         """
         faiss = _faiss()
         folder = Path(folder)
@@ -705,4 +713,6 @@ class NamespacedIndex:
                 part.keys_of[slot] = n
             part.next_slot, part.trained_on = int(p["next_slot"]), int(p["trained_on"])
             idx._parts[ns] = part
+        if maintain:
+            idx.maintain()
         return idx, info
