@@ -75,10 +75,9 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
     """Hold a session-level advisory lock named after the store's schema and ``job`` on a dedicated
     connection for the block; yields the holder details written to ``job_lock``."""
     import psycopg
-    from psycopg import sql
 
     from kem.stores import split_schema
-    from kem.stores.postgres import _connect_error
+    from kem.stores.postgres import _connect_error, ensure_tables
 
     conninfo, schema = split_schema(url)
     try:
@@ -87,9 +86,7 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
         raise _connect_error(conninfo, exc) from exc
     key = f"kem-job:{schema}:{job}"  # advisory keys are per database: the schema keeps stores apart
     try:
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-        conn.execute(_DDL)
+        ensure_tables(conn, schema, [_DDL])
         row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
         if not row or not row[0]:
             held = conn.execute("SELECT host, pid, since FROM job_lock WHERE job = %s", (job,)).fetchone()

@@ -89,6 +89,21 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+def ensure_tables(conn: Any, schema: str, statements: Sequence[str]) -> None:
+    """Create ``schema`` and run ``statements`` (``CREATE ... IF NOT EXISTS``) in one transaction under an
+    advisory lock: concurrent ``IF NOT EXISTS`` can still collide in PostgreSQL's catalogs (replicas or
+    jobs starting together), so every creator of kem's tables takes the same lock first. Leaves the
+    connection's ``search_path`` on ``schema``."""
+    from psycopg import sql
+
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kem-schema:{schema}",))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        for stmt in statements:
+            conn.execute(stmt)
+
+
 def redact(url: str) -> str:
     """``url`` without its password (for messages and logs)."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
@@ -187,15 +202,9 @@ class PostgresStore:
                             (tx.seq, NOTIFY_CHANNEL, f"{self.schema}:{tx.seq}"))
 
     def _create_schema(self) -> None:
-        from psycopg import sql
-
         with self._conn() as conn, conn.transaction():
             # concurrent first connects (several replicas starting) create the tables once
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"kem-schema:{self.schema}",))
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-            for stmt in _DDL.strip().split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)  # type: ignore[call-overload]
+            ensure_tables(conn, self.schema, [stmt for stmt in _DDL.strip().split(";") if stmt.strip()])
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION,))

@@ -1,7 +1,7 @@
 """kem on a PostgreSQL store (issue 13, first half), on a real PostgreSQL: ``--store`` / ``KEM_STORE`` on the
 CLI and the editor (an edit added by one process is applied by another with its own home and local
 index), API keys in the database shared by replicas (``kem keys``), and one consolidation at a time on
-both backends (two real ``kem consolidate`` at once: exactly one publishes)."""
+both backends (two jobs at once: exactly one publishes; a second ``kem consolidate`` exits 2)."""
 
 from __future__ import annotations
 
@@ -51,8 +51,6 @@ def test_cli_adds_into_postgres_and_another_home_applies_it(pg_url, tmp_path, ge
         assert [s.edit.id for s in ans.edits] == [added["id"]] and "English" in ans.text
         assert "English" not in ke.generate(PROMPT, "default", max_new_tokens=6, use_edits=False).text
     assert len(list(two.glob("index-pg-*"))) == 1  # derived, local, named after the database and schema
-    r = kem("edit", "list", "--store", "mysql://nope", home=two)
-    assert r.returncode == 2 and "store must be" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_keys_in_postgres_are_shared_by_replicas(pg_url, tmp_path):
@@ -131,25 +129,39 @@ def _counterfact(n: int) -> list[Edit]:
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_consolidations_at_once_exactly_one_publishes(backend, pg_url, tmp_path):
-    """Two `kem consolidate` started together (FT-L, gates off, two CounterFact edits). On PostgreSQL they
-    run from two homes (two machines): only the database's advisory lock keeps them apart."""
+    """Two jobs started at the same moment (FT-L, gates off, 4 probes, two CounterFact edits). On PostgreSQL
+    they run from two homes (two machines): only the database's advisory lock keeps them apart."""
+    import threading
+
+    from kem.consolidation.job import Gates, consolidate, default_probes
+
     url = pg_url if backend == "postgresql" else None
     homes = [tmp_path / "a", tmp_path / ("b" if url else "a")]
     store = open_store(Settings(home=homes[0], store=url))
     edits = store.add_many(_counterfact(2))
     store.close()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "KEM_STORE": url or ""}
-    procs = [subprocess.Popen([sys.executable, "-m", "kem", "consolidate", "--method", "ft-l", "--min-reliability", "0",
-                               "--min-locality", "0", "--home", str(h), "--json"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for h in homes]
-    outs = [p.communicate(timeout=600) for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes == [0, 2], [o[1][-1500:] for o in outs]
-    won = next(json.loads(o[0]) for p, o in zip(procs, outs, strict=True) if p.returncode == 0)
-    lost = next(o[1] for p, o in zip(procs, outs, strict=True) if p.returncode == 2)
-    assert won["published"] and won["version"] == "v1" and sorted(won["absorbed_ids"]) == sorted(e.id for e in edits)
-    assert "another consolidate job is running" in lost and "pid" in lost and "since" in lost
+    start = threading.Barrier(2)
+    results: list[object] = [None, None]
+
+    def job(i: int) -> None:
+        settings = Settings(home=homes[i], store=url, device="cpu")
+        start.wait()
+        try:
+            results[i] = consolidate(settings, method="ft-l", gates=Gates(0.0, 0.0), probes=default_probes()[:4])
+        except ConflictError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if not isinstance(r, ConflictError)]
+    lost = [r for r in results if isinstance(r, ConflictError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert won[0].published and won[0].version == "v1"  # type: ignore[attr-defined]
+    assert sorted(won[0].absorbed_ids) == sorted(e.id for e in edits)  # type: ignore[attr-defined]
+    assert f"pid {os.getpid()}" in str(lost[0]) and "since" in str(lost[0])
     store = open_store(Settings(home=homes[0], store=url))
     try:
         for e in edits:
@@ -159,3 +171,20 @@ def test_two_consolidations_at_once_exactly_one_publishes(backend, pg_url, tmp_p
         store.close()
     published = [h for h in set(homes) if (h / "models" / "v1").is_dir()]
     assert len(published) == 1 and not any((h / "models" / "v2").exists() for h in homes)
+
+
+def test_kem_consolidate_while_another_holds_the_lock_exits_2(pg_url, tmp_path):
+    """The CLI: a second `kem consolidate` names the holder, exits 2 and touches nothing."""
+    from kem.joblock import job_lock
+
+    settings = Settings(home=tmp_path, store=pg_url)
+    store = open_store(settings)
+    (edit,) = store.add_many(_counterfact(1))
+    with job_lock(settings) as held:
+        r = kem("consolidate", "--method", "ft-l", "--store", pg_url, home=tmp_path / "other-machine")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "another consolidate job is running on the PostgreSQL store" in r.stderr
+    assert f"host {held['host']}, pid {os.getpid()}, since {held['since']}" in r.stderr
+    assert store.get(edit.id).status == EditStatus.active and store.revision() == 1
+    store.close()
+    assert not (tmp_path / "other-machine" / "models").exists()

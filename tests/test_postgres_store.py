@@ -176,3 +176,39 @@ def test_writes_notify_listeners_at_commit(store, pg_url):
         store.add_many([mk("A"), mk("B")])
         got = [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
     assert got == [f"{schema}:2"]
+
+
+
+@pytest.mark.parametrize("attempt", range(3))  # a race: three fresh schemas
+def test_replicas_starting_together_create_the_tables_once(postgres_server, tmp_path, attempt):
+    """Stores, key tables and job locks created at the same moment on a fresh schema: concurrent
+    ``CREATE ... IF NOT EXISTS`` collide in PostgreSQL's catalogs unless serialized (they are)."""
+    from kem.errors import ConflictError
+    from kem.joblock import postgres_lock
+    from kem.server.keys_pg import PostgresKeys
+
+    url = postgres_server.fresh_url()
+    start = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def lock() -> None:
+        try:
+            with postgres_lock(url):
+                pass
+        except ConflictError:
+            pass  # the other one holds it: fine
+
+    def run(fn) -> None:
+        start.wait()
+        try:
+            fn()
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    jobs = [lambda: open_store(url=url, home=tmp_path).close()] * 2 + [lambda: PostgresKeys(url).load()] * 2 + [lock] * 2
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

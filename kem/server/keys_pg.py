@@ -39,10 +39,12 @@ class PostgresKeys:
         self.conninfo, self.schema = split_schema(url)
         self.where = f"PostgreSQL {redact(self.conninfo)} (schema {self.schema})"
         self.refresh: float | None = refresh
-        with self._conn() as conn:
-            conn.execute(_DDL)
+        from kem.stores.postgres import ensure_tables
 
-    def _conn(self) -> Any:
+        with self._conn(set_path=False) as conn:
+            ensure_tables(conn, self.schema, [_DDL])
+
+    def _conn(self, set_path: bool = True) -> Any:
         import psycopg
         from psycopg import sql
 
@@ -52,8 +54,8 @@ class PostgresKeys:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5)
         except psycopg.Error as exc:
             raise _connect_error(self.conninfo, exc) from exc
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
-        conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+        if set_path:
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
         return conn
 
     def load(self) -> dict[str, KeyEntry]:
