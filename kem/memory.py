@@ -30,7 +30,7 @@ class EditMemory:
         store: The edit store.
         embedder: Embeds retrieval keys and queries.
         index_dir: Where the index is saved (``None``: memory only).
-        ann_threshold: Vectors per namespace above which search leaves exact (flat) search for IVF;
+        ann_threshold: Vectors per namespace above which search leaves exact (flat) search for HNSW;
             ``None`` keeps every namespace exact. See :class:`~kem.index.NamespacedIndex`.
     """
 
