@@ -3,7 +3,8 @@ engine capabilities ``kem serve`` looks for (forwarding to an upstream, reloadin
 
 Each is a ``typing.Protocol`` with a handful of methods. Implementations: generators in
 ``kem.adapters`` (transformers, vLLM, OpenAI-compatible HTTP), the embedder in ``kem.embedding``,
-stores in ``kem.stores`` (``memory``: the in-memory reference; ``sqlite``: the durable default), the index in ``kem.index``.
+stores in ``kem.stores`` (``memory``: the in-memory reference; ``sqlite``: the durable default; ``postgres``:
+shared by replicas), the index in ``kem.index``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The rules every edit store shares: which fields an update may change, superseding, fact keys,
-vector checks. :class:`kem.stores.memory.InMemoryStore` (the reference) and
-:class:`kem.stores.sqlite.SQLiteStore` (the durable default) both apply them, and both pass
+vector checks. :class:`kem.stores.memory.InMemoryStore` (the reference),
+:class:`kem.stores.sqlite.SQLiteStore` (the durable default) and
+:class:`kem.stores.postgres.PostgresStore` (shared by replicas) all apply them, and all pass
 ``tests/store_conformance.py``.
 """
 
