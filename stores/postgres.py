@@ -104,6 +104,9 @@ def ensure_tables(conn: Any, schema: str, statements: Sequence[str]) -> None:
             conn.execute(stmt)
 
 
+_SERVER_GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
+
+
 def redact(url: str) -> str:
     """``url`` without its password (for messages and logs)."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
@@ -138,8 +141,8 @@ class PostgresStore:
         url: A libpq connection URL (``postgresql://user:pass@host:5432/db``).
         schema: The PostgreSQL schema holding kem's tables (created on first connect).
         pool_size: Most connections this store opens.
-        timeout: Seconds to wait for a connection before a call fails with :class:`StoreError`
-            (the server is down or every connection is busy).
+        timeout: Seconds to wait for a connection before a call fails with
+            :class:`~kem.errors.StoreUnavailable` (the server is down or every connection is busy).
     """
 
     def __init__(self, url: str, schema: str = DEFAULT_SCHEMA, *, pool_size: int = 4, timeout: float = 10.0) -> None:
@@ -179,14 +182,18 @@ class PostgresStore:
     # -- connections
     @contextmanager
     def _conn(self) -> Iterator[Any]:
-        """A pooled connection (autocommit); connection failures become :class:`StoreError`."""
+        """A pooled connection (autocommit); a lost or refused connection becomes
+        :class:`~kem.errors.StoreUnavailable` (503), another operational error :class:`StoreError`."""
         try:
             with self._pool.connection() as conn:
                 yield conn
         except self._pool_timeout as exc:
             raise _connect_error(self.url, exc) from exc
         except self._psycopg.OperationalError as exc:
-            raise _connect_error(self.url, exc) from exc
+            state = getattr(exc, "sqlstate", None)
+            if state is None or state.startswith("08") or state in _SERVER_GONE:  # the connection, not the query
+                raise _connect_error(self.url, exc) from exc
+            raise StoreError(f"the PostgreSQL edit store at {redact(self.url)} failed: {exc}") from exc
 
     @contextmanager
     def _tx(self) -> Iterator[_Tx]:
