@@ -17,8 +17,10 @@ Measured, in one engine start (``max_loras`` different adapters per batch, ``max
   base again; tokens/s and the ratio to the base runs' mean (goal >= 0.7);
 * isolation: every tenant's 10 facts asked by itself (reliability), by the base model, and by its
   partner tenant (0<->1, 2<->3, ...: alice's facts asked by bob and the reverse). A leak is a partner's
-  answer starting with the fact's target where the base model's does not and the partner has no fact
-  with that target (goal: 0).
+  answer starting with the fact's target where the base model's does not, the partner has no fact
+  with that target, and the partner's adapter does not give that answer when asked alone (one request
+  at a time: its own delta can turn a vague base answer into the same word by coincidence, e.g.
+  "Imsland is located in" -> "Germany" from a tenant whose facts include "Berlin"). Goal: 0.
 """
 
 from __future__ import annotations
@@ -223,14 +225,25 @@ def main() -> int:
         own_words = [{word(t) for _, t in fs} for fs in tenants]
         reliable = sum(starts(o, t) for o, (_, _, t) in zip(own_out, facts, strict=True))
         base_hits = sum(starts(o, t) for o, (_, _, t) in zip(base_out, facts, strict=True))
-        leaks, counted, examples = 0, 0, []
+        leaks, counted, examples, flagged = 0, 0, [], []
         for (_, p, t), j, o, b in zip(facts, partner, cross_out, base_out, strict=True):
             if starts(b, t) or word(t) in own_words[j]:
                 continue  # the base model says it anyway / the partner has a fact with that answer
             counted += 1
             if starts(o, t):
+                flagged.append((p, t, j, o))
+        # a flagged answer is a leak only if the partner's adapter does not say it ALONE: asked again one
+        # request at a time (no other tenant's request in the batch), its own delta may still turn a
+        # vague base answer into the other tenant's target by coincidence (it holds none of its data)
+        coincidences = []
+        for p, t, j, o in flagged:
+            alone = gen.generate(p, GenerationParams(**{**ip.__dict__, "adapter": refs[j]}))
+            row = {"fact": p, "target": t, "asked_by": names[j], "answer": o, "answer_alone": alone}
+            if starts(alone, t):
+                coincidences.append(row)
+            else:
                 leaks += 1
-                examples.append({"fact": p, "target": t, "asked_by": names[j], "answer": o})
+                examples.append(row)
     finally:
         gen.close()
 
@@ -244,6 +257,7 @@ def main() -> int:
                         "ratio_to_base": round(r[1] / base_tps, 3)} for r in rows],
         "reliability_own_adapter": f"{reliable}/{n}", "base_model_says_target": f"{base_hits}/{n}",
         "cross_probes_counted": counted, "leaks": leaks, "leak_examples": examples[:5],
+        "same_answer_from_own_adapter_alone": len(coincidences), "coincidence_examples": coincidences[:5],
         "isolation_s": round(iso_s, 1),
     }
     print(f"\n{args.tenants} tenants x {args.facts} facts, one vLLM engine (max_loras={args.max_loras}, "
@@ -252,7 +266,8 @@ def main() -> int:
     for r in res["throughput"]:  # type: ignore[union-attr]
         print(f"{r['run']:44s} {r['tokens_per_s']:9.1f} {r['seconds']:8.2f} {r['ratio_to_base']:7.3f}")
     print(f"\nreliability (own adapter, first token): {reliable}/{n}; base model already says it: {base_hits}/{n}")
-    print(f"isolation: {leaks} leaks in {counted} partner probes (of {n}); goal 0")
+    print(f"isolation: {leaks} leaks in {counted} partner probes (of {n}); goal 0 ({len(coincidences)} more "
+          "answers carried the other tenant's target but the partner's adapter says it alone too)")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     print("RESULT " + json.dumps(res))
