@@ -9,7 +9,9 @@ Two backends behind one context manager, chosen by the edit store (``settings.st
   details in the ``job_lock`` table of the store's schema.
 
 A second job does not wait: it raises :class:`~kem.errors.ConflictError` naming the holder (host, pid,
-since when), which ``kem consolidate`` prints before exiting with code 2, having touched nothing.
+since when), which ``kem consolidate`` prints before exiting with code 2, having touched nothing. The
+holder calls :meth:`HeldLock.check` before publishing: a PostgreSQL lock lost with its connection stops
+the job there.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kem.errors import ConflictError
+from kem.errors import ConflictError, ConsolidationError
 
 JOB = "consolidate"
 
@@ -33,6 +36,24 @@ def holder_info() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+@dataclass
+class HeldLock:
+    """A lock this process holds: who (host, pid, since) and :meth:`check`, which a job calls before it
+    publishes anything: it raises :class:`~kem.errors.ConsolidationError` if the lock was lost (its
+    PostgreSQL connection dropped, so another job may have started)."""
+
+    host: str
+    pid: int
+    since: str
+    _check: Callable[[], None] = field(default=lambda: None, repr=False)
+
+    def check(self) -> None:
+        self._check()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "since": self.since}
+
+
 def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "holder unknown"
@@ -40,7 +61,7 @@ def describe(holder: dict[str, Any] | None) -> str:
 
 
 @contextmanager
-def file_lock(folder: str | Path, job: str = JOB) -> Iterator[dict[str, Any]]:
+def file_lock(folder: str | Path, job: str = JOB) -> Iterator[HeldLock]:
     """Hold ``<folder>/.<job>.lock`` for the block; yields the holder details written beside it."""
     from filelock import FileLock, Timeout
 
@@ -60,7 +81,7 @@ def file_lock(folder: str | Path, job: str = JOB) -> Iterator[dict[str, Any]]:
     try:
         info = holder_info()
         info_path.write_text(json.dumps(info), encoding="utf-8")
-        yield info
+        yield HeldLock(**info)  # the OS keeps a file lock as long as the process lives: nothing to check
     finally:
         info_path.unlink(missing_ok=True)
         lock.release()
@@ -71,9 +92,9 @@ _DDL = ("CREATE TABLE IF NOT EXISTS job_lock (job TEXT PRIMARY KEY, host TEXT NO
 
 
 @contextmanager
-def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
+def postgres_lock(url: str, job: str = JOB) -> Iterator[HeldLock]:
     """Hold a session-level advisory lock named after the store's schema and ``job`` on a dedicated
-    connection for the block; yields the holder details written to ``job_lock``."""
+    connection (TCP keepalives on) for the block; yields the holder details written to ``job_lock``."""
     import psycopg
 
     from kem.stores import split_schema
@@ -81,7 +102,8 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
 
     conninfo, schema = split_schema(url)
     try:
-        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(conninfo, autocommit=True, connect_timeout=10, keepalives=1, keepalives_idle=30,
+                               keepalives_interval=10, keepalives_count=3)
     except psycopg.Error as exc:
         raise _connect_error(conninfo, exc) from exc
     key = f"kem-job:{schema}:{job}"  # advisory keys are per database: the schema keeps stores apart
@@ -97,8 +119,21 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
         conn.execute("INSERT INTO job_lock (job, host, pid, since) VALUES (%s, %s, %s, %s) ON CONFLICT (job) "
                      "DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, since = EXCLUDED.since",
                      (job, info["host"], info["pid"], info["since"]))
+
+        def check() -> None:
+            try:
+                row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                                   "AND pid = pg_backend_pid()").fetchone()
+                held = bool(row and row[0])
+            except psycopg.Error:
+                held = False
+            if not held:
+                raise ConsolidationError(f"the {job} lock on the PostgreSQL store (schema {schema!r}) was lost "
+                                         "(its connection dropped; another job may have started): nothing "
+                                         "published, run the job again")
+
         try:
-            yield info
+            yield HeldLock(**info, _check=check)
         finally:
             try:
                 conn.execute("DELETE FROM job_lock WHERE job = %s AND pid = %s AND host = %s",
@@ -111,7 +146,7 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[dict[str, Any]]:
 
 
 @contextmanager
-def job_lock(settings: Any, job: str = JOB) -> Iterator[dict[str, Any]]:
+def job_lock(settings: Any, job: str = JOB) -> Iterator[HeldLock]:
     """The lock for ``job`` on the store ``settings`` names: PostgreSQL's advisory lock for a PostgreSQL
     store, a file lock under ``<home>/models`` otherwise. Raises ConflictError (naming the holder) at once
     when another process holds it."""

@@ -113,12 +113,34 @@ def test_job_lock_says_who_holds_it(backend, pg_url, tmp_path):
 
     settings = Settings(home=tmp_path, store=pg_url if backend == "postgresql" else None)
     with job_lock(settings) as held:
-        with pytest.raises(ConflictError, match=re.escape(f"pid {os.getpid()}, since {held['since']}")) as err:
+        with pytest.raises(ConflictError, match=re.escape(f"pid {os.getpid()}, since {held.since}")) as err:
             with job_lock(settings):
                 pass
-        assert held["host"] in str(err.value)
+        assert held.host in str(err.value)
+        held.check()  # still ours
     with job_lock(settings):  # released: the next job takes it
         pass
+
+
+def test_a_lost_postgres_lock_stops_the_job_before_publishing(pg_url, tmp_path):
+    """The lock's connection is killed (as a network cut or a database restart would): check() says so,
+    so the job publishes nothing, and another job can take the lock."""
+    import psycopg
+
+    from kem.errors import ConsolidationError
+    from kem.joblock import job_lock
+    from kem.stores import split_schema
+
+    settings = Settings(home=tmp_path, store=pg_url)
+    with job_lock(settings) as held:
+        with psycopg.connect(split_schema(pg_url)[0], autocommit=True) as conn:
+            killed = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                                  "AND granted AND pid <> pg_backend_pid()").fetchall()
+        assert killed == [(True,)]
+        with pytest.raises(ConsolidationError, match="lock .* was lost"):
+            held.check()
+        with job_lock(settings) as other:  # the database released it with the connection
+            other.check()
 
 
 def _counterfact(n: int) -> list[Edit]:
@@ -184,7 +206,7 @@ def test_kem_consolidate_while_another_holds_the_lock_exits_2(pg_url, tmp_path):
         r = kem("consolidate", "--method", "ft-l", "--store", pg_url, home=tmp_path / "other-machine")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "another consolidate job is running on the PostgreSQL store" in r.stderr
-    assert f"host {held['host']}, pid {os.getpid()}, since {held['since']}" in r.stderr
+    assert f"host {held.host}, pid {os.getpid()}, since {held.since}" in r.stderr
     assert store.get(edit.id).status == EditStatus.active and store.revision() == 1
     store.close()
     assert not (tmp_path / "other-machine" / "models").exists()

@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -307,11 +307,11 @@ def consolidate(
         dry_run=dry_run, gates=gates or Gates(), parent=parent, corpus=corpus, hparams=hparams or {},
         batch_size=batch_size, probes=None if probes is None else tuple(probes), progress=progress,
         max_rank=max_rank)
-    with job_lock(settings):  # one job at a time: a file lock, or PostgreSQL's advisory lock (kem.joblock)
-        return _run(settings, cfg)
+    with job_lock(settings) as held:  # one job at a time: a file lock, or PostgreSQL's advisory lock (kem.joblock)
+        return _run(settings, cfg, held.check)
 
 
-def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
+def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda: None) -> ConsolidationResult:
     from tqdm.auto import tqdm
 
     from kem.consolidation import versions as V
@@ -445,6 +445,7 @@ def _run(settings: Any, cfg: JobConfig) -> ConsolidationResult:
                               f"{len(edits)} edits, method {spec.name})")
             return result
 
+        still_held()  # the job lock is still ours (a PostgreSQL one can be lost with its connection)
         t0 = time.perf_counter()
         unchanged = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
         if len(unchanged) < len(result.absorbed_ids):
