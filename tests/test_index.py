@@ -333,6 +333,17 @@ def test_load_rejects_corrupt_or_old_format(tmp_path) -> None:
     next((tmp_path / "ix").glob("*.ids.json")).write_text("[]")
     with pytest.raises(ValueError, match="inconsistent"):
         NamespacedIndex.load(tmp_path / "ix")
+    # a truncated HNSW graph fails to load (EditMemory then rebuilds from the store)
+    hnsw = ann_index(HNSW, 100)
+    ids, vecs = edits_of(synthetic(400), 2)
+    hnsw.add_many("ns", ids, vecs)
+    hnsw.wait()
+    assert hnsw.kind("ns") == HNSW
+    hnsw.save(tmp_path / "hx", {})
+    graph = next((tmp_path / "hx").glob("*.faiss"))
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    with pytest.raises(RuntimeError):
+        NamespacedIndex.load(tmp_path / "hx")
 
 
 def test_switches_flat_to_ivf_retrains_and_back(data: tuple[np.ndarray, np.ndarray]) -> None:
