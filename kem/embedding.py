@@ -119,9 +119,9 @@ class _Slot:
 class MicroBatcher:
     """Concurrent single-text calls share one call of ``fn`` (a list of texts -> ``(n, dim)`` array).
 
-    No thread of its own: the first caller to find ``fn`` idle runs it for every text queued so far
-    (up to ``max_batch``); callers arriving meanwhile queue and are served by the next run, led by one
-    of them. A lone request on an idle embedder runs at once. When the previous run served more than
+    No thread of its own: the first caller to find ``fn`` idle runs it for the texts queued so far
+    (the oldest ``max_batch``); callers arriving meanwhile queue and are served by the next run, led by
+    one of them (a leader whose own text did not fit leads again). A lone request on an idle embedder runs at once. When the previous run served more than
     one text (requests are arriving together), the leader first waits up to ``max_wait_s`` for more.
 
     Args:
@@ -145,32 +145,35 @@ class MicroBatcher:
         slot = _Slot(text)
         with self._cond:
             self._queue.append(slot)
-            while self._running and not slot.done:
-                self._cond.wait()
-            if slot.done:
-                return self._result(slot)
-            self._running = True  # this caller leads the next run
-            if self._last_batch > 1 and self.max_wait_s > 0 and len(self._queue) < self.max_batch:
-                deadline = time.monotonic() + self.max_wait_s
-                while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
-        try:
-            vecs = self.fn([s.text for s in batch])
-            for s, v in zip(batch, vecs, strict=True):
-                s.vec = v
-        except BaseException as exc:  # every caller of this run gets the error
-            for s in batch:
-                s.error = exc
-        with self._cond:
-            for s in batch:
-                s.done = True
-            self._running = False
-            self._last_batch = len(batch)
-            self.calls += 1
-            self.texts += len(batch)
-            self._cond.notify_all()
-        return self._result(slot)
+            if self._running:
+                self._cond.notify_all()  # a leader waiting for company may have a full batch now
+        while True:  # lead runs (oldest texts first) until this caller's text is done
+            with self._cond:
+                while self._running and not slot.done:
+                    self._cond.wait()
+                if slot.done:
+                    return self._result(slot)
+                self._running = True  # this caller leads the next run
+                if self._last_batch > 1 and self.max_wait_s > 0 and len(self._queue) < self.max_batch:
+                    deadline = time.monotonic() + self.max_wait_s
+                    while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+            try:
+                vecs = self.fn([s.text for s in batch])
+                for s, v in zip(batch, vecs, strict=True):
+                    s.vec = v
+            except BaseException as exc:  # every caller of this run gets the error
+                for s in batch:
+                    s.error = exc
+            with self._cond:
+                for s in batch:
+                    s.done = True
+                self._running = False
+                self._last_batch = len(batch)
+                self.calls += 1
+                self.texts += len(batch)
+                self._cond.notify_all()
 
     @staticmethod
     def _result(slot: _Slot) -> np.ndarray:

@@ -114,8 +114,8 @@ def test_micro_batcher_gives_each_caller_its_row(onnx_emb, texts):
         time.sleep(0.05)
         return onnx_emb.runtime.encode_one_batch(batch)
 
-    mb = MicroBatcher(slow, max_batch=8, max_wait_s=0.002)
-    n = 16
+    mb = MicroBatcher(slow, max_batch=4, max_wait_s=0.002)
+    n = 24  # more waiting callers than a batch holds: leaders whose text did not fit lead again
     out: dict[int, np.ndarray] = {}
     start = threading.Barrier(n)
 
@@ -128,10 +128,11 @@ def test_micro_batcher_gives_each_caller_its_row(onnx_emb, texts):
         t.start()
     for t in threads:
         t.join(30)
+    assert len(out) == n
     ref = onnx_emb.embed(texts[:n])
     for i in range(n):
         assert float(out[i] @ ref[i]) >= 0.9999, i  # its own text's vector, not a neighbour's
-    assert sum(calls) == n and len(calls) < n and max(calls) <= 8  # shared calls, bounded size
+    assert sum(calls) == n and len(calls) < n and max(calls) <= 4  # shared calls, bounded size
     assert (mb.calls, mb.texts) == (len(calls), n)
 
     # an error reaches every caller of the failed call, and the batcher keeps working
