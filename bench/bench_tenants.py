@@ -10,11 +10,14 @@ on the last layer's ``down_proj`` per tenant, from CounterFact's TRAIN split, 10
 every subject used once). They are written once under ``--adapters`` (reused by later runs), laid out as
 tenant versions (``models/tenants/<ns>/v1/adapter``) and loaded by vLLM from disk on demand.
 
-Measured, in one engine start (``max_loras`` different adapters per batch, ``max_cpu_loras`` cached):
+Measured in one run, two engine starts: the base model on an engine without LoRA, then one engine with
+LoRA (``max_loras`` different adapters per batch, ``max_cpu_loras`` cached, LoRA only on
+``--target-modules``: the layer the adapters edit):
 
-* throughput: ``--requests`` completions of 32 tokens (``ignore_eos``), all in flight at once, on
-  the base model, then each with its tenant's adapter (cold: vLLM loads them from disk; warm: cached),
-  base again; tokens/s and the ratio to the base runs' mean (goal >= 0.7);
+* throughput: ``--requests`` completions of 32 tokens (``ignore_eos``), all in flight at once: the
+  base model; each with its tenant's adapter (cold: vLLM loads them from disk; warm: cached); half
+  with an adapter, half without; all without (they carry kem's zero adapter on a LoRA engine, see
+  adapters/vllm.py). tokens/s and the ratio to the base model (goal >= 0.7);
 * isolation: every tenant's 10 facts asked by itself (reliability), by the base model, and by its
   partner tenant (0<->1, 2<->3, ...: alice's facts asked by bob and the reverse). A leak is a partner's
   answer starting with the fact's target where the base model's does not, the partner has no fact
@@ -32,6 +35,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -143,7 +147,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=256, help="completions per throughput run")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per throughput completion")
     ap.add_argument("--max-loras", type=int, default=64, help="distinct adapters per batch (vLLM max_loras)")
-    ap.add_argument("--target-modules", default="down_proj",
+    ap.add_argument("--target-modules", default="model.layers.29.mlp.down_proj",
                     help="modules vLLM wraps for LoRA (comma list; 'all': every supported one)")
     ap.add_argument("--max-cpu-loras", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=64)
@@ -172,14 +176,9 @@ def main() -> int:
 
     from kem.adapters.vllm import VLLMGenerator
 
-    t0 = time.perf_counter()
-    gen = VLLMGenerator.load(model_dir, name="smollm2", max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
-                             max_lora_rank=max(16, args.facts), max_batch=args.max_batch,
-                             lora_target_modules=None if args.target_modules == "all" else args.target_modules.split(","))
-    start_s = time.perf_counter() - t0
     pool = cf.ThreadPoolExecutor(max(args.requests, 64))
 
-    def run(jobs: list[tuple[str, AdapterRef | None]], params: GenerationParams) -> tuple[list[str], float]:
+    def run(gen: Any, jobs: list[tuple[str, AdapterRef | None]], params: GenerationParams) -> tuple[list[str], float]:
         t = time.perf_counter()
         futs = [pool.submit(gen.generate, p, GenerationParams(**{**params.__dict__, "adapter": a})) for p, a in jobs]
         out = [f.result() for f in futs]
@@ -187,32 +186,53 @@ def main() -> int:
 
     from tqdm import tqdm
 
+    from tests.fact_adapters import first_token
+
+    load = os.getloadavg()[0]
+    tp = GenerationParams(max_new_tokens=args.tokens, temperature=0.0, extra={"ignore_eos": True})
+    ip = GenerationParams(max_new_tokens=3, temperature=0.0)
+    prompts = [tenants[i % args.tenants][(i // args.tenants) % args.facts][0] for i in range(args.requests)]
+    base_jobs = [(p, None) for p in prompts]
+    tenant_jobs = [(p, refs[i % args.tenants]) for i, p in enumerate(prompts)]
+    mixed_jobs = [(p, refs[i % args.tenants] if i % 2 else None) for i, p in enumerate(prompts)]
+    tokens = args.requests * args.tokens
+    facts = [(i, p, t) for i, fs in enumerate(tenants) for p, t in fs]
     rows = []
+
+    # ---- the base model: an engine without LoRA ------------------------------------------------------
+    gen0 = VLLMGenerator.load(model_dir, name="smollm2", max_batch=args.max_batch)
     try:
-        # ---- throughput --------------------------------------------------------------------------
-        load = os.getloadavg()[0]
-        tp = GenerationParams(max_new_tokens=args.tokens, temperature=0.0, extra={"ignore_eos": True})
-        prompts = [tenants[i % args.tenants][(i // args.tenants) % args.facts][0] for i in range(args.requests)]
-        base_jobs = [(p, None) for p in prompts]
-        tenant_jobs = [(p, refs[i % args.tenants]) for i, p in enumerate(prompts)]
-        run(base_jobs[:8], tp)  # warm the engine up
-        tokens = args.requests * args.tokens
-        for label, jobs in tqdm([("base", base_jobs), ("tenants, cold (adapters load from disk)", tenant_jobs),
-                                 ("base again", base_jobs), ("tenants, warm", tenant_jobs)], desc="throughput"):
-            _, s = run(jobs, tp)
+        run(gen0, base_jobs[:8], tp)  # warm up
+        _, s = run(gen0, base_jobs, tp)
+        rows.append(("base model (engine without LoRA)", tokens / s, s))
+        base_out, _ = run(gen0, [(p, None) for _, p, _ in facts], ip)
+    finally:
+        gen0.close()
+    base_tps = rows[0][1]
+
+    # ---- one engine, every tenant's adapter ------------------------------------------------------------
+    t0 = time.perf_counter()
+    gen = VLLMGenerator.load(model_dir, name="smollm2", max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
+                             max_lora_rank=max(16, args.facts), max_batch=args.max_batch,
+                             lora_target_modules=None if args.target_modules == "all" else args.target_modules.split(","))
+    start_s = time.perf_counter() - t0
+    try:
+        run(gen, base_jobs[:8], tp)  # warm up
+        for label, jobs in tqdm([("tenants, cold (adapters load from disk)", tenant_jobs), ("tenants, warm", tenant_jobs),
+                                 ("half tenants, half no adapter", mixed_jobs),
+                                 ("no adapter (the zero adapter, LoRA engine)", base_jobs)], desc="throughput"):
+            _, s = run(gen, jobs, tp)
             rows.append((label, tokens / s, s))
-        base_tps = (rows[0][1] + rows[2][1]) / 2
 
         # ---- isolation ---------------------------------------------------------------------------
-        from tests.fact_adapters import first_token
-
-        ip = GenerationParams(max_new_tokens=3, temperature=0.0)
-        facts = [(i, p, t) for i, fs in enumerate(tenants) for p, t in fs]
         t1 = time.perf_counter()
-        base_out, _ = run([(p, None) for _, p, _ in facts], ip)
-        own_out, _ = run([(p, refs[i]) for i, p, _ in facts], ip)
+        own_out, _ = run(gen, [(p, refs[i]) for i, p, _ in facts], ip)
         partner = [i ^ 1 if (i ^ 1) < args.tenants else (i + 1) % args.tenants for i, _, _ in facts]
-        cross_out, _ = run([(p, refs[j]) for (_, p, _), j in zip(facts, partner, strict=True)], ip)
+        cross_out, _ = run(gen, [(p, refs[j]) for (_, p, _), j in zip(facts, partner, strict=True)], ip)
+        # requests without an adapter in the same batches as tenants' requests: the base model's answers?
+        mixed = [job for (i, p, _) in facts for job in ((p, None), (p, refs[i]))]
+        mixed_out, _ = run(gen, mixed, ip)
+        base_changed = sum(o != b for o, b in zip(mixed_out[0::2], base_out, strict=True))
         iso_s = time.perf_counter() - t1
         tok = gen.tokenizer
 
@@ -258,7 +278,7 @@ def main() -> int:
         "reliability_own_adapter": f"{reliable}/{n}", "base_model_says_target": f"{base_hits}/{n}",
         "cross_probes_counted": counted, "leaks": leaks, "leak_examples": examples[:5],
         "same_answer_from_own_adapter_alone": len(coincidences), "coincidence_examples": coincidences[:5],
-        "isolation_s": round(iso_s, 1),
+        "isolation_s": round(iso_s, 1), "no_adapter_answers_changed_in_mixed_batches": base_changed,
     }
     print(f"\n{args.tenants} tenants x {args.facts} facts, one vLLM engine (max_loras={args.max_loras}, "
           f"max_cpu_loras={args.max_cpu_loras}, LoRA on {args.target_modules}); load average {load:.2f}; adapter {size / 1024:.0f} KiB each")
@@ -266,6 +286,8 @@ def main() -> int:
     for r in res["throughput"]:  # type: ignore[union-attr]
         print(f"{r['run']:44s} {r['tokens_per_s']:9.1f} {r['seconds']:8.2f} {r['ratio_to_base']:7.3f}")
     print(f"\nreliability (own adapter, first token): {reliable}/{n}; base model already says it: {base_hits}/{n}")
+    print(f"requests without an adapter batched with tenants' requests: {base_changed}/{n} answers differ from "
+          "the engine without LoRA")
     print(f"isolation: {leaks} leaks in {counted} partner probes (of {n}); goal 0 ({len(coincidences)} more "
           "answers carried the other tenant's target but the partner's adapter says it alone too)")
     if args.json:
