@@ -11,15 +11,17 @@ partition shrinks below half the threshold. The approximate kind (``ann_kind``) 
 measurement (docs/retrieval.md):
 
 - ``"hnsw"`` (default): an ``IndexHNSWFlat`` graph (M=32) over full vectors behind an
-  ``IndexIDMap2``. One query visits a few thousand vectors whatever the partition's size, so 1M
-  edits answer in ~1 ms on one thread. HNSW cannot delete: a removed edit's vectors stay in the
-  graph as *tombstones* (their slot is no longer in the id tables, so a search skips them and
-  over-fetches to make up for them), and once tombstones pass ``DEAD_FRACTION`` of the graph it is
-  rebuilt from the live vectors in the background.
+  ``IndexIDMap2``, up to ``hnsw_max`` vectors (IVF above it, back to HNSW below half of it: on
+  near-duplicate-heavy data HNSW's recall fell at 2M vectors). One query visits a few thousand
+  vectors whatever the partition's size (0.5 ms at 200k vectors vs 6 ms for IVF, same run).
+  HNSW cannot delete: a removed edit's vectors stay in the graph as *tombstones* (their slot is no
+  longer in the id tables, so a search skips them and over-fetches to make up for them), and once
+  tombstones pass ``DEAD_FRACTION`` of the graph it is rebuilt from the live vectors in the
+  background.
 - ``"ivf"``: an ``IndexIVFFlat`` (spherical k-means coarse quantizer with ``nlist ≈ 4·sqrt(n)``
   lists, ``nprobe`` lists visited per query) with real deletions through a hash-table direct map,
   retrained in the background each time the partition has grown ``RETRAIN_GROWTH``-fold. kem's
-  index before HNSW; kept for comparison and for memory-tight or delete-heavy namespaces.
+  index before HNSW; used above ``hnsw_max`` and everywhere with ``ann_kind="ivf"``.
 
 The index is saved beside the store with the store revision it reflects; ``EditMemory`` rebuilds it
 from the store's saved embeddings when it is missing, corrupt or stale.
@@ -69,6 +71,11 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 100
 DEFAULT_EF_SEARCH = 128
 DEAD_FRACTION = 0.2  # tombstoned share of an HNSW graph that triggers a background rebuild
+# Above this many vectors an "hnsw" index uses IVF instead (back to HNSW below half of it). Measured
+# (docs/retrieval.md): HNSW beat IVF on recall and 11x on latency at 200k vectors, but on the 1M-edit
+# tiled data (2M vectors, 100 near-duplicates per fact) its recall@4 fell to 0.77-0.90 against IVF's
+# 0.93. The cap sits just above the last size where HNSW was measured to win.
+HNSW_MAX_VECTORS = 250_000
 # IVF
 DEFAULT_NPROBE = 64  # inverted lists visited per query
 NLIST_FACTOR = 4.0  # nlist = NLIST_FACTOR * sqrt(vectors at training time)
@@ -461,12 +468,14 @@ class NamespacedIndex:
         nlist_factor: IVF partitions get ``nlist_factor * sqrt(n)`` lists when (re)trained.
         ef_search: Candidates an HNSW search keeps (recall/latency trade-off).
         hnsw_m: Graph neighbours per vector of an HNSW partition built from now on.
+        hnsw_max: With ``ann_kind="hnsw"``, partitions above this many vectors use IVF (and go back
+            to HNSW below half of it). ``None``: no cap.
     """
 
     def __init__(self, dim: int, ann_threshold: int | None = DEFAULT_ANN_THRESHOLD, *,
                  ann_kind: str = DEFAULT_ANN_KIND, nprobe: int = DEFAULT_NPROBE,
                  nlist_factor: float = NLIST_FACTOR, ef_search: int = DEFAULT_EF_SEARCH,
-                 hnsw_m: int = HNSW_M) -> None:
+                 hnsw_m: int = HNSW_M, hnsw_max: int | None = HNSW_MAX_VECTORS) -> None:
         self.dim = dim
         self.ann_threshold = DEFAULT_ANN_THRESHOLD if ann_threshold is None else int(ann_threshold)
         if self.ann_threshold < 1:
@@ -484,6 +493,7 @@ class NamespacedIndex:
         self.nlist_factor = nlist_factor
         self.ef_search = ef_search
         self.hnsw_m = hnsw_m
+        self.hnsw_max = hnsw_max
         self._parts: dict[str, _Partition] = {}
         self._parts_lock = threading.Lock()  # guards the dict itself (partitions lock themselves)
         self.revision = 0
@@ -609,13 +619,17 @@ class NamespacedIndex:
             log.info("namespace %r: %s (%d vectors): building a %s index in the background", namespace, why, n, target)
             part.start_rebuild(target, self.nlist_factor, lambda: self._maybe_rebuild(namespace, part))
 
+        target = self.ann_kind  # HNSW up to hnsw_max, IVF above (back to HNSW below half of it)
+        if target == HNSW and self.hnsw_max is not None and n > (self.hnsw_max // 2 if part.kind == IVF
+                                                                  else self.hnsw_max):
+            target = IVF
         if part.kind == FLAT and n > self.ann_threshold:
-            start(self.ann_kind, f"passed {self.ann_threshold} vectors")
+            start(target, f"passed {self.ann_threshold} vectors")
         elif part.kind != FLAT and n < self.ann_threshold // 2:
             log.info("namespace %r shrank to %d vectors: back to exact search", namespace, n)
             part.rebuild(FLAT)
-        elif part.kind != FLAT and part.kind != self.ann_kind:
-            start(self.ann_kind, f"holds a {part.kind} index")
+        elif part.kind != FLAT and part.kind != target:
+            start(target, f"holds a {part.kind} index")
         elif part.kind == IVF and n > RETRAIN_GROWTH * part.trained_on:
             start(IVF, f"grew {RETRAIN_GROWTH}x since its training")
         elif part.kind == HNSW and part.dead > DEAD_FRACTION * part.index.ntotal:

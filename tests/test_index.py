@@ -403,6 +403,28 @@ def test_hnsw_switch_has_hysteresis(data: tuple[np.ndarray, np.ndarray]) -> None
     assert_exact(idx.search("ns", q, K), brute_force(ids[:499], vecs[:499], q, K))
 
 
+def test_hnsw_partitions_past_hnsw_max_use_ivf(data: tuple[np.ndarray, np.ndarray]) -> None:
+    """flat -> HNSW -> IVF past ``hnsw_max``, back to HNSW below half of it (hysteresis)."""
+    x, q = data
+    ids, vecs = edits_of(x[:8000], 2)
+    idx = ann_index(HNSW, 1_000, hnsw_max=3_000)
+    idx.add_many("ns", ids[:1000], vecs[:1000])
+    idx.wait()
+    assert idx.kind("ns") == HNSW
+    idx.add_many("ns", ids[1000:2000], vecs[1000:2000])  # 4000 vectors
+    idx.wait()
+    assert idx.kind("ns") == IVF and idx._parts["ns"].ntotal == 4000
+    for i in range(2000 - 1, 800 - 1, -1):  # 1600 vectors: still IVF
+        idx.remove("ns", ids[i])
+    idx.wait()
+    assert idx.kind("ns") == IVF
+    for i in range(800 - 1, 700 - 1, -1):  # 1400 vectors: HNSW again
+        idx.remove("ns", ids[i])
+    idx.wait()
+    assert idx.kind("ns") == HNSW and idx._parts["ns"].ntotal == 1400
+    assert recall(idx.search("ns", q, K), brute_force(ids[:700], vecs[:700], q, K)) >= HNSW_RECALL_BOUND
+
+
 def test_rejects_bad_input() -> None:
     idx = NamespacedIndex(D)
     with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
