@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> list[IndexRow]:
         del idx, part
         gc.collect()
         for kind in args.kinds:
-            row, idx = bench_kem(kind, w, args)
+            row, idx = bench_kem(kind, w, args, hnsw_max=None)  # this kind at every size (no IVF above hnsw_max)
             rows.append(row)
             print(index_table(rows[-1:]).splitlines()[-1], flush=True)
             part = idx._parts["bench"]  # type: ignore[attr-defined]
