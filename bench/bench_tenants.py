@@ -10,14 +10,15 @@ on the last layer's ``down_proj`` per tenant, from CounterFact's TRAIN split, 10
 every subject used once). They are written once under ``--adapters`` (reused by later runs), laid out as
 tenant versions (``models/tenants/<ns>/v1/adapter``) and loaded by vLLM from disk on demand.
 
-Measured in one run, two engine starts: the base model on an engine without LoRA, then one engine with
-LoRA (``max_loras`` different adapters per batch, ``max_cpu_loras`` cached, LoRA only on
+Measured in one run with two engines side by side, their runs alternating so the machine's drifting
+load hits both alike: the base model on an engine without LoRA, and one engine with LoRA
+(``max_loras`` different adapters per batch, ``max_cpu_loras`` cached, LoRA only on
 ``--target-modules``: the layer the adapters edit):
 
 * throughput: ``--requests`` completions of 32 tokens (``ignore_eos``), all in flight at once: the
   base model; each with its tenant's adapter (cold: vLLM loads them from disk; warm: cached); half
   with an adapter, half without; all without (they carry kem's zero adapter on a LoRA engine, see
-  adapters/vllm.py). tokens/s and the ratio to the base model (goal >= 0.7);
+  adapters/vllm.py). tokens/s and the ratio to the base runs' mean (goal >= 0.7);
 * isolation: every tenant's 10 facts asked by itself (reliability), by the base model, and by its
   partner tenant (0<->1, 2<->3, ...: alice's facts asked by bob and the reverse). A leak is a partner's
   answer starting with the fact's target where the base model's does not, the partner has no fact
@@ -74,7 +75,7 @@ def build(folder: Path, model_dir: str, n_tenants: int, per: int) -> tuple[list[
     tok = AutoTokenizer.from_pretrained(model_dir)
     tenants = pick_facts(n_tenants, per, tok)
     spec = folder / "facts.json"
-    if spec.is_file() and json.loads(spec.read_text()) == tenants:
+    if spec.is_file() and json.loads(spec.read_text()) == json.loads(json.dumps(tenants)):
         return tenants, 0.0
     torch.set_num_threads(1)  # measured faster than 2 on the shared 2-core machine
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -199,31 +200,36 @@ def main() -> int:
     facts = [(i, p, t) for i, fs in enumerate(tenants) for p, t in fs]
     rows = []
 
-    # ---- the base model: an engine without LoRA ------------------------------------------------------
+    # ---- two engines side by side: the base model (no LoRA) and one engine for every tenant's adapter;
+    # their runs alternate (one engine works at a time) so the machine's drifting load hits both alike
     gen0 = VLLMGenerator.load(model_dir, name="smollm2", max_batch=args.max_batch)
-    try:
-        run(gen0, base_jobs[:8], tp)  # warm up
-        _, s = run(gen0, base_jobs, tp)
-        rows.append(("base model (engine without LoRA)", tokens / s, s))
-        base_out, _ = run(gen0, [(p, None) for _, p, _ in facts], ip)
-    finally:
-        gen0.close()
-    base_tps = rows[0][1]
-
-    # ---- one engine, every tenant's adapter ------------------------------------------------------------
     t0 = time.perf_counter()
     gen = VLLMGenerator.load(model_dir, name="smollm2", max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras,
                              max_lora_rank=max(16, args.facts), max_batch=args.max_batch,
                              lora_target_modules=None if args.target_modules == "all" else args.target_modules.split(","))
     start_s = time.perf_counter() - t0
     try:
-        run(gen, base_jobs[:8], tp)  # warm up
-        for label, jobs in tqdm([("tenants, cold (adapters load from disk)", tenant_jobs), ("tenants, warm", tenant_jobs),
-                                 ("half tenants, half no adapter", mixed_jobs),
-                                 ("no adapter (the zero adapter, LoRA engine)", base_jobs)], desc="throughput"):
-            _, s = run(gen, jobs, tp)
+        run(gen0, base_jobs[:8], tp)  # warm up
+        run(gen, base_jobs[:8], tp)
+        plan = [("base model (engine without LoRA)", gen0, base_jobs),
+                ("tenants, cold (adapters load from disk)", gen, tenant_jobs),
+                ("base model (engine without LoRA)", gen0, base_jobs), ("tenants, warm", gen, tenant_jobs),
+                ("base model (engine without LoRA)", gen0, base_jobs),
+                ("half tenants, half no adapter", gen, mixed_jobs),
+                ("base model (engine without LoRA)", gen0, base_jobs),
+                ("no adapter (the zero adapter, LoRA engine)", gen, base_jobs)]
+        for label, engine, jobs in tqdm(plan, desc="throughput"):
+            _, s = run(engine, jobs, tp)
             rows.append((label, tokens / s, s))
-
+        base_runs = [r[1] for r in rows if r[0].startswith("base model")]
+        base_tps = sum(base_runs) / len(base_runs)
+        base_out, _ = run(gen0, [(p, None) for _, p, _ in facts], ip)
+    except BaseException:
+        gen.close()
+        raise
+    finally:
+        gen0.close()
+    try:
         # ---- isolation ---------------------------------------------------------------------------
         t1 = time.perf_counter()
         own_out, _ = run(gen, [(p, refs[i]) for i, p, _ in facts], ip)
