@@ -27,15 +27,9 @@ StoreOpt = Annotated[str | None, typer.Option(
 
 
 def _settings(home: Path | None, store: str | None = None) -> Any:
-    from kem.settings import Settings
+    from kem.settings import settings_for
 
-    s = Settings()
-    update: dict[str, Any] = {}
-    if home is not None:
-        update["home"] = home
-    if store is not None:
-        update["store"] = store
-    return s.model_copy(update=update) if update else s
+    return settings_for(home, store)
 
 
 def _editor(home: Path | None, store: str | None = None) -> Any:

@@ -138,3 +138,14 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def settings_for(home: Path | None = None, store: str | None = None) -> Settings:
+    """The environment's :class:`Settings` with a command's ``--home`` / ``--store`` options applied."""
+    update: dict[str, object] = {}
+    if home is not None:
+        update["home"] = home
+    if store is not None:
+        update["store"] = store
+    s = Settings()
+    return s.model_copy(update=update) if update else s
