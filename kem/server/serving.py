@@ -341,13 +341,8 @@ class Serving:
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "messages")
         if isinstance(engine, ForwardingEngine):
-            try:
-                model = await _upstream_name(engine, rw, upstream_model)
-            except BaseException:
-                adm.release()
-                raise
-            body = _forward_body(raw, req, model, "messages", rw)
-            return await self._forward(engine, "/v1/chat/completions", body, req.stream, rw, info, adm, disconnected)
+            return await self._forward_request(engine, "/v1/chat/completions", "messages", raw, req, upstream_model, rw, info, adm,
+                                               disconnected)
         params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
             try:
@@ -359,6 +354,18 @@ class Serving:
             return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
         return Result(rw.applied, stream=_released(self._chat_stream(engine, rw, params, info), adm, params),
                       namespace=namespace)
+
+    async def _forward_request(self, engine: ForwardingEngine, path: str, field: str, raw: bytes, req: Any,
+                               upstream_model: str, rw: Rewrite, info: KemInfo, adm: Admission,
+                               disconnected: Disconnected | None) -> Result:
+        """Send a rewritten request to the upstream server, under the upstream name of its adapter if any."""
+        try:
+            model = await _upstream_name(engine, rw, upstream_model)
+        except BaseException:
+            adm.release()
+            raise
+        body = _forward_body(raw, req, model, field, rw)
+        return await self._forward(engine, path, body, req.stream, rw, info, adm, disconnected)
 
     async def _chat_stream(self, engine: Any, rw: Rewrite, params: GenerationParams, info: KemInfo) -> AsyncIterator[bytes]:
         cid, created = new_id("chatcmpl"), now()
@@ -396,13 +403,8 @@ class Serving:
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "prompt")
         if isinstance(engine, ForwardingEngine):
-            try:
-                model = await _upstream_name(engine, rw, upstream_model)
-            except BaseException:
-                adm.release()
-                raise
-            body = _forward_body(raw, req, model, "prompt", rw)
-            return await self._forward(engine, "/v1/completions", body, req.stream, rw, info, adm, disconnected)
+            return await self._forward_request(engine, "/v1/completions", "prompt", raw, req, upstream_model, rw, info, adm,
+                                               disconnected)
         params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
             try:
