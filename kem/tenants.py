@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kem.protocols import AdapterRef
+from kem.versions import TENANTS
 
 log = logging.getLogger(__name__)
 
-TENANTS = "tenants"  # as kem.versions.TENANTS (not imported: kem.versions loads pydantic models)
 
 
 @dataclass(frozen=True)
