@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import ConflictError, ConsolidationError
+from kem.files import write_atomic
 
 JOB = "consolidate"
 
@@ -54,6 +56,17 @@ class HeldLock:
         return {"host": self.host, "pid": self.pid, "since": self.since}
 
 
+def _wait_for_holder(read: Callable[[], dict[str, Any] | None], wait_s: float = 2.0) -> dict[str, Any] | None:
+    """The holder's details, waiting up to ``wait_s`` for them: a holder writes them just after it takes the
+    lock, so a job that lost the race by microseconds would otherwise find nothing to name."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = read()
+        if holder or time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.05)
+
+
 def describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "holder unknown"
@@ -72,15 +85,18 @@ def file_lock(folder: str | Path, job: str = JOB) -> Iterator[HeldLock]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        try:
-            holder = json.loads(info_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            holder = None
+        def read() -> dict[str, Any] | None:
+            try:
+                return json.loads(info_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+
+        holder = _wait_for_holder(read)
         raise ConflictError(f"another {job} job is running on {folder.parent} ({describe(holder)}; "
                             f"lock {lock.lock_file})") from None
     try:
         info = holder_info()
-        info_path.write_text(json.dumps(info), encoding="utf-8")
+        write_atomic(info_path, json.dumps(info), new_mode=0o644)
         yield HeldLock(**info)  # the OS keeps a file lock as long as the process lives: nothing to check
     finally:
         info_path.unlink(missing_ok=True)
@@ -111,8 +127,11 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[HeldLock]:
         ensure_tables(conn, schema, [_DDL])
         row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
         if not row or not row[0]:
-            held = conn.execute("SELECT host, pid, since FROM job_lock WHERE job = %s", (job,)).fetchone()
-            holder = dict(zip(("host", "pid", "since"), held, strict=True)) if held else None
+            def read() -> dict[str, Any] | None:
+                held = conn.execute("SELECT host, pid, since FROM job_lock WHERE job = %s", (job,)).fetchone()
+                return dict(zip(("host", "pid", "since"), held, strict=True)) if held else None
+
+            holder = _wait_for_holder(read)
             raise ConflictError(f"another {job} job is running on the PostgreSQL store (schema {schema!r}; "
                                 f"{describe(holder)})")
         info = holder_info()

@@ -122,6 +122,29 @@ def test_job_lock_says_who_holds_it(backend, pg_url, tmp_path):
         pass
 
 
+def test_a_job_losing_the_race_still_names_the_holder(tmp_path):
+    """The holder writes its details just after it takes the lock: a job that loses the race by a moment
+    waits for them instead of saying 'holder unknown' (CI saw that once)."""
+    import threading
+
+    from filelock import FileLock
+
+    from kem.joblock import file_lock
+
+    lock = FileLock(str(tmp_path / ".consolidate.lock"))
+    lock.acquire()
+    writer = threading.Timer(0.3, lambda: (tmp_path / ".consolidate.holder").write_text(
+        json.dumps({"host": "other-host", "pid": 4242, "since": "2026-01-01T00:00:00+00:00"})))
+    writer.start()
+    try:
+        with pytest.raises(ConflictError, match="host other-host, pid 4242, since 2026"):
+            with file_lock(tmp_path):
+                pass
+    finally:
+        writer.join()
+        lock.release()
+
+
 def test_a_lost_postgres_lock_stops_the_job_before_publishing(pg_url, tmp_path):
     """The lock's connection is killed (as a network cut or a database restart would): check() says so,
     so the job publishes nothing, and another job can take the lock."""
