@@ -119,6 +119,12 @@ def _fingerprint(folder: str | Path) -> tuple[Any, ...]:
     return tuple(json.dumps(cfg.get(k), sort_keys=True) for k in _SHAPE_KEYS) + (digest,)
 
 
+def adapter_rank(folder: str | Path) -> int:
+    """The largest rank of any module of a peft LoRA folder (``r`` and its ``rank_pattern``)."""
+    config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    return max([int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+
+
 class VLLMGenerator:
     """Generator over a ``vllm.LLM``, continuously batched by one engine thread.
 
@@ -240,6 +246,12 @@ class VLLMGenerator:
         if not (Path(path) / "adapter_config.json").is_file():
             raise EngineError(f"the engine {self.name} cannot load adapter {ref.name!r}: no adapter_config.json "
                               f"in {path}", status_code=400)
+        rank = adapter_rank(path)
+        limit = int(getattr(self.llm.llm_engine.vllm_config.lora_config, "max_lora_rank", rank))
+        if rank > limit:
+            raise EngineError(f"adapter {ref.name!r} has rank {rank}, above this engine's max_lora_rank {limit}: "
+                              "start kem serve with KEM_VLLM_MAX_LORA_RANK >= that rank, or consolidate with "
+                              f"--max-rank {limit}", status_code=400)
         from vllm.lora.request import LoRARequest
 
         with self._lora_lock:

