@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 
+from kem.protocols import GenerationParams
 from tests.api_fuzz import fuzz
 from tests.conftest import ServerProcess, free_port, kem_server
 from tests.fact_adapters import publish_tenant
@@ -182,6 +183,23 @@ def test_vllm_http_engine_loads_tenants_adapters_at_run_time(vllm_server, tenant
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
     served = [m.id for m in client(vllm_server).models.list()]
     assert "alice/v1" in served and "bob/v1" in served, served
+
+
+def test_vllm_http_engine_unloads_the_adapter_used_longest_ago(vllm_server, tenant_adapters):
+    """With room for one adapter, loading bob's unloads alice's from the upstream (it leaves vLLM's model
+    list), and alice's next request loads hers again and still gets her own answer."""
+    from kem.adapters.openai_http import OpenAIHTTPGenerator
+
+    gen = OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180, runtime_lora=True, max_adapters=1)
+    prompt, target = TENANT_FACTS["alice"][0]
+    alice = GenerationParams(max_new_tokens=3, temperature=0.0, adapter=tenant_adapters["alice"])
+    assert gen.generate(prompt, alice).strip().startswith(target)
+    gen.ensure_adapter(tenant_adapters["bob"])
+    served = [m.id for m in client(vllm_server).models.list()]
+    assert "bob/v1" in served and "alice/v1" not in served, served
+    assert gen.generate(prompt, alice).strip().startswith(target)  # loaded again, bob's unloaded
+    served = [m.id for m in client(vllm_server).models.list()]
+    assert "alice/v1" in served and "bob/v1" not in served, served
 
 
 def _ask(server: ServerProcess, prompt: str, key: str = "none", namespace: str | None = None) -> str:
