@@ -104,7 +104,8 @@ class KnowledgeEditor:
              scope: ScopeConfig | None = None, demos: str | Path | None = None) -> KnowledgeEditor:
         """Open (or create) the persistent memory under ``path`` (default: ``settings.home``): the edit store
         ``settings.store`` names (:func:`kem.stores.open_store`; default ``<path>/edits.sqlite``) and the
-        local FAISS index under ``path``."""
+        local FAISS index under ``path``. On a PostgreSQL store the index follows other replicas' edits in
+        the background (``settings.sync_interval``; :meth:`close` stops it)."""
         from kem.memory import EditMemory
         from kem.stores import index_dir, open_store
 
@@ -117,6 +118,8 @@ class KnowledgeEditor:
         except BaseException:
             store.close()
             raise
+        if settings.sync_interval > 0:  # PostgreSQL: apply other replicas' edits as they are announced
+            memory.start_sync(settings.sync_interval)
         return cls(memory, settings=settings, generator=generator, scope=scope, demos=demos)
 
     @classmethod
@@ -317,9 +320,9 @@ class KnowledgeEditor:
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Save the index and close the store."""
+        """Stop the background sync (PostgreSQL), save the index and close the store."""
         try:
-            self.memory.save()
+            self.memory.close()
         finally:
             self.store.close()
 

@@ -3,6 +3,10 @@
 Every read first compares the store's revision with the index's (one cheap SQLite query) and replays
 the store's history since then, so edits written by another process (the CLI while a server runs)
 are seen at once. A missing, corrupt or foreign index is rebuilt from the store's saved embeddings.
+
+On a PostgreSQL store shared by several replicas, :meth:`EditMemory.start_sync` adds a
+:class:`~kem.sync.Syncer`: changes are applied in the background as soon as ``LISTEN/NOTIFY`` announces
+them, and reads learn the store's revision from the notifications instead of a query.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,6 +24,9 @@ from kem.edit import Edit
 from kem.index import DEFAULT_ANN_THRESHOLD, NamespacedIndex
 from kem.protocols import EditStore, Embedder
 from kem.stores.rules import LIVE
+
+if TYPE_CHECKING:
+    from kem.sync import Syncer
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +50,29 @@ class EditMemory:
         self.ann_threshold = ann_threshold
         self._lock = threading.RLock()
         self._dirty = False
+        self.syncer: Syncer | None = None
         self.index = self._open_index()
         self.sync()
+
+    def start_sync(self, interval: float = 2.0) -> bool:
+        """Keep the index in step in the background when the store announces its changes (PostgreSQL:
+        ``LISTEN kem_changes`` plus a check every ``interval`` seconds; see :class:`~kem.sync.Syncer`).
+        Returns whether it started: other stores keep the check on every read. Stop it with :meth:`close`."""
+        from kem.stores.postgres import PostgresStore
+
+        if self.syncer is not None or not isinstance(self.store, PostgresStore):
+            return self.syncer is not None
+        from kem.sync import Syncer
+
+        self.syncer = Syncer(self, interval).start()
+        return True
+
+    def close(self) -> None:
+        """Stop the background sync (if any) and save the index; the store stays open (its owner closes it)."""
+        syncer, self.syncer = self.syncer, None
+        if syncer is not None:
+            syncer.close()
+        self.save()
 
     # ---- index life cycle -------------------------------------------------------------------------
     def _open_index(self) -> NamespacedIndex:
@@ -106,9 +135,18 @@ class EditMemory:
             i += len(ks)
         return out
 
-    def sync(self) -> None:
-        """Replay the store's changes since the index's revision (cheap when nothing changed)."""
-        if self.store.revision() == self.index.revision:
+    def sync(self, ask_store: bool = False) -> None:
+        """Replay the store's changes since the index's revision (cheap when nothing changed).
+
+        Args:
+            ask_store: Query the store's revision even when a healthy :class:`~kem.sync.Syncer` knows
+                it from notifications (which makes the check free).
+        """
+        known = None if ask_store or self.syncer is None else self.syncer.known_revision()
+        if known is not None:
+            if known <= self.index.revision:
+                return
+        elif self.store.revision() == self.index.revision:
             return
         with self._lock:  # one writer at a time; searches go on (the index locks its partitions)
             rev = self.store.revision()  # again: another thread may have synced past the first read

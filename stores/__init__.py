@@ -42,7 +42,8 @@ def open_store(settings: Any = None, home: str | Path | None = None, *, url: str
     """The edit store kem's commands and servers use, chosen by URL.
 
     Args:
-        settings: kem settings (``store``, ``home``, ``sqlite_synchronous``); default ``Settings()``.
+        settings: kem settings (``store``, ``home``, ``sqlite_synchronous``, ``store_timeout``); default
+            ``Settings()``.
         home: The data folder (default ``settings.home``): the SQLite file lives there.
         url: Overrides ``settings.store`` (``KEM_STORE`` / ``--store``): empty or ``sqlite``:
             ``<home>/edits.sqlite`` (the embedded default); ``sqlite:///PATH``: that SQLite file;
@@ -63,7 +64,8 @@ def open_store(settings: Any = None, home: str | Path | None = None, *, url: str
         from kem.stores.postgres import PostgresStore
 
         conninfo, schema = split_schema(url)
-        return PostgresStore(conninfo, schema)
+        timeout = getattr(settings, "store_timeout", None)
+        return PostgresStore(conninfo, schema, **({"timeout": timeout} if timeout else {}))
     raise ValidationError(f"store must be 'sqlite', sqlite:///PATH or postgresql://... (got {url.split('://')[0]!r}://...)"
                           if "://" in url else f"store must be 'sqlite', sqlite:///PATH or postgresql://... (got {url!r})",
                           field="store")

@@ -29,6 +29,7 @@ import builtins
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -153,6 +154,8 @@ class PostgresStore:
         self.url = url
         self.schema = check_schema_name(schema)
         self.timeout = timeout
+        self._written = 0  # the last seq this object committed (written_revision)
+        self._written_lock = threading.Lock()
         self._psycopg = psycopg
         self._pool_timeout = PoolTimeout
         set_path = sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
@@ -207,6 +210,9 @@ class PostgresStore:
             if tx.seq != start:  # one round trip: the new revision and its notification
                 cur.execute("WITH r AS (UPDATE revision SET seq = %s RETURNING seq) SELECT pg_notify(%s, %s) FROM r",
                             (tx.seq, NOTIFY_CHANNEL, f"{self.schema}:{tx.seq}"))
+        if tx.seq != start:  # committed
+            with self._written_lock:
+                self._written = max(self._written, tx.seq)
 
     def _create_schema(self) -> None:
         with self._conn() as conn, conn.transaction():
@@ -431,6 +437,13 @@ class PostgresStore:
 
     def revision(self) -> int:
         return int(self._rows("SELECT seq FROM revision")[0][0])
+
+    @property
+    def written_revision(self) -> int:
+        """The last revision this store object committed (0: none yet): no query. A replica that learns
+        the others' revisions from notifications (:class:`kem.sync.Syncer`) adds its own writes with it,
+        so a write through a replica is visible to that replica's next read."""
+        return self._written
 
     def changes_since(self, revision: int) -> builtins.list[Change]:
         rows = self._rows("SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE seq > %s "

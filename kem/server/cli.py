@@ -18,6 +18,7 @@ from kem.protocols import Reloadable
 log = logging.getLogger(__name__)
 
 ENGINES = ("transformers", "vllm")
+SERVE_STORE_TIMEOUT = 3.0  # seconds; Settings.store_timeout when unset
 
 
 def build_engine(kind: str, model: str, settings: Any, name: str | None = None) -> Any:
@@ -104,6 +105,8 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
         settings = settings.model_copy(update={"home": Path(home)})
     if store is not None:  # the edit store (kem.stores.open_store); the FAISS index stays under home
         settings = settings.model_copy(update={"store": store})
+    if settings.store_timeout is None:  # a request during a database outage: a 503 after 3 s, not 10
+        settings = settings.model_copy(update={"store_timeout": SERVE_STORE_TIMEOUT})
     ring = KeyRing.from_settings(keys, settings)
     served = VersionStore(settings.home).resolve(model_version) if model_version else None
     reloader = None

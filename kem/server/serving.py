@@ -244,12 +244,16 @@ class Serving:
         await asyncio.to_thread(self.editor.close)
 
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``: the engine, the absorbed versions and which fast path in-scope requests take."""
+        """``GET /healthz``: the engine, the absorbed versions, which fast path in-scope requests take, and the
+        store revision this replica's index has applied (``index_revision``)."""
         follower = self.editor.follower_of(self._engine)
+        syncer = self.editor.memory.syncer  # index_sync: "listen" (LISTEN/NOTIFY), "poll" (a query per read)
         return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
                 "absorbed_versions": sorted(self.editor.absorbed_versions),
                 "fast_path": "adapter" if follower else "ike", "follower": follower,
-                "tenant_adapters": bool(getattr(getattr(self._engine, "sync", self._engine), "accepts_adapters", False))}
+                "tenant_adapters": bool(getattr(getattr(self._engine, "sync", self._engine), "accepts_adapters", False)),
+                "index_revision": self.editor.memory.index.revision,
+                "index_sync": "listen" if syncer is not None and syncer.healthy else "poll"}
 
     def models(self) -> ModelList:
         root = self._engine.name
