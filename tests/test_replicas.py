@@ -129,6 +129,9 @@ def replicas(postgres_server, tmp_path_factory: pytest.TempPathFactory):
     finally:
         for s in servers:
             s.stop()
+    # SIGTERM: a graceful exit within stop()'s 20 s (the sync threads joined), not stop()'s SIGKILL (uvicorn
+    # re-raises the SIGTERM it caught once it has shut down: -15)
+    assert {s.proc.returncode for s in servers} <= {0, -15}, servers[0].log_tail() + servers[1].log_tail()
 
 
 def _health(server) -> dict:
