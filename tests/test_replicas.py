@@ -58,8 +58,9 @@ def test_a_replica_applies_edits_in_the_background(pg_url, tmp_path, embedder):
         b.store.revision = counted  # type: ignore[method-assign]
 
         e = a.add(_ceo("Ada Lovelace"))
-        took = _until(lambda: b.memory.index.contains("default", e.id), timeout=2.0)  # no read on b
-        assert took < 2.0 and b.memory.index.revision == a.store.written_revision
+        # no read on b (bench/bench_scale_out.py measures the delay: tens of ms; generous here for loaded CI)
+        _until(lambda: b.memory.index.contains("default", e.id), timeout=5.0)
+        assert b.memory.index.revision == a.store.written_revision
         assert [s.edit.id for s in b.retrieve(CEO) if s.in_scope] == [e.id]
         assert asked == []  # the listener said which revision is current: no query
 
@@ -72,7 +73,7 @@ def test_a_replica_applies_edits_in_the_background(pg_url, tmp_path, embedder):
         asked.clear()  # (applying a change asks the store once, under the index's lock)
         b.retrieve(CEO)
         assert asked == []
-        _until(lambda: not a.memory.index.contains("default", e.id), timeout=2.0)
+        _until(lambda: not a.memory.index.contains("default", e.id), timeout=5.0)
 
         # a burst of 40 single writes (40 notifications) costs b far fewer syncs
         syncs = b.memory.syncer.syncs  # type: ignore[union-attr]
@@ -154,12 +155,12 @@ def test_two_kem_serve_replicas_stay_in_sync(replicas):
     edit_id = r.json()["id"]
     rev = _health(a)["index_revision"]  # a applied its own write before answering
     assert rev >= 1 and _applied(a) == [edit_id]
-    took = _until(lambda: _health(b)["index_revision"] >= rev, timeout=3.0)  # b applies it, no request needed
-    assert took < 3.0 and _applied(b) == [edit_id]
+    _until(lambda: _health(b)["index_revision"] >= rev, timeout=5.0)  # b applies it, no request needed
+    assert _applied(b) == [edit_id]
 
     r = httpx.delete(f"{b.url}/v1/edits/{edit_id}", timeout=30)
     assert r.status_code == 200, r.text
     rev = _health(b)["index_revision"]
     assert _applied(b) == []
-    _until(lambda: _health(a)["index_revision"] >= rev, timeout=3.0)
+    _until(lambda: _health(a)["index_revision"] >= rev, timeout=5.0)
     assert _applied(a) == []
