@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,7 @@ SCHEMA_VERSION = 1
 DEFAULT_SCHEMA = "kem"
 NOTIFY_CHANNEL = "kem_changes"
 SMALL_BATCH = 16  # add_many of at most this many edits uses INSERTs; larger ones COPY
+POOL_RETRY_S = 0.25  # a request waiting for a connection asks the pool again this often (_getconn)
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _DDL = """
@@ -183,12 +185,36 @@ class PostgresStore:
             raise
 
     # -- connections
+    def _getconn(self) -> Any:
+        """A connection from the pool within :attr:`timeout`, asking again every :data:`POOL_RETRY_S`: the pool
+        (``reconnect_timeout=0``) gives up a failed connection attempt, and only a new request makes it try
+        again, so a request that waits while the database restarts gets a connection soon after it is back
+        instead of running out its whole wait."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self._pool.getconn(timeout=max(0.001, min(POOL_RETRY_S, left)))
+            except self._pool_timeout:
+                if left <= POOL_RETRY_S:
+                    raise
+
+    @contextmanager
+    def _pooled(self) -> Iterator[Any]:
+        """``ConnectionPool.connection()`` with :meth:`_getconn`'s wait."""
+        conn = self._getconn()
+        try:
+            with conn:
+                yield conn
+        finally:
+            self._pool.putconn(conn)
+
     @contextmanager
     def _conn(self) -> Iterator[Any]:
         """A pooled connection (autocommit); a lost or refused connection becomes
         :class:`~kem.errors.StoreUnavailable` (503), another operational error :class:`StoreError`."""
         try:
-            with self._pool.connection() as conn:
+            with self._pooled() as conn:
                 yield conn
         except self._pool_timeout as exc:
             raise _connect_error(self.url, exc) from exc
