@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25  # how long one wait for notifications lasts: the bound on close()'s latency
 PING_S = 5.0  # without notifications, check the connection this often (a silent network cut)
 BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 2.0
+BACKOFF_MAX_S = 1.0
 CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout (seconds; its minimum is 2)
 
 
