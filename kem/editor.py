@@ -95,7 +95,8 @@ class KnowledgeEditor:
                                  selection=self.settings.demo_selection)
         self._generator = generator
         self._absorbed: frozenset[str] = frozenset()  # versions whose edits are in the weights (serve_version)
-        self.tenants = TenantAdapters(self.settings.home)  # each namespace's consolidated adapter, if any
+        # each namespace's consolidated adapter, if any (KEM_MODELS_DIR; with PostgreSQL, the recorded current)
+        self.tenants = TenantAdapters.for_settings(self.settings)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -324,6 +325,7 @@ class KnowledgeEditor:
         try:
             self.memory.close()
         finally:
+            self.tenants.close()
             self.store.close()
 
     def __enter__(self) -> KnowledgeEditor:

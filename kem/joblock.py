@@ -167,8 +167,8 @@ def postgres_lock(url: str, job: str = JOB) -> Iterator[HeldLock]:
 @contextmanager
 def job_lock(settings: Any, job: str = JOB) -> Iterator[HeldLock]:
     """The lock for ``job`` on the store ``settings`` names: PostgreSQL's advisory lock for a PostgreSQL
-    store, a file lock under ``<home>/models`` otherwise. Raises ConflictError (naming the holder) at once
-    when another process holds it."""
+    store, a file lock in the models folder (``KEM_MODELS_DIR``, default ``<home>/models``) otherwise. Raises
+    ConflictError (naming the holder) at once when another process holds it."""
     from kem.stores import is_postgres
 
     url = getattr(settings, "store", None)
@@ -176,7 +176,5 @@ def job_lock(settings: Any, job: str = JOB) -> Iterator[HeldLock]:
         with postgres_lock(url, job) as info:
             yield info
     else:
-        from kem.versions import VersionStore
-
-        with file_lock(VersionStore(settings.home).root, job) as info:
+        with file_lock(settings.models_root(), job) as info:  # KEM_MODELS_DIR, default <home>/models
             yield info

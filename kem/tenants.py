@@ -1,5 +1,6 @@
 """Which adapter a tenant's requests run with: the tenant's current consolidated version
-(``<home>/models/tenants/<namespace>/current`` -> ``vN/adapter``), re-read when the pointer changes.
+(``<models>/tenants/<namespace>/current`` -> ``vN/adapter``, the models folder being ``KEM_MODELS_DIR``,
+default ``<home>/models``), re-read when the pointer changes.
 
 No torch here. A tenant's versions (written by ``kem consolidate --namespace``, see
 :mod:`kem.versions`)::
@@ -13,6 +14,10 @@ No torch here. A tenant's versions (written by ``kem consolidate --namespace``, 
 mtime and size are the cache key): a newly published or rolled-back tenant version is picked up by
 the next request, without a restart. The adapter is only ever looked up by the request's own
 namespace, so one tenant's adapter never serves another.
+
+With a PostgreSQL store the tenant's ``current`` is the one recorded in the database
+(:class:`kem.versions.VersionRegistry`), re-read at most every ``refresh`` seconds and at once after
+:meth:`TenantAdapters.invalidate` (``kem serve`` calls it when ``NOTIFY kem_versions`` names the tenant).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kem.protocols import AdapterRef
-from kem.versions import TENANTS
+from kem.versions import TENANTS, VersionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +70,41 @@ class TenantAdapters:
 
     Args:
         home: kem's data folder (``Settings.home``).
+        models_dir: The models folder (default ``<home>/models``).
+        registry: The versions recorded in a PostgreSQL store (None: the pointer files decide).
+        refresh: With a registry: seconds a tenant's looked-up current is trusted before it is read again.
     """
 
-    def __init__(self, home: str | os.PathLike[str]) -> None:
+    def __init__(self, home: str | os.PathLike[str], *, models_dir: str | os.PathLike[str] | None = None,
+                 registry: VersionRegistry | None = None, refresh: float = 2.0) -> None:
         self.home = Path(home).expanduser()
-        self.root = self.home / "models" / TENANTS
-        # namespace -> (pointer key, the version or None, the shared absorbed set it needs)
-        self._cache: dict[str, tuple[tuple[int, int] | None, TenantVersion | None, frozenset[str]]] = {}
+        self.models = Path(models_dir).expanduser() if models_dir is not None else self.home / "models"
+        self.root = self.models / TENANTS
+        self.registry = registry
+        self.refresh = refresh
+        # namespace -> (pointer key, the version or None, the shared absorbed set it needs, when checked)
+        self._cache: dict[str, tuple[Hashable | None, TenantVersion | None, frozenset[str], float]] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> TenantAdapters:
+        """The settings' models folder (``KEM_MODELS_DIR``) and, with a PostgreSQL store, its recorded versions."""
+        registry = None
+        url = getattr(settings, "store", None)
+        if url and str(url).startswith(("postgresql://", "postgres://")):
+            from kem.stores.pg_versions import PostgresVersions
+
+            registry = PostgresVersions(str(url))  # connects on first use
+        return cls(settings.home, models_dir=settings.models_root(), registry=registry)
+
+    def close(self) -> None:
+        if self.registry is not None:
+            self.registry.close()
+
+    def invalidate(self, namespace: str) -> None:
+        """Read ``namespace``'s current version again at its next request (it was published or rolled back)."""
+        with self._lock:
+            self._cache.pop(namespace, None)
 
     def __repr__(self) -> str:
         return f"TenantAdapters({str(self.root)!r})"
@@ -85,31 +120,51 @@ class TenantAdapters:
         than the one served (``shared``: the served shared version and its ancestors)."""
         if not namespace or "/" in namespace or namespace.startswith("."):
             return None
-        pointer = self.root / namespace / "current"
-        try:
-            st = os.stat(pointer)
-            key: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
-        except OSError:
-            key = None
         hit = self._cache.get(namespace)
+        now = time.monotonic()
+        fresh = self.registry is not None and hit is not None and now - hit[3] < self.refresh
+        key = hit[0] if fresh and hit is not None else self._key(namespace, hit)  # invalidate() drops the hit
         if hit is None or hit[0] != key:
             tv, needs = self._load(namespace) if key is not None else (None, frozenset())
-            hit = (key, tv, needs)
+            hit = (key, tv, needs, now)
             with self._lock:
                 self._cache[namespace] = hit
             if tv is not None:
                 log.info("namespace %s: adapter %s (on shared weights %s)", namespace, tv.adapter.name,
                          sorted(needs) or "base")
+        elif not fresh and self.registry is not None:  # read again just now and unchanged: trusted anew
+            hit = (*hit[:3], now)
+            with self._lock:
+                self._cache[namespace] = hit
         if hit[1] is not None and hit[2] != shared:
             return None  # computed on other shared weights: its edits stay on the fast path
         return hit[1]
+
+    def _key(self, namespace: str, hit: Any) -> Hashable | None:
+        """What identifies the tenant's current version now (None: nothing published): the registry's
+        current, else the pointer file's mtime and size."""
+        if self.registry is not None:
+            from kem.errors import KemError
+
+            try:
+                recorded, name = self.registry.current(namespace)
+            except KemError as exc:  # the database is away: keep what was served
+                log.warning("tenant %s: cannot read its current version (%s); keeping the last one", namespace, exc)
+                return hit[0] if hit is not None else None
+            if recorded:
+                return ("recorded", name) if name else None
+        try:
+            st = os.stat(self.root / namespace / "current")
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
 
     def _load(self, namespace: str) -> tuple[TenantVersion | None, frozenset[str]]:
         from kem.errors import KemError
         from kem.versions import VersionStore
 
         try:
-            store = VersionStore(self.home, namespace=namespace)
+            store = VersionStore(self.home, namespace=namespace, models_dir=self.models, registry=self.registry)
             cur = store.current()
             if cur is None:
                 return None, frozenset()

@@ -1,6 +1,13 @@
-"""Published model versions under ``<KEM_HOME>/models/``: the bookkeeping consolidation, ``kem serve`` and
-the CLI share (list, resolve ``vN`` / ``current`` / ``base``, absorbed versions, publish, roll back).
-No torch here: writing and loading weights stays in :mod:`kem.consolidation.versions`.
+"""Published model versions under the models folder (``KEM_MODELS_DIR``, default ``<KEM_HOME>/models/``):
+the bookkeeping consolidation, ``kem serve`` and the CLI share (list, resolve ``vN`` / ``current`` /
+``base``, absorbed versions, publish, roll back). No torch here: writing and loading weights stays in
+:mod:`kem.consolidation.versions`. Build one with :func:`versions_for` (the settings' folder and store).
+
+With a PostgreSQL edit store the versions are also recorded in the database (a :class:`VersionRegistry`,
+:mod:`kem.stores.pg_versions`): the database says which version is ``current`` (replicas sharing the
+models folder agree even if a local pointer file differs), publish and rollback notify the replicas
+(``NOTIFY kem_versions``), and the weights stay in the folder. A version is recorded only once its folder
+is complete; :func:`recover` records a folder the database missed. With SQLite, files only.
 
 Layout::
 
@@ -44,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -139,6 +146,29 @@ class ServedVersion:
         return p if p is not None and (p / "adapter_config.json").is_file() else None
 
 
+class VersionRegistry(Protocol):
+    """Where versions are recorded besides their folders, so several machines agree on ``current``
+    (:class:`kem.stores.pg_versions.PostgresVersions`). ``namespace`` is '' for the shared versions."""
+
+    def current(self, namespace: str) -> tuple[bool, str | None]:
+        """``(recorded, version)``: whether a current version is recorded, and which (None: base)."""
+        ...
+
+    def manifests(self, namespace: str) -> builtins.list[dict[str, Any]]: ...
+
+    def manifest(self, namespace: str, version: str) -> dict[str, Any] | None: ...
+
+    def namespaces(self) -> builtins.list[str]: ...
+
+    def record(self, namespace: str, manifest: dict[str, Any], created_at: datetime, make_current: bool) -> None:
+        """Record a complete version (and make it current, notifying replicas)."""
+        ...
+
+    def set_current(self, namespace: str, version: str | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def check_name(version: str) -> str:
     """``version`` if it is of the form ``vN`` (N >= 1), else a :class:`ValidationError`."""
     if not VERSION_RE.fullmatch(version or ""):
@@ -158,23 +188,52 @@ def check_namespace(namespace: str) -> str:
 
 
 class VersionStore:
-    """The published versions under ``<home>/models`` (shared), or a tenant's under
-    ``<home>/models/tenants/<namespace>`` (LoRA adapters over a shared version).
+    """The published versions under the models folder (shared), or a tenant's under
+    ``<models>/tenants/<namespace>`` (LoRA adapters over a shared version).
 
     Args:
         home: kem's data folder (``Settings.home``).
         namespace: None for the shared versions; a tenant namespace for that tenant's versions.
+        models_dir: The models folder (``Settings.models_root()``; default ``<home>/models``).
+        registry: Where versions are also recorded (a PostgreSQL store's tables); None: files only.
+            The database's ``current`` wins over the pointer file once it names one.
+        owns_registry: :meth:`close` closes ``registry``.
     """
 
-    def __init__(self, home: str | os.PathLike[str], namespace: str | None = None) -> None:
+    def __init__(self, home: str | os.PathLike[str], namespace: str | None = None, *,
+                 models_dir: str | os.PathLike[str] | None = None, registry: VersionRegistry | None = None,
+                 owns_registry: bool = False) -> None:
         self.home = Path(home).expanduser()
         self.namespace = None if namespace is None else check_namespace(namespace)
-        shared = self.home / "models"
-        self.root = shared if namespace is None else shared / TENANTS / namespace
+        self.models = Path(models_dir).expanduser() if models_dir is not None else self.home / "models"
+        self.root = self.models if namespace is None else self.models / TENANTS / namespace
+        self.registry = registry
+        self._owns_registry = owns_registry
 
     def __repr__(self) -> str:
         ns = "" if self.namespace is None else f", namespace={self.namespace!r}"
-        return f"VersionStore({str(self.home)!r}{ns})"
+        return f"VersionStore({str(self.models)!r}{ns})"
+
+    def __enter__(self) -> VersionStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the registry's connection if this store opened it (:func:`versions_for`)."""
+        if self.registry is not None and self._owns_registry:
+            self.registry.close()
+
+    @property
+    def _key(self) -> str:
+        return self.namespace or ""
+
+    def of(self, namespace: str | None) -> VersionStore:
+        """The versions of ``namespace`` (None: the shared ones) in the same folder and registry."""
+        if namespace == self.namespace:
+            return self
+        return VersionStore(self.home, namespace, models_dir=self.models, registry=self.registry)
 
     def label(self, version: str) -> str:
         """How edits absorbed by ``version`` record it in ``consolidated_in``: ``vN`` for a shared
@@ -182,43 +241,62 @@ class VersionStore:
         return version if self.namespace is None else f"{self.namespace}/{version}"
 
     def tenants(self) -> builtins.list[str]:
-        """Namespaces with a tenant version folder under ``<home>/models/tenants`` (sorted)."""
-        root = self.home / "models" / TENANTS
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        """Namespaces with a tenant version folder under ``<models>/tenants`` or recorded versions (sorted)."""
+        root = self.models / TENANTS
+        found = set(self.registry.namespaces()) if self.registry is not None else set()
+        if root.is_dir():
+            found |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        return sorted(found)
 
     def shared(self) -> VersionStore:
-        """The shared versions' store of the same home."""
-        return self if self.namespace is None else VersionStore(self.home)
+        """The shared versions' store of the same folder (and registry)."""
+        return self.of(None)
 
     # ---- reading ------------------------------------------------------------------------------------
     def path(self, version: str) -> Path:
         """Folder of a published ``vN``; :class:`NotFoundError` when it does not exist."""
         path = self.root / check_name(version)
         if not (path / MANIFEST).is_file():
-            known = ", ".join(m.version for m in self.list()) or "none published yet"
             whose = "" if self.namespace is None else f" of namespace {self.namespace!r}"
+            if self.registry is not None and self.registry.manifest(self._key, version) is not None:
+                raise NotFoundError(f"model version {version!r}{whose} is recorded in the database but its folder "
+                                    f"{path} is missing: every replica must see the same models folder "
+                                    "(set KEM_MODELS_DIR to the shared folder)")
+            known = ", ".join(m.version for m in self.list()) or "none published yet"
             raise NotFoundError(f"model version {version!r}{whose} does not exist under {self.root} (known: {known})")
         return path
 
     def manifest(self, version: str) -> Manifest:
-        """The manifest of a published ``vN``."""
+        """The manifest of a published ``vN`` (the database's copy when recorded there)."""
+        if self.registry is not None:
+            row = self.registry.manifest(self._key, check_name(version))
+            if row is not None:
+                return Manifest.model_validate(row)
         return Manifest.model_validate_json((self.path(version) / MANIFEST).read_text(encoding="utf-8"))
 
+    def _folder_manifests(self) -> dict[str, Manifest]:
+        found = {}
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if VERSION_RE.fullmatch(p.name) and (p / MANIFEST).is_file():
+                    found[p.name] = Manifest.model_validate_json((p / MANIFEST).read_text(encoding="utf-8"))
+        return found
+
     def list(self) -> list[Manifest]:
-        """Every published version, oldest first (temporary folders of running jobs are ignored)."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for p in self.root.iterdir():
-            m = VERSION_RE.fullmatch(p.name)
-            if m and (p / MANIFEST).is_file():
-                found.append((int(m.group(1)), Manifest.model_validate_json((p / MANIFEST).read_text(encoding="utf-8"))))
-        return [man for _, man in sorted(found, key=lambda x: x[0])]
+        """Every published version, oldest first (temporary folders of running jobs are ignored): the
+        recorded ones and any folder the registry does not know yet (:func:`recover` records it)."""
+        found = self._folder_manifests()
+        if self.registry is not None:
+            found.update({m.version: m for m in map(Manifest.model_validate, self.registry.manifests(self._key))})
+        return [found[v] for v in sorted(found, key=lambda v: int(v[1:]))]
 
     def current(self) -> str | None:
-        """The version ``current`` points at, or None (the base model is served)."""
+        """The version ``current`` points at, or None (the base model is served): the registry's when it
+        records one, else the pointer file's."""
+        if self.registry is not None:
+            recorded, name = self.registry.current(self._key)
+            if recorded:
+                return None if name in (None, "", BASE) else name
         path = self.root / CURRENT
         if not path.is_file():
             return None
@@ -282,24 +360,35 @@ class VersionStore:
             return ServedVersion(BASE, None, frozenset(), self.namespace)
         chain = self.ancestors(version)
         parent = self.manifest(version).parent if self.namespace is not None else None
-        return ServedVersion(version, self.root / version, frozenset(self.label(v) for v in chain),
-                             self.namespace, parent)
+        folder = self.path(version)  # the weights must be here (a recorded version's folder may not be)
+        return ServedVersion(version, folder, frozenset(self.label(v) for v in chain), self.namespace, parent)
 
     def next_version(self) -> str:
-        """The next free name: one more than the highest ``vN`` folder (published or being written)."""
+        """The next free name: one more than the highest ``vN`` folder (published or being written) or
+        recorded version."""
         top = 0
         if self.root.is_dir():
             for p in self.root.iterdir():
                 m = VERSION_RE.fullmatch(p.name)
                 if m:
                     top = max(top, int(m.group(1)))
+        if self.registry is not None:
+            top = max([top] + [int(str(m["version"])[1:]) for m in self.registry.manifests(self._key)
+                               if VERSION_RE.fullmatch(str(m.get("version", "")))])
         return f"v{top + 1}"
 
     # ---- writing ------------------------------------------------------------------------------------
     def set_current(self, version: str | None) -> None:
-        """Point ``current`` at ``version`` (None or ``"base"``: the base model), atomically."""
-        if version not in (None, BASE):
+        """Point ``current`` at ``version`` (None or ``"base"``: the base model), atomically: in the registry
+        first (which notifies the replicas), then the pointer file."""
+        version = None if version in (None, BASE) else version
+        if version is not None:
             self.path(version)  # must exist
+        if self.registry is not None:
+            self.registry.set_current(self._key, version)
+        self._write_pointer(version)
+
+    def _write_pointer(self, version: str | None) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         write_atomic(self.root / CURRENT, (version or BASE) + "\n", new_mode=0o644)
 
@@ -323,7 +412,9 @@ class VersionStore:
         ``write(folder)`` fills a temporary folder ``models/.tmp-vN-*`` (weights, tokenizer, delta...);
         the manifest is written last, then the folder is renamed to ``vN``. A failure removes the
         temporary folder and leaves every published version and ``current`` as they were. A file lock
-        serialises concurrent publishers.
+        serialises concurrent publishers. With a registry the complete version is then recorded (and made
+        current, notifying the replicas) in one transaction; if that fails the folder stays, not
+        current, and :func:`recover` records it.
 
         Args:
             manifest: Fields of :class:`Manifest` except ``version`` and ``created_at``.
@@ -346,18 +437,45 @@ class VersionStore:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            if self.registry is not None:
+                self.registry.record(self._key, man.model_dump(mode="json"), man.created_at, make_current)
             if make_current:
-                self.set_current(version)
+                self._write_pointer(version)
         log.info("published model version %s (%d edits, method %s)", self.label(version), len(man.edit_ids), man.method)
         return man
 
 
+def versions_for(settings: Any, namespace: str | None = None, *, home: str | os.PathLike[str] | None = None) -> VersionStore:
+    """The :class:`VersionStore` a command uses: the settings' models folder (``KEM_MODELS_DIR``, default
+    ``<home>/models``) and, when ``settings.store`` names PostgreSQL, the versions recorded in its schema
+    (:class:`kem.stores.pg_versions.PostgresVersions`, connected on first use). Close it when done.
+
+    Args:
+        settings: kem settings (``home``, ``models_dir``, ``store``).
+        namespace: A tenant's versions instead of the shared ones.
+        home: Overrides ``settings.home`` (and the default models folder under it).
+    """
+    if home is not None:
+        settings = settings.model_copy(update={"home": Path(home)})
+    registry: VersionRegistry | None = None
+    url = getattr(settings, "store", None)
+    if url and str(url).startswith(("postgresql://", "postgres://")):
+        from kem.stores.pg_versions import PostgresVersions
+
+        registry = PostgresVersions(str(url))
+    return VersionStore(settings.home, namespace, models_dir=settings.models_root(), registry=registry,
+                        owns_registry=registry is not None)
+
+
 @dataclass(frozen=True)
 class Recovery:
-    """What :meth:`VersionStore.recover` repaired: temporary folders removed, edits marked."""
+    """What :func:`recover` repaired: temporary folders removed, edits marked, version folders recorded in
+    the registry; and what it could not: recorded versions whose folder is missing here."""
 
     removed: tuple[str, ...] = ()
     marked: tuple[tuple[str, str], ...] = ()  # (edit id, version)
+    recorded: tuple[str, ...] = ()  # labels (v3, alice/v1) recorded in the registry from their folders
+    missing: tuple[str, ...] = ()  # labels recorded in the registry with no folder under this models folder
 
 
 def recover(versions: VersionStore, store: Any) -> Recovery:
@@ -367,6 +485,11 @@ def recover(versions: VersionStore, store: Any) -> Recovery:
     * A kill between publishing ``vN`` and marking its edits leaves them ``active``: the manifest is
       the journal, so every edit it lists that is still active and was not changed after ``vN`` was
       published is marked ``consolidated_in = vN`` (else the next job would consolidate it again).
+    * With a registry (PostgreSQL): a complete version folder the database does not record (a publish
+      that failed after the rename, or versions from before the store was PostgreSQL) is recorded, not
+      made current; a namespace whose database records no ``current`` takes its pointer file's. A
+      recorded version with no folder here is reported (``missing``) and left alone: this machine's
+      models folder is not the shared one, or a folder was deleted by hand.
 
     Given the shared store, the tenants' versions (``models/tenants/*``) are recovered too (their edits
     marked with the tenant label, ``alice/vN``); given a tenant's store, that tenant's only.
@@ -378,9 +501,11 @@ def recover(versions: VersionStore, store: Any) -> Recovery:
 
     stores = [versions]
     if versions.namespace is None:
-        stores += [VersionStore(versions.home, ns) for ns in versions.tenants()]
+        stores += [versions.of(ns) for ns in versions.tenants()]
     removed: list[str] = []
     marked: list[tuple[str, str]] = []
+    recorded: list[str] = []
+    missing: list[str] = []
     for vs in stores:
         if vs.root.is_dir():
             try:
@@ -391,6 +516,18 @@ def recover(versions: VersionStore, store: Any) -> Recovery:
                             removed.append(p.name if vs.namespace is None else f"{TENANTS}/{vs.namespace}/{p.name}")
             except Timeout:  # a publisher is writing its temporary folder right now
                 pass
+        if vs.registry is not None:
+            folders = vs._folder_manifests()
+            known = {str(m["version"]) for m in vs.registry.manifests(vs._key)}
+            for name in sorted(set(folders) - known, key=lambda v: int(v[1:])):
+                vs.registry.record(vs._key, folders[name].model_dump(mode="json"), folders[name].created_at, False)
+                recorded.append(vs.label(name))
+            missing += [vs.label(v) for v in sorted(known - set(folders), key=lambda v: int(v[1:]))]
+            if not vs.registry.current(vs._key)[0] and (vs.root / CURRENT).is_file():
+                pointer = (vs.root / CURRENT).read_text(encoding="utf-8").strip()
+                if pointer in ("", BASE) or pointer in folders:
+                    vs.registry.set_current(vs._key, None if pointer in ("", BASE) else pointer)
+                    recorded.append(f"{vs.label('current')}={pointer}")
         for man in vs.list():
             todo = []
             for edit_id in man.edit_ids:
@@ -406,4 +543,9 @@ def recover(versions: VersionStore, store: Any) -> Recovery:
     if removed or marked:
         log.warning("recovered from an interrupted consolidation: removed %s, marked %d edits consolidated",
                     removed or "nothing", len(marked))
-    return Recovery(tuple(removed), tuple(marked))
+    if recorded:
+        log.warning("recorded in the database what only the models folder %s held: %s", versions.models, recorded)
+    if missing:
+        log.warning("versions recorded in the database have no folder under %s: %s (is KEM_MODELS_DIR the shared "
+                    "models folder?)", versions.models, missing)
+    return Recovery(tuple(removed), tuple(marked), tuple(recorded), tuple(missing))

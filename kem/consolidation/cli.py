@@ -83,12 +83,23 @@ def consolidate(
         raise typer.Exit(1)
 
 
-@models_app.command("list")
-def models_list(namespace: NamespaceOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List published versions (the current one is marked): the shared ones, or a tenant's adapters."""
-    from kem.versions import VersionStore
+def _versions(home: Path | None, store: str | None, namespace: str | None) -> Any:
+    """The versions of the settings' models folder (``KEM_MODELS_DIR``) and, with a PostgreSQL store, its database."""
+    from kem.versions import versions_for
 
-    vs = VersionStore(_settings(home).home, namespace)
+    return versions_for(_settings(home, store), namespace)
+
+
+@models_app.command("list")
+def models_list(namespace: NamespaceOpt = None, home: HomeOpt = None, store: StoreOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """List published versions (the current one is marked): the shared ones, or a tenant's adapters. With a
+    PostgreSQL store, the versions and the current one recorded in its database."""
+    with _versions(home, store, namespace) as vs:
+        _list(vs, namespace, as_json)
+
+
+def _list(vs: Any, namespace: str | None, as_json: bool) -> None:
     cur = vs.current()
     rows: list[dict[str, Any]] = []
     for m in vs.list():
@@ -126,14 +137,14 @@ def models_list(namespace: NamespaceOpt = None, home: HomeOpt = None, as_json: J
 
 @models_app.command("show")
 def models_show(version: Annotated[str, typer.Argument(help="vN")], namespace: NamespaceOpt = None,
-                home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+                home: HomeOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     """Show a version's manifest."""
-    from kem.versions import VersionStore
-
-    vs = VersionStore(_settings(home).home, namespace)
-    man = vs.manifest(version)
-    row = {**man.model_dump(mode="json"), "current": vs.current() == man.version,
-           "path": str(vs.path(version)), "absorbed_versions": [vs.label(v) for v in vs.ancestors(version)]}
+    with _versions(home, store, namespace) as vs:
+        man = vs.manifest(version)
+        folder = vs.root / man.version
+        row = {**man.model_dump(mode="json"), "current": vs.current() == man.version,
+               "path": str(folder) if folder.is_dir() else f"{folder} (missing here)",
+               "absorbed_versions": [vs.label(v) for v in vs.ancestors(version)]}
     if as_json:
         _print_json(row)
     else:
@@ -145,17 +156,17 @@ def models_show(version: Annotated[str, typer.Argument(help="vN")], namespace: N
 
 @models_app.command("rollback")
 def models_rollback(version: Annotated[str, typer.Argument(help="vN, or 'base' for the base model (a tenant: no adapter)")],
-                    namespace: NamespaceOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Serve an earlier version (nothing is deleted); edits of later versions return to the fast path."""
-    from kem.versions import VersionStore
-
-    vs = VersionStore(_settings(home).home, namespace)
-    before = vs.current()
-    vs.rollback(version)
-    after = vs.current()
+                    namespace: NamespaceOpt = None, home: HomeOpt = None, store: StoreOpt = None,
+                    as_json: JsonOpt = False) -> None:
+    """Serve an earlier version (nothing is deleted); edits of later versions return to the fast path. With a
+    PostgreSQL store the database's current moves too, and kem serve replicas serving current hot-swap."""
+    with _versions(home, store, namespace) as vs:
+        before = vs.current()
+        vs.rollback(version)
+        after = vs.current()
+        absorbed = [vs.label(v) for v in vs.ancestors(after)]
     if as_json:
-        _print_json({"namespace": namespace, "previous": before, "current": after,
-                     "absorbed_versions": [vs.label(v) for v in vs.ancestors(after)]})
+        _print_json({"namespace": namespace, "previous": before, "current": after, "absorbed_versions": absorbed})
     else:
         whose = "" if namespace is None else f" of namespace {namespace}"
         typer.echo(f"current model version{whose}: {after or 'base'} (was {before or 'base'})")

@@ -312,6 +312,14 @@ def consolidate(
 
 
 def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda: None) -> ConsolidationResult:
+    from kem.versions import versions_for
+
+    with versions_for(settings) as shared:  # KEM_MODELS_DIR; with PostgreSQL, the versions recorded there
+        return _job(settings, cfg, still_held, shared)
+
+
+def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: Any) -> ConsolidationResult:
+    """The job itself, on the shared versions ``shared`` (a :class:`kem.versions.VersionStore`)."""
     from tqdm.auto import tqdm
 
     from kem.consolidation import versions as V
@@ -319,7 +327,7 @@ def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda:
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
     from kem.stores import open_store
-    from kem.versions import BASE, DELTA, VersionStore, recover
+    from kem.versions import BASE, DELTA, recover
 
     home = settings.home
     spec = get_method(cfg.method)
@@ -327,12 +335,12 @@ def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if parent in (None, "current"):
-        parent = VersionStore(home).current()
+        parent = shared.current()
     elif parent == BASE:
         parent = None
-    parent_man = VersionStore(home).manifest(parent) if parent else None
-    chain = VersionStore(home).absorbed(parent)
-    vs = VersionStore(home, cfg.tenant)  # where the new version goes
+    parent_man = shared.manifest(parent) if parent else None
+    chain = shared.absorbed(parent)
+    vs = shared.of(cfg.tenant)  # where the new version goes
     extends = None  # a tenant job: the tenant's version the new adapter extends
     if cfg.tenant is not None:
         served = vs.adapter_on(parent)
@@ -344,7 +352,7 @@ def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda:
     store = open_store(settings)  # settings.store: <home>/edits.sqlite by default, or PostgreSQL
     tenant: Any = None  # a tenant job's adapter (kem.consolidation.tenant.TenantAdapter)
     try:
-        recover(VersionStore(home), store)  # a job killed between publish and marking: finish it first
+        recover(shared, store)  # a job killed between publish and marking: finish it first
         edits = pending_edits(store, chain, cfg.namespaces, cfg.max_edits)
         result.edit_ids = [e.id for e in edits]
         if not edits:
@@ -372,7 +380,7 @@ def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda:
         # a later job of that method still sees it after versions made by other methods; a tenant's
         # adapter versions carry their own, started from the shared parent's
         state_classes = {m.name: m.state_cls for m in method_specs() if m.state_cls is not None}
-        state_from = vs.path(extends) if extends else VersionStore(home).path(parent) if parent else None
+        state_from = vs.path(extends) if extends else shared.path(parent) if parent else None
         if state_from is not None:
             for key, cls in state_classes.items():
                 path = state_from / cls.file_name
@@ -471,7 +479,7 @@ def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda:
             manifest["tenant_parent"] = extends
             man = tenant.publish(vs, manifest, extra_files=extra)
         else:
-            man = V.publish(home, model, tok, total, manifest, extra_files=extra)
+            man = V.publish(vs, model, tok, total, manifest, extra_files=extra)
         timings["publish"] = time.perf_counter() - t0
         result.version = man.version
         result.published = True

@@ -131,7 +131,7 @@ class _CountRequests:
 
 def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyRing | None = None,
               served_name: str | None = None, reloader: Reloader | None = None,
-              metrics: Metrics | None = None) -> Any:
+              metrics: Metrics | None = None, follow_current: bool = False) -> Any:
     """Build the FastAPI app. Routes authenticate, parse, call :class:`Serving` and respond.
 
     Args:
@@ -143,6 +143,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         reloader: ``(request, current engine) -> engine`` for ``POST /admin/reload``: a new engine, or the
             current one with new weights loaded in place (``None``: hot swap not supported).
         metrics: Shared metrics (a new one by default).
+        follow_current: On a PostgreSQL store, hot-swap to the recorded ``current`` version when it moves
+            (:mod:`kem.server.follow`; tenants' adapters follow on any PostgreSQL store).
     """
     keys = keys or KeyRing(None)
     serving = Serving(editor, engine, served_name=served_name, metrics=metrics,
@@ -153,13 +155,27 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
     async def lifespan(app: Any) -> AsyncIterator[None]:
         log.info("kem serving %s as %r (auth %s)", serving.engine.name, serving.served_name,
                  "on" if keys.enabled else "off")
-        yield
-        await serving.aclose()
+        from kem.stores import is_postgres
+
+        if is_postgres(getattr(settings, "store", None)):  # versions recorded in the database: follow them
+            import asyncio
+
+            from kem.server.follow import VersionFollower
+
+            app.state.follower = VersionFollower(serving, settings, asyncio.get_running_loop(),
+                                                 follow_current=follow_current).start()
+        try:
+            yield
+        finally:
+            if app.state.follower is not None:
+                await app.state.follower.aclose()
+            await serving.aclose()
 
     docs = bool(getattr(settings, "api_docs", False))  # off by default: the schema maps the API for anyone
     app = FastAPI(title="kem", version="0.1.0", lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.serving = serving
+    app.state.follower = None  # kem.server.follow.VersionFollower, on a PostgreSQL store
     app.state.keys = keys
     app.add_middleware(_LimitBody, max_bytes=int(getattr(settings, "max_body_bytes", 32 * 1024 * 1024)))
     app.add_middleware(_CountRequests, metrics=serving.metrics)
@@ -258,7 +274,13 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
                     return {"status": "ok"}
             except KemError:
                 return {"status": "ok"}
-        return serving.health()
+        body = serving.health()
+        follower = app.state.follower
+        if follower is not None:
+            body["versions"] = {"follow": "current" if follower.follow_current else "tenants",
+                                "listening": follower.healthy, "swaps": follower.swaps,
+                                "failures": follower.failures, "last_swap_s": follower.last_swap_s}
+        return body
 
     @app.get("/metrics")
     async def metrics_text(request: Request) -> Response:

@@ -98,7 +98,7 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     from kem.server.app import build_app
     from kem.server.auth import KeyRing
     from kem.settings import Settings
-    from kem.versions import VersionStore, recover
+    from kem.versions import recover, versions_for
 
     settings = settings or Settings()
     if home is not None:
@@ -108,7 +108,8 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
     if settings.store_timeout is None:  # a request during a database outage: a 503 after 3 s, not 10
         settings = settings.model_copy(update={"store_timeout": SERVE_STORE_TIMEOUT})
     ring = KeyRing.from_settings(keys, settings)
-    served = VersionStore(settings.home).resolve(model_version) if model_version else None
+    with versions_for(settings) as versions:  # KEM_MODELS_DIR; with PostgreSQL, the versions recorded there
+        served = versions.resolve(model_version) if model_version else None
     reloader = None
     if upstream:
         from kem.adapters.openai_http import OpenAIHTTPGenerator
@@ -127,10 +128,12 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
             eng = build_engine(engine, settings.model, settings)
             reloader = make_reloader(engine, settings, served_name or eng.name)
     editor = KnowledgeEditor.open(settings.home, settings=settings, generator=eng)
-    recover(VersionStore(settings.home), editor.store)  # what a killed consolidation job left half done
+    with versions_for(settings) as versions:
+        recover(versions, editor.store)  # what a killed consolidation job left half done
     if served is not None:
         editor.serve_version(served.absorbed)
-    return build_app(settings, editor, eng, keys=ring, served_name=served_name, reloader=reloader)
+    return build_app(settings, editor, eng, keys=ring, served_name=served_name, reloader=reloader,
+                     follow_current=model_version == "current")  # PostgreSQL: hot swap when current moves
 
 
 def serve(
@@ -156,9 +159,10 @@ def serve(
         "shared with the engine that thread waits for the engine's busy cores: measured 500 ms vs 50 ms "
         "per embedding), torch's default otherwise."),
     model_version: str | None = typer.Option(
-        None, help="Serve a version consolidation published under <home>/models: vN, 'current' or 'base'. "
-        "In-process engines load it; with --upstream, say which version the upstream serves. Its absorbed "
-        "edits are skipped."),
+        None, help="Serve a version consolidation published under KEM_MODELS_DIR (default <home>/models): vN, "
+        "'current' or 'base'. In-process engines load it; with --upstream, say which version the upstream "
+        "serves. Its absorbed edits are skipped. With 'current' on a PostgreSQL store, the replica hot-swaps "
+        "when a version is published or rolled back anywhere."),
     upstream_adapter: str | None = typer.Option(
         None, help="With --upstream: the name under which the upstream serves kem's edit-follower LoRA "
         "(vllm serve --enable-lora --lora-modules kem-editor=PATH); in-scope requests are sent to it. "

@@ -193,17 +193,13 @@ class Serving:
             NotFoundError: an in-process engine was asked for a version that is not published.
             ValidationError: the engine must change but this server has no reloader.
         """
-        from kem.versions import VersionStore
-
         async with self._reload_lock:
             self.editor.tenants.clear()  # tenants' current pointers are re-read (they are also checked per request)
             absorbed = self.editor.absorbed_versions
             forwarding = self.forwarding
-            versions = VersionStore(self.settings.home)
-            if req.version and (versions.is_published(req.version) or (req.path is None and not forwarding)):
+            if req.version and (pub := await asyncio.to_thread(self._published, req, forwarding)) is not None:
                 # a version consolidation published: its folder, and the edits of it and its ancestors
                 # (in-process engines with no path: the version must be published, else 404)
-                pub = await asyncio.to_thread(versions.resolve, req.version)
                 absorbed = pub.absorbed
                 update: dict[str, Any] = {"version": pub.version}
                 if req.path is None and not forwarding:
@@ -230,6 +226,16 @@ class Serving:
                     task.add_done_callback(self._closing.discard)
         return {"status": "ok", "model": self._engine.name, "version": req.version,
                 "absorbed_versions": sorted(absorbed), "seconds": round(seconds, 3)}
+
+    def _published(self, req: ReloadRequest, forwarding: bool) -> Any:
+        """The published version ``req.version`` names (KEM_MODELS_DIR; with PostgreSQL, ``current`` is the
+        database's), or None when it is not published and ``req`` brings its own path or upstream."""
+        from kem.versions import versions_for
+
+        with versions_for(self.settings) as versions:
+            if versions.is_published(str(req.version)) or (req.path is None and not forwarding):
+                return versions.resolve(str(req.version))
+        return None
 
     def _base_model(self) -> Any:
         from kem.models import resolve_model

@@ -1,0 +1,136 @@
+"""Hot swap across replicas: a ``kem serve`` on a PostgreSQL store follows the model versions recorded in
+the database (:mod:`kem.stores.pg_versions`).
+
+A publish or rollback anywhere sends ``NOTIFY kem_versions, '<schema>:<namespace>:<version>'``.
+:class:`VersionFollower` listens (:class:`kem.stores.pg_listen.Listener`) and, for this store's schema:
+
+- a shared version (namespace ''), when this replica serves ``current`` (``kem serve --model-version
+  current``, not a pinned ``vN``): the same in-place reload as ``POST /admin/reload {"version":
+  "current"}`` (:meth:`kem.server.serving.Serving.reload`: one at a time; notifications arriving during
+  a reload coalesce into one more). A reload that fails keeps the engine serving and is logged;
+- a tenant's version: that tenant's adapter lookup is invalidated, so its next request reads the new
+  ``current`` (:meth:`kem.tenants.TenantAdapters.invalidate`).
+
+After every (re)connect of the listener it catches up: tenants' lookups are dropped and, when following
+``current``, the recorded current is compared with what is served and loaded if it differs (a
+notification sent while the connection was down is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class VersionFollower:
+    """Follow the versions recorded in a PostgreSQL store (see the module docstring).
+
+    Args:
+        serving: The server's :class:`~kem.server.serving.Serving`.
+        settings: kem settings; ``settings.store`` must name PostgreSQL.
+        loop: The server's event loop (reloads run there).
+        follow_current: Reload the shared weights when ``current`` moves (False: a pinned version or the
+            base model is served; only tenants' adapters follow).
+    """
+
+    def __init__(self, serving: Any, settings: Any, loop: asyncio.AbstractEventLoop, *, follow_current: bool) -> None:
+        from kem.stores import split_schema
+
+        self.serving = serving
+        self.settings = settings
+        self.loop = loop
+        self.follow_current = follow_current
+        self.conninfo, self.schema = split_schema(str(settings.store))
+        self.swaps = 0  # reloads done on a notification or a catch-up
+        self.failures = 0
+        self.last_swap_s: float | None = None  # seconds from the notification to serving the new version
+        self._dirty = False
+        self._since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listener: Any = None
+
+    def start(self) -> VersionFollower:
+        from kem.stores.pg_listen import Listener
+        from kem.stores.pg_versions import CHANNEL
+
+        self._listener = Listener(self.conninfo, [CHANNEL], self._on_notify, self._on_reconnect,
+                                  name="kem-versions").start()
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        return self._listener is not None and self._listener.healthy
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.close)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    # ---- the listener's thread ----------------------------------------------------------------------
+    def _on_notify(self, channel: str, payload: str) -> None:
+        from kem.stores.pg_versions import parse_payload
+
+        parsed = parse_payload(payload)
+        if parsed is None or parsed[0] != self.schema:
+            return  # another kem deployment in the same database
+        _, namespace, version = parsed
+        if namespace:
+            log.info("namespace %s: current version is now %s (announced by the store)", namespace, version)
+            self.serving.editor.tenants.invalidate(namespace)
+        elif self.follow_current:
+            log.info("current model version is now %s (announced by the store): reloading", version)
+            self._wake()
+
+    def _on_reconnect(self) -> None:
+        self.serving.editor.tenants.clear()
+        if self.follow_current:
+            self._wake()  # catch up: a publish while the connection was down sent a notification nobody heard
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._kick, time.perf_counter())
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+    # ---- the event loop -----------------------------------------------------------------------------
+    def _kick(self, at: float) -> None:
+        self._dirty = True
+        self._since = self._since or at
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        from kem.server.protocol import ReloadRequest
+
+        while self._dirty:
+            self._dirty = False
+            try:
+                target = await asyncio.to_thread(self._recorded_absorbed)
+                if target == self.serving.editor.absorbed_versions:
+                    self._since = None
+                    continue  # already served (our own start, or a notification for what we serve)
+                out = await self.serving.reload(ReloadRequest(version="current"))
+            except Exception as exc:  # noqa: BLE001 - the old engine keeps serving; say why, once per attempt
+                self.failures += 1
+                self._since = None
+                log.error("hot swap to the store's current model version failed; still serving %s: %s",
+                          self.serving.engine.name, exc)
+                continue
+            self.swaps += 1
+            if self._since is not None:
+                self.last_swap_s = time.perf_counter() - self._since
+            self._since = None
+            log.info("hot swap: now serving %s (version %s, load %.2f s, %.2f s after the announcement)",
+                     out["model"], out["version"], out["seconds"], self.last_swap_s or 0.0)
+
+    def _recorded_absorbed(self) -> frozenset[str]:
+        """The versions whose edits the store's current version holds (its chain)."""
+        from kem.versions import versions_for
+
+        with versions_for(self.settings) as versions:
+            return versions.absorbed(versions.current())
