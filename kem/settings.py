@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     store: str | None = Field(
         None, description="The edit store (kem --store): empty or 'sqlite': <home>/edits.sqlite (the embedded "
         "default); sqlite:///PATH; postgresql://user:pass@host:port/db[?schema=NAME]: PostgreSQL, shared by "
-        "several kem replicas (the FAISS index and model versions stay under home).",
+        "several kem replicas (the FAISS index stays under home; model versions in KEM_MODELS_DIR, recorded in the "
+        "database).",
     )
     models_dir: Path | None = Field(
         None, description="Published model versions (weights, manifests, the current pointer); default "
