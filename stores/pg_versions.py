@@ -85,7 +85,7 @@ class PostgresVersions:
         with self._lock:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 try:
-                    conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+                    conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=3)  # a request may wait on it
                     ensure_tables(conn, self.schema, _DDL)
                 except psycopg.Error as exc:
                     raise _connect_error(self.conninfo, exc) from exc

@@ -7,7 +7,9 @@ A publish or rollback anywhere sends ``NOTIFY kem_versions, '<schema>:<namespace
 - a shared version (namespace ''), when this replica serves ``current`` (``kem serve --model-version
   current``, not a pinned ``vN``): the same in-place reload as ``POST /admin/reload {"version":
   "current"}`` (:meth:`kem.server.serving.Serving.reload`: one at a time; notifications arriving during
-  a reload coalesce into one more). A reload that fails keeps the engine serving and is logged;
+  a reload coalesce into one more). A reload that fails keeps the engine serving, is logged, and is tried
+  again after 1, 2, 4, 8 and 16 s (an NFS client may see the new folder a little late), then not until the
+  next notification;
 - a tenant's version: that tenant's adapter lookup is invalidated, so its next request reads the new
   ``current`` (:meth:`kem.tenants.TenantAdapters.invalidate`).
 
@@ -24,6 +26,9 @@ import time
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 1.0  # first retry of a failed reload; doubled each time
+RETRIES = 5
 
 
 class VersionFollower:
@@ -51,6 +56,8 @@ class VersionFollower:
         self._dirty = False
         self._since: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._attempt = 0  # failed reloads in a row since the last notification
+        self._retry: asyncio.TimerHandle | None = None
         self._listener: Any = None
 
     def start(self) -> VersionFollower:
@@ -68,6 +75,8 @@ class VersionFollower:
     async def aclose(self) -> None:
         if self._listener is not None:
             await asyncio.to_thread(self._listener.close)
+        if self._retry is not None:
+            self._retry.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
@@ -98,7 +107,13 @@ class VersionFollower:
             pass
 
     # ---- the event loop -----------------------------------------------------------------------------
-    def _kick(self, at: float) -> None:
+    def _kick(self, at: float | None) -> None:
+        """Reload soon: on a notification or reconnect (``at``: when it arrived), or a retry (``at`` None)."""
+        if at is not None:  # news: a fresh series of attempts
+            self._attempt = 0
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
         self._dirty = True
         self._since = self._since or at
         if self._task is None or self._task.done():
@@ -112,15 +127,23 @@ class VersionFollower:
             try:
                 target = await asyncio.to_thread(self._recorded_absorbed)
                 if target == self.serving.editor.absorbed_versions:
-                    self._since = None
+                    self._since, self._attempt = None, 0
                     continue  # already served (our own start, or a notification for what we serve)
                 out = await self.serving.reload(ReloadRequest(version="current"))
             except Exception as exc:  # noqa: BLE001 - the old engine keeps serving; say why, once per attempt
                 self.failures += 1
-                self._since = None
-                log.error("hot swap to the store's current model version failed; still serving %s: %s",
-                          self.serving.engine.name, exc)
+                self._attempt += 1
+                again = ""
+                if self._attempt <= RETRIES and not self._dirty:
+                    delay = RETRY_S * 2 ** (self._attempt - 1)
+                    self._retry = self.loop.call_later(delay, self._kick, None)
+                    again = f" (trying again in {delay:.0f} s)"
+                else:
+                    self._since = None
+                log.error("hot swap to the store's current model version failed; still serving %s: %s%s",
+                          self.serving.engine.name, exc, again)
                 continue
+            self._attempt = 0
             self.swaps += 1
             if self._since is not None:
                 self.last_swap_s = time.perf_counter() - self._since
