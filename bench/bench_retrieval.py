@@ -592,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--embed-queries", type=int, default=300, help="--embedders: single queries timed per backend")
     p.add_argument("--embed-import", type=int, default=10_000, help="--embedders: CounterFact edits imported")
     p.add_argument("--no-old-import", action="store_true", help="--embedders: skip the old path's import")
+    p.add_argument("--index-sizes", type=ints, default=[],
+                   help="only the big-partition index table (bench_index.py) at these sizes, in vectors, on the "
+                        "realistic data set, e.g. 1000000")
     a = p.parse_args(argv)
     from kem import index as kem_index
 
@@ -600,6 +603,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.full_sizes = a.sizes if a.full_sizes is None else a.full_sizes
     if a.embedders:
         bench_embedders(a)
+        return
+    if a.index_sizes:
+        import bench_index
+
+        for n in a.index_sizes:
+            bench_index.main(["--n", str(n), "--data", "realistic"])
         return
     data = real_data()
     if a.prepare:
