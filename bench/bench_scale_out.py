@@ -11,8 +11,8 @@ thread each, separate ``--home``, the same ``--store``). Phases:
    ``/healthz`` ``index_revision`` is polled (every 2 ms) until B has applied it. Staleness is the time
    from A's 201 to B's index holding the edit, with no request to B other than the polls.
 2. **load**: ``--clients`` threads for ``--duration`` s, half per tenant (namespaces ``tenant0``/``tenant1``),
-   alternating replicas; a quarter of the operations add an edit, the rest ask a completion
-   (``max_tokens=1``) about an edit the thread wrote at least 1 s before on either replica. Counts errors,
+   alternating replicas; a quarter of the operations add an edit, the rest ask (half chat completions,
+   half completions, ``max_tokens=1``) about an edit the thread wrote at least 1 s before on either replica. Counts errors,
    cross-tenant edits applied (an edit of the other tenant in the ``kem`` field: a leak), and reads that
    did not apply the expected edit; afterwards every acknowledged edit is in the store and both indexes
    are at the store's revision (0 lost).
@@ -155,7 +155,8 @@ def staleness(a: Replica, b: Replica, n: int) -> dict[str, Any]:
 def load(reps: list[Replica], clients: int, duration: float, first_record: int) -> dict[str, Any]:
     lock = threading.Lock()
     ids: dict[str, set[str]] = {"tenant0": set(), "tenant1": set()}
-    stats = {"requests": 0, "writes": 0, "reads": 0, "errors": 0, "leaks": 0, "misses": 0, "checked_reads": 0}
+    stats = {"requests": 0, "writes": 0, "reads": 0, "errors": 0, "leaks": 0, "misses": 0, "checked_reads": 0,
+             "chats": 0}
     errors: list[str] = []
     stop = time.monotonic() + duration
 
@@ -181,13 +182,20 @@ def load(reps: list[Replica], clients: int, duration: float, first_record: int) 
                             stats["writes"] += 1
                     else:
                         _, rec, want = ripe[k % len(ripe)]
-                        r = c.post("/v1/completions", headers={"x-kem-namespace": ns},
-                                   json={"model": "default", "prompt": question(rec), "max_tokens": 1})
+                        chat = k % 2 == 0  # half chat, half completions
+                        body: dict[str, Any] = {"model": "default", "max_tokens": 1}
+                        if chat:
+                            body["messages"] = [{"role": "user", "content": question(rec)}]
+                        else:
+                            body["prompt"] = question(rec)
+                        r = c.post("/v1/chat/completions" if chat else "/v1/completions",
+                                   headers={"x-kem-namespace": ns}, json=body)
                         if r.status_code != 200:
-                            raise RuntimeError(f"completion {r.status_code}: {r.text[:200]}")
+                            raise RuntimeError(f"{'chat' if chat else 'completion'} {r.status_code}: {r.text[:200]}")
                         got = {e["id"] for e in r.json()["kem"]["edits"]}
                         with lock:
                             stats["reads"] += 1
+                            stats["chats"] += chat
                             stats["checked_reads"] += 1
                             other = ids["tenant1" if ns == "tenant0" else "tenant0"]
                             stats["leaks"] += len(got & other)
@@ -421,10 +429,10 @@ def report(res: dict[str, Any]) -> None:
                   f"{s['write_p50_ms']:.1f} | {s['load']} |", ""]
     if "load" in res:
         s = res["load"]
-        lines += ["| load | s | requests | req/s | writes | reads | errors | cross-tenant leaks | reads missing "
+        lines += ["| load | s | requests | req/s | writes | reads (chat) | errors | cross-tenant leaks | reads missing "
                   "the edit | lost edits | indexes caught up | load |", "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   f"| 2 replicas x {s.get('clients', '')} clients | {s['seconds']} | {s['requests']} | {s['req_per_s']:.1f} | "
-                  f"{s['writes']} | {s['reads']} | {s['errors']} | {s['leaks']} | {s['misses']} | {s['lost']} | "
+                  f"{s['writes']} | {s['reads']} ({s.get('chats', 0)}) | {s['errors']} | {s['leaks']} | {s['misses']} | {s['lost']} | "
                   f"{s['indexes_at_store_revision']} | {s['load']} |", ""]
     if "kill" in res:
         lines += ["| kill -9 A during import | stored | all or none | B serves it | A restart s | A caught up | load |",
