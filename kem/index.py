@@ -13,7 +13,8 @@ measurement (docs/retrieval.md):
 - ``"hnsw"`` (default): an ``IndexHNSWFlat`` graph (M=32) over full vectors behind an
   ``IndexIDMap2``, up to ``hnsw_max`` vectors (IVF above it, back to HNSW below half of it: on
   near-duplicate-heavy data HNSW's recall fell at 2M vectors). One query visits a few thousand
-  vectors whatever the partition's size (0.5 ms at 200k vectors vs 6 ms for IVF, same run).
+  vectors whatever the partition's size (0.5 ms at 200k vectors vs 6 ms for IVF, same run; 1.1 ms
+  at 1M with efSearch raised to ``LARGE_EF_SEARCH`` past ``HNSW_LARGE_VECTORS``).
   HNSW cannot delete: a removed edit's vectors stay in the graph as *tombstones* (their slot is no
   longer in the id tables, so a search skips them and over-fetches to make up for them), and once
   tombstones pass ``DEAD_FRACTION`` of the graph it is rebuilt from the live vectors in the
@@ -72,10 +73,15 @@ HNSW_EF_CONSTRUCTION = 100
 DEFAULT_EF_SEARCH = 128
 DEAD_FRACTION = 0.2  # tombstoned share of an HNSW graph that triggers a background rebuild
 # Above this many vectors an "hnsw" index uses IVF instead (back to HNSW below half of it). Measured
-# (docs/retrieval.md): HNSW beat IVF on recall and 11x on latency at 200k vectors, but on the 1M-edit
-# tiled data (2M vectors, 100 near-duplicates per fact) its recall@4 fell to 0.77-0.90 against IVF's
-# 0.93. The cap sits just above the last size where HNSW was measured to win.
-HNSW_MAX_VECTORS = 250_000
+# (docs/retrieval.md): on 1M vectors of real keys plus samples of a mixture fitted to them, HNSW
+# (efSearch 256) reached recall@4 0.961 at 1.1 ms, IVF over an HNSW quantizer 0.923 at 2.4 ms. On the
+# old tiled data (clouds of near-duplicates, 2M vectors) HNSW's recall fell to 0.77-0.90, so the cap
+# stays at the largest size measured on realistic data.
+HNSW_MAX_VECTORS = 1_000_000
+# Above this many vectors an HNSW partition searches with at least LARGE_EF_SEARCH candidates: at 1M
+# realistic vectors efSearch 128 gave recall@4 0.949, 256 gave 0.961 (docs/retrieval.md).
+HNSW_LARGE_VECTORS = 250_000
+LARGE_EF_SEARCH = 256
 # IVF
 DEFAULT_NPROBE = 64  # inverted lists visited per query
 NLIST_FACTOR = 4.0  # nlist = NLIST_FACTOR * sqrt(vectors at training time)
@@ -267,13 +273,17 @@ class _Partition:
         if self.kind == IVF:
             self.index.nprobe = min(self.nprobe, self.index.nlist)
         elif self.kind == HNSW:
-            _faiss().downcast_index(self.index.index).hnsw.efSearch = self.ef_search
+            _faiss().downcast_index(self.index.index).hnsw.efSearch = self.effective_ef()
+
+    def effective_ef(self) -> int:
+        """efSearch for this partition's size: ``ef_search``, at least ``LARGE_EF_SEARCH`` past ``HNSW_LARGE_VECTORS``."""
+        return max(self.ef_search, LARGE_EF_SEARCH) if self.ntotal > HNSW_LARGE_VECTORS else self.ef_search
 
     def describe(self) -> str:
         if self.kind == IVF:
             return f"ivf nlist={self.index.nlist} nprobe={self.index.nprobe}"
         if self.kind == HNSW:
-            return f"hnsw M={self.hnsw_m} efSearch={self.ef_search} tombstones={self.dead}"
+            return f"hnsw M={self.hnsw_m} efSearch={self.effective_ef()} tombstones={self.dead}"
         return FLAT
 
     @property
@@ -611,6 +621,9 @@ class NamespacedIndex:
         at a time per partition; this check runs again after its swap); going back to flat is
         immediate (a copy of the live vectors), once no build is running.
         """
+        if part.kind == HNSW and _faiss().downcast_index(part.index.index).hnsw.efSearch != part.effective_ef():
+            with part.rw.write():  # the partition grew past (or shrank below) HNSW_LARGE_VECTORS
+                part.apply_params()
         if part.building is not None:
             return  # the check runs again when that build is swapped in
         n = part.ntotal

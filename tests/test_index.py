@@ -425,6 +425,30 @@ def test_hnsw_partitions_past_hnsw_max_use_ivf(data: tuple[np.ndarray, np.ndarra
     assert recall(idx.search("ns", q, K), brute_force(ids[:700], vecs[:700], q, K)) >= HNSW_RECALL_BOUND
 
 
+def test_large_hnsw_partitions_search_with_a_larger_ef(monkeypatch, data: tuple[np.ndarray, np.ndarray]) -> None:
+    """Past ``HNSW_LARGE_VECTORS`` an HNSW partition's efSearch rises to ``LARGE_EF_SEARCH``, and back below it."""
+    import kem.index as kem_index
+
+    monkeypatch.setattr(kem_index, "HNSW_LARGE_VECTORS", 3_000)
+    monkeypatch.setattr(kem_index, "LARGE_EF_SEARCH", 300)
+    x, q = data
+    ids, vecs = edits_of(x[:4000], 2)
+    idx = ann_index(HNSW, 1_000, ef_search=64)
+    idx.add_many("ns", ids[:1000], vecs[:1000])  # 2000 vectors
+    idx.wait()
+    assert idx.kind("ns") == HNSW and "efSearch=64 " in (idx.describe("ns") or "")
+    idx.add_many("ns", ids[1000:2000], vecs[1000:2000])  # 4000 vectors: grown in place, no rebuild
+    assert idx.kind("ns") == HNSW and "efSearch=300 " in (idx.describe("ns") or "")
+    import faiss
+
+    assert faiss.downcast_index(idx._parts["ns"].index.index).hnsw.efSearch == 300
+    assert recall(idx.search("ns", q, K), brute_force(ids[:2000], vecs[:2000], q, K)) >= HNSW_RECALL_BOUND
+    for i in range(2000 - 1, 1400 - 1, -1):  # 2800 vectors (tombstones do not count)
+        idx.remove("ns", ids[i])
+    idx.wait()
+    assert faiss.downcast_index(idx._parts["ns"].index.index).hnsw.efSearch == 64
+
+
 def test_rejects_bad_input() -> None:
     idx = NamespacedIndex(D)
     with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
