@@ -426,7 +426,8 @@ def test_hnsw_partitions_past_hnsw_max_use_ivf(data: tuple[np.ndarray, np.ndarra
 
 
 def test_large_hnsw_partitions_search_with_a_larger_ef(monkeypatch, data: tuple[np.ndarray, np.ndarray]) -> None:
-    """Past ``HNSW_LARGE_VECTORS`` an HNSW partition's efSearch rises to ``LARGE_EF_SEARCH``, and back below it."""
+    """Past ``HNSW_LARGE_VECTORS`` an HNSW partition's efSearch rises to ``LARGE_EF_SEARCH`` (and its
+    efConstruction to ``LARGE_EF_CONSTRUCTION``), and back below it."""
     import kem.index as kem_index
 
     monkeypatch.setattr(kem_index, "HNSW_LARGE_VECTORS", 3_000)
@@ -441,7 +442,8 @@ def test_large_hnsw_partitions_search_with_a_larger_ef(monkeypatch, data: tuple[
     assert idx.kind("ns") == HNSW and "efSearch=300 " in (idx.describe("ns") or "")
     import faiss
 
-    assert faiss.downcast_index(idx._parts["ns"].index.index).hnsw.efSearch == 300
+    graph = faiss.downcast_index(idx._parts["ns"].index.index).hnsw
+    assert (graph.efSearch, graph.efConstruction) == (300, kem_index.LARGE_EF_CONSTRUCTION)
     assert recall(idx.search("ns", q, K), brute_force(ids[:2000], vecs[:2000], q, K)) >= HNSW_RECALL_BOUND
     for i in range(2000 - 1, 1400 - 1, -1):  # 2800 vectors (tombstones do not count)
         idx.remove("ns", ids[i])
