@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.protocols import AdapterRef
-from kem.versions import TENANTS, VersionRegistry
+from kem.versions import TENANTS, VersionRegistry, registry_for
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,7 @@ class TenantAdapters:
     @classmethod
     def for_settings(cls, settings: Any) -> TenantAdapters:
         """The settings' models folder (``KEM_MODELS_DIR``) and, with a PostgreSQL store, its recorded versions."""
-        registry = None
-        url = getattr(settings, "store", None)
-        if url and str(url).startswith(("postgresql://", "postgres://")):
-            from kem.stores.pg_versions import PostgresVersions
-
-            registry = PostgresVersions(str(url))  # connects on first use
-        return cls(settings.home, models_dir=settings.models_root(), registry=registry)
+        return cls(settings.home, models_dir=settings.models_root(), registry=registry_for(settings))
 
     def close(self) -> None:
         if self.registry is not None:

@@ -445,6 +445,20 @@ class VersionStore:
         return man
 
 
+def registry_for(settings: Any) -> VersionRegistry | None:
+    """Where ``settings.store`` records versions: a PostgreSQL store's tables
+    (:class:`kem.stores.pg_versions.PostgresVersions`, connected on first use; the caller closes it), or None
+    (SQLite: files only)."""
+    from kem.stores import is_postgres
+
+    url = getattr(settings, "store", None)
+    if not is_postgres(url):
+        return None
+    from kem.stores.pg_versions import PostgresVersions
+
+    return PostgresVersions(str(url))
+
+
 def versions_for(settings: Any, namespace: str | None = None, *, home: str | os.PathLike[str] | None = None) -> VersionStore:
     """The :class:`VersionStore` a command uses: the settings' models folder (``KEM_MODELS_DIR``, default
     ``<home>/models``) and, when ``settings.store`` names PostgreSQL, the versions recorded in its schema
@@ -457,12 +471,7 @@ def versions_for(settings: Any, namespace: str | None = None, *, home: str | os.
     """
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
-    registry: VersionRegistry | None = None
-    url = getattr(settings, "store", None)
-    if url and str(url).startswith(("postgresql://", "postgres://")):
-        from kem.stores.pg_versions import PostgresVersions
-
-        registry = PostgresVersions(str(url))
+    registry = registry_for(settings)
     return VersionStore(settings.home, namespace, models_dir=settings.models_root(), registry=registry,
                         owns_registry=registry is not None)
 
