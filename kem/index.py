@@ -86,6 +86,13 @@ LARGE_EF_SEARCH = 256
 # raised recall@4 at efSearch 256 from 0.961 to 0.979 (real paraphrase queries 0.923 -> 0.958) for
 # 2.2x the build time (docs/retrieval.md).
 LARGE_EF_CONSTRUCTION = 200
+
+
+def ef_construction_for(n: int) -> int:
+    """efConstruction for an HNSW graph of ``n`` vectors (larger past ``HNSW_LARGE_VECTORS``)."""
+    return LARGE_EF_CONSTRUCTION if n > HNSW_LARGE_VECTORS else HNSW_EF_CONSTRUCTION
+
+
 # IVF
 DEFAULT_NPROBE = 64  # inverted lists visited per query
 NLIST_FACTOR = 4.0  # nlist = NLIST_FACTOR * sqrt(vectors at training time)
@@ -245,7 +252,7 @@ class _Partition:
         """An empty HNSW index for ``n`` vectors (efConstruction by size, as :meth:`apply_params` sets it)."""
         faiss = _faiss()
         hnsw = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = LARGE_EF_CONSTRUCTION if n > HNSW_LARGE_VECTORS else HNSW_EF_CONSTRUCTION
+        hnsw.hnsw.efConstruction = ef_construction_for(n)
         hnsw.hnsw.efSearch = self.ef_search
         index = faiss.IndexIDMap2(hnsw)
         index.own_fields = True
@@ -280,7 +287,7 @@ class _Partition:
         elif self.kind == HNSW:
             hnsw = _faiss().downcast_index(self.index.index).hnsw
             hnsw.efSearch = self.effective_ef()
-            hnsw.efConstruction = LARGE_EF_CONSTRUCTION if self.ntotal > HNSW_LARGE_VECTORS else HNSW_EF_CONSTRUCTION
+            hnsw.efConstruction = ef_construction_for(self.ntotal)
 
     def effective_ef(self) -> int:
         """efSearch for this partition's size: ``ef_search``, at least ``LARGE_EF_SEARCH`` past ``HNSW_LARGE_VECTORS``
@@ -630,9 +637,8 @@ class NamespacedIndex:
         immediate (a copy of the live vectors), once no build is running.
         """
         graph = _faiss().downcast_index(part.index.index).hnsw if part.kind == HNSW else None
-        large = part.ntotal > HNSW_LARGE_VECTORS
         if graph is not None and (graph.efSearch != part.effective_ef()
-                                  or (graph.efConstruction == LARGE_EF_CONSTRUCTION) != large):
+                                  or graph.efConstruction != ef_construction_for(part.ntotal)):
             with part.rw.write():  # the partition grew past (or shrank below) HNSW_LARGE_VECTORS
                 part.apply_params()
         if part.building is not None:
