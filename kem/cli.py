@@ -231,11 +231,13 @@ def _use_version(ke: Any, version: str) -> None:
 def demo(
     as_json: JsonOpt = False,
     max_new_tokens: Annotated[int, typer.Option(help="Generation length.")] = 12,
+    keep: Annotated[Path | None, typer.Option("--keep", help="Keep the demo's edit store in this folder (default: a "
+                                              "temporary one); then e.g. kem consolidate --home DIR --method distill.")] = None,
 ) -> None:
     """Add a few CounterFact edits to a temporary store and show answers before and after."""
     from kem.demo import run_demo
 
-    rows = run_demo(max_new_tokens=max_new_tokens, progress=not as_json)
+    rows = run_demo(max_new_tokens=max_new_tokens, progress=not as_json, home=keep)
     if as_json:
         _print_json(rows)
         return

@@ -3,11 +3,14 @@ before and after (with the edit-follower kem ships for the default model, in-sco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+from kem.edit import Edit
 from kem.settings import Settings
 
 UNRELATED = [
@@ -31,8 +34,15 @@ def demo_records() -> list[dict[str, Any]]:
     return list(data["records"])
 
 
-def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings | None = None) -> list[dict[str, Any]]:
-    """Returns one row per question: kind, question, unedited and edited answers, applied edits."""
+def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings | None = None,
+             home: str | Path | None = None) -> list[dict[str, Any]]:
+    """Returns one row per question: kind, question, unedited and edited answers, applied edits.
+
+    Args:
+        home: Keep the demo's store there (SQLite under ``home``; its edits are in the default, shared
+            namespace, so ``kem consolidate --home HOME`` writes them into the weights). Default: a
+            temporary folder, removed afterwards. Edits already there are not added twice.
+    """
     from kem.datasets import counterfact_edit
     from kem.editor import KnowledgeEditor
 
@@ -48,10 +58,13 @@ def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings
     questions.append(("unrelated", records[0]["locality_prompt"], False))
     questions.extend(("unrelated", q, q.endswith("?")) for q in UNRELATED)
 
-    with tempfile.TemporaryDirectory(prefix="kem-demo-") as home:
-        with KnowledgeEditor.open(home, settings=settings) as ke:
-            ke.add_many([counterfact_edit(r, n, "demo") for n, r in enumerate(records)]
-                        + [{**e, "source": "demo"} for e, _ in STRONG])
+    with contextlib.ExitStack() as stack:
+        where = Path(home) if home is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kem-demo-")))
+        with KnowledgeEditor.open(where, settings=settings) as ke:
+            have = {(e.subject, e.prompt) for e in ke.store.list(settings.namespace)}
+            new = [counterfact_edit(r, n, "demo") for n, r in enumerate(records)] + [
+                Edit(**{**e, "source": "demo"}) for e, _ in STRONG]
+            ke.add_many([e for e in new if (e.subject, e.prompt) not in have])
             rows = []
             from tqdm.auto import tqdm
 

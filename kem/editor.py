@@ -302,22 +302,35 @@ class KnowledgeEditor:
     def generate(self, prompt: str, namespace: str | None = None, *, max_new_tokens: int | None = None,
                  params: GenerationParams | None = None, use_edits: bool = True) -> Answer:
         """Complete ``prompt`` with the in-scope edits applied in context."""
-        rw = (self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator), self.tenant_of(namespace, self.generator))
-              if use_edits else Rewrite(prompt))
+        tv = self.tenant_of(namespace, self.generator)
+        rw = (self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator), tv)
+              if use_edits else self._weights_alone(prompt, tv))
         assert isinstance(rw.request, str)
         text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw))
-        return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
+        return Answer(text, rw.applied, self._model_name(tv), rw.considered, rw.request)
 
     def chat(self, messages: Sequence[Message] | str, namespace: str | None = None, *,
              max_new_tokens: int | None = None, params: GenerationParams | None = None,
              use_edits: bool = True) -> Answer:
         """Answer a chat (a message list, or one user message as a string) with the edits in context."""
         msgs: list[Message] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-        rw = (self.rewrite_chat(msgs, namespace, self.follower_of(self.generator), self.tenant_of(namespace, self.generator))
-              if use_edits else Rewrite(msgs))
+        tv = self.tenant_of(namespace, self.generator)
+        rw = (self.rewrite_chat(msgs, namespace, self.follower_of(self.generator), tv)
+              if use_edits else self._weights_alone(msgs, tv))
         assert isinstance(rw.request, list)
         text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw))
-        return Answer(text, rw.applied, self.generator.name, rw.considered, rw.request)
+        return Answer(text, rw.applied, self._model_name(tv), rw.considered, rw.request)
+
+    @staticmethod
+    def _weights_alone(request: Any, tenant: TenantVersion | None) -> Rewrite:
+        """``use_edits=False``: no fast path, but the weights the namespace is served with, i.e. its
+        consolidated adapter when it has one (the weights alone of that tenant)."""
+        return Rewrite(request, adapter=tenant.adapter if tenant is not None else None)
+
+    def _model_name(self, tenant: TenantVersion | None) -> str:
+        """The served model's name, plus the tenant's adapter version when one is applied."""
+        name = self.generator.name
+        return name if tenant is None else f"{name}+{tenant.namespace}/{tenant.version}"
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def close(self) -> None:

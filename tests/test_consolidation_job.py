@@ -19,6 +19,7 @@ import pytest
 from kem.consolidation import versions as V
 from kem.consolidation.job import Gates, consolidate, default_probes, pending_edits
 from kem.edit import Edit, EditStatus
+from kem.errors import ValidationError
 from kem.versions import DELTA, MANIFEST, VersionStore
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -144,7 +145,7 @@ def test_failure_after_apply_leaves_store_and_versions_untouched(home, settings,
     def boom(*a, **k):
         raise RuntimeError("injected after applying the deltas")
 
-    monkeypatch.setattr(job, "reliability", boom)  # runs after apply_delta, before publish
+    monkeypatch.setattr(job, "ask_forms", boom)  # runs after apply_delta, before publish
     with pytest.raises(RuntimeError, match="injected"):
         consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP, probes=PROBES)
     assert _snapshot(home) == before
@@ -353,3 +354,36 @@ def test_tenant_consolidation_publishes_an_isolated_adapter(tmp_path, lm_and_tok
         assert [e.id for e in pending_edits(store, vs.absorbed("v1"), "alice")] == [alice2.id]
     finally:
         store.close()
+
+
+def test_edits_are_retired_only_when_every_form_passes(home, settings, pending):
+    """Issue 20: the job asks the new weights each edit's cloze, paraphrases and chat question; an edit
+    that misses any form stays active (kept on the fast path), and the result says which form and why."""
+    gates = Gates(min_reliability=0.0, min_locality=0.0)
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP, probes=PROBES, gates=gates,
+                      dry_run=True)
+    assert not res.published and res.dry_run
+    per = {e["id"]: e for e in res.metrics["per_edit"]}
+    assert set(per) == set(res.edit_ids) and res.edit_ids
+    for e in per.values():
+        kinds = [f["kind"] for f in e["forms"]]
+        assert kinds[0] == "cloze" and "paraphrase" in kinds and "question" in kinds, kinds  # CounterFact relations
+        assert e["retired"] == all(f["ok"] for f in e["forms"])
+    assert set(res.absorbed_ids) == {i for i, e in per.items() if e["retired"]}
+    assert set(res.failed_ids) == {i for i, e in per.items() if not e["retired"]}
+    assert res.failed_ids  # values barely moved: these edits are not in the weights
+    assert "kept on the fast path" in res.message and "missed by" in res.message, res.message
+    m = res.metrics
+    assert 0.0 <= m["generalization"] <= 1.0 and m["forms"] >= 3 * len(res.edit_ids)
+    assert m["perplexity"] > 0 and abs(m["perplexity_increase"]) < 0.05  # nearly unchanged weights
+
+
+def test_gates_refuse_on_generalization_and_perplexity(home, settings, pending):
+    before = _snapshot(home)
+    res = consolidate(settings, method="memit", corpus=WIKITEXT, hparams=CHEAP, probes=PROBES,
+                      gates=Gates(min_reliability=0.0, min_locality=0.0, min_generalization=1.0,
+                                  max_perplexity_increase=0.0))
+    assert not res.published and any(r.startswith("generalization") for r in res.reasons), res.reasons
+    assert _snapshot(home) == before
+    with pytest.raises(ValidationError, match="max_perplexity_increase"):
+        Gates(max_perplexity_increase=-1)

@@ -92,6 +92,11 @@ def test_a_namespace_runs_with_its_own_adapter_and_skips_only_its_absorbed_edits
     assert tv is not None and tv.adapter.name == "alice/v1" and editor.tenant_of("bob") is None
     assert editor.generate(MOTHER, "alice", max_new_tokens=3).text.strip().startswith("English")
     assert editor.generate(MOTHER, "bob", max_new_tokens=3).text.strip().startswith("French")  # no version: base
+    # issue 20: alice's weights alone (no fast path) are the shared weights plus her adapter, and say so
+    alone = editor.generate(MOTHER, "alice", max_new_tokens=3, use_edits=False)
+    assert alone.text.strip().startswith("English") and alone.model == f"{editor.generator.name}+alice/v1"
+    bob_alone = editor.generate(MOTHER, "bob", max_new_tokens=3, use_edits=False)
+    assert bob_alone.text.strip().startswith("French") and bob_alone.model == editor.generator.name
     assert editor.generate(MOTHER, "default", max_new_tokens=3).text.strip().startswith("French")
 
     # an edit the tenant's adapter absorbed is skipped for that tenant only; pending edits still apply

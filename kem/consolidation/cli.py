@@ -34,13 +34,19 @@ def _print_json(obj: Any) -> None:
 
 
 def consolidate(
-    method: Annotated[str | None, typer.Option("--method", "-m", help="A registered method: memit (default), alphaedit, rome or ft-l.")] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", help="A registered method: memit (default), distill, alphaedit, rome or ft-l.")] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: every shared namespace, KEM_SHARED_NAMESPACES). A tenant namespace publishes that tenant's LoRA adapter version (models/tenants/NAME/vN), never shared weights.")] = None,
     max_edits: Annotated[int | None, typer.Option(help="At most this many pending edits (oldest first).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and evaluate; publish and change nothing.")] = False,
     parent: Annotated[str, typer.Option("--from", help="Build on: 'current' (default), 'base' or a version vN.")] = "current",
     min_reliability: Annotated[float, typer.Option(help="Gate: fraction of edits whose greedy answer carries the target.")] = 0.8,
     min_locality: Annotated[float, typer.Option(help="Gate: fraction of held-out probes answered as by the parent.")] = 0.85,
+    min_generalization: Annotated[float, typer.Option(help="Gate: fraction of the edits' paraphrases and chat questions "
+                                                      "answered with the target (an edit is retired only when it "
+                                                      "passes every form in any case).")] = 0.0,
+    max_perplexity_increase: Annotated[float, typer.Option(help="Gate: largest relative perplexity rise on held-out "
+                                                           "WikiText-2 against the parent (0.05 = +5%; negative: "
+                                                           "not measured).")] = 0.05,
     corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: texts sampled from the model).")] = None,
     cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
     batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
@@ -69,7 +75,8 @@ def consolidate(
             raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")
         overrides["mom2_samples"] = cov_samples
     result = run_job(_settings(home, store), method=spec.name, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
-                     gates=Gates(min_reliability, min_locality), parent=parent, corpus=corpus, hparams=overrides,
+                     gates=Gates(min_reliability, min_locality, min_generalization=min_generalization,
+                                 max_perplexity_increase=None if max_perplexity_increase < 0 else max_perplexity_increase), parent=parent, corpus=corpus, hparams=overrides,
                      batch_size=batch_size, progress=not as_json, max_rank=max_rank)
     if as_json:
         _print_json(result.as_dict())
@@ -78,7 +85,8 @@ def consolidate(
         for p in result.metrics.get("changed_probes", [])[:5]:
             typer.echo(f"  changed probe: {p['prompt']!r}: {p['parent']!r} -> {p['edited']!r}")
         for e in result.metrics.get("failed_edits", [])[:5]:
-            typer.echo(f"  not carried: {e['prompt']!r} -> {e['answer']!r} (target {e['target_new']!r})")
+            for f in e["missed"][:3]:
+                typer.echo(f"  kept {e['id']} ({e['target_new']!r}), {f['kind']} missed: {f['text']!r} -> {f['answer'].strip()[:80]!r}")
     if result.gate_failed:
         raise typer.Exit(1)
 

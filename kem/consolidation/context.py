@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kem.consolidation.covariance import CovarianceCache
@@ -24,6 +25,8 @@ class EditContext:
         state: Per-method running state, keyed by method name (AlphaEdit keeps its past keys here).
         progress: Show progress bars for long steps.
         cov_fingerprint: When set, covariance statistics are looked up under this model fingerprint.
+        follower: The edit-follower adapter folder the fast path serves with (``distill``'s teacher);
+            None: no follower (distill then labels forms with the target itself).
     """
 
     covariance: CovarianceCache = field(default_factory=lambda: CovarianceCache(None))
@@ -32,6 +35,7 @@ class EditContext:
     state: dict[str, Any] = field(default_factory=dict)
     progress: bool = False
     cov_fingerprint: str | None = None
+    follower: Path | None = None
 
     def pin_covariance(self, model: Any) -> None:
         """Key covariance statistics by ``model``'s fingerprint from now on, even after edits change its

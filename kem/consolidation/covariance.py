@@ -69,9 +69,13 @@ def corpus_id(corpus: str | os.PathLike[str] | None) -> str:
 
 
 @torch.no_grad()
-def sample_texts(model: Any, tok: Any, n: int, length: int = 64, batch_size: int = 16, seed: int = 0) -> list[str]:
-    """``n`` texts sampled from the model (used when no corpus is given)."""
+def sample_texts(model: Any, tok: Any, n: int, length: int = 64, batch_size: int = 64, seed: int = 0,
+                 progress: bool = False) -> list[str]:
+    """``n`` texts sampled from the model (used when no corpus is given), ``batch_size`` at a time."""
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
+    bar = tqdm(total=n, desc="sampling covariance texts from the model", unit="text", disable=not progress)
     start = tok.bos_token_id if tok.bos_token_id is not None else pad_id(tok)
     texts: list[str] = []
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
@@ -88,6 +92,8 @@ def sample_texts(model: Any, tok: Any, n: int, length: int = 64, batch_size: int
                 pad_token_id=pad_id(tok),
             )
             texts.extend(tok.batch_decode(out[:, 1:], skip_special_tokens=True))
+            bar.update(b)
+    bar.close()
     return texts
 
 
@@ -202,7 +208,7 @@ class CovarianceCache:
         if missing:
             t0 = time.perf_counter()
             if corpus is None:
-                texts = sample_texts(model, tok, n_samples)
+                texts = self._samples(model, tok, fp, n_samples, progress)
             else:
                 texts = []
                 for text in iter_corpus(corpus):
@@ -217,6 +223,26 @@ class CovarianceCache:
                 self._save(keys[layer], cov)
                 out[layer] = cov
         return out
+
+    def _samples(self, model: Any, tok: Any, fp: str, n: int, progress: bool) -> list[str]:
+        """The model-sampled corpus, sampled once per (model fingerprint, n) and kept on disk beside the
+        statistics: a later job that needs other layers (another method) reuses the texts and pays only
+        for the forward passes."""
+        path = None if self.root is None else self.root / f"{fp}-samples-n{n}.json"
+        if path is not None and path.is_file():
+            try:
+                texts = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(texts, list) and len(texts) == n:
+                    return [str(t) for t in texts]
+            except (OSError, ValueError):
+                pass  # unreadable: sample again
+        texts = sample_texts(model, tok, n, progress=progress)
+        if path is not None:
+            from kem.files import write_atomic
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(texts, ensure_ascii=False), new_mode=0o644)
+        return texts
 
     def _load(self, key: str) -> torch.Tensor | None:
         if key in self._mem:

@@ -62,14 +62,29 @@ class Gates:
         min_reliability: Fraction of the edits whose greedy answer contains the new target.
         min_locality: Fraction of held-out probes whose greedy answer equals the parent's.
         probe_tokens: Tokens generated per locality probe (answers are compared on these).
+        min_generalization: Fraction of the edits' other forms (paraphrases and chat questions, see
+            :func:`kem.consolidation.forms.forms_for`) whose greedy answer carries the target. 0 by
+            default: an edit is retired only when it passes every form anyway, so a version weak on
+            them publishes but retires few edits; raise it to refuse such versions outright.
+        max_perplexity_increase: Largest relative rise of the perplexity on held-out WikiText-2
+            paragraphs (``kem/data/perplexity_text.json``) against the parent; None: not measured.
+        chat_tokens: Tokens generated per chat question.
     """
 
     min_reliability: float = 0.8
     min_locality: float = 0.85
     probe_tokens: int = 6
+    min_generalization: float = 0.0
+    max_perplexity_increase: float | None = 0.05
+    chat_tokens: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("min_reliability", "min_locality"):
+        if self.max_perplexity_increase is not None and self.max_perplexity_increase < 0:
+            raise ValidationError(f"Gates.max_perplexity_increase must be >= 0 (got {self.max_perplexity_increase})",
+                                  field="max_perplexity_increase")
+        if self.chat_tokens < 1:
+            raise ValidationError(f"Gates.chat_tokens must be >= 1 (got {self.chat_tokens})", field="chat_tokens")
+        for name in ("min_reliability", "min_locality", "min_generalization"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValidationError(f"Gates.{name} must lie in [0, 1] (got {v})", field=name)
@@ -167,8 +182,10 @@ class ConsolidationResult:
 
 # ---- evaluation -------------------------------------------------------------------------------------
 def greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-           progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens."""
+           progress: bool = False, desc: str = "generate", special: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens.
+    ``special=False`` tokenizes the prompts without adding special tokens (text already rendered by a
+    chat template)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -180,7 +197,7 @@ def greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, ba
         with torch.inference_mode():
             for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
                 chunk = list(prompts[i : i + batch_size])
-                enc = tok(chunk, return_tensors="pt", padding=True).to(device)
+                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                      top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
                 out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -194,14 +211,57 @@ def carries(answer: str, edit: Edit) -> bool:
     return edit.target_new.casefold() in answer.casefold()
 
 
-def reliability(model: Any, tok: Any, edits: Sequence[Edit], progress: bool = False) -> tuple[float, list[bool], list[str]]:
-    """``(fraction carried, per-edit flags, answers)`` for the edits' rendered prompts."""
+def ask_forms(model: Any, tok: Any, edits: Sequence[Edit], chat_tokens: int = 32,
+              progress: bool = False) -> list[list[dict[str, Any]]]:
+    """Ask ``model`` (no context) every form of each edit (:func:`kem.consolidation.forms.forms_for`):
+    per edit, ``[{"kind", "text", "answer", "ok"}, ...]`` with ``ok`` when the greedy answer carries the
+    target. Chat questions go through the tokenizer's chat template."""
+    from kem.consolidation.forms import forms_for
+
+    forms = [forms_for(e) for e in edits]
+    out: list[list[dict[str, Any]]] = [[{"kind": f.kind, "text": f.text, "answer": "", "ok": False} for f in fs]
+                                       for fs in forms]
     if not edits:
-        return 1.0, [], []
+        return out
     longest = max(len(tok(e.target_completion, add_special_tokens=False)["input_ids"]) for e in edits)
-    answers = greedy(model, tok, [e.rendered_prompt for e in edits], longest + 4, progress=progress, desc="reliability")
-    flags = [carries(a, e) for a, e in zip(answers, edits, strict=True)]
-    return sum(flags) / len(flags), flags, answers
+    comp = [(i, j, f.text) for i, fs in enumerate(forms) for j, f in enumerate(fs) if not f.chat]
+    chat = [(i, j, str(tok.apply_chat_template([{"role": "user", "content": f.text}], add_generation_prompt=True,
+                                               tokenize=False)))
+            for i, fs in enumerate(forms) for j, f in enumerate(fs) if f.chat]
+    for rows, n_tok, special, desc in ((comp, longest + 4, True, "edits (cloze, paraphrases)"),
+                                       (chat, chat_tokens, False, "edits (chat questions)")):
+        if not rows:
+            continue
+        answers = greedy(model, tok, [r[2] for r in rows], n_tok, progress=progress, desc=desc, special=special)
+        for (i, j, _), a in zip(rows, answers, strict=True):
+            out[i][j].update(answer=a, ok=carries(a, edits[i]))
+    return out
+
+
+def perplexity_texts() -> list[str]:
+    """The held-out paragraphs of the perplexity gate (``kem/data/perplexity_text.json``, WikiText-2 valid)."""
+    text = resources.files("kem").joinpath("data/perplexity_text.json").read_text(encoding="utf-8")
+    return list(json.loads(text)["texts"])
+
+
+def perplexity(model: Any, tok: Any, texts: Sequence[str] | None = None, max_tokens: int = 512) -> float:
+    """Token-level perplexity of ``model`` on ``texts`` (default :func:`perplexity_texts`), each cut at
+    ``max_tokens`` tokens."""
+    import math
+
+    import torch
+
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for t in texts if texts is not None else perplexity_texts():
+            ids = tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens].to(device)
+            if ids.shape[1] < 2:
+                continue
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))
 
 
 def select_probes(edits: Sequence[Edit], probes: Sequence[str] | None = None, max_probes: int = 100) -> list[str]:
@@ -371,6 +431,7 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
         t0 = time.perf_counter()
         probe_prompts = select_probes(edits, cfg.probes)
         before = greedy(model, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (parent)")
+        ppl_parent = perplexity(model, tok) if gates.max_perplexity_increase is not None else None
         timings["probes_parent"] = time.perf_counter() - t0
 
         ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=cfg.corpus)
@@ -418,39 +479,62 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
             tenant = TenantAdapter.build(total, model, settings, cfg.max_rank)
             judged = tenant.view
             timings["export_adapter"] = time.perf_counter() - t0
-        rel, flags, answers = reliability(judged, tok, edits, progress=progress)
+        asked = ask_forms(judged, tok, edits, gates.chat_tokens, progress=progress)
         after = greedy(judged, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (edited)")
         same = [a.strip() == b.strip() for a, b in zip(after, before, strict=True)]
         loc = sum(same) / len(same) if same else 1.0
+        ppl_new = perplexity(judged, tok) if ppl_parent is not None else None
         timings["evaluate"] = time.perf_counter() - t0 - timings.get("export_adapter", 0.0)
-        result.absorbed_ids = [e.id for e, ok in zip(edits, flags, strict=True) if ok]
-        result.failed_ids = [e.id for e, ok in zip(edits, flags, strict=True) if not ok]
+        summary = forms_summary(edits, asked)
+        rel, gen = summary["reliability"], summary["generalization"]
+        retired = [all(f["ok"] for f in fs) for fs in asked]
+        result.absorbed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if ok]
+        result.failed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if not ok]
+        ppl_rise = None if ppl_new is None or not ppl_parent else ppl_new / ppl_parent - 1.0
         result.metrics = {
-            "reliability": rel,
+            **summary,
             "locality": loc,
             "edits": len(edits),
+            "retired": len(result.absorbed_ids),
+            "kept": len(result.failed_ids),
             "probes": len(probe_prompts),
+            "perplexity_parent": ppl_parent,
+            "perplexity": ppl_new,
+            "perplexity_increase": ppl_rise,
             "min_reliability": gates.min_reliability,
+            "min_generalization": gates.min_generalization,
             "min_locality": gates.min_locality,
+            "max_perplexity_increase": gates.max_perplexity_increase,
             "changed_probes": [{"prompt": p, "parent": b, "edited": a}
                                for p, b, a, s in zip(probe_prompts, before, after, same, strict=True) if not s][:20],
-            "failed_edits": [{"id": e.id, "prompt": e.rendered_prompt, "target_new": e.target_new, "answer": a}
-                             for e, a, ok in zip(edits, answers, flags, strict=True) if not ok][:20],
+            "failed_edits": [{"id": e.id, "prompt": e.rendered_prompt, "target_new": e.target_new,
+                              "missed": [{"kind": f["kind"], "text": f["text"], "answer": f["answer"]}
+                                         for f in fs if not f["ok"]]}
+                             for e, fs, ok in zip(edits, asked, retired, strict=True) if not ok][:20],
+            "per_edit": [{"id": e.id, "retired": ok, "forms": [{"kind": f["kind"], "text": f["text"], "ok": f["ok"],
+                                                                 "answer": f["answer"][:120]} for f in fs]}
+                         for e, fs, ok in zip(edits, asked, retired, strict=True)],
         }
         if tenant is not None:
             result.metrics["adapter"] = tenant.summary()
         if rel < gates.min_reliability:
             result.reasons.append(f"reliability {rel:.3f} < {gates.min_reliability} "
-                                  f"({len(result.failed_ids)} of {len(edits)} edits not carried by greedy answers)")
+                                  f"({summary['cloze_missed']} of {len(edits)} edits' own prompts not carried by greedy answers)")
+        if gen < gates.min_generalization:
+            result.reasons.append(f"generalization {gen:.3f} < {gates.min_generalization} "
+                                  "(paraphrases and chat questions answered without the target)")
         if loc < gates.min_locality:
             result.reasons.append(f"locality {loc:.3f} < {gates.min_locality} "
                                   f"({len(same) - sum(same)} of {len(same)} held-out probes changed their answer)")
+        if ppl_rise is not None and gates.max_perplexity_increase is not None and ppl_rise > gates.max_perplexity_increase:
+            result.reasons.append(f"perplexity +{ppl_rise:.1%} > +{gates.max_perplexity_increase:.1%} "
+                                  f"({ppl_parent:.2f} -> {ppl_new:.2f} on held-out WikiText-2)")
         result.version = vs.next_version()
         if result.reasons or cfg.dry_run:
             result.timings = {**timings, "total": time.perf_counter() - t_start}
             what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"
-            result.message = (f"{what}; nothing published (reliability {rel:.3f}, locality {loc:.3f}, "
-                              f"{len(edits)} edits, method {spec.name})")
+            result.message = (f"{what}; nothing published ({len(edits)} edits, method {spec.name}; "
+                              f"{_scores(result.metrics)}; {_retire_line(result.metrics)})")
             return result
 
         still_held()  # the job lock is still ours (a PostgreSQL one can be lost with its connection)
@@ -471,7 +555,8 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
             "failed_edit_ids": result.failed_ids,
             "namespace": cfg.namespaces[0] if len(cfg.namespaces) == 1 else None,
             "namespaces": sorted({e.namespace for e in edits}),
-            "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits")},
+            "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits", "per_edit")},
+            "edits": result.metrics["per_edit"],
             "timings": {**timings, "total": time.perf_counter() - t_start},
             "corpus": None if cfg.corpus is None else str(cfg.corpus),
         }
@@ -491,14 +576,48 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
         result.message = (f"published {vs.label(man.version)} (parent {parent or 'base'}"
                           + (f", an adapter extending {vs.label(extends)}" if extends else
                              ", an adapter" if tenant is not None else "")
-                          + f"): {len(result.absorbed_ids)} of {len(edits)} edits absorbed, reliability {rel:.3f}, "
-                          f"locality {loc:.3f}")
+                          + f"): {_retire_line(result.metrics, len(result.absorbed_ids))}; {_scores(result.metrics)}")
         log.info(result.message)
         return result
     finally:
         if tenant is not None:
             tenant.close()
         store.close()
+
+
+def forms_summary(edits: Sequence[Edit], asked: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """Scores of :func:`ask_forms`'s answers: ``reliability`` (own clozes), ``paraphrase``, ``question``,
+    ``generalization`` (paraphrases and questions together), and per kind how many edits missed it."""
+    by: dict[str, list[bool]] = {"cloze": [], "paraphrase": [], "question": []}
+    missed = {k: 0 for k in by}
+    for fs in asked:
+        for kind in by:
+            oks = [f["ok"] for f in fs if f["kind"] == kind]
+            by[kind] += oks
+            missed[kind] += int(bool(oks) and not all(oks))
+    other = by["paraphrase"] + by["question"]
+
+    def frac(x: list[bool]) -> float:
+        return sum(x) / len(x) if x else 1.0
+
+    return {"reliability": frac(by["cloze"]), "paraphrase": frac(by["paraphrase"]), "question": frac(by["question"]),
+            "generalization": frac(other), "forms": sum(len(v) for v in by.values()),
+            "cloze_missed": missed["cloze"], "paraphrase_missed": missed["paraphrase"],
+            "question_missed": missed["question"]}
+
+
+def _scores(m: dict[str, Any]) -> str:
+    ppl = m.get("perplexity_increase")
+    return (f"reliability {m['reliability']:.3f}, paraphrase {m['paraphrase']:.3f}, question {m['question']:.3f}, "
+            f"locality {m['locality']:.3f}" + ("" if ppl is None else f", perplexity {ppl:+.1%}"))
+
+
+def _retire_line(m: dict[str, Any], retired: int | None = None) -> str:
+    n = m["edits"]
+    r = m["retired"] if retired is None else retired
+    why = [f"{k} missed by {m[f'{k}_missed']}" for k in ("cloze", "paraphrase", "question") if m.get(f"{k}_missed")]
+    return (f"{r} of {n} edits retired (answered in every form by the weights alone)"
+            + (f", {n - r} kept on the fast path ({', '.join(why)})" if n - r else ""))
 
 
 def _unchanged(store: Any, edits: Sequence[Edit]) -> list[str]:

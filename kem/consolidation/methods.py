@@ -3,7 +3,7 @@ a new method is one folder plus one name on the import line below."""
 
 from __future__ import annotations
 
-from kem.consolidation import alphaedit, ftl, memit, rome  # noqa: F401  each registers itself
+from kem.consolidation import alphaedit, distill, ftl, memit, rome  # noqa: F401  each registers itself
 from kem.consolidation.registry import set_default_method
 
 set_default_method(memit.SPEC.name)  # `kem consolidate` without --method

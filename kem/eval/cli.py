@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def eval_command(
     method: str = typer.Option("ike", "--method", "-m",
-                               help="Method(s), comma-separated: none, ike, adapter, rome, memit, alphaedit, ft-l (several share the model)."),
+                               help="Method(s), comma-separated: none, ike, adapter, rome, memit, alphaedit, ft-l, distill (several share the model)."),
     dataset: str = typer.Option("counterfact", "--dataset", "-d",
                                 help="counterfact, zsre, mquake, or the path of a file in one of those formats."),
     n: int = typer.Option(200, "--n", "-n", min=1, help="Number of cases."),
