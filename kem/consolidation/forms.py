@@ -57,6 +57,25 @@ _ALT: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _ALT_COMPILED = tuple((re.compile(p), alts) for p, alts in _ALT)
 
+# Questions for relations the follower's rules (kem.follower.questions, its training data) do not ask.
+_QUESTIONS: tuple[tuple[str, str], ...] = (
+    (r"founded by|founder|started by|established by", "Who founded {}?"),
+    (r"ceo|chief executive|head of|leader of|led by", "Who leads {}?"),
+    (r"written by|author", "Who wrote {}?"),
+    (r"directed by|director", "Who directed {}?"),
+)
+_Q_COMPILED = tuple((re.compile(p), q) for p, q in _QUESTIONS)
+
+
+def question(template: str) -> str | None:
+    """The chat question of ``template``'s relation (``{}`` for the subject): the follower's rules, then
+    a few more; None when no rule knows the relation."""
+    q = question_for(template)
+    if q is not None:
+        return q
+    t = " ".join(template.lower().split())
+    return next((q for pat, q in _Q_COMPILED if pat.search(t)), None)
+
 #: Kinds of forms, in the order they are asked.
 KINDS = ("cloze", "paraphrase", "question")
 
@@ -110,7 +129,7 @@ def forms_for(edit: Edit, max_paraphrases: int = 2, generated: int = 1) -> list[
         if text.casefold() not in seen:
             seen.add(text.casefold())
             out.append(Form("paraphrase", text, source=src))
-    q = question_for(edit.prompt)
+    q = question(edit.prompt)
     if q is not None:
         out.append(Form("question", _fill(q, edit.subject), chat=True, source="rule"))
     return out

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from kem.consolidation.forms import Form, alt_clozes, carries, training_forms
+from kem.consolidation.forms import question as question_for
 from kem.edit import Edit
-from kem.follower.questions import question_for
 
 
 @dataclass(frozen=True)

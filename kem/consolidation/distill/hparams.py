@@ -33,6 +33,8 @@ class DistillHParams(BaseModel):
     lr: float = Field(1e-2, gt=0, description="AdamW learning rate (constant after a short warm-up).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_steps: int = Field(300, ge=1, le=100_000, description="Optimiser steps at most.")
+    min_steps: int = Field(40, ge=0, le=100_000, description="Steps a small job may take even beyond max_epochs "
+                                                            "(a few edits make one short epoch).")
     min_epochs: float = Field(1.0, ge=0, description="Passes over the edit examples before early stopping may stop.")
     max_epochs: float = Field(6.0, gt=0, description="Passes over the edit examples at most.")
     edit_batch: int = Field(16, ge=1, le=512, description="Edit examples per step.")
