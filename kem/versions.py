@@ -84,14 +84,17 @@ class Manifest(BaseModel):
         parent: The shared version this one was built on, or None when built on the base model.
         tenant_parent: A tenant version only: the tenant's earlier version whose edits this adapter
             also holds (None: it holds only its own ``edit_ids``).
-        method: Consolidation method (``memit``, ``alphaedit``, ``rome``, ``ft-l``).
+        method: Consolidation method (``memit``, ``distill``, ``alphaedit``, ``rome``, ``ft-l``).
         hparams: The method's hyperparameters, as used.
         edit_ids: Edits absorbed by this version (marked ``consolidated_in`` = this version).
-        failed_edit_ids: Edits that were in the delta but did not pass reliability; they stay active.
+        failed_edit_ids: Edits that were in the delta but that the new weights alone did not answer in
+            every form (cloze, paraphrases, chat question); they stay active, on the fast path.
         namespace: The namespace the job took edits from when it was one (else None); a tenant
             version's tenant.
         namespaces: Every namespace the job took edits from (shared namespaces only).
-        metrics: Gate metrics (reliability, locality, ...) and thresholds.
+        metrics: Gate metrics (reliability, paraphrase, question, generalization, locality, perplexity,
+            retired / kept counts) and thresholds. Shared and tenant versions written since issue 20 also
+            carry ``edits`` (an extra field): per edit, its forms, answers and whether it was retired.
         timings: Seconds per step of the job.
         created_at: UTC time of publication.
     """

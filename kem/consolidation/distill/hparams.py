@@ -20,7 +20,8 @@ class DistillHParams(BaseModel):
                                     "trained; free: a plain LoRA (both factors trained) on targets.")
     start: str = Field("memit", description="A registered method whose delta distill starts from and then corrects "
                                            "(e.g. memit: its clozes, then distill's other forms); none: from the parent.")
-    mom2_samples: int = Field(1000, ge=1, description="anchor=subject: corpus texts for the key covariance.")
+    mom2_samples: int = Field(300, ge=1, description="Corpus texts for the key covariance (anchor=subject, and the "
+                                                     "start method's; quality is flat from 100 on, docs/consolidation.md).")
     mom2_max_tokens: int = Field(128, ge=8, description="anchor=subject: tokens per covariance text.")
     key_ridge: float = Field(1e-2, ge=0, description="anchor=subject: ridge added to C, relative to its mean diagonal.")
     layers: tuple[int, ...] | None = Field(None, description="Decoder layers whose MLP output matrix (anchor=subject) "
