@@ -122,11 +122,13 @@ def main() -> None:
                     for e in edits:
                         ke.add(e)
 
-                    def gen(ps, chat_mode=False):
-                        return [(ke.chat(p).text if chat_mode else ke.generate(p).text) for p in ps]
+                    def gen(ps, n, chat_mode=False):  # the token budgets of ask(), so answers compare
+                        return [(ke.chat(p, max_new_tokens=n).text if chat_mode else ke.generate(p, max_new_tokens=n).text)
+                                for p in ps]
 
-                    got = {"cloze": gen([e.rendered_prompt for e in edits]), "para": gen([para[i] for i in p_idx]),
-                           "question": gen(q_text, True), "loc": gen([loc[i] for i in l_idx]), "probes": gen(probes)}
+                    got = {"cloze": gen([e.rendered_prompt for e in edits], 8), "para": gen([para[i] for i in p_idx], 8),
+                           "question": gen(q_text, 32, True), "loc": gen([loc[i] for i in l_idx], 6),
+                           "probes": gen(probes, 6)}
                 score(name, got, None, time.process_time() - c0, time.perf_counter() - t0)
             continue
         spec = get_method(name)
