@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kem.edit import Edit
-from kem.follower.questions import question_for
+from kem.follower.questions import first_rule, question_for
 
 # (pattern on the lower-cased template, other clozes with {} for the subject), first match wins. Written
 # for kem; none is a paraphrase template of CounterFact's edit split (tests/test_distill.py checks). Some
@@ -70,11 +70,8 @@ _Q_COMPILED = tuple((re.compile(p), q) for p, q in _QUESTIONS)
 def question(template: str) -> str | None:
     """The chat question of ``template``'s relation (``{}`` for the subject): the follower's rules, then
     a few more; None when no rule knows the relation."""
-    q = question_for(template)
-    if q is not None:
-        return q
-    t = " ".join(template.lower().split())
-    return next((q for pat, q in _Q_COMPILED if pat.search(t)), None)
+    return question_for(template) or first_rule(template, _Q_COMPILED)
+
 
 #: Kinds of forms, in the order they are asked.
 KINDS = ("cloze", "paraphrase", "question")
@@ -88,10 +85,8 @@ def alt_clozes(template: str) -> list[str]:
     'The native language of {} is'
     """
     t = " ".join(template.lower().split())
-    for pat, alts in _ALT_COMPILED:
-        if pat.search(t):
-            return [a for a in alts if " ".join(a.lower().split()) != t]
-    return []
+    alts = first_rule(template, _ALT_COMPILED) or ()
+    return [a for a in alts if " ".join(a.lower().split()) != t]
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ rule wins) to a question about the same subject and relation. Templates no rule 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # (pattern on the lower-cased template, question with {} for the subject)
 _RULES: tuple[tuple[str, str], ...] = (
@@ -50,8 +54,10 @@ def question_for(template: str) -> str | None:
     >>> question_for("The mother tongue of {} is")
     'What is the mother tongue of {}?'
     """
+    return first_rule(template, _COMPILED)
+
+
+def first_rule(template: str, rules: Sequence[tuple[re.Pattern[str], T]]) -> T | None:
+    """The value of the first rule whose pattern matches ``template`` (lower-cased, spaces collapsed)."""
     t = " ".join(template.lower().split())
-    for pat, q in _COMPILED:
-        if pat.search(t):
-            return q
-    return None
+    return next((value for pat, value in rules if pat.search(t)), None)
