@@ -71,8 +71,10 @@ def main() -> None:
     probes = default_probes()
     rows, details = [], {}
 
+    from kem.consolidation.forms import chat_text
+
     def chat(q: str) -> str:
-        return str(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False))
+        return chat_text(tok, q)
 
     questions = [question_for(e.prompt) for e in edits]
     q_idx = [i for i, q in enumerate(questions) if q]
@@ -137,7 +139,10 @@ def main() -> None:
             m, _, kv = h.partition(":")
             if m == name:
                 k, _, v = kv.partition("=")
-                over[k] = json.loads(v) if v[:1] in "[{0123456789-tf" and v not in ("", ) else v
+                try:
+                    over[k] = json.loads(v)  # numbers, true/false, lists ("[3,4,5]")
+                except ValueError:
+                    over[k] = v
         ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=a.corpus)
         ctx.pin_covariance(model)
         ctx.follower = follower_for(settings)

@@ -57,11 +57,12 @@ def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable
 
 def _follower(settings: Any) -> Any:
     """The edit-follower the fast path serves with (distill's teacher), or None."""
+    from kem.errors import ModelError
     from kem.follower.registry import follower_for
 
     try:
         return follower_for(settings)
-    except Exception:  # a bad KEM_FOLLOWER fails where it is served; methods without a teacher go on
+    except ModelError:  # a bad KEM_FOLLOWER fails where it is served; methods without a teacher go on
         return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kem.edit import Edit
 from kem.follower.questions import first_rule, question_for
@@ -147,6 +148,13 @@ def training_forms(edit: Edit, prefixes: Sequence[str] = ()) -> list[Form]:
 
 def _fill(template: str, subject: str) -> str:
     return template.replace("{}", subject, 1)
+
+
+def chat_text(tok: Any, user: str, system: str | None = None) -> str:
+    """The generation prompt of a one-turn chat (``user``, after an optional ``system``) in ``tok``'s
+    chat template, as text (tokenize it without adding special tokens)."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return str(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
 
 
 def carries(answer: str, target: str) -> bool:

@@ -208,7 +208,9 @@ def greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, ba
 
 def carries(answer: str, edit: Edit) -> bool:
     """Whether a greedy answer states the edit's new target (case-insensitive containment)."""
-    return edit.target_new.casefold() in answer.casefold()
+    from kem.consolidation.forms import carries as states
+
+    return states(answer, edit.target_new)
 
 
 def ask_forms(model: Any, tok: Any, edits: Sequence[Edit], chat_tokens: int = 32,
@@ -216,7 +218,7 @@ def ask_forms(model: Any, tok: Any, edits: Sequence[Edit], chat_tokens: int = 32
     """Ask ``model`` (no context) every form of each edit (:func:`kem.consolidation.forms.forms_for`):
     per edit, ``[{"kind", "text", "answer", "ok"}, ...]`` with ``ok`` when the greedy answer carries the
     target. Chat questions go through the tokenizer's chat template."""
-    from kem.consolidation.forms import forms_for
+    from kem.consolidation.forms import chat_text, forms_for
 
     forms = [forms_for(e) for e in edits]
     out: list[list[dict[str, Any]]] = [[{"kind": f.kind, "text": f.text, "answer": "", "ok": False} for f in fs]
@@ -225,9 +227,7 @@ def ask_forms(model: Any, tok: Any, edits: Sequence[Edit], chat_tokens: int = 32
         return out
     longest = max(len(tok(e.target_completion, add_special_tokens=False)["input_ids"]) for e in edits)
     comp = [(i, j, f.text) for i, fs in enumerate(forms) for j, f in enumerate(fs) if not f.chat]
-    chat = [(i, j, str(tok.apply_chat_template([{"role": "user", "content": f.text}], add_generation_prompt=True,
-                                               tokenize=False)))
-            for i, fs in enumerate(forms) for j, f in enumerate(fs) if f.chat]
+    chat = [(i, j, chat_text(tok, f.text)) for i, fs in enumerate(forms) for j, f in enumerate(fs) if f.chat]
     for rows, n_tok, special, desc in ((comp, longest + 4, True, "edits (cloze, paraphrases)"),
                                        (chat, chat_tokens, False, "edits (chat questions)")):
         if not rows:

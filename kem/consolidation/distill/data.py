@@ -25,8 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from kem.consolidation.forms import Form, alt_clozes, carries, training_forms
-from kem.consolidation.forms import question as question_for
+from kem.consolidation.forms import Form, alt_clozes, carries, chat_text, question, training_forms
 from kem.edit import Edit
 
 
@@ -47,11 +46,6 @@ class Item:
     form: str = ""
 
 
-def chat_prompt(tok: Any, user: str, system: str | None = None) -> str:
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    return str(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
-
-
 def encode(tok: Any, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     p = tok(prompt, add_special_tokens=False)["input_ids"]
     a = tok(answer, add_special_tokens=False)["input_ids"]
@@ -60,7 +54,7 @@ def encode(tok: Any, prompt: str, answer: str) -> tuple[tuple[int, ...], tuple[i
 
 def end_of_turn(tok: Any) -> str:
     """The text that ends an assistant turn in the chat template (``<|im_end|>`` for SmolLM2)."""
-    prefix = chat_prompt(tok, "x")
+    prefix = chat_text(tok, "x")
     full = str(tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
                                        tokenize=False))
     tail = full[len(prefix):] if full.startswith(prefix) else "y"
@@ -138,7 +132,7 @@ def _words(template: str) -> set[str]:
 
 def relation_key(template: str) -> str:
     """A coarse relation key: the question the template asks (else its words)."""
-    q = question_for(template)
+    q = question(template)
     return q if q is not None else " ".join(sorted(_words(template)))
 
 
@@ -152,10 +146,11 @@ def retain_prompts(edits: Sequence[Edit], pool: Sequence[dict[str, Any]], *, sam
     subjects = {e.subject.casefold() for e in edits}
     usable = [f for f in pool if f["subject"].casefold() not in subjects
               and not any(s in f["subject"].casefold() for s in subjects)]
+    templates = sorted({f["template"] for f in pool})
+    rel_of = {t: relation_key(t) for t in templates}  # once: the rules are regexes
     by_rel: dict[str, list[dict[str, Any]]] = {}
     for f in usable:
-        by_rel.setdefault(relation_key(f["template"]), []).append(f)
-    templates = sorted({f["template"] for f in pool})
+        by_rel.setdefault(rel_of[f["template"]], []).append(f)
     edited_rel = {(e.subject.casefold(), relation_key(e.prompt)) for e in edits}
     comp: list[str] = []
     chats: list[str] = []
@@ -177,13 +172,13 @@ def retain_prompts(edits: Sequence[Edit], pool: Sequence[dict[str, Any]], *, sam
         for f in rng.sample(usable, min(random_n, len(usable))):
             add(f["template"].replace("{}", f["subject"], 1), comp)
         own = {" ".join(a.lower().split()) for a in alt_clozes(e.prompt)}
-        others = [t for t in templates if relation_key(t) != rel and " ".join(t.lower().split()) not in own
-                  and (e.subject.casefold(), relation_key(t)) not in edited_rel]
+        others = [t for t in templates if rel_of[t] != rel and " ".join(t.lower().split()) not in own
+                  and (e.subject.casefold(), rel_of[t]) not in edited_rel]
         for t in rng.sample(others, min(same_subject, len(others))):
             add(t.replace("{}", e.subject, 1), comp)
         asked = 0
         for f in rng.sample(usable, min(chat * 4, len(usable))):
-            q = question_for(f["template"])
+            q = question(f["template"])
             if q is not None and asked < chat:
                 before = len(chats)
                 add(q.replace("{}", f["subject"], 1), chats)
@@ -197,6 +192,6 @@ def parent_labels(model: Any, tok: Any, comp: Sequence[str], chats: Sequence[str
     from kem.consolidation.job import greedy
 
     a = greedy(model, tok, list(comp), retain_tokens, progress=progress, desc="retain (parent)", special=False)
-    c = greedy(model, tok, [chat_prompt(tok, q) for q in chats], chat_tokens, progress=progress,
+    c = greedy(model, tok, [chat_text(tok, q) for q in chats], chat_tokens, progress=progress,
                desc="retain chat (parent)", special=False) if chats else []
     return [x.split("\n")[0] for x in a], [x.strip() for x in c]

@@ -12,6 +12,7 @@ from kem.consolidation.delta import WeightDelta
 from kem.consolidation.distill import data as D
 from kem.consolidation.distill.hparams import DistillHParams
 from kem.consolidation.distill.train import default_layers, subject_keys, train
+from kem.consolidation.forms import chat_text
 from kem.consolidation.shared.prompts import model_fingerprint
 from kem.edit import Edit
 
@@ -33,7 +34,7 @@ def compute_distill(model: Any, tok: Any, edits: Sequence[Edit], hparams: Distil
     for i, (fs, ls) in enumerate(zip(forms, labels, strict=True)):
         for f, ans in zip(fs, ls, strict=True):
             if f.chat:
-                p, a = D.encode(tok, D.chat_prompt(tok, f.text), ans + eot)
+                p, a = D.encode(tok, chat_text(tok, f.text), ans + eot)
             else:
                 p, a = D.encode(tok, f.text, ans)
             edit_items.append(D.Item("edit", p, a, i, f.kind))
@@ -44,7 +45,7 @@ def compute_distill(model: Any, tok: Any, edits: Sequence[Edit], hparams: Distil
                                    chat=hp.retain_chat, seed=hp.seed)
     comp_ans, chat_ans = D.parent_labels(model, tok, comp, chats, hp.retain_tokens, hp.chat_tokens, ctx.progress)
     retain_items = [D.Item("retain", *D.encode(tok, p, a), form="retain") for p, a in zip(comp, comp_ans, strict=True) if a]
-    retain_items += [D.Item("retain", *D.encode(tok, D.chat_prompt(tok, q), a), form="retain-chat")
+    retain_items += [D.Item("retain", *D.encode(tok, chat_text(tok, q), a), form="retain-chat")
                      for q, a in zip(chats, chat_ans, strict=True) if a]
     secs["retain"] = time.perf_counter() - t1
 

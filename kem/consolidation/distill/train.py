@@ -231,7 +231,7 @@ def train(model: Any, tok: Any, edit_items: Sequence[Item], retain_items: Sequen
     was_training = model.training
     per_epoch = math.ceil(len(edit_items) / hp.edit_batch)
     max_steps = min(hp.max_steps, max(1, hp.min_steps, math.ceil(hp.max_epochs * per_epoch)))
-    min_steps = min(max_steps, math.ceil(hp.min_epochs * per_epoch))
+    stop_after = min(max_steps, math.ceil(hp.min_epochs * per_epoch))
     right = [False] * len(edit_items)
     order: list[int] = []
     r_order: list[int] = []
@@ -302,7 +302,7 @@ def train(model: Any, tok: Any, edit_items: Sequence[Item], retain_items: Sequen
             losses.append((float(loss_ce.detach()), float(loss_kl.detach()), float(loss_change.detach())))
             bar.update(1)
             bar.set_postfix(ce=f"{losses[-1][0]:.3f}", kl=f"{losses[-1][1]:.4f}", change=f"{losses[-1][2]:.4f}", right=f"{sum(right)}/{len(right)}")
-            if step >= min_steps and all(right):
+            if step >= stop_after and all(right):
                 # every example was right when last seen; check them all on the current weights
                 right = verify(body, head, edit_items, pad, device)
                 if all(right):
