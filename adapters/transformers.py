@@ -140,7 +140,12 @@ class TransformersGenerator:
         """One model step over ``ids`` (shape ``(1, n)``) that extends the KV cache ``past`` in place,
         taking a turn, with ``lora`` (a LoraHooks or None) on for this step only. Returns
         ``(next-token logits (vocab,), past)``."""
-        with self._turns.turn(served, owner), (lora.active() if lora is not None else nullcontext()):
+        import torch
+
+        # inference mode is per thread and per step: a generator that yields inside it would leak the
+        # mode into its consumer, and a stream resumed on another thread would run without it
+        with torch.inference_mode(), self._turns.turn(served, owner), \
+                (lora.active() if lora is not None else nullcontext()):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
         return out.logits[0, -1], past
 
@@ -183,46 +188,45 @@ class TransformersGenerator:
         past, logits = DynamicCache(config=self.model.config), None
         owner = object()  # this request, for the turnstile
         self._enter()
-        with torch.inference_mode():
-            try:
-                i = 0
-                while i < n:
-                    params.check_alive()
-                    step = self._prefill_chunk()
-                    logits, past = self._forward(ids[:, i:i + step], past, lora, i, owner)
-                    i += step
-                out: list[int] = []
-                sent = ""
-                for _ in range(budget):
-                    tok = self._pick(logits, params)
-                    if tok in eos:
-                        break
-                    out.append(tok)
-                    text = self.tokenizer.decode(out, skip_special_tokens=True)
-                    cut, stopped = cut_at_stop(text, params.stop)
-                    if stopped:
-                        if len(cut) > len(sent):
-                            yield cut[len(sent):]
-                        return
-                    final = _settled(cut, params.stop)
-                    if len(final) > len(sent):
-                        yield final[len(sent):]
-                        sent = final
-                    if len(out) == budget:
-                        break
-                    params.check_alive()
-                    logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, lora, n + len(out),
-                                                 owner)
-                text = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), params.stop)[0]
-                if len(text) > len(sent):
-                    yield text[len(sent):]
-            except KemError:
-                raise
-            except Exception as exc:
-                raise EngineError(f"generation failed: {exc}") from exc
-            finally:
-                self._turns.done(owner)
-                self._leave()
+        try:
+            i = 0
+            while i < n:
+                params.check_alive()
+                step = self._prefill_chunk()
+                logits, past = self._forward(ids[:, i:i + step], past, lora, i, owner)
+                i += step
+            out: list[int] = []
+            sent = ""
+            for _ in range(budget):
+                tok = self._pick(logits, params)
+                if tok in eos:
+                    break
+                out.append(tok)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                cut, stopped = cut_at_stop(text, params.stop)
+                if stopped:
+                    if len(cut) > len(sent):
+                        yield cut[len(sent):]
+                    return
+                final = _settled(cut, params.stop)
+                if len(final) > len(sent):
+                    yield final[len(sent):]
+                    sent = final
+                if len(out) == budget:
+                    break
+                params.check_alive()
+                logits, past = self._forward(torch.tensor([[tok]], device=ids.device), past, lora, n + len(out),
+                                             owner)
+            text = cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), params.stop)[0]
+            if len(text) > len(sent):
+                yield text[len(sent):]
+        except KemError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"generation failed: {exc}") from exc
+        finally:
+            self._turns.done(owner)
+            self._leave()
 
     def _enter(self) -> None:
         with self._turns._cond:

@@ -76,3 +76,31 @@ def test_prompt_longer_than_the_context_is_a_400(generator):
     with pytest.raises(ContextLengthError) as exc:
         generator.generate(text, SHORT)
     assert exc.value.status_code == 400 and exc.value.code == "context_length_exceeded"
+
+
+def test_a_stream_resumed_on_another_thread_still_decodes(generator):
+    """A server streams by calling ``next()`` from whichever worker thread is free. Grad modes are per
+    thread, so a stream that entered inference mode around its yields decoded its next step without it
+    (502: "Inference tensors cannot be saved for backward"), and leaked the mode into the first thread."""
+    import torch
+
+    params = GenerationParams(max_new_tokens=6, temperature=0.0)
+    want = generator.generate("The Eiffel Tower is located in", params)
+    it = generator.stream("The Eiffel Tower is located in", params)
+    pieces: list[str] = []
+    pieces.append(next(it))
+    assert not torch.is_inference_mode_enabled()  # nothing leaks into the consumer's thread
+    errors: list[BaseException] = []
+
+    def rest() -> None:
+        try:
+            with torch.enable_grad():
+                pieces.extend(it)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=rest)
+    t.start()
+    t.join(60)
+    assert not errors, errors
+    assert "".join(pieces) == want
