@@ -79,7 +79,7 @@ def main() -> None:
         print(f"covariance: {len(texts)} texts ({tokens} tokens), 5 layers: {wall:.1f} s wall, {cpu:.1f} CPU-s "
               f"-> {wall * per_k:.1f} s wall / {cpu * per_k:.1f} CPU-s per 1k texts (reference: ~1200 s per 1k)")
 
-    if args.sample_bench:  # the default corpus: texts sampled from the model itself
+    if args.sample_bench:  # --corpus model: texts sampled from the model itself
         from kem.consolidation.covariance import sample_texts
 
         t0, c0 = time.perf_counter(), time.process_time()

@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--hparams", "-H", action="append", default=[], help="METHOD:KEY=VALUE override")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--corpus", default=None, help="covariance corpus (default: texts sampled from the model; e.g. "
+    ap.add_argument("--corpus", default=None, help="covariance corpus (default: the text kem ships; \"model\": sampled from the model; e.g. "
                     "../shared/data/wikitext-2/valid.txt with -H METHOD:mom2_samples=200 reuses the tests' statistics)")
     ap.add_argument("--json", help="also write the rows (and per-case answers) here")
     a = ap.parse_args()

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     )
     eval_cov_corpus: str | None = Field(
         None, description="kem eval: covariance corpus of the weight-editing methods (.txt, folder or .jsonl; "
-        "default: texts sampled from the model).",
+        "default: the WikiText-2 text kem ships; \"model\" samples texts from the model).",
     )
 
     max_tokens_ceiling: int = Field(

@@ -274,3 +274,30 @@ def test_hparams_overrides_parse_and_merge_into_presets(lm_and_tok):
     hp = spec.hparams_for(model, **parse_hparams(["values.edit_batch=2"]))
     assert preset.values.edit_batch != 2 and hp.values.edit_batch == 2 and hp.values.model_dump(exclude={"edit_batch"}) == preset.values.model_dump(exclude={"edit_batch"})
     assert hp.layers == preset.layers
+
+
+def test_the_shipped_covariance_text_is_the_default_and_held_out(lm_and_tok, tmp_path):
+    """With no corpus, the statistics read the WikiText-2 text kem ships (forward passes only, no
+    sampling), never the perplexity gate's paragraphs; asking for more texts than it holds names
+    mom2_samples; "model" still samples from the model."""
+    from kem.consolidation.covariance import CovarianceCache, compute_second_moments, corpus_id, shipped_texts
+    from kem.consolidation.job import perplexity_texts
+    from kem.errors import ValidationError
+
+    texts = shipped_texts()
+    assert len(texts) == 1000 and len(set(texts)) == 1000
+    assert all(40 <= len(t.split()) <= 80 and "<unk>" not in t and "@-@" not in t for t in texts)
+    gate = " ".join(perplexity_texts())
+    assert not any(t in gate or t[:60] in gate for t in texts)  # the gate's paragraphs stay held out
+    assert corpus_id(None).startswith("kem-text-") and corpus_id("model") == "model-samples"
+
+    model, tok = lm_and_tok
+    cache = CovarianceCache(tmp_path)
+    got = cache.get(model, tok, [2], None, n_samples=6, max_tokens=32, progress=False)[2]
+    want = compute_second_moments(model, tok, [2], texts[:6], 32, 16, False)[0][2]
+    assert torch.allclose(got, want) and not list((tmp_path / "covariance").glob("*samples*"))
+    with pytest.raises(ValidationError) as exc:
+        cache.get(model, tok, [2], None, n_samples=1001, max_tokens=32, progress=False)
+    assert exc.value.field == "mom2_samples"
+    sampled = cache.get(model, tok, [2], "model", n_samples=2, max_tokens=32, progress=False)[2]
+    assert not torch.allclose(sampled, got) and list((tmp_path / "covariance").glob("*samples-n2.json"))

@@ -47,7 +47,7 @@ def consolidate(
     max_perplexity_increase: Annotated[float, typer.Option(help="Gate: largest relative perplexity rise on held-out "
                                                            "WikiText-2 against the parent (0.05 = +5%; negative: "
                                                            "not measured).")] = 0.05,
-    corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: texts sampled from the model).")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: the WikiText-2 text kem ships; \"model\" samples texts from the model).")] = None,
     cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
     batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
     max_rank: Annotated[int, typer.Option(help="Tenant adapters: per-module LoRA rank limit (the engine's max LoRA "

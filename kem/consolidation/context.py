@@ -21,7 +21,7 @@ class EditContext:
     Attributes:
         covariance: Covariance statistics cache (disk-backed when given a root).
         templates: Context-template cache.
-        corpus: Text corpus for covariance statistics; None samples texts from the model.
+        corpus: Text corpus for covariance statistics; None reads the text kem ships, "model" samples texts from the model.
         state: Per-method running state, keyed by method name (AlphaEdit keeps its past keys here).
         progress: Show progress bars for long steps.
         cov_fingerprint: When set, covariance statistics are looked up under this model fingerprint.

@@ -1,7 +1,8 @@
 """Second-moment statistics ``C = E[k k^T]`` of the MLP keys (inputs of the edited matrix) over a corpus.
 
 The corpus is a text file (one text per non-empty line), a folder of ``.txt`` files, or a JSONL file
-(a ``"text"`` field per line); with no corpus, kem samples texts from the model itself. Texts are
+(a ``"text"`` field per line). With no corpus, kem reads the text it ships (``kem/data/covariance_text.json``:
+1,000 WikiText-2 paragraphs, forward passes only); ``"model"`` samples texts from the model itself. Texts are
 truncated to ``max_tokens``, run in batches (memory stays bounded by the batch), every needed layer is
 read in the same truncated forward pass, and results are cached on disk by :class:`CovarianceCache`,
 keyed by (model fingerprint, layer, corpus, sample count, dtype).
@@ -27,6 +28,17 @@ from kem.errors import ValidationError
 log = logging.getLogger(__name__)
 
 MODEL_SAMPLES = "model-samples"
+SHIPPED_TEXT = Path(__file__).resolve().parent.parent / "data" / "covariance_text.json"
+
+
+def shipped_texts() -> list[str]:
+    """The covariance text kem ships (scripts/build_covariance_text.py)."""
+    return [str(t) for t in json.loads(SHIPPED_TEXT.read_text(encoding="utf-8"))["texts"]]
+
+
+def is_model_samples(corpus: str | os.PathLike[str] | None) -> bool:
+    """``corpus`` asks for texts sampled from the model (``"model"`` or ``"model-samples"``)."""
+    return corpus is not None and str(corpus) in ("model", MODEL_SAMPLES)
 
 
 def iter_corpus(corpus: str | os.PathLike[str], min_chars: int = 40) -> Iterator[str]:
@@ -55,8 +67,11 @@ def iter_corpus(corpus: str | os.PathLike[str], min_chars: int = 40) -> Iterator
 
 
 def corpus_id(corpus: str | os.PathLike[str] | None) -> str:
-    """A cache key for a corpus: path, size and mtime of its files (or ``model-samples``)."""
+    """A cache key for a corpus: path, size and mtime of its files; ``kem-text-<hash>`` for the shipped
+    text (None), ``model-samples`` for texts sampled from the model."""
     if corpus is None:
+        return "kem-text-" + hashlib.blake2b(SHIPPED_TEXT.read_bytes(), digest_size=6).hexdigest()
+    if is_model_samples(corpus):
         return MODEL_SAMPLES
     path = Path(corpus).expanduser().resolve()
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -71,7 +86,7 @@ def corpus_id(corpus: str | os.PathLike[str] | None) -> str:
 @torch.no_grad()
 def sample_texts(model: Any, tok: Any, n: int, length: int = 64, batch_size: int = 64, seed: int = 0,
                  progress: bool = False) -> list[str]:
-    """``n`` texts sampled from the model (used when no corpus is given), ``batch_size`` at a time."""
+    """``n`` texts sampled from the model (``--corpus model``), ``batch_size`` at a time."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -207,8 +222,15 @@ class CovarianceCache:
                 out[layer] = t
         if missing:
             t0 = time.perf_counter()
-            if corpus is None:
+            if is_model_samples(corpus):
                 texts = self._samples(model, tok, fp, n_samples, progress)
+            elif corpus is None:
+                texts = shipped_texts()
+                if n_samples > len(texts):
+                    raise ValidationError(f"kem's covariance text holds {len(texts)} texts; mom2_samples asks for "
+                                          f"{n_samples}: give a larger corpus (--corpus) or fewer samples",
+                                          field="mom2_samples")
+                texts = texts[:n_samples]
             else:
                 texts = []
                 for text in iter_corpus(corpus):

@@ -5,7 +5,7 @@ Each ``prepare(edits)`` computes the method's delta on the shared (unedited) mod
 already carrying the earlier groups (a method's running state, e.g. AlphaEdit's past keys, is kept
 across them). Options come from ``EvalContext.options[name]`` (or ``options["consolidation"]``):
 ``corpus`` (covariance corpus; default ``Settings.eval_cov_corpus``, i.e. ``KEM_EVAL_COV_CORPUS``,
-else texts sampled from the model) and ``hparams`` (overrides, e.g. ``{"mom2_samples": 500}``);
+else the text kem ships; "model" samples from the model) and ``hparams`` (overrides, e.g. ``{"mom2_samples": 500}``);
 ``Settings.eval_cov_samples`` (``KEM_EVAL_COV_SAMPLES``) sets ``mom2_samples`` unless ``hparams`` does.
 """
 

@@ -104,7 +104,7 @@ class JobConfig:
         dry_run: Compute and evaluate, publish nothing, change nothing.
         gates: Publishing thresholds.
         parent: ``"current"``, ``"base"`` (or None) or ``"vN"``: the model the edits are written into.
-        corpus: Covariance corpus (text file, folder, JSONL); None samples texts from the model.
+        corpus: Covariance corpus (text file, folder, JSONL); None reads the text kem ships, "model" samples texts from the model.
         hparams: Overrides of the method's hyperparameters.
         batch_size: Edits per compute call.
         probes: Held-out locality prompts (None: :func:`default_probes`).
@@ -343,7 +343,7 @@ def consolidate(
         dry_run: Compute and evaluate, publish nothing, change nothing.
         gates: Publishing thresholds (:class:`Gates`).
         parent: ``"current"`` (default), ``"base"`` or ``"vN"``: the model the edits are written into.
-        corpus: Covariance corpus (text file, folder, JSONL); None samples texts from the model.
+        corpus: Covariance corpus (text file, folder, JSONL); None reads the text kem ships, "model" samples texts from the model.
         hparams: Overrides of the method's hyperparameters (e.g. ``{"mom2_samples": 500}``).
         batch_size: Edits per compute call; larger jobs run chunk after chunk on the updated model.
         probes: Held-out locality prompts (default: :func:`default_probes`).
