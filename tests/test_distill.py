@@ -154,6 +154,7 @@ def test_distill_publishes_a_version_whose_weights_answer_every_form(distilled, 
     assert res.published and res.method == "distill", res.message
     m = res.metrics
     assert m["locality"] >= 0.85 and m["perplexity_increase"] <= 0.05, m
+    assert m["teacher"] and m["teacher"].endswith("smollm2-135m-instruct"), m["teacher"]  # the served follower
     man = VersionStore(demo_home).manifest(res.version)
     assert man.method == "distill" and man.hparams["start"] == "memit"
     per = {e["id"]: e for e in man.model_extra["edits"]}

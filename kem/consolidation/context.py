@@ -64,3 +64,14 @@ class EditContext:
         return self.covariance.get(
             model, tok, layers, self.corpus, n_samples, max_tokens, fingerprint=fingerprint, progress=self.progress
         )
+
+
+def served_follower(settings: Any) -> Path | None:
+    """The edit-follower the fast path serves with (distill's teacher), or None."""
+    from kem.errors import ModelError
+    from kem.follower.registry import follower_for
+
+    try:
+        return follower_for(settings)
+    except ModelError:  # a bad KEM_FOLLOWER fails where it is served; methods without a teacher go on
+        return None

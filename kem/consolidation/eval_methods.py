@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
     """``apply(model, tok, edits, fresh=True) -> revert`` for :class:`~kem.eval.methods.WeightMethod`:
     computes ``spec``'s delta with one :class:`EditContext` kept across calls and applies it."""
-    from kem.consolidation.context import EditContext
+    from kem.consolidation.context import EditContext, served_follower
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.registry import get_method
     from kem.settings import Settings
@@ -40,7 +40,7 @@ def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable
         overrides.setdefault("mom2_samples", samples)
     corpus = opts.get("corpus") or getattr(settings, "eval_cov_corpus", None) or None
     ectx = EditContext.from_cache_dir(getattr(ctx.settings, "cache_dir", None), corpus=corpus)
-    ectx.follower = _follower(settings)
+    ectx.follower = served_follower(settings)
     box: dict[str, Any] = {}
 
     def apply(model: Any, tok: Any, edits: Sequence[Edit], fresh: bool = True) -> Callable[[], None]:
@@ -53,17 +53,6 @@ def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable
         return apply_delta(model, delta).revert
 
     return apply
-
-
-def _follower(settings: Any) -> Any:
-    """The edit-follower the fast path serves with (distill's teacher), or None."""
-    from kem.errors import ModelError
-    from kem.follower.registry import follower_for
-
-    try:
-        return follower_for(settings)
-    except ModelError:  # a bad KEM_FOLLOWER fails where it is served; methods without a teacher go on
-        return None
 
 
 _apply_fn = apply_fn  # the name bench/follower_over_version.py imports

@@ -383,7 +383,7 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
     from tqdm.auto import tqdm
 
     from kem.consolidation import versions as V
-    from kem.consolidation.context import EditContext
+    from kem.consolidation.context import EditContext, served_follower
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
     from kem.stores import open_store
@@ -437,6 +437,7 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
         ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=cfg.corpus)
         ctx.cov_fingerprint = base_fp  # covariance of the base weights serves every version built on it
         ctx.progress = progress
+        ctx.follower = served_follower(settings)  # distill's teacher: the fast path as it is served
         # every method's running state travels with the versions (ctx.state[name] <-> its file), so
         # a later job of that method still sees it after versions made by other methods; a tenant's
         # adapter versions carry their own, started from the shared parent's
@@ -451,7 +452,7 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
 
         t0 = time.perf_counter()
         total = WeightDelta(method=spec.name)
-        applied = []
+        applied, teacher = [], None
         if extends:  # the tenant's current adapter: the new edits are computed on top of it, and kept
             prev = WeightDelta.load(vs.path(extends) / DELTA)
             applied.append(apply_delta(model, prev))
@@ -460,6 +461,7 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
         chunks = [edits[i : i + cfg.batch_size] for i in range(0, len(edits), cfg.batch_size)]
         for chunk in tqdm(chunks, desc=f"{spec.name} ({len(edits)} edits)", unit="batch", disable=not progress or len(chunks) < 2):
             delta = spec.compute(model, tok, chunk, hp, ctx)
+            teacher = teacher or delta.meta.get("teacher")
             applied.append(apply_delta(model, delta))  # the next chunk is computed on the updated model
             for name, f in delta.updates.items():
                 total.add(name, f.a, f.b)
@@ -498,6 +500,7 @@ def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: 
             "retired": len(result.absorbed_ids),
             "kept": len(result.failed_ids),
             "probes": len(probe_prompts),
+            "teacher": teacher,  # distill: the fast path's edit-follower its labels came from
             "perplexity_parent": ppl_parent,
             "perplexity": ppl_new,
             "perplexity_increase": ppl_rise,

@@ -11,7 +11,7 @@ from kem.consolidation.context import EditContext
 from kem.consolidation.delta import WeightDelta
 from kem.consolidation.distill import data as D
 from kem.consolidation.distill.hparams import DistillHParams
-from kem.consolidation.distill.train import default_layers, opening_tokens, subject_keys, train
+from kem.consolidation.distill.train import default_layers, subject_keys, train
 from kem.consolidation.forms import chat_text
 from kem.consolidation.shared.prompts import model_fingerprint
 from kem.edit import Edit
@@ -56,11 +56,7 @@ def compute_distill(model: Any, tok: Any, edits: Sequence[Edit], hparams: Distil
         covs = ctx.second_moments(model, tok, layers, hp.mom2_samples, hp.mom2_max_tokens,
                                   ctx.cov_fingerprint or model_fingerprint(model))
         secs["covariance"] = time.perf_counter() - t3
-        from kem.consolidation.covariance import shipped_texts
-
-        openings = opening_tokens(tok, shipped_texts() + [f["template"].replace("{}", f["subject"])
-                                                          for f in D.retain_pool()])
-        fixed_a = subject_keys(model, tok, edits, layers, prefixes, covs, hp.key_ridge, openings)
+        fixed_a = subject_keys(model, tok, edits, layers, prefixes, covs, hp.key_ridge)
     start = None
     if hp.start != "none":
         from kem.consolidation.registry import get_method

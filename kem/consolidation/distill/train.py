@@ -120,66 +120,26 @@ def target_modules(model: Any, hp: DistillHParams) -> dict[str, torch.nn.Linear]
 
 
 def subject_keys(model: Any, tok: Any, edits: Sequence[Any], layers: Sequence[int], templates: Sequence[str],
-                 covs: dict[int, torch.Tensor], ridge: float,
-                 first_tokens: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+                 covs: dict[int, torch.Tensor], ridge: float) -> dict[str, torch.Tensor]:
     """``A`` per MLP output matrix of ``layers``: one row per edit, ``C^-1 k / (k^T C^-1 k)``, where ``k`` is
     the matrix's input at the subject's last token (averaged over ``templates``) and ``C``
     the inputs' second moment (ROME's key direction): ``A x`` is 1 on the edit's subject and small on
-    typical inputs, so what ``B`` learns acts on the edited subjects.
-
-    A subject that opens its prompt ("Microsoft was founded by") sits there on the first token, whose
-    key is unlike the same subject's anywhere else and shares a large component with every other first
-    token (the attention sink): such an edit's ``k`` averages only the templates that put text before
-    the subject, and the edit gets a second row for its first-token key ``k0``: the direction of least
-    ``C``-norm with ``d . k0 = 1`` and ``d . k0(t) = 0`` for the first-token keys of ``first_tokens``
-    (common opening tokens), so it fires on this subject opening a prompt and not on other openings
-    (a plain ``C^-1 k0`` row, tried, fired on the first token of unrelated prompts: locality 0.79).
-    """
+    typical inputs, so what ``B`` learns acts on the edited subjects."""
     from kem.consolidation.arch import arch_for
-    from kem.consolidation.shared.prompts import Row, make_rows
-    from kem.consolidation.shared.trace import gather, mean_per_edit
+    from kem.consolidation.rome.compute_key import compute_keys
 
     spec = arch_for(model)
-    rows = make_rows(tok, edits, templates, with_target=False)
-    mid = [r for r in rows if r.subject_pos > 0]
-    have_mid = {r.edit for r in mid}
-    mid += [r for r in rows if r.edit not in have_mid]  # a prompt with no template before it: what there is
-    opening = dict(sorted({r.edit: r for r in rows if r.subject_pos == 0}.items()))
-    own = {r.ids[0] for r in opening.values()}
-    others = [Row([t], 0, [], -1) for t in dict.fromkeys(first_tokens) if t not in own]
-    keys, _ = gather(model, tok, mid, key_layers=layers)
-    keys0, _ = gather(model, tok, list(opening.values()) + others, key_layers=layers) if opening else ({}, None)
     out: dict[str, torch.Tensor] = {}
+    # a subject that opens the prompt sits on the first token, whose key is unlike the same subject's
+    # anywhere else; a direction for it (tried) fired on the first token of unrelated prompts too
+    # (locality 0.79 on the demo store), so such clozes are left to the fast path by retirement
     for layer in layers:
-        k = mean_per_edit(keys[layer], mid, len(edits)).float()  # (n, d_mlp)
+        k = compute_keys(model, tok, edits, layer, templates).float()  # (n, d_mlp)
         c = covs[layer].float().to(k.device)
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], device=c.device)
         ck = torch.linalg.solve(c, k.T).T  # C^-1 k
-        a = ck / (ck * k).sum(1, keepdim=True)
-        if opening:
-            q = keys0[layer].float().to(k.device)  # (n_open + n_others, d): the edits' k0 first
-            cq = torch.linalg.solve(c, q.T)  # C^-1 Q^T
-            g = q @ cq
-            g = g + 1e-6 * g.diagonal().mean() * torch.eye(g.shape[0], device=g.device)
-            rhs = torch.zeros(q.shape[0], len(opening), device=k.device)
-            rhs[torch.arange(len(opening)), torch.arange(len(opening))] = 1.0
-            d0 = (cq @ torch.linalg.solve(g, rhs)).T  # (n_open, d): d . k0_i = 1, d . k0_j = 0 otherwise
-            a = torch.cat([a, d0], 0)
-        out[f"{spec.layers}.{layer}.{spec.mlp_out}"] = a
+        out[f"{spec.layers}.{layer}.{spec.mlp_out}"] = ck / (ck * k).sum(1, keepdim=True)
     return out
-
-
-def opening_tokens(tok: Any, texts: Sequence[str], n: int = 256) -> list[int]:
-    """The ``n`` most common first tokens of ``texts`` (a text opening a prompt, and after a space)."""
-    from collections import Counter
-
-    count: Counter[int] = Counter()
-    for t in texts:
-        for v in (t.strip(), " " + t.strip()):
-            ids = tok(v, add_special_tokens=False)["input_ids"]
-            if ids:
-                count[ids[0]] += 1
-    return [t for t, _ in count.most_common(n)]
 
 
 def _batch(items: Sequence[Item], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
