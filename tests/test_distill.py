@@ -191,3 +191,25 @@ def test_question_rules_beyond_the_followers():
     assert question("The mother tongue of {} is") == "What is the mother tongue of {}?"  # the follower's rule
     assert question("{} was founded by") == "Who founded {}?"
     assert question("{} xyzzy") is None
+
+
+def test_teacher_forced_shortcut_gives_the_labels_generation_gives(lm_and_tok):
+    """The teacher's completion labels found by one teacher-forced pass equal those found by generating
+    (on 8 CounterFact train records, every training form); a completion the teacher does not answer
+    with the target right away still goes through generation."""
+    from kem.consolidation.distill import data as D
+    from kem.consolidation.context import served_follower
+    from kem.datasets import counterfact_edit
+    from kem.settings import Settings
+
+    model, tok = lm_and_tok
+    recs = json.loads(Path(shared_data("counterfact", "counterfact-train.json")).read_text())[:8]
+    edits = [counterfact_edit(r, i, "train") for i, r in enumerate(recs)]
+    forms = D.edit_forms(edits, ["{}"])
+    follower = served_follower(Settings())
+    assert follower is not None
+    fast = D.teacher_labels(model, tok, edits, forms, follower, 24)
+    slow = D.teacher_labels(model, tok, edits, forms, follower, 24, shortcut=False)
+    assert fast == slow
+    prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower is located in the city of"]
+    assert D.forced_answers(model, tok, prompts, [" Paris", " Rome"]) == [True, False]
