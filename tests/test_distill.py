@@ -197,8 +197,8 @@ def test_teacher_forced_shortcut_gives_the_labels_generation_gives(lm_and_tok):
     """The teacher's completion labels found by one teacher-forced pass equal those found by generating
     (on 8 CounterFact train records, every training form); a completion the teacher does not answer
     with the target right away still goes through generation."""
-    from kem.consolidation.distill import data as D
     from kem.consolidation.context import served_follower
+    from kem.consolidation.distill import data as D
     from kem.datasets import counterfact_edit
     from kem.settings import Settings
 
