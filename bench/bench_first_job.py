@@ -74,8 +74,10 @@ def main() -> None:
           f"{os.cpu_count()} cores\n")
     print("| method | wall s | CPU s | version | retired | reliability | generalization | locality | perplexity |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
     for method, wall, cpu, ver, ret, rel, gen, loc, ppl in rows:
-        f = (lambda x: "-" if x is None else f"{100 * x:.1f}")
         print(f"| {method} | {wall:.0f} | {cpu:.0f} | {ver} | {'-' if ret is None else ret} | {f(rel)} | {f(gen)} | "
               f"{f(loc)} | {'-' if ppl is None else f'{100 * ppl:+.1f}%'} |")
 

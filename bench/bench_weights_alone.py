@@ -154,6 +154,8 @@ def main() -> None:
         for j in range(k):
             chunk = edits[j * len(edits) // k: (j + 1) * len(edits) // k]
             delta = spec.compute(model, tok, chunk, hp, ctx)
+            if delta.meta.get("seconds"):  # where a method's time went (distill: teacher, retain, start, train)
+                print(name, f"job {j + 1}/{k}", {s: round(v, 1) for s, v in delta.meta["seconds"].items()}, flush=True)
             handles.append(apply_delta(model, delta))
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         got = ask(model)
