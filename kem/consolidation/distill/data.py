@@ -128,20 +128,17 @@ def forced_answers(model: Any, tok: Any, prompts: Sequence[str], answers: Sequen
     teacher-forced forward pass per batch, no decoding). Prompts are tokenized without special tokens."""
     import torch
 
+    from kem.consolidation.shared.prompts import Row, pad, pad_id
+
     out: list[bool] = []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     device = next(model.parameters()).device
     with torch.inference_mode():
         for s in range(0, len(prompts), batch):
             ps = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts[s:s + batch]]
             ans = [tok(a, add_special_tokens=False)["input_ids"] for a in answers[s:s + batch]]
-            width = max(len(p) + len(a) for p, a in zip(ps, ans, strict=True))
-            ids = torch.full((len(ps), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(ps), width), dtype=torch.long)
-            for r, (p, a) in enumerate(zip(ps, ans, strict=True)):
-                ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-                mask[r, : len(p) + len(a)] = 1
-            pred = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.argmax(-1).cpu()
+            ids, mask = pad([Row(p + a, 0, [], r) for r, (p, a) in enumerate(zip(ps, ans, strict=True))],
+                            pad_id(tok), device)
+            pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu()
             for r, (p, a) in enumerate(zip(ps, ans, strict=True)):
                 out.append(bool(a) and pred[r, len(p) - 1 : len(p) + len(a) - 1].tolist() == a)
     return out
