@@ -35,13 +35,19 @@ def utcnow() -> datetime:
 
 
 class EditStatus(StrEnum):
-    """Lifecycle of an edit. ``active`` edits are applied in context; ``consolidated`` ones live in a
-    published model version (and are still applied to older versions); ``retired`` ones were deleted
-    or superseded and are kept only in the history."""
+    """Lifecycle of an edit. ``active`` edits are applied in context (inside their validity window);
+    ``consolidated`` ones live in a published model version (and are still applied to older versions);
+    ``superseded`` ones were replaced by a newer edit of the same fact (``superseded_by``) and apply
+    only to "as of" requests before ``superseded_at``; ``pending`` ones wait for an admin's review and
+    never reach a prompt; ``rejected`` ones were refused in review; ``retired`` ones were taken out by
+    hand (or superseded before kem kept ``superseded`` apart) and are kept only in the history."""
 
     active = "active"
     consolidated = "consolidated"
     retired = "retired"
+    superseded = "superseded"
+    pending = "pending"
+    rejected = "rejected"
 
 
 class LocalityProbe(BaseModel):
@@ -76,8 +82,15 @@ class Edit(BaseModel):
         paraphrases: Other phrasings of the same question (full text, subject included).
         locality: Probes the edit must leave unchanged.
         source: Free-form provenance (``"counterfact:0"``, ``"api"``, a user name...).
+        evidence: Why the fact is true: a URL or a quoted text (optional).
+        created_by: Who wrote the edit (the API key's principal, ``cli:<user>``...); set by kem.
+        valid_from: When the fact starts to hold (ISO 8601; None: always did). Before it the edit does
+            not apply. An edit that supersedes another without one starts when it is written.
+        valid_until: When the fact stops holding (None: until superseded).
         status: See :class:`EditStatus`.
-        supersedes: Id of the edit this one replaced.
+        supersedes: Ids of the edits this one replaced.
+        superseded_by: Id of the edit that replaced this one (status ``superseded``).
+        superseded_at: When that edit took over: this edit applies only before it.
         consolidated_in: Model version that absorbed this edit (when status is ``consolidated``).
     """
 
@@ -93,10 +106,16 @@ class Edit(BaseModel):
     paraphrases: list[str] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
     locality: list[LocalityProbe] = Field(default_factory=list, max_length=MAX_PARAPHRASES)
     source: str | None = Field(None, max_length=MAX_TEXT)
+    evidence: str | None = Field(None, max_length=MAX_TEXT)
+    created_by: str | None = Field(None, max_length=256)
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
     status: EditStatus = EditStatus.active
-    supersedes: str | None = None
+    supersedes: list[str] = Field(default_factory=list)
+    superseded_by: str | None = None
+    superseded_at: datetime | None = None
     consolidated_in: str | None = None
 
     # ---- normalisation (the only place it happens) -------------------------------------------
@@ -119,7 +138,23 @@ class Edit(BaseModel):
             )
         return v
 
-    @field_validator("subject", "target_new", "target_true", "source", "relation")
+    @field_validator("supersedes", mode="before")
+    @classmethod
+    def _supersedes(cls, v: Any) -> Any:
+        """Records written before an edit could supersede several hold one id (or None)."""
+        if v is None:
+            return []
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("valid_from", "valid_until", "superseded_at", "created_at", "updated_at")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        """Times without a zone are UTC; every time is kept in UTC."""
+        if v is None:
+            return None
+        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+    @field_validator("subject", "target_new", "target_true", "source", "relation", "evidence")
     @classmethod
     def _text(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
@@ -165,7 +200,28 @@ class Edit(BaseModel):
         self.prompt = prompt
         if self.status == EditStatus.consolidated and not self.consolidated_in:
             raise ValueError("consolidated_in must name the model version when status is 'consolidated'")
+        if self.valid_from is not None and self.valid_until is not None and self.valid_until <= self.valid_from:
+            raise ValueError(f"valid_until must be later than valid_from (got {self.valid_from.isoformat()} "
+                             f"and {self.valid_until.isoformat()})")
         return self
+
+    # ---- time ------------------------------------------------------------------------------------
+    @property
+    def ends_at(self) -> datetime | None:
+        """When the edit stops applying: the earlier of ``valid_until`` and ``superseded_at`` (None: never)."""
+        ends = [t for t in (self.valid_until, self.superseded_at) if t is not None]
+        return min(ends) if ends else None
+
+    def applies_at(self, when: datetime) -> bool:
+        """Whether the fact held at ``when``: inside ``[valid_from, ends_at)``, and the edit is one that
+        can apply at all (``active``, ``consolidated`` or ``superseded``; never ``pending``, ``rejected``
+        or ``retired``)."""
+        if self.status not in (EditStatus.active, EditStatus.consolidated, EditStatus.superseded):
+            return False
+        if self.valid_from is not None and when < self.valid_from:
+            return False
+        end = self.ends_at
+        return end is None or when < end
 
     # ---- derived text ---------------------------------------------------------------------------
     @property

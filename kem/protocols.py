@@ -10,7 +10,7 @@ shared by replicas), the index in ``kem.index``.
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Protocol, runtime_checkable
@@ -148,9 +148,15 @@ class Change:
     seq: int  # strictly increasing over the whole store
     edit_id: str
     namespace: str
-    op: str  # "add" | "update" | "delete" | "supersede" | "consolidate"
+    op: str  # "add" | "update" | "delete" | "supersede" | "consolidate" | "approve" | "reject"
     at: str  # ISO timestamp
     snapshot: dict[str, Any] | None  # the edit after the change (before it, for "delete")
+    actor: str | None = None  # who made the change (kem.provenance); None in rows older than the audit log
+
+    def as_dict(self) -> dict[str, Any]:
+        """The audit-log row as JSON-ready data."""
+        return {"seq": self.seq, "edit_id": self.edit_id, "namespace": self.namespace, "op": self.op,
+                "at": self.at, "actor": self.actor, "snapshot": self.snapshot}
 
 
 @runtime_checkable
@@ -158,8 +164,11 @@ class EditStore(Protocol):
     """Durable record of edits; the source of truth. Every mutation is atomic and appends history.
 
     Semantics every store shares (``tests/store_conformance.py`` checks them):
-    - ``add`` rejects an existing id (ConflictError); an active edit with the same namespace, subject
-      and relation is superseded: it becomes ``retired`` and the new edit's ``supersedes`` names it.
+    - ``add`` rejects an existing id (ConflictError). A live edit with the same namespace, subject and
+      relation key (or one the caller matched in ``matches``, same namespace and subject only) is handled
+      by ``on_conflict`` (:func:`kem.stores.rules.resolve`): by default it becomes ``superseded`` and the
+      new edit's ``supersedes`` names it. ``pending`` edits (review) supersede only when approved.
+    - Every history row records its actor (:mod:`kem.provenance`); ``audit`` reads them by namespace.
     - ``delete`` removes the edit from listings (it stays in ``history``); unknown ids raise NotFoundError.
     - Namespaces are hard boundaries: a read with a namespace never returns another namespace's edit.
     - ``revision`` increases with every change; ``changes_since(r)`` lists what happened after ``r``.
@@ -169,8 +178,16 @@ class EditStore(Protocol):
     def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit: ...
 
     def add_many(
-        self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None, embedder: str | None = None
+        self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None, embedder: str | None = None,
+        *, on_conflict: str = "supersede", matches: Mapping[str, Sequence[str]] | None = None,
     ) -> list[Edit]: ...
+
+    def live_for_subjects(self, keys: Sequence[tuple[str, str]]) -> list[Edit]: ...
+
+    def review(self, edit_id: str, approve: bool, namespace: str | None = None, *,
+               matches: Sequence[str] = (), on_conflict: str = "supersede") -> Edit: ...
+
+    def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]: ...
 
     def get(self, edit_id: str, namespace: str | None = None) -> Edit: ...
 

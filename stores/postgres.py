@@ -40,11 +40,25 @@ import numpy as np
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ConflictError, NotFoundError, StoreError, StoreUnavailable, ValidationError
 from kem.protocols import Change
-from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
+from kem.provenance import current_actor
+from kem.stores.rules import (
+    LIVE,
+    Matches,
+    apply_update,
+    check_policy,
+    check_vectors,
+    fact_key,
+    hinted,
+    resolve,
+    review_transition,
+    same_fact,
+    stamp,
+    statuses,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: history.actor (who made each change)
 DEFAULT_SCHEMA = "kem"
 NOTIFY_CHANNEL = "kem_changes"
 SMALL_BATCH = 16  # add_many of at most this many edits uses INSERTs; larger ones COPY
@@ -75,6 +89,8 @@ CREATE TABLE IF NOT EXISTS history (
     snapshot TEXT
 );
 CREATE INDEX IF NOT EXISTS history_edit ON history (edit_id, seq);
+ALTER TABLE history ADD COLUMN IF NOT EXISTS actor TEXT;
+CREATE INDEX IF NOT EXISTS history_ns ON history (namespace, seq);
 CREATE TABLE IF NOT EXISTS embeddings (
     edit_id TEXT NOT NULL,
     embedder TEXT NOT NULL,
@@ -107,6 +123,8 @@ def ensure_tables(conn: Any, schema: str, statements: Sequence[str]) -> None:
             conn.execute(stmt)
 
 
+_CHANGE_COLS = "seq, edit_id, namespace, op, at, snapshot, actor"
+_INSERT_HISTORY = f"INSERT INTO history ({_CHANGE_COLS}) VALUES (%s,%s,%s,%s,%s,%s,%s)"
 _SERVER_GONE = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
 
 
@@ -127,14 +145,13 @@ class _Tx:
         self.cur = cur
         self.seq = seq
 
-    def log_row(self, e: Edit, op: str) -> tuple[int, str, str, str, str, str]:
+    def log_row(self, e: Edit, op: str) -> tuple[int, str, str, str, str, str, str]:
         """The next history row (takes the next seq)."""
         self.seq += 1
-        return (self.seq, e.id, e.namespace, op, utcnow().isoformat(), e.model_dump_json())
+        return (self.seq, e.id, e.namespace, op, utcnow().isoformat(), e.model_dump_json(), current_actor())
 
     def log(self, e: Edit, op: str) -> None:
-        self.cur.execute("INSERT INTO history (seq, edit_id, namespace, op, at, snapshot) "
-                         "VALUES (%s,%s,%s,%s,%s,%s)", self.log_row(e, op))
+        self.cur.execute(_INSERT_HISTORY, self.log_row(e, op))
 
 
 class PostgresStore:
@@ -250,6 +267,8 @@ class PostgresStore:
             elif row[0] > SCHEMA_VERSION:
                 raise StoreError(f"{redact(self.url)} schema {self.schema!r} has schema version {row[0]}; "
                                  f"this kem reads up to {SCHEMA_VERSION}: upgrade kem")
+            elif row[0] < SCHEMA_VERSION:  # the DDL above added what is new (history.actor)
+                conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
 
     def connection(self) -> Any:
         """A pooled connection (context manager) for kem's other tables in this schema (keys, locks)."""
@@ -288,10 +307,12 @@ class PostgresStore:
         return self.add_many([edit], None if embeddings is None else [embeddings], embedder)[0]
 
     def add_many(self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None,
-                 embedder: str | None = None) -> list[Edit]:
+                 embedder: str | None = None, *, on_conflict: str = "supersede",
+                 matches: Matches | None = None) -> list[Edit]:
         """Add edits in one transaction (all or nothing), with COPY for the rows: a batch of 10,000
         is a handful of round trips."""
-        edits = [Edit.parse(e) for e in edits]
+        policy = check_policy(on_conflict)
+        edits = [stamp(Edit.parse(e)) for e in edits]
         if embeddings is not None and not embedder:
             raise ValidationError("embedder must be named when embeddings are given", field="embedder")
         vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]  # type: ignore[list-item]
@@ -307,37 +328,40 @@ class PostgresStore:
             return []
         with self._tx() as tx:
             cur = tx.cur
-            # one query: an id that exists already (a conflict), and the live edits stating the same facts
-            # as the batch's edits (superseded by them, in order)
-            keys = {fact_key(e) for e in edits if e.status in LIVE}
-            ns, subj, rel = (list(x) for x in zip(*keys, strict=True)) if keys else ([], [], [])
+            # one query: an id that exists already (a conflict), and the live edits about the batch's
+            # subjects (the ones stating the same facts are superseded, in order)
+            keys = {(e.namespace, e.subject_key) for e in edits if e.status in LIVE}
+            ns, subj = (list(x) for x in zip(*keys, strict=True)) if keys else ([], [])
             cur.execute(
                 "(SELECT 0, id, 0 FROM edits WHERE id = ANY(%s) LIMIT 1) UNION ALL "
-                "(SELECT 1, e.data, e.pk FROM edits e JOIN unnest(%s::text[], %s::text[], %s::text[]) AS k(ns, s, r) "
-                "ON e.namespace = k.ns AND e.subject_key = k.s AND e.relation_key = k.r "
-                "WHERE e.status IN ('active', 'consolidated')) ORDER BY 1, 3", (ids, ns, subj, rel))
+                "(SELECT 1, e.data, e.pk FROM edits e JOIN unnest(%s::text[], %s::text[]) AS k(ns, s) "
+                "ON e.namespace = k.ns AND e.subject_key = k.s "
+                "WHERE e.status IN ('active', 'consolidated')) ORDER BY 1, 3", (ids, ns, subj))
             found = cur.fetchall()
             if found and found[0][0] == 0:
                 raise ConflictError(f"an edit with id {found[0][1]!r} already exists")
-            live: dict[tuple[str, str, str], list[Edit]] = {}
+            about: dict[tuple[str, str], list[str]] = {}  # (namespace, subject key) -> ids, oldest first
+            final: dict[str, Edit] = {}  # id -> latest state of every edit this batch reads or writes
             for _, data, _pk in found:
                 old = Edit.model_validate_json(data)
-                live.setdefault(fact_key(old), []).append(old)
-            final: dict[str, Edit] = {}  # id -> latest state of every edit this batch writes
+                about.setdefault((old.namespace, old.subject_key), []).append(old.id)
+                final[old.id] = old
+            existing = set(final)
             retired_existing: dict[str, Edit] = {}
-            history: list[tuple[int, str, str, str, str, str]] = []
+            history: list[tuple[int, str, str, str, str, str, str]] = []
             out: list[Edit] = []
             for e in edits:
                 if e.status in LIVE:
-                    key = fact_key(e)
-                    for old in live.get(key, []):
-                        e, old = superseding(e, final.get(old.id, old))
-                        if old.id in final:
-                            final[old.id] = old
-                        else:
+                    hint = hinted(matches, e.id)
+                    cands = [final[i] for i in about.get((e.namespace, e.subject_key), [])]
+                    same = same_fact(e, [o for o in cands if fact_key(o) == fact_key(e) or o.id in hint])
+                    e, changed = resolve(e, same, policy)
+                    for old in changed:
+                        final[old.id] = old
+                        if old.id in existing:
                             retired_existing[old.id] = old
                         history.append(tx.log_row(old, "supersede"))
-                    live[key] = [e]
+                about.setdefault((e.namespace, e.subject_key), []).append(e.id)
                 final[e.id] = e
                 history.append(tx.log_row(e, "add"))
                 out.append(e)
@@ -347,14 +371,13 @@ class PostgresStore:
                 if len(rows) <= SMALL_BATCH:  # a few rows: pipelined INSERTs, fewer round trips than COPY
                     cur.executemany("INSERT INTO edits (id, namespace, subject_key, relation_key, status, data) "
                                     "VALUES (%s,%s,%s,%s,%s,%s)", rows)
-                    cur.executemany("INSERT INTO history (seq, edit_id, namespace, op, at, snapshot) "
-                                    "VALUES (%s,%s,%s,%s,%s,%s)", history)
+                    cur.executemany(_INSERT_HISTORY, history)
                 else:
                     with cur.copy("COPY edits (id, namespace, subject_key, relation_key, status, data) "
                                   "FROM STDIN") as cp:
                         for row in rows:
                             cp.write_row(row)
-                    with cur.copy("COPY history (seq, edit_id, namespace, op, at, snapshot) FROM STDIN") as cp:
+                    with cur.copy(f"COPY history ({_CHANGE_COLS}) FROM STDIN") as cp:
                         for hrow in history:
                             cp.write_row(hrow)
                 if any(v is not None for v in vecs):
@@ -385,6 +408,29 @@ class PostgresStore:
             tx.log(e, "delete")
         return e
 
+    def _place(self, tx: _Tx, e: Edit, policy: Any, matches: Sequence[str]) -> Edit:
+        """Resolve ``e`` against the live edits of the same fact (exact key or matched); writes the old ones."""
+        tx.cur.execute("SELECT data FROM edits WHERE namespace=%s AND subject_key=%s "
+                       "AND status IN ('active', 'consolidated') ORDER BY pk FOR UPDATE", (e.namespace, e.subject_key))
+        live = [Edit.model_validate_json(r[0]) for r in tx.cur.fetchall()]
+        e, changed = resolve(e, same_fact(e, [o for o in live if fact_key(o) == fact_key(e) or o.id in matches]),
+                             policy)
+        self._update_rows(tx.cur, changed)
+        for old in changed:
+            tx.log(old, "supersede")
+        return e
+
+    def review(self, edit_id: str, approve: bool, namespace: str | None = None, *,
+               matches: Sequence[str] = (), on_conflict: str = "supersede") -> Edit:
+        policy = check_policy(on_conflict)
+        with self._tx() as tx:
+            e = review_transition(self._get(tx.cur, edit_id, namespace, lock=True), approve)
+            if approve:
+                e = self._place(tx, e, policy, matches)
+            self._update_rows(tx.cur, [e])
+            tx.log(e, "approve" if approve else "reject")
+        return e
+
     def mark_consolidated(self, edit_ids: Sequence[str], version: str) -> None:
         ids = list(dict.fromkeys(edit_ids))
         if not ids:
@@ -400,8 +446,7 @@ class PostgresStore:
             marked = [found[i].model_copy(update={"status": EditStatus.consolidated, "consolidated_in": version,
                                                   "updated_at": now}) for i in ids]
             self._update_rows(cur, marked)
-            cur.executemany("INSERT INTO history (seq, edit_id, namespace, op, at, snapshot) "
-                            "VALUES (%s,%s,%s,%s,%s,%s)", [tx.log_row(e, "consolidate") for e in marked])
+            cur.executemany(_INSERT_HISTORY, [tx.log_row(e, "consolidate") for e in marked])
 
     def put_embeddings(self, edit_id: str, embedder: str, vectors: np.ndarray) -> None:
         with self._conn() as conn, conn.transaction(), conn.cursor() as cur:
@@ -439,6 +484,25 @@ class PostgresStore:
         rows = self._rows(f"SELECT data FROM edits{where} ORDER BY pk LIMIT %s OFFSET %s", [*args, limit, offset])
         return [Edit.model_validate_json(r[0]) for r in rows]
 
+    def live_for_subjects(self, keys: Sequence[tuple[str, str]]) -> builtins.list[Edit]:
+        pairs = list(dict.fromkeys(keys))
+        if not pairs:
+            return []
+        ns, subj = (list(x) for x in zip(*pairs, strict=True))
+        rows = self._rows("SELECT e.data FROM edits e JOIN unnest(%s::text[], %s::text[]) AS k(ns, s) "
+                          "ON e.namespace = k.ns AND e.subject_key = k.s "
+                          "WHERE e.status IN ('active', 'consolidated') ORDER BY e.pk", (ns, subj))
+        return [Edit.model_validate_json(r[0]) for r in rows]
+
+    def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]:
+        q = f"SELECT {_CHANGE_COLS} FROM history WHERE seq > %s"
+        args: list[Any] = [since]
+        if namespace is not None:
+            q += " AND namespace=%s"
+            args.append(namespace)
+        rows = self._rows(q + " ORDER BY seq LIMIT %s", [*args, limit])
+        return [self._change(r) for r in rows]
+
     def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
         where, args = self._where(namespace, status)
         return int(self._rows(f"SELECT COUNT(*) FROM edits{where}", args)[0][0])
@@ -448,10 +512,10 @@ class PostgresStore:
 
     @staticmethod
     def _change(row: tuple[Any, ...]) -> Change:
-        return Change(int(row[0]), row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None)
+        return Change(int(row[0]), row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None, row[6])
 
     def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
-        q = "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE edit_id=%s"
+        q = f"SELECT {_CHANGE_COLS} FROM history WHERE edit_id=%s"
         args: list[Any] = [edit_id]
         if namespace is not None:
             q += " AND namespace=%s"
@@ -472,8 +536,7 @@ class PostgresStore:
         return self._written
 
     def changes_since(self, revision: int) -> builtins.list[Change]:
-        rows = self._rows("SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE seq > %s "
-                          "ORDER BY seq", (revision,))
+        rows = self._rows(f"SELECT {_CHANGE_COLS} FROM history WHERE seq > %s ORDER BY seq", (revision,))
         return [self._change(r) for r in rows]
 
     def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]:

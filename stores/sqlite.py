@@ -30,9 +30,23 @@ import numpy as np
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
 from kem.protocols import Change
-from kem.stores.rules import LIVE, apply_update, check_vectors, fact_key, statuses, superseding
+from kem.provenance import current_actor
+from kem.stores.rules import (
+    Matches,
+    apply_update,
+    check_policy,
+    check_vectors,
+    fact_key,
+    hinted,
+    resolve,
+    review_transition,
+    same_fact,
+    stamp,
+    statuses,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: history.actor (who made each change)
+_CHANGE_COLS = "seq, edit_id, namespace, op, at, snapshot, actor"
 SYNCHRONOUS = ("FULL", "NORMAL")  # PRAGMA synchronous levels offered (see the module docstring)
 
 _SCHEMA = """
@@ -54,9 +68,11 @@ CREATE TABLE IF NOT EXISTS history (
     namespace TEXT NOT NULL,
     op TEXT NOT NULL,
     at TEXT NOT NULL,
-    snapshot TEXT
+    snapshot TEXT,
+    actor TEXT
 );
 CREATE INDEX IF NOT EXISTS history_edit ON history (edit_id, seq);
+CREATE INDEX IF NOT EXISTS history_ns ON history (namespace, seq);
 CREATE TABLE IF NOT EXISTS embeddings (
     edit_id TEXT NOT NULL,
     embedder TEXT NOT NULL,
@@ -101,6 +117,11 @@ class SQLiteStore:
                     raise StoreError(
                         f"{self.path} has schema version {row[0]}; this kem reads up to {SCHEMA_VERSION}: upgrade kem"
                     )
+                elif row[0] < SCHEMA_VERSION:  # version 1: history rows had no actor
+                    cols = {r[1] for r in db.execute("PRAGMA table_info(history)")}
+                    if "actor" not in cols:
+                        db.execute("ALTER TABLE history ADD COLUMN actor TEXT")
+                    db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the edit store {self.path}: {exc}") from exc
 
@@ -120,8 +141,8 @@ class SQLiteStore:
     @staticmethod
     def _log(db: sqlite3.Connection, e: Edit, op: str) -> None:
         db.execute(
-            "INSERT INTO history (edit_id, namespace, op, at, snapshot) VALUES (?, ?, ?, ?, ?)",
-            (e.id, e.namespace, op, utcnow().isoformat(), e.model_dump_json()),
+            "INSERT INTO history (edit_id, namespace, op, at, snapshot, actor) VALUES (?, ?, ?, ?, ?, ?)",
+            (e.id, e.namespace, op, utcnow().isoformat(), e.model_dump_json(), current_actor()),
         )
 
     @staticmethod
@@ -148,9 +169,26 @@ class SQLiteStore:
     def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit:
         return self.add_many([edit], None if embeddings is None else [embeddings], embedder)[0]
 
+    def _live_of(self, db: sqlite3.Connection, namespace: str, subject_key: str) -> list[Edit]:
+        rows = db.execute("SELECT data FROM edits WHERE namespace=? AND subject_key=? "
+                          "AND status IN ('active', 'consolidated') ORDER BY pk", (namespace, subject_key)).fetchall()
+        return [Edit.model_validate_json(r[0]) for r in rows]
+
+    def _place(self, db: sqlite3.Connection, e: Edit, policy: Any, matches: list[str]) -> Edit:
+        """Resolve ``e`` against the live edits of the same fact (exact key or matched); writes the old ones."""
+        live = self._live_of(db, e.namespace, e.subject_key)
+        found = [o for o in live if fact_key(o) == fact_key(e) or o.id in matches]
+        e, changed = resolve(e, same_fact(e, found), policy)
+        for old in changed:
+            self._write(db, old, insert=False)
+            self._log(db, old, "supersede")
+        return e
+
     def add_many(self, edits: Sequence[Edit], embeddings: Sequence[np.ndarray] | None = None,
-                 embedder: str | None = None) -> list[Edit]:
-        edits = [Edit.parse(e) for e in edits]
+                 embedder: str | None = None, *, on_conflict: str = "supersede",
+                 matches: Matches | None = None) -> list[Edit]:
+        policy = check_policy(on_conflict)
+        edits = [stamp(Edit.parse(e)) for e in edits]
         if embeddings is not None and not embedder:
             raise ValidationError("embedder must be named when embeddings are given", field="embedder")
         vecs = [check_vectors(e, v) for e, v in zip(edits, embeddings or [None] * len(edits), strict=True)]  # type: ignore[list-item]
@@ -159,15 +197,7 @@ class SQLiteStore:
             for e, v in zip(edits, vecs, strict=True):
                 if db.execute("SELECT 1 FROM edits WHERE id=?", (e.id,)).fetchone():
                     raise ConflictError(f"an edit with id {e.id!r} already exists")
-                if e.status in LIVE:
-                    ns, subj, rel = fact_key(e)
-                    rows = db.execute(
-                        "SELECT data FROM edits WHERE namespace=? AND subject_key=? AND relation_key=? "
-                        "AND status IN ('active', 'consolidated')", (ns, subj, rel)).fetchall()
-                    for (data,) in rows:
-                        e, old = superseding(e, Edit.model_validate_json(data))
-                        self._write(db, old, insert=False)
-                        self._log(db, old, "supersede")
+                e = self._place(db, e, policy, hinted(matches, e.id))
                 self._write(db, e, insert=True)
                 if v is not None:
                     db.execute("INSERT OR REPLACE INTO embeddings VALUES (?,?,?,?)",
@@ -190,6 +220,17 @@ class SQLiteStore:
             db.execute("DELETE FROM edits WHERE id=?", (edit_id,))
             db.execute("DELETE FROM embeddings WHERE edit_id=?", (edit_id,))
             self._log(db, e, "delete")
+        return e
+
+    def review(self, edit_id: str, approve: bool, namespace: str | None = None, *,
+               matches: Sequence[str] = (), on_conflict: str = "supersede") -> Edit:
+        policy = check_policy(on_conflict)
+        with self._tx() as db:
+            e = review_transition(self._get(db, edit_id, namespace), approve)
+            if approve:
+                e = self._place(db, e, policy, list(matches))
+            self._write(db, e, insert=False)
+            self._log(db, e, "approve" if approve else "reject")
         return e
 
     def mark_consolidated(self, edit_ids: Sequence[str], version: str) -> None:
@@ -230,6 +271,20 @@ class SQLiteStore:
             rows = self._db.execute(sql, [*args, -1 if limit is None else limit, offset]).fetchall()
         return [Edit.model_validate_json(r[0]) for r in rows]
 
+    def live_for_subjects(self, keys: Sequence[tuple[str, str]]) -> builtins.list[Edit]:
+        with self._lock:
+            return [e for ns, subj in dict.fromkeys(keys) for e in self._live_of(self._db, ns, subj)]
+
+    def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]:
+        sql = f"SELECT {_CHANGE_COLS} FROM history WHERE seq > ?"
+        args: list[Any] = [since]
+        if namespace is not None:
+            sql += " AND namespace=?"
+            args.append(namespace)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*args, -1 if limit is None else limit]).fetchall()
+        return [self._change(r) for r in rows]
+
     def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
         where, args = self._where(namespace, status)
         with self._lock:
@@ -241,10 +296,10 @@ class SQLiteStore:
 
     @staticmethod
     def _change(row: tuple[Any, ...]) -> Change:
-        return Change(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None)
+        return Change(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None, row[6])
 
     def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
-        sql = "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE edit_id=?"
+        sql = f"SELECT {_CHANGE_COLS} FROM history WHERE edit_id=?"
         args: list[Any] = [edit_id]
         if namespace is not None:
             sql += " AND namespace=?"
@@ -262,7 +317,7 @@ class SQLiteStore:
     def changes_since(self, revision: int) -> builtins.list[Change]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, edit_id, namespace, op, at, snapshot FROM history WHERE seq > ? ORDER BY seq",
+                f"SELECT {_CHANGE_COLS} FROM history WHERE seq > ? ORDER BY seq",
                 (revision,)).fetchall()
         return [self._change(r) for r in rows]
 

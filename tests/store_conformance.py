@@ -42,17 +42,17 @@ class StoreConformance:
     def test_supersede_same_subject_and_relation(self, store):
         old = store.add(mk(target="English"))
         new = store.add(mk(target="German"))
-        assert new.supersedes == old.id
-        assert store.get(old.id).status == EditStatus.retired
+        assert new.supersedes == [old.id]
+        assert store.get(old.id).status == EditStatus.superseded and store.get(old.id).superseded_by == new.id
         assert [e.id for e in store.list(status=EditStatus.active)] == [new.id]
         assert [c.op for c in store.history(old.id)] == ["add", "supersede"]
         other_rel = store.add(mk(prompt="{} was born in", target="Rome"))
-        assert other_rel.supersedes is None and store.get(new.id).status == EditStatus.active
+        assert other_rel.supersedes == [] and store.get(new.id).status == EditStatus.active
 
     def test_supersede_is_per_namespace(self, store):
         a = store.add(mk(ns="alice"))
         b = store.add(mk(ns="bob", target="German"))
-        assert b.supersedes is None and store.get(a.id).status == EditStatus.active
+        assert b.supersedes == [] and store.get(a.id).status == EditStatus.active
 
     def test_namespace_isolation(self, store):
         a = store.add(mk(ns="alice"))
@@ -126,3 +126,109 @@ class StoreConformance:
                      lambda: store.update("nope", {"target_new": "x"})):
             with pytest.raises(NotFoundError):
                 call()
+
+    # ---- facts over time: supersede policies, matches, windows, review, audit --------------------------
+    def test_superseded_edit_keeps_its_window_and_successor(self, store):
+        from datetime import UTC, datetime
+
+        old = store.add(mk(target="English"))
+        new = store.add(mk(target="German"))
+        old2 = store.get(old.id)
+        assert old2.superseded_at == new.valid_from and new.valid_from is not None
+        assert old2.applies_at(datetime(2000, 1, 1, tzinfo=UTC)) and not old2.applies_at(new.valid_from)
+        assert new.applies_at(new.valid_from) and not new.applies_at(datetime(2000, 1, 1, tzinfo=UTC))
+        assert [e.id for e in store.list(status="superseded")] == [old.id]
+
+    def test_reject_policy_names_the_live_edit_and_writes_nothing(self, store):
+        old = store.add(mk(target="English"))
+        rev = store.revision()
+        with pytest.raises(ConflictError, match=old.id):
+            store.add_many([mk("Other"), mk(target="German")], on_conflict="reject")
+        assert store.revision() == rev and store.count() == 1 and store.get(old.id).status == EditStatus.active
+        with pytest.raises(ValidationError, match="on_conflict"):
+            store.add_many([mk(target="German")], on_conflict="overwrite")
+
+    def test_keep_policy_leaves_both_live(self, store):
+        a = store.add(mk(prompt="{} is a twin city of", subject="Lyon", target="Beirut"))
+        b = store.add_many([mk(prompt="{} is a twin city of", subject="Lyon", target="Frankfurt")],
+                           on_conflict="keep")[0]
+        assert b.supersedes == [] and {e.id for e in store.list(status="active")} == {a.id, b.id}
+
+    def test_matches_supersede_another_template_but_never_across_namespace_or_subject(self, store):
+        a = store.add(mk(prompt="The mother tongue of {} is", target="English"))
+        other_ns = store.add(mk(prompt="The mother tongue of {} is", target="French", ns="bob"))
+        other_subject = store.add(mk("Léon Blum", target="French"))
+        new = store.add_many([mk(prompt="{} is a native speaker of", target="German")],
+                             matches=None)[0]
+        assert new.supersedes == []  # another template and no match: both live
+        newer = store.add_many([mk(prompt="{}, a native", target="Dutch", id="n3")],
+                               matches={"n3": [a.id, new.id, other_ns.id, other_subject.id]})[0]
+        assert sorted(newer.supersedes) == sorted([a.id, new.id])
+        assert store.get(other_ns.id).status == EditStatus.active
+        assert store.get(other_subject.id).status == EditStatus.active
+
+    def test_a_batch_supersedes_in_order(self, store):
+        edits = store.add_many([mk(target=t) for t in ("A", "B", "C")])
+        assert edits[1].supersedes == [edits[0].id] and edits[2].supersedes == [edits[1].id]
+        assert [store.get(e.id).status for e in edits] == [EditStatus.superseded, EditStatus.superseded,
+                                                             EditStatus.active]
+        assert store.get(edits[0].id).superseded_by == edits[1].id
+
+    def test_an_earlier_value_is_stored_superseded_by_the_live_one(self, store):
+        from datetime import UTC, datetime
+
+        live = store.add(mk(target="B", valid_from=datetime(2024, 1, 1, tzinfo=UTC)))
+        past = store.add(mk(target="A", valid_from=datetime(2020, 1, 1, tzinfo=UTC)))
+        assert past.status == EditStatus.superseded and past.superseded_by == live.id
+        assert past.superseded_at == live.valid_from and store.get(live.id).status == EditStatus.active
+        assert past.applies_at(datetime(2022, 1, 1, tzinfo=UTC)) and not past.applies_at(datetime(2025, 1, 1, tzinfo=UTC))
+
+    def test_review_approve_supersedes_then_and_reject_never_applies(self, store):
+        live = store.add(mk(target="English"))
+        pend = store.add(mk(target="German", status="pending"))
+        assert store.get(live.id).status == EditStatus.active and pend.supersedes == []
+        approved = store.review(pend.id, True)
+        assert approved.status == EditStatus.active and approved.supersedes == [live.id]
+        assert store.get(live.id).status == EditStatus.superseded
+        with pytest.raises(ConflictError, match="not pending"):
+            store.review(pend.id, False)
+        other = store.add(mk(target="Dutch", status="pending", ns="bob"))
+        with pytest.raises(NotFoundError):
+            store.review(other.id, True, "alice")
+        rejected = store.review(other.id, False, "bob")
+        assert rejected.status == EditStatus.rejected and not rejected.applies_at(rejected.created_at)
+        assert [c.op for c in store.history(pend.id)] == ["add", "approve"]
+
+    def test_audit_rows_name_the_actor_and_stay_in_their_namespace(self, store):
+        from kem.provenance import acting_as
+
+        with acting_as("key:alice"):
+            a = store.add(mk(ns="alice"))
+            store.add(mk(ns="alice", target="German"))
+        with acting_as("key:bob"):
+            store.add(mk(ns="bob"))
+        assert a.created_by == "key:alice"
+        rows = store.audit("alice")
+        assert [(r.op, r.actor) for r in rows] == [("add", "key:alice"), ("supersede", "key:alice"),
+                                                  ("add", "key:alice")]
+        assert all(r.namespace == "alice" for r in rows)
+        assert [r.namespace for r in store.audit()] == ["alice", "alice", "alice", "bob"]
+        assert len(store.audit(since=rows[0].seq, limit=2)) == 2
+
+    def test_live_for_subjects(self, store):
+        a = store.add(mk())
+        store.add(mk(ns="bob"))
+        store.add(mk("Léon Blum"))
+        assert [e.id for e in store.live_for_subjects([("default", "danielle darrieux")])] == [a.id]
+
+    def test_windows_are_validated(self, store):
+        from datetime import UTC, datetime
+
+        bad = {"subject": "S", "prompt": "{} is", "target_new": "T", "valid_from": "2025-01-01",
+               "valid_until": datetime(2024, 1, 1, tzinfo=UTC)}
+        with pytest.raises(ValidationError, match="valid_until"):
+            store.add(bad)
+        assert store.count() == 0
+        with pytest.raises(ValidationError, match="status"):
+            a = store.add(mk())
+            store.update(a.id, {"status": "superseded"})

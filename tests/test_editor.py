@@ -111,7 +111,7 @@ def test_persistence_delete_supersede_history(tmp_path, generator, embedder, kem
 def test_namespaces_never_see_each_other(ke):
     a = ke.add(Edit(**CASE0, namespace="alice"))
     b = ke.add(Edit(**{**CASE0, "target_new": "Japanese"}, namespace="bob"))
-    assert a.supersedes is None and b.supersedes is None  # superseding is per namespace
+    assert a.supersedes == [] and b.supersedes == []  # superseding is per namespace
     for ns, mine in (("alice", a.id), ("bob", b.id)):
         hits = ke.retrieve(PARAPHRASE, ns, k=10)
         assert [s.edit.id for s in hits] == [mine]
