@@ -21,6 +21,11 @@ app.add_typer(edit_app, name="edit")
 HomeOpt = Annotated[Path | None, typer.Option("--home", help="Data folder (default: $KEM_HOME or ./kem-data).")]
 NsOpt = Annotated[str | None, typer.Option("--namespace", "-n", help="Namespace (default: $KEM_NAMESPACE or 'default').")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+AsOfOpt = Annotated[str | None, typer.Option(
+    "--as-of", help="A time (ISO 8601, e.g. 2025-01-01 or 2025-06-01T12:00:00Z): the edits that applied then.")]
+ConflictOpt = Annotated[str, typer.Option(
+    "--on-conflict", help="A live edit of the same subject and relation (however phrased): 'supersede' it "
+    "(default), 'reject' the new one, or 'keep' both (multi-valued relations).")]
 StoreOpt = Annotated[str | None, typer.Option(
     "--store", help="Edit store: 'sqlite' (<home>/edits.sqlite, the default), sqlite:///PATH or "
     "postgresql://user:pass@host:port/db[?schema=NAME] (default: $KEM_STORE).")]
@@ -58,49 +63,87 @@ def edit_add(
     prompt: Annotated[str, typer.Option(help="Prompt with {} for the subject (or the subject verbatim).")],
     target: Annotated[str, typer.Option(help="The new completion, e.g. 'English'.")],
     target_true: Annotated[str | None, typer.Option(help="The old completion, if known.")] = None,
-    relation: Annotated[str | None, typer.Option(help="Relation id; same subject+relation supersedes.")] = None,
+    relation: Annotated[str | None, typer.Option(help="Relation id (e.g. P103): the surest way to supersede.")] = None,
     paraphrase: Annotated[list[str] | None, typer.Option("--paraphrase", help="Another phrasing (repeatable).")] = None,
     source: Annotated[str | None, typer.Option(help="Provenance.")] = None,
+    evidence: Annotated[str | None, typer.Option(help="Why it is true: a URL or a quote.")] = None,
+    valid_from: Annotated[str | None, typer.Option("--valid-from", help="Applies from this time (ISO 8601).")] = None,
+    valid_until: Annotated[str | None, typer.Option("--valid-until", help="Applies until this time (ISO 8601).")] = None,
+    on_conflict: ConflictOpt = "supersede",
+    review: Annotated[bool, typer.Option("--review", help="Store it pending: it applies once approved.")] = False,
     namespace: NsOpt = None,
     home: HomeOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Add one edit."""
-    from kem.edit import Edit
+    """Add one edit. A live edit of the same subject and relation is superseded (see --on-conflict)."""
+    from kem.edit import Edit, parse_time
 
     edit = Edit.parse({"subject": subject, "prompt": prompt, "target_new": target, "target_true": target_true,
                        "relation": relation, "paraphrases": paraphrase or [], "source": source or "cli",
-                       "namespace": _ns(namespace, home)})
+                       "evidence": evidence, "valid_from": parse_time(valid_from, "--valid-from"),
+                       "valid_until": parse_time(valid_until, "--valid-until"), "namespace": _ns(namespace, home)})
     with _editor(home, store) as ke:
-        stored = ke.add(edit)
+        stored = ke.add(edit, on_conflict=on_conflict, review=review)
     if as_json:
         _print_json(_edit_row(stored))
     else:
-        extra = f" (supersedes {stored.supersedes})" if stored.supersedes else ""
-        typer.echo(f"added {stored.id} [{stored.namespace}]: {stored.fact}{extra}")
+        extra = f" (supersedes {', '.join(stored.supersedes)})" if stored.supersedes else ""
+        state = f" {stored.status.value}" if stored.status.value != "active" else ""
+        typer.echo(f"added{state} {stored.id} [{stored.namespace}]: {stored.fact}{extra}")
+
+
+@edit_app.command("approve")
+def edit_approve(edit_id: str, namespace: NsOpt = None, on_conflict: ConflictOpt = "supersede",
+                 home: HomeOpt = None, store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """Approve a pending edit: it applies from now on, superseding like a new edit."""
+    with _editor(home, store) as ke:
+        e = ke.approve(edit_id, namespace, on_conflict=on_conflict)
+    _print_json(_edit_row(e)) if as_json else typer.echo(
+        f"approved {e.id}: {e.fact}" + (f" (supersedes {', '.join(e.supersedes)})" if e.supersedes else ""))
+
+
+@edit_app.command("reject")
+def edit_reject(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, store: StoreOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Reject a pending edit: it never applies (its history is kept)."""
+    db = _store(home, store)
+    try:
+        e = db.review(edit_id, False, namespace)
+    finally:
+        db.close()
+    _print_json(_edit_row(e)) if as_json else typer.echo(f"rejected {e.id}")
 
 
 @edit_app.command("list")
 def edit_list(
     namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: all).")] = None,
-    status: Annotated[str | None, typer.Option(help="active, consolidated or retired (default: all).")] = None,
+    status: Annotated[str | None, typer.Option(help="active, consolidated, superseded, pending, rejected or "
+                                               "retired (default: all).")] = None,
+    as_of: AsOfOpt = None,
     limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
     offset: Annotated[int, typer.Option(help="Skip this many.")] = 0,
     home: HomeOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List edits (newest last)."""
-    from kem.edit import EditStatus
+    """List edits (newest last); --as-of: those that applied at a time."""
+    from kem.edit import EditStatus, parse_time
+    from kem.errors import ValidationError
+    from kem.stores.rules import HELD
 
     try:
         st = EditStatus(status) if status else None
     except ValueError:
-        raise KemError(f"--status must be one of active, consolidated, retired (got {status!r})") from None
+        raise ValidationError(f"--status must be one of {', '.join(s.value for s in EditStatus)} (got {status!r})",
+                              field="status") from None
+    when = parse_time(as_of, "--as-of")
     db = _store(home, store)  # no embedder
     try:
-        rows = db.list(namespace, st, limit, offset)
+        if when is None:
+            rows = db.list(namespace, st, limit, offset)
+        else:
+            rows = [e for e in db.list(namespace, st or HELD) if e.applies_at(when)][offset:offset + limit]
     finally:
         db.close()
     if as_json:
@@ -109,9 +152,42 @@ def edit_list(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("id", "namespace", "status", "fact")
+    table = Table("id", "namespace", "status", "fact", "valid")
     for e in rows:
-        table.add_row(e.id, e.namespace, e.status.value, e.fact)
+        window = f"{e.valid_from:%Y-%m-%d %H:%M} .." if e.valid_from else ".."
+        window += f" {e.ends_at:%Y-%m-%d %H:%M}" if e.ends_at else ""
+        table.add_row(e.id, e.namespace, e.status.value, e.fact, window if window != ".." else "")
+    Console().print(table)
+
+
+@app.command("audit")
+def audit(
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace (default: all).")] = None,
+    since: Annotated[int, typer.Option(help="Rows after this seq.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    home: HomeOpt = None,
+    store: StoreOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The audit log: every change to edits (add, supersede, update, delete, consolidate, approve, reject)
+    with who and when. --json prints JSON lines (one row each), for export."""
+    db = _store(home, store)
+    try:
+        rows = db.audit(namespace, since, limit)
+    finally:
+        db.close()
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r.as_dict(), ensure_ascii=False, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("seq", "at", "actor", "op", "namespace", "edit", "fact")
+    for r in rows:
+        snap = r.snapshot or {}
+        fact = f"{str(snap.get('prompt', '')).replace('{}', str(snap.get('subject', '')))} {snap.get('target_new', '')}"
+        table.add_row(str(r.seq), r.at[:19], r.actor or "", r.op, r.namespace, r.edit_id, fact)
     Console().print(table)
 
 
@@ -131,7 +207,7 @@ def edit_show(edit_id: str, namespace: NsOpt = None, home: HomeOpt = None, store
         hist = db.history(edit_id, namespace)
     finally:
         db.close()
-    row = {**_edit_row(e), "history": [{"seq": h.seq, "op": h.op, "at": h.at} for h in hist]}
+    row = {**_edit_row(e), "history": [{"seq": h.seq, "op": h.op, "at": h.at, "actor": h.actor} for h in hist]}
     if as_json:
         _print_json(row)
     else:
@@ -161,6 +237,7 @@ def edit_import(
                                          "(default: skip invalid records and say which).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=0, help="Edits per transaction, embedded while "
                                             "the previous batch is written; 0: one transaction for the file.")] = 1000,
+    on_conflict: ConflictOpt = "supersede",
     home: HomeOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
@@ -177,13 +254,16 @@ def edit_import(
     if loaded.errors:
         typer.secho(loaded.summary(), fg="yellow", err=True)
     with _editor(home, store) as ke:
-        stored = ke.add_many(loaded.items, progress=not as_json, batch_size=batch_size or None)
+        stored = ke.add_many(loaded.items, progress=not as_json, batch_size=batch_size or None,
+                             on_conflict=on_conflict)
+    superseded = sorted({i for e in stored for i in e.supersedes})
     if as_json:
-        _print_json({"imported": len(stored), "ids": [e.id for e in stored],
+        _print_json({"imported": len(stored), "ids": [e.id for e in stored], "superseded": superseded,
                      "skipped": [e.as_dict() for e in loaded.errors]})
     else:
         skipped = f" (skipped {len(loaded.errors)} invalid records)" if loaded.errors else ""
-        typer.echo(f"imported {len(stored)} edits from {file}{skipped}")
+        sup = f"; {len(superseded)} earlier edits superseded" if superseded else ""
+        typer.echo(f"imported {len(stored)} edits from {file}{skipped}{sup}")
 
 
 # ---- kem ask ----------------------------------------------------------------------------------------
@@ -195,18 +275,22 @@ def ask(
     no_edits: Annotated[bool, typer.Option("--no-edits", help="Bypass the fast path (weights alone).")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(help="Generation length.")] = None,
     model_version: Annotated[str | None, typer.Option("--model-version", help="Ask a published version (vN).")] = None,
+    as_of: AsOfOpt = None,
     home: HomeOpt = None,
     store: StoreOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Ask the model with the edits of a namespace applied in context."""
+    """Ask the model with the edits of a namespace applied in context (--as-of: those that applied then)."""
+    from kem.edit import parse_time
+
+    when = parse_time(as_of, "--as-of")
     ke = _editor(home, store)
     try:
         if model_version is not None:
             _use_version(ke, model_version)
         ns = _ns(namespace, home)
-        ans = (ke.generate(text, ns, max_new_tokens=max_new_tokens, use_edits=not no_edits) if complete
-               else ke.chat(text, ns, max_new_tokens=max_new_tokens, use_edits=not no_edits))
+        ans = (ke.generate(text, ns, max_new_tokens=max_new_tokens, use_edits=not no_edits, as_of=when) if complete
+               else ke.chat(text, ns, max_new_tokens=max_new_tokens, use_edits=not no_edits, as_of=when))
     finally:
         ke.close()
     if as_json:
@@ -307,7 +391,10 @@ def run_app(typer_app: typer.Typer) -> NoReturn:
 
 
 def main() -> NoReturn:
+    from kem.provenance import cli_actor, set_actor
+
     own_process()  # before torch loads (kem/runtime.py)
+    set_actor(cli_actor())  # the audit log records this process's changes as cli:<user>
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     _mount_optional()
     run_app(app)

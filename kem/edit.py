@@ -291,3 +291,15 @@ def fact_sentence(prompt: str, target: str) -> str:
     """``prompt`` completed by ``target`` as one sentence (a final period added when it has none)."""
     text = f"{prompt} {target}"
     return text if text[-1] in ".!?" else text + "."
+
+
+def parse_time(value: str | None, field: str) -> datetime | None:
+    """An ISO 8601 time (a date alone is its midnight UTC; no zone: UTC), or None when absent."""
+    if value is None or not str(value).strip():
+        return None
+    try:
+        t = datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationError(f"{field} must be an ISO 8601 time such as 2025-01-01 or 2025-01-01T12:00:00Z "
+                              f"(got {value!r})", field=field) from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t

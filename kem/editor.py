@@ -12,6 +12,7 @@ import builtins
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from kem.protocols import AdapterRef, Change, Embedder, GenerationParams, Genera
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
 from kem.stores.memory import InMemoryStore
+from kem.stores.rules import HELD
 from kem.tenants import TenantAdapters, TenantVersion
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,8 @@ class KnowledgeEditor:
         settings = settings.model_copy(update={"home": home})
         store = open_store(settings, home)  # settings.store (KEM_STORE / --store); default <home>/edits.sqlite
         try:
-            memory = EditMemory(store, embedder or default_embedder(settings), index_dir(store, home))
+            memory = EditMemory(store, embedder or default_embedder(settings), index_dir(store, home),
+                                supersede_threshold=settings.supersede_threshold)
         except BaseException:
             store.close()
             raise
@@ -131,7 +134,8 @@ class KnowledgeEditor:
         from kem.memory import EditMemory
 
         settings = settings or Settings()
-        memory = EditMemory(InMemoryStore(), embedder or default_embedder(settings), None)
+        memory = EditMemory(InMemoryStore(), embedder or default_embedder(settings), None,
+                            supersede_threshold=settings.supersede_threshold)
         return cls(memory, settings=settings, generator=generator, scope=scope, demos=demos)
 
     @property
@@ -179,16 +183,50 @@ class KnowledgeEditor:
         return self.memory.store
 
     # ---- edits --------------------------------------------------------------------------------------
-    def add(self, edit: Edit | dict[str, Any]) -> Edit:
-        """Validate, embed, store and index one edit. Returns it as stored (``supersedes`` set when it
-        replaced an older edit of the same subject and relation)."""
-        return self.memory.add_many([Edit.parse(edit)])[0]
+    def add(self, edit: Edit | dict[str, Any], *, on_conflict: str = "supersede", review: bool = False) -> Edit:
+        """Validate, embed, store and index one edit. Returns it as stored: ``supersedes`` lists the live
+        edits of the same subject and relation it replaced (however phrased; see
+        :mod:`kem.relations`), which are now ``superseded``. ``on_conflict``: ``supersede`` (default),
+        ``reject`` (ConflictError naming the live edit) or ``keep`` (both stay live). The edit arrives
+        ``pending`` when ``review`` is set or its namespace is in ``settings.review_namespaces``."""
+        return self.add_many([edit], on_conflict=on_conflict, review=review)[0]
 
     def add_many(self, edits: Iterable[Edit | dict[str, Any]], progress: bool = False,
-                 batch_size: int | None = None) -> list[Edit]:
+                 batch_size: int | None = None, *, on_conflict: str = "supersede",
+                 review: bool = False) -> list[Edit]:
         """Add many edits in one transaction (all or none); with ``batch_size``, one transaction per
-        batch, embedding the next batch while one is written (see :meth:`kem.memory.EditMemory.add_many`)."""
-        return self.memory.add_many([Edit.parse(e) for e in edits], progress=progress, batch_size=batch_size)
+        batch, embedding the next batch while one is written (see :meth:`kem.memory.EditMemory.add_many`).
+        Edits supersede in order (``on_conflict`` and ``review`` as in :meth:`add`)."""
+        parsed = [self.reviewed(Edit.parse(e), review) for e in edits]
+        return self.memory.add_many(parsed, progress=progress, batch_size=batch_size, on_conflict=on_conflict)
+
+    def needs_review(self, namespace: str) -> bool:
+        """Whether new edits of ``namespace`` wait for an admin (``settings.review_namespaces``)."""
+        names = {n.strip() for n in self.settings.review_namespaces.split(",") if n.strip()}
+        return namespace in names
+
+    def reviewed(self, edit: Edit, review: bool = False) -> Edit:
+        """``edit`` as it is to be stored: ``pending`` when it needs review (and is a new, live edit)."""
+        if (review or self.needs_review(edit.namespace)) and edit.status == EditStatus.active:
+            return edit.model_copy(update={"status": EditStatus.pending})
+        return edit
+
+    def approve(self, edit_id: str, namespace: str | None = None, *, on_conflict: str = "supersede") -> Edit:
+        """Approve a pending edit: it becomes active and supersedes like a new edit would."""
+        return self.memory.review(edit_id, True, namespace, on_conflict)
+
+    def reject(self, edit_id: str, namespace: str | None = None) -> Edit:
+        """Reject a pending edit: it never applies (it stays in the history)."""
+        return self.memory.review(edit_id, False, namespace)
+
+    def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]:
+        """The audit log: every change (add, supersede, update, delete, consolidate, approve, reject) with
+        who and when, oldest first, after revision ``since``; ``namespace`` restricts it to one tenant."""
+        return self.store.audit(namespace, since, limit)
+
+    def as_of(self, when: datetime, namespace: str | None = None) -> builtins.list[Edit]:
+        """The edits that applied at ``when`` (their window and supersede times), in store order."""
+        return [e for e in self.store.list(namespace, status=HELD) if e.applies_at(when)]
 
     def get(self, edit_id: str, namespace: str | None = None) -> Edit:
         return self.store.get(edit_id, namespace)
@@ -209,11 +247,14 @@ class KnowledgeEditor:
 
     # ---- the fast path ------------------------------------------------------------------------------
     def retrieve(self, query: str, namespace: str | None = None, k: int | None = None,
-                 query_vec: np.ndarray | None = None, absorbed: frozenset[str] = frozenset()) -> builtins.list[ScoredEdit]:
+                 query_vec: np.ndarray | None = None, absorbed: frozenset[str] = frozenset(),
+                 as_of: datetime | None = None) -> builtins.list[ScoredEdit]:
         """Retrieve the top-``k`` edits of ``namespace`` for ``query`` with their scope verdicts, skipping
-        the edits of the served versions and of ``absorbed`` (the namespace's own adapter versions)."""
+        the edits of the served versions and of ``absorbed`` (the namespace's own adapter versions), and
+        those that do not apply at ``as_of`` (default: now)."""
         ns = namespace or self.settings.namespace
-        hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions | absorbed)
+        hits = self.memory.search(query, ns, k or self.settings.top_k, query_vec, self.absorbed_versions | absorbed,
+                                  as_of=as_of)
         return self.scope.decide(query, hits)
 
     def tenant_of(self, namespace: str | None, engine: Any = None) -> TenantVersion | None:
@@ -254,15 +295,17 @@ class KnowledgeEditor:
         return (tenant.with_follower if follow else None), tenant.adapter
 
     def rewrite_prompt(self, prompt: str, namespace: str | None = None,
-                       follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO) -> Rewrite:
+                       follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO,
+                       as_of: datetime | None = None) -> Rewrite:
         """The fast path for a completion prompt: when edits are in scope, the facts in the
         edit-follower's format (``follower`` names the adapter; default: the generator's, see
         :meth:`follower_of`) or an IKE prompt (``follower=None``); else ``prompt`` itself. ``tenant``
         (default: :meth:`tenant_of` the namespace) adds the namespace's consolidated adapter and skips
-        the edits it holds."""
+        the edits it holds. ``as_of``: the edits that applied then (default: now)."""
         tv = self._tenant(tenant, namespace)
         qv = self.memory.embedder.embed([prompt])[0]
-        considered = self.retrieve(prompt, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset())
+        considered = self.retrieve(prompt, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
+                                   as_of=as_of)
         applied = [s for s in considered if s.in_scope]
         follow, plain = self._adapters(follower, tv)
         if not applied:
@@ -274,7 +317,8 @@ class KnowledgeEditor:
         return Rewrite(text, applied, considered, COMPLETION_STOP, plain)
 
     def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None,
-                     follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO) -> Rewrite:
+                     follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO,
+                     as_of: datetime | None = None) -> Rewrite:
         """The fast path for a chat request: retrieval on the last user message (``follower`` and
         ``tenant`` as in :meth:`rewrite_prompt`)."""
         tv = self._tenant(tenant, namespace)
@@ -283,7 +327,8 @@ class KnowledgeEditor:
         if not query.strip():
             return Rewrite(list(messages), [], [], adapter=plain)
         qv = self.memory.embedder.embed([query])[0]
-        considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset())
+        considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
+                                   as_of=as_of)
         applied = [s for s in considered if s.in_scope]
         if not applied:
             return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered, adapter=plain)
@@ -300,10 +345,12 @@ class KnowledgeEditor:
         return replace(p, adapter=rw.adapter)
 
     def generate(self, prompt: str, namespace: str | None = None, *, max_new_tokens: int | None = None,
-                 params: GenerationParams | None = None, use_edits: bool = True) -> Answer:
-        """Complete ``prompt`` with the in-scope edits applied in context."""
+                 params: GenerationParams | None = None, use_edits: bool = True,
+                 as_of: datetime | None = None) -> Answer:
+        """Complete ``prompt`` with the in-scope edits applied in context (those that applied at
+        ``as_of``, default now)."""
         tv = self.tenant_of(namespace, self.generator)
-        rw = (self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator), tv)
+        rw = (self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator), tv, as_of)
               if use_edits else self._weights_alone(prompt, tv))
         assert isinstance(rw.request, str)
         text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw))
@@ -311,11 +358,12 @@ class KnowledgeEditor:
 
     def chat(self, messages: Sequence[Message] | str, namespace: str | None = None, *,
              max_new_tokens: int | None = None, params: GenerationParams | None = None,
-             use_edits: bool = True) -> Answer:
-        """Answer a chat (a message list, or one user message as a string) with the edits in context."""
+             use_edits: bool = True, as_of: datetime | None = None) -> Answer:
+        """Answer a chat (a message list, or one user message as a string) with the edits in context
+        (those that applied at ``as_of``, default now)."""
         msgs: list[Message] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         tv = self.tenant_of(namespace, self.generator)
-        rw = (self.rewrite_chat(msgs, namespace, self.follower_of(self.generator), tv)
+        rw = (self.rewrite_chat(msgs, namespace, self.follower_of(self.generator), tv, as_of)
               if use_edits else self._weights_alone(msgs, tv))
         assert isinstance(rw.request, list)
         text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw))

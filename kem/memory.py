@@ -14,21 +14,25 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from kem.edit import Edit
+from kem.edit import Edit, utcnow
 from kem.index import DEFAULT_ANN_THRESHOLD, NamespacedIndex
 from kem.protocols import EditStore, Embedder
-from kem.stores.rules import LIVE
+from kem.relations import DEFAULT_THRESHOLD, RelationMatcher
+from kem.stores.rules import HELD, LIVE, check_policy
 
 if TYPE_CHECKING:
     from kem.sync import Syncer
 
 log = logging.getLogger(__name__)
+
+OVERFETCH = 4  # search() asks the index for this many times k hits before the time filter
 
 
 class EditMemory:
@@ -40,12 +44,17 @@ class EditMemory:
         index_dir: Where the index is saved (``None``: memory only).
         ann_threshold: Vectors per namespace above which search leaves exact (flat) search for HNSW;
             ``None`` keeps every namespace exact. See :class:`~kem.index.NamespacedIndex`.
+        supersede_threshold: Template cosine at or above which a new edit states the same relation as a
+            live edit of its subject (:class:`~kem.relations.RelationMatcher`); ``None``: exact relation
+            keys only (the store's own rule).
     """
 
     def __init__(self, store: EditStore, embedder: Embedder, index_dir: str | Path | None = None,
-                 ann_threshold: int | None = DEFAULT_ANN_THRESHOLD) -> None:
+                 ann_threshold: int | None = DEFAULT_ANN_THRESHOLD,
+                 supersede_threshold: float | None = DEFAULT_THRESHOLD) -> None:
         self.store = store
         self.embedder = embedder
+        self.matcher = RelationMatcher(embedder, supersede_threshold) if supersede_threshold is not None else None
         self.index_dir = Path(index_dir) if index_dir else None
         self.ann_threshold = ann_threshold
         self._lock = threading.RLock()
@@ -90,7 +99,8 @@ class EditMemory:
         return self.rebuild(save=False)
 
     def rebuild(self, save: bool = True, progress: bool = False) -> NamespacedIndex:
-        """Build a fresh index from every live edit in the store (re-embedding only what lacks vectors)."""
+        """Build a fresh index from every edit in the store that applies at some time (active,
+        consolidated, superseded; re-embedding only what lacks vectors)."""
         with self._lock:
             rev = self.store.revision()
             idx = NamespacedIndex(self.embedder.dim, self.ann_threshold)
@@ -98,7 +108,7 @@ class EditMemory:
             page, offset = 2000, 0
             with tqdm(total=total, desc="indexing edits", disable=not progress, unit="edit") as bar:
                 while True:
-                    edits = self.store.list(status=LIVE, limit=page, offset=offset)
+                    edits = self.store.list(status=HELD, limit=page, offset=offset)
                     if not edits:
                         break
                     _add_grouped(idx, edits, self._vectors_for(edits))
@@ -161,7 +171,7 @@ class EditMemory:
             live: list[Edit] = []
             for edit_id, (op, ns, snap) in latest.items():
                 edit = Edit.model_validate(snap) if snap and op != "delete" else None
-                if edit is not None and edit.status in LIVE:
+                if edit is not None and edit.status in HELD:
                     live.append(edit)
                 else:
                     self.index.remove(ns, edit_id)
@@ -196,29 +206,57 @@ class EditMemory:
             self._dirty = False
 
     # ---- writes and reads ---------------------------------------------------------------------------
-    def add_many(self, edits: Iterable[Edit], progress: bool = False, batch_size: int | None = None) -> list[Edit]:
+    def matches(self, edits: Sequence[Edit]) -> dict[str, list[str]]:
+        """For each new edit, the live edits of its subject stating the same relation in other words
+        (:class:`~kem.relations.RelationMatcher`; the store adds exact relation keys itself)."""
+        new = [e for e in edits if e.status in LIVE]
+        if self.matcher is None or not new:
+            return {}
+        live = self.store.live_for_subjects([(e.namespace, e.subject_key) for e in new])
+        return self.matcher.matches(new, live)
+
+    def _store(self, edits: Sequence[Edit], vecs: Sequence[np.ndarray], on_conflict: str) -> list[Edit]:
+        return self.store.add_many(edits, vecs, self.embedder.name, on_conflict=on_conflict,
+                                   matches=self.matches(edits) if on_conflict != "keep" else None)
+
+    def add_many(self, edits: Iterable[Edit], progress: bool = False, batch_size: int | None = None,
+                 on_conflict: str = "supersede") -> list[Edit]:
         """Embed and store edits, then index them.
 
         Args:
             edits: The edits (all validated before anything is written).
             progress: Show a progress bar.
+            on_conflict: What a new edit does to a live edit of the same subject and relation (however
+                phrased): ``supersede`` it (default), ``reject`` the new one (ConflictError), ``keep`` both.
             batch_size: ``None``: one transaction for all the edits (all or nothing). ``N``: one
                 transaction per ``N`` edits, in order, embedding batch ``k + 1`` (on every core) while
                 the store writes batch ``k``. If a batch fails, the batches before it stay stored (and
                 are indexed), the failing batch and the ones after it are not written, and the error
                 is raised with a note saying how many edits were stored.
         """
+        check_policy(on_conflict)
         edits = [Edit.parse(e) for e in edits]
         if batch_size is None or len(edits) <= batch_size:
             vecs = self.embed_edits(edits, progress=progress)
-            stored = self.store.add_many(edits, vecs, self.embedder.name)
+            stored = self._store(edits, vecs, on_conflict)
             self.sync()
             return stored
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or None (got {batch_size})")
-        return self._add_batched(edits, progress, batch_size)
+        return self._add_batched(edits, progress, batch_size, on_conflict)
 
-    def _add_batched(self, edits: list[Edit], progress: bool, batch_size: int) -> list[Edit]:
+    def review(self, edit_id: str, approve: bool, namespace: str | None = None,
+               on_conflict: str = "supersede") -> Edit:
+        """Approve (it then supersedes like a new edit) or reject a pending edit."""
+        matches: list[str] = []
+        if approve:
+            e = self.store.get(edit_id, namespace)
+            matches = self.matches([e.model_copy(update={"status": "active"})]).get(e.id, []) if e.status == "pending" else []
+        out = self.store.review(edit_id, approve, namespace, matches=matches, on_conflict=on_conflict)
+        self.sync()
+        return out
+
+    def _add_batched(self, edits: list[Edit], progress: bool, batch_size: int, on_conflict: str) -> list[Edit]:
         from concurrent.futures import ThreadPoolExecutor
 
         batches = [edits[i:i + batch_size] for i in range(0, len(edits), batch_size)]
@@ -231,7 +269,7 @@ class EditMemory:
                     vecs = pending.result()
                     if k + 1 < len(batches):  # embed the next batch while this one is written
                         pending = pool.submit(self.embed_edits, batches[k + 1])
-                    stored += self.store.add_many(batch, vecs, self.embedder.name)
+                    stored += self._store(batch, vecs, on_conflict)
                     bar.update(len(batch))
             except BaseException as exc:
                 pending.cancel()
@@ -243,20 +281,25 @@ class EditMemory:
         return stored
 
     def search(self, query: str, namespace: str, k: int, query_vec: np.ndarray | None = None,
-               exclude_versions: frozenset[str] = frozenset()) -> list[tuple[Edit, float]]:
-        """Top ``k`` live edits of ``namespace`` for ``query``, as ``(edit, cosine)``."""
+               exclude_versions: frozenset[str] = frozenset(), as_of: datetime | None = None,
+               ) -> list[tuple[Edit, float]]:
+        """Top ``k`` edits of ``namespace`` for ``query`` that apply at ``as_of`` (default: now; inside
+        their validity window, superseded ones only before their successor took over), as ``(edit, cosine)``."""
         self.sync()
         if query_vec is None:
             query_vec = self.embedder.embed([query])[0]
-        hits = self.index.search(namespace, query_vec, k)[0]
-        out = []
-        for edit_id, score in hits:
+        when = as_of or utcnow()
+        fetch = k * OVERFETCH  # superseded, scheduled and expired edits are filtered out after the search
+        out: list[tuple[Edit, float]] = []
+        for edit_id, score in self.index.search(namespace, query_vec, fetch)[0]:
             try:
                 e = self.store.get(edit_id, namespace)
             except KeyError:
                 continue  # deleted between sync and now
-            if e.status in LIVE and not (e.consolidated_in and e.consolidated_in in exclude_versions):
+            if e.applies_at(when) and not (e.consolidated_in and e.consolidated_in in exclude_versions):
                 out.append((e, min(1.0, max(-1.0, float(score)))))  # cosine, float error clipped
+                if len(out) == k:
+                    break
         return out
 
 

@@ -53,6 +53,15 @@ class Settings(BaseSettings):
     )
     namespace: str = Field("default", description="Namespace used when a request names none.")
     top_k: int = Field(4, ge=1, le=64, description="Edits retrieved per request before the scope decision.")
+    supersede_threshold: float | None = Field(
+        0.9, ge=-1.0, le=1.0, description="A new edit supersedes a live edit of the same subject when they state "
+        "the same relation: equal relation ids, equal templates once normalised, or templates whose embeddings "
+        "are at least this close in cosine (calibrated on the CounterFact train split, docs/time.md). None: "
+        "relation ids and exact templates only.")
+    review_namespaces: str = Field(
+        "", description="Comma-separated namespaces whose new edits arrive 'pending' and apply only after an "
+        "admin approves them (kem edit approve ID). A key with review=true in the keys file does the same "
+        "for its own writes.")
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Default generation length.")
     eval_data: Path | None = Field(
         None, description="kem eval: folder of the named benchmarks (counterfact/, zsre/, mquake/); default ../shared/data."

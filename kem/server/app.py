@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kem.edit import validation_error
+from kem.edit import parse_time, validation_error
 from kem.editor import KnowledgeEditor
 from kem.errors import ForbiddenError, KemError, ValidationError
 from kem.server.auth import KeyRing, Principal
@@ -250,7 +250,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         raw = await request.body()
         req = parse(ChatCompletionRequest, raw, "ChatCompletionRequest")
         ns = p.namespace_for(request.headers.get("x-kem-namespace"))
-        return respond(await serving.chat(req, raw, ns, caller=p, disconnected=request.is_disconnected))
+        return respond(await serving.chat(req, raw, ns, caller=p, disconnected=request.is_disconnected,
+                                          as_of=parse_time(request.headers.get("x-kem-as-of"), "x-kem-as-of")))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -258,7 +259,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         raw = await request.body()
         req = parse(CompletionRequest, raw, "CompletionRequest")
         ns = p.namespace_for(request.headers.get("x-kem-namespace"))
-        return respond(await serving.completion(req, raw, ns, caller=p, disconnected=request.is_disconnected))
+        return respond(await serving.completion(req, raw, ns, caller=p, disconnected=request.is_disconnected,
+                                                as_of=parse_time(request.headers.get("x-kem-as-of"), "x-kem-as-of")))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -293,20 +295,38 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
     async def create_edit(request: Request) -> Response:
         p = principal(request)
         body = await json_body(request)
-        return JSONResponse(await edits.create(p, body, request.headers.get("x-kem-namespace")), status_code=201)
+        return JSONResponse(await edits.create(p, body, request.headers.get("x-kem-namespace"),
+                                               request.query_params.get("on_conflict")), status_code=201)
 
     @app.post("/v1/edits/import", status_code=201)
     async def import_edits(request: Request) -> Response:
         p = principal(request)
         out = await edits.import_edits(p, await request.body(), request.headers.get("content-type", ""),
-                                       request.headers.get("x-kem-namespace"))
+                                       request.headers.get("x-kem-namespace"),
+                                       request.query_params.get("on_conflict") or "supersede")
         return JSONResponse(out.model_dump(), status_code=201)
 
     @app.get("/v1/edits")
-    async def list_edits(request: Request, limit: int = 50, offset: int = 0, status: str | None = None) -> dict[str, Any]:
+    async def list_edits(request: Request, limit: int = 50, offset: int = 0, status: str | None = None,
+                         as_of: str | None = None) -> dict[str, Any]:
         p = principal(request)
-        page = await edits.list(p, namespace(request), limit=limit, offset=offset, status=status)
+        page = await edits.list(p, namespace(request), limit=limit, offset=offset, status=status, as_of=as_of)
         return page.model_dump()
+
+    @app.post("/v1/edits/{edit_id}/approve")
+    async def approve_edit(edit_id: str, request: Request) -> dict[str, Any]:
+        p = principal(request)
+        return await edits.review(p, edit_id, True, namespace(request), request.query_params.get("on_conflict"))
+
+    @app.post("/v1/edits/{edit_id}/reject")
+    async def reject_edit(edit_id: str, request: Request) -> dict[str, Any]:
+        p = principal(request)
+        return await edits.review(p, edit_id, False, namespace(request))
+
+    @app.get("/v1/audit")
+    async def audit_log(request: Request, since: int = 0, limit: int = 100) -> dict[str, Any]:
+        p = principal(request)
+        return await edits.audit(p, namespace(request), since=since, limit=limit)
 
     @app.get("/v1/edits/{edit_id}")
     async def get_edit(edit_id: str, request: Request) -> dict[str, Any]:

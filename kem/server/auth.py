@@ -71,6 +71,14 @@ class Principal:
             return requested
         raise ForbiddenError(f"this API key belongs to namespace {self.namespace!r}; it cannot act on {requested!r}")
 
+    @property
+    def actor(self) -> str:
+        """Who this caller is in the audit log: ``admin:<key id>``, ``key:<key id>@<namespace>``, or
+        ``anonymous`` with auth off."""
+        if not self.key_id:
+            return "anonymous"
+        return f"admin:{self.key_id}" if self.admin else f"key:{self.key_id}@{self.namespace}"
+
     def list_scope(self, requested: str | None) -> str | None:
         """Namespace filter for listings: admins see all namespaces unless they pick one."""
         if self.admin and not requested:

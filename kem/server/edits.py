@@ -14,18 +14,21 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kem.edit import Edit, EditStatus
+from kem.edit import Edit, EditStatus, parse_time
 from kem.editor import KnowledgeEditor
-from kem.errors import ValidationError
+from kem.errors import ForbiddenError, ValidationError
+from kem.provenance import acting_as
 from kem.server.auth import Principal
 from kem.server.protocol import BulkResult, EditPage
+from kem.stores.rules import check_policy
 
 MAX_PAGE = 1000  # edits per listed page
 MAX_BULK = 50_000  # edits per import
 MAX_OFFSET = 2**62  # SQLite integers are 64-bit
 # kem's bookkeeping: set by the store and consolidation, never by a client (a tenant could otherwise
 # store an edit as consolidated, or point ``supersedes`` at another tenant's id)
-SERVER_OWNED = ("status", "consolidated_in", "supersedes", "created_at", "updated_at")
+SERVER_OWNED = ("status", "consolidated_in", "supersedes", "superseded_by", "superseded_at", "created_by",
+                "created_at", "updated_at")
 
 T = TypeVar("T")
 
@@ -94,20 +97,54 @@ class Edits:
         self.editor = editor
 
     @staticmethod
-    async def _run(fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.to_thread(fn, *args)
+    async def _run(fn: Callable[..., T], *args: Any, caller: Principal | None = None, **kw: Any) -> T:
+        """``fn`` in a worker thread, its store writes recorded as ``caller`` (:mod:`kem.provenance`)."""
+        with acting_as(caller.actor if caller is not None else None):
+            return await asyncio.to_thread(fn, *args, **kw)
 
-    async def create(self, caller: Principal, body: Any, namespace: str | None = None) -> dict[str, Any]:
-        """Add one edit (``body``: an Edit object; its own ``namespace`` field wins over ``namespace``)."""
+    async def create(self, caller: Principal, body: Any, namespace: str | None = None,
+                     on_conflict: str | None = None) -> dict[str, Any]:
+        """Add one edit (``body``: an Edit object; its own ``namespace`` field wins over ``namespace``).
+        ``on_conflict`` (query parameter, or the body's ``on_conflict`` field): ``supersede`` (default),
+        ``reject`` (409 naming the live edit) or ``keep``. The response lists the superseded ids in
+        ``supersedes``."""
         if not isinstance(body, dict):
             raise ValidationError("the body must be one Edit object (subject, prompt, target_new, ...)", field="body")
+        body = dict(body)
+        policy = check_policy(body.pop("on_conflict", None) or on_conflict or "supersede")
         body = {**client_fields(caller, body), "namespace": caller.namespace_for(body.get("namespace") or namespace)}
-        return edit_json(await self._run(self.editor.add, Edit.parse(body)))
+        return edit_json(await self._run(self.editor.add, Edit.parse(body), caller=caller, on_conflict=policy))
+
+    async def review(self, caller: Principal, edit_id: str, approve: bool, namespace: str | None = None,
+                     on_conflict: str | None = None) -> dict[str, Any]:
+        """Approve or reject a pending edit (admins only)."""
+        if not caller.admin:
+            raise ForbiddenError("approving or rejecting edits needs an admin key")
+        if approve:
+            policy = check_policy(on_conflict or "supersede")
+            e = await self._run(self.editor.approve, edit_id, caller.list_scope(namespace), caller=caller,
+                                on_conflict=policy)
+        else:
+            e = await self._run(self.editor.reject, edit_id, caller.list_scope(namespace), caller=caller)
+        return edit_json(e)
+
+    async def audit(self, caller: Principal, namespace: str | None = None, *, since: int = 0,
+                    limit: int = 100) -> dict[str, Any]:
+        """Audit-log rows after ``since`` (a seq), oldest first: an admin's for every namespace unless one
+        is named, a tenant's for its own. ``next_since`` continues the listing (None: the end)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ValidationError(f"limit must be between 1 and {MAX_PAGE} (got {limit})", field="limit")
+        if not 0 <= since <= MAX_OFFSET:
+            raise ValidationError(f"since must be between 0 and {MAX_OFFSET} (got {since})", field="since")
+        rows = await self._run(self.editor.audit, caller.list_scope(namespace), since, limit)
+        return {"object": "list", "data": [r.as_dict() for r in rows],
+                "next_since": rows[-1].seq if len(rows) == limit else None}
 
     async def import_edits(self, caller: Principal, raw: bytes, content_type: str = "",
-                           namespace: str | None = None) -> BulkResult:
+                           namespace: str | None = None, on_conflict: str = "supersede") -> BulkResult:
         """Add many edits in one transaction (all or none); ``raw`` as :func:`parse_bulk` reads it.
-        A row's own ``namespace`` wins over ``namespace``."""
+        A row's own ``namespace`` wins over ``namespace``. Rows supersede in order (``on_conflict`` as in
+        :meth:`create`, for the whole import)."""
         edits = []
         for i, row in enumerate(parse_bulk(raw, content_type)):
             if not isinstance(row, dict):
@@ -118,13 +155,14 @@ class Edits:
                 edits.append(Edit.parse(row))
             except ValidationError as exc:
                 raise ValidationError(f"edits[{i}]: {exc}", field=f"edits[{i}].{exc.field}") from None
-        stored = await self._run(self.editor.add_many, edits)
-        return BulkResult(created=len(stored), ids=[e.id for e in stored])
+        stored = await self._run(self.editor.add_many, edits, caller=caller, on_conflict=check_policy(on_conflict))
+        return BulkResult(created=len(stored), ids=[e.id for e in stored],
+                          superseded=sorted({i for e in stored for i in e.supersedes}))
 
     async def list(self, caller: Principal, namespace: str | None = None, *, limit: int = 50, offset: int = 0,
-                   status: str | None = None) -> EditPage:
+                   status: str | None = None, as_of: str | None = None) -> EditPage:
         """One page of edits, oldest first; ``next_offset`` is None on the last page. An admin who names
-        no namespace sees every namespace."""
+        no namespace sees every namespace. ``as_of`` (ISO 8601): only the edits that applied then."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValidationError(f"limit must be between 1 and {MAX_PAGE} (got {limit})", field="limit")
         if not 0 <= offset <= MAX_OFFSET:
@@ -135,8 +173,13 @@ class Edits:
             raise ValidationError(f"status must be one of {[s.value for s in EditStatus]} (got {status!r})",
                                   field="status") from None
         ns = caller.list_scope(namespace)
-        edits = await self._run(self.editor.list, ns, st, limit, offset)
-        total = await self._run(self.editor.store.count, ns, st)
+        when = parse_time(as_of, "as_of")
+        if when is not None:
+            live = [e for e in await self._run(self.editor.as_of, when, ns) if st is None or e.status == st]
+            edits, total = live[offset:offset + limit], len(live)
+        else:
+            edits = await self._run(self.editor.list, ns, st, limit, offset)
+            total = await self._run(self.editor.store.count, ns, st)
         nxt = offset + len(edits) if offset + len(edits) < total else None
         return EditPage(data=[edit_json(e) for e in edits], total=total, limit=limit, offset=offset,
                         next_offset=nxt)
@@ -159,9 +202,10 @@ class Edits:
             changes["namespace"] = caller.namespace_for(changes["namespace"])
         if "id" in changes and changes["id"] != edit_id:
             raise ValidationError("id cannot be changed", field="id")
-        return edit_json(await self._run(self.editor.update, edit_id, changes, caller.list_scope(namespace)))
+        return edit_json(await self._run(self.editor.update, edit_id, changes, caller.list_scope(namespace),
+                                         caller=caller))
 
     async def delete(self, caller: Principal, edit_id: str, namespace: str | None = None) -> dict[str, Any]:
         """Delete an edit (it stays in its history)."""
-        edit = await self._run(self.editor.remove, edit_id, caller.list_scope(namespace))
+        edit = await self._run(self.editor.remove, edit_id, caller.list_scope(namespace), caller=caller)
         return {"object": "edit.deleted", "id": edit.id, "deleted": True}

@@ -326,6 +326,7 @@ class BulkResult(BaseModel):
     object: Literal["edit.import"] = "edit.import"
     created: int
     ids: list[str]
+    superseded: list[str] = []  # ids of earlier live edits the import superseded
 
 
 class ReloadRequest(BaseModel):

@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from kem.adapters.base import to_async
@@ -275,10 +276,11 @@ class Serving:
                              "(GET /v1/models lists them)")
 
     # ---- the fast path ----------------------------------------------------------------------------------
-    async def _rewrite(self, fn: Callable[..., Rewrite], request: Any, namespace: str, engine: Any) -> Rewrite:
+    async def _rewrite(self, fn: Callable[..., Rewrite], request: Any, namespace: str, engine: Any,
+                       as_of: datetime | None = None) -> Rewrite:
         t0 = time.perf_counter()
         rw = await asyncio.to_thread(fn, request, namespace, self.editor.follower_of(engine),
-                                     self.editor.tenant_of(namespace, engine))
+                                     self.editor.tenant_of(namespace, engine), as_of)
         self.metrics.rewrite(namespace, time.perf_counter() - t0, len(rw.applied))
         return rw
 
@@ -338,16 +340,18 @@ class Serving:
 
     # ---- chat -------------------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: bytes, namespace: str, *,
-                   caller: Principal | None = None, disconnected: Disconnected | None = None) -> Result:
+                   caller: Principal | None = None, disconnected: Disconnected | None = None,
+                   as_of: datetime | None = None) -> Result:
         """Serve one chat completion request (``raw`` is the body as received, for pass-through).
 
         ``caller``'s limits apply (:class:`~kem.server.limits.Limiter`); ``disconnected`` (e.g.
-        Starlette's ``request.is_disconnected``) is polled so a generation stops when its client leaves."""
+        Starlette's ``request.is_disconnected``) is polled so a generation stops when its client leaves.
+        ``as_of`` (the ``x-kem-as-of`` header): apply the edits that applied then (default: now)."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
         if not isinstance(engine, ForwardingEngine):
             req.single_choice()
-        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine)
+        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine, as_of)
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "messages")
         if isinstance(engine, ForwardingEngine):
@@ -402,14 +406,15 @@ class Serving:
 
     # ---- completions ------------------------------------------------------------------------------------
     async def completion(self, req: CompletionRequest, raw: bytes, namespace: str, *,
-                         caller: Principal | None = None, disconnected: Disconnected | None = None) -> Result:
-        """Serve one completion request (``caller`` and ``disconnected`` as in :meth:`chat`)."""
+                         caller: Principal | None = None, disconnected: Disconnected | None = None,
+                         as_of: datetime | None = None) -> Result:
+        """Serve one completion request (``caller``, ``disconnected`` and ``as_of`` as in :meth:`chat`)."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
         if not isinstance(engine, ForwardingEngine):
             req.single_choice()
         prompt = req.prompt_text()
-        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine)
+        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine, as_of)
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "prompt")
         if isinstance(engine, ForwardingEngine):
