@@ -8,7 +8,10 @@ relation id, in this order:
 1. Each edit gets a relation id: its own ``relation``, else the id its normalised template has in
    kem's relation vocabulary (``kem/data/relation_templates.json``: 180-odd phrasings of 34 Wikidata
    relations, from the CounterFact train split; ``scripts/build_relation_vocab.py``). When both have
-   one, the ids decide, nothing else ("P19", born in, is never "P20", died in).
+   one, the ids decide, nothing else ("P19", born in, is never "P20", died in). A template the
+   vocabulary knows for several relations ("{} is located in") is read by the edit's answers
+   ("Asia": P30, continent; "California": a region or a location), and it matches an edit of a known
+   relation when that relation is among those (:func:`by_answer`).
 2. Else the templates are equal once normalised (:func:`normalise_template`: case, punctuation,
    "is"/"was").
 3. Else the embeddings of the two templates, with a neutral stand-in for the subject, are at least
@@ -26,6 +29,7 @@ import re
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,18 +56,56 @@ def template_text(edit: Edit) -> str:
 VOCAB_FILE = Path(__file__).parent / "data" / "relation_templates.json"
 
 
+AMBIGUITY_RATIO = 3.0  # an answer picks one relation of an ambiguous template when this many times likelier
+
+
 @cache
+def _vocab_file() -> dict[str, Any]:
+    return dict(json.loads(VOCAB_FILE.read_text(encoding="utf-8")))
+
+
 def vocabulary() -> dict[str, str]:
     """kem's relation vocabulary: normalised template -> relation id."""
-    return dict(json.loads(VOCAB_FILE.read_text(encoding="utf-8"))["templates"])
+    return dict(_vocab_file()["templates"])
 
 
-def relation_of(edit: Edit) -> str | None:
-    """The edit's relation id: its own, else its template's in the vocabulary, else None."""
+def by_answer(template: str, answers: Sequence[str | None]) -> frozenset[str]:
+    """The relations an ambiguous template ("{} is located in": country, continent, region...) may
+    state, read from the edit's answers: the candidates whose known answers hold them, within
+    :data:`AMBIGUITY_RATIO` of the likeliest. Empty when the template is not ambiguous or the answers
+    are unknown."""
+    data = _vocab_file()
+    cands = data.get("ambiguous", {}).get(normalise_template(template))
+    if not cands:
+        return frozenset()
+    values = data.get("values", {})
+    score: dict[str, float] = {}
+    for rel in cands:
+        known = values.get(rel, {})
+        total = sum(known.values()) or 1
+        score[rel] = sum(known.get(a.casefold(), 0) for a in answers if a) / total
+    best = max(score.values())
+    if best == 0:
+        return frozenset()
+    return frozenset(r.casefold() for r, v in score.items() if v * AMBIGUITY_RATIO >= best)
+
+
+def relations_of(edit: Edit, vocab: dict[str, str] | None = None) -> frozenset[str]:
+    """The relation ids the edit may state: its own; else its template's in ``vocab`` (default: kem's
+    :func:`vocabulary`); else, for a template kem's vocabulary knows for several relations, those its
+    answers point to (:func:`by_answer`); else none (unknown)."""
     if edit.relation:
-        return edit.relation.casefold()
-    rel = vocabulary().get(normalise_template(edit.prompt))
-    return rel.casefold() if rel else None
+        return frozenset({edit.relation.casefold()})
+    rel = (vocabulary() if vocab is None else vocab).get(normalise_template(edit.prompt))
+    if rel is not None:
+        return frozenset({rel.casefold()})
+    return by_answer(edit.prompt, (edit.target_new, edit.target_true)) if vocab is None else frozenset()
+
+
+def relation_of(edit: Edit, vocab: dict[str, str] | None = None) -> str | None:
+    """The edit's relation id when :func:`relations_of` names exactly one, else None."""
+    rels = relations_of(edit, vocab)
+    return next(iter(rels)) if len(rels) == 1 else None
 
 
 class RelationMatcher:
@@ -72,11 +114,15 @@ class RelationMatcher:
     Args:
         embedder: Embeds templates (only those of subjects with another live edit).
         threshold: Cosine between two templates at or above which they are one relation.
+        vocab: Normalised template -> relation id (default: kem's :func:`vocabulary`; pass your own
+            relations' phrasings, merged with it or not).
     """
 
-    def __init__(self, embedder: Embedder, threshold: float = DEFAULT_THRESHOLD) -> None:
+    def __init__(self, embedder: Embedder, threshold: float = DEFAULT_THRESHOLD,
+                 vocab: dict[str, str] | None = None) -> None:
         self.embedder = embedder
         self.threshold = threshold
+        self.vocab = vocab  # None: kem's own (with its ambiguous templates read by their answers)
         self._cache: dict[str, np.ndarray] = {}
 
     def _vectors(self, templates: Sequence[str]) -> dict[str, np.ndarray]:
@@ -93,9 +139,9 @@ class RelationMatcher:
         out: list[bool | None] = []
         need: list[str] = []
         for new, old in pairs:
-            rn, ro = relation_of(new), relation_of(old)
-            if rn is not None and ro is not None:
-                out.append(rn == ro)
+            rn, ro = relations_of(new, self.vocab), relations_of(old, self.vocab)
+            if rn and ro and (len(rn) == 1 or len(ro) == 1):  # one side certain: the other may agree
+                out.append(bool(rn & ro))
             elif new.prompt == old.prompt or normalise_template(new.prompt) == normalise_template(old.prompt):
                 out.append(True)
             else:

@@ -2,8 +2,10 @@
 
 Source: the CounterFact **train** split only (``../shared/data/counterfact/counterfact-train.json``) with
 its per-record relation labels (``bench/data/counterfact_record_relations.json``, "train"). A template
-enters the vocabulary when at least ``--purity`` of its train records carry one relation (so "{} is
-located in", used for countries, continents and regions alike, stays out and is matched as itself).
+enters the vocabulary when at least ``--purity`` of its train records carry one relation; the others
+("{} is located in", used for countries, continents and regions alike) are kept under "ambiguous" with
+their relations, and "values" counts each relation's answers (old and new), so an ambiguous template
+is read by its answer ("Asia": a continent).
 
     python scripts/build_relation_vocab.py [--data ../shared/data] [--purity 0.9] [--min-records 5]
 """
@@ -34,9 +36,13 @@ def main() -> None:
     records = json.loads(raw)
     labels = json.loads(a.labels.read_text())["train"]
     counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    values: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for r in records:
         template = r["prompt"].replace(r["subject"], "{}", 1)
-        counts[normalise_template(template)][labels[str(r["case_id"])]] += 1
+        rel = labels[str(r["case_id"])]
+        counts[normalise_template(template)][rel] += 1
+        for v in (r["ground_truth"], r["target_new"]):  # the kind of answer each relation has
+            values[rel][v.casefold()] += 1
     vocab, left_out = {}, {}
     for t, c in sorted(counts.items()):
         rel, n = c.most_common(1)[0]
@@ -48,7 +54,8 @@ def main() -> None:
     out = {"_about": "Relation templates (normalised by kem.relations.normalise_template) -> Wikidata relation id, "
                      "from the CounterFact train split's records (scripts/build_relation_vocab.py); templates used "
                      f"for several relations (purity < {a.purity}) are left out and matched as themselves.",
-           "source_sha256": hashlib.sha256(raw).hexdigest(), "templates": vocab, "left_out": left_out}
+           "source_sha256": hashlib.sha256(raw).hexdigest(), "templates": vocab, "ambiguous": left_out,
+           "values": {rel: dict(sorted(c.items())) for rel, c in sorted(values.items())}}
     a.out.write_text(json.dumps(out, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     print(f"{len(vocab)} templates, {len(set(vocab.values()))} relations; {len(left_out)} left out -> {a.out}")
 

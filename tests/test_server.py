@@ -218,6 +218,49 @@ def test_edits_crud_paging_bulk_and_validation(servers):
     assert httpx.get(a.url + "/v1/edits", headers={"authorization": f"Bearer {key}"}).status_code == 401
 
 
+def test_facts_over_time_supersede_as_of_review_and_audit(servers):
+    a = servers["a"]
+    with http(a, ADMIN) as admin:
+        key = admin.post("/admin/keys", json={"namespace": "erin"}).json()["key"]
+    ceo = {"subject": "Kem Corporation", "prompt": "The CEO of {} is"}
+    with http(a, key) as erin, http(a, ADMIN) as admin, http(a, BOB) as bob:
+        one = erin.post("/v1/edits", json={**ceo, "target_new": "Erin One", "valid_from": "2020-01-01"}).json()
+        two = erin.post("/v1/edits", json={**ceo, "target_new": "Erin Two", "evidence": "https://example.com/ceo"})
+        assert two.status_code == 201 and two.json()["supersedes"] == [one["id"]]
+        two = two.json()
+        assert two["created_by"].startswith("key:") and two["created_by"].endswith("@erin")
+        refused = erin.post("/v1/edits", params={"on_conflict": "reject"}, json={**ceo, "target_new": "Erin Three"})
+        assert refused.status_code == 409 and two["id"] in refused.json()["error"]["message"]
+        assert erin.post("/v1/edits", json={**ceo, "target_new": "X", "created_by": "someone"}).status_code == 400
+        assert [e["id"] for e in erin.get("/v1/edits", params={"status": "superseded"}).json()["data"]] == [one["id"]]
+        assert [e["id"] for e in erin.get("/v1/edits", params={"as_of": "2021-06-01"}).json()["data"]] == [one["id"]]
+        assert erin.get("/v1/edits", params={"as_of": "last year"}).json()["error"]["param"] == "as_of"
+        body = {"model": "default", "prompt": CEO, "max_tokens": 3, "temperature": 0}
+        past = erin.post("/v1/completions", json=body, headers={"x-kem-as-of": "2021-06-01T00:00:00Z"})
+        assert past.headers["x-kem-edits"].startswith(one["id"] + ":"), past.headers["x-kem-edits"]
+        now = erin.post("/v1/completions", json=body)
+        assert now.headers["x-kem-edits"].startswith(two["id"] + ":")
+        bad = erin.post("/v1/completions", json=body, headers={"x-kem-as-of": "yesterday"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-kem-as-of"
+        # review: an admin's pending edit never reaches a prompt until approved; tenants cannot approve
+        pend = admin.post("/v1/edits", json={**ceo, "target_new": "Erin Four", "namespace": "erin",
+                                             "status": "pending"}).json()
+        assert pend["status"] == "pending"
+        assert erin.post("/v1/completions", json=body).headers["x-kem-edits"].startswith(two["id"] + ":")
+        assert erin.post(f"/v1/edits/{pend['id']}/approve").status_code == 403
+        approved = admin.post(f"/v1/edits/{pend['id']}/approve").json()
+        assert approved["status"] == "active" and approved["supersedes"] == [two["id"]]
+        # the audit log: a tenant reads its own rows, with who and what
+        rows = erin.get("/v1/audit").json()["data"]
+        assert {r["namespace"] for r in rows} == {"erin"}
+        assert [r["op"] for r in rows] == ["add", "supersede", "add", "add", "supersede", "approve"]
+        assert rows[0]["actor"].startswith("key:") and rows[-1]["actor"].startswith("admin:")
+        assert admin.get("/v1/audit", params={"namespace": "erin"}).json()["data"] == rows
+        assert bob.get("/v1/audit", params={"namespace": "erin"}).status_code == 403
+        assert all(r["namespace"] == "bob" for r in bob.get("/v1/audit").json()["data"])
+        page = erin.get("/v1/audit", params={"limit": 2}).json()
+        assert len(page["data"]) == 2 and page["next_since"] == rows[1]["seq"]
+
 def test_metrics(servers):
     assert httpx.get(servers["a"].url + "/metrics").status_code == 401  # auth on: admins only
     with http(servers["a"], ALICE) as alice:
