@@ -114,3 +114,25 @@ def test_errors_exit_non_zero_with_one_message(home, tmp_path):
         assert p.returncode == 2, (args, p.returncode, p.stderr[-2000:])
         assert p.stderr.strip().splitlines()[-1].startswith("error: ") and needle in p.stderr, (args, p.stderr[-2000:])
         assert "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+
+
+def test_facts_over_time_on_the_command_line(tmp_path):
+    home = tmp_path / "kem-data"
+    ceo = ("edit", "add", "--subject", "Kem Corporation", "--prompt", "The CEO of {} is")
+    one = kem_json(home, *ceo, "--target", "Alice Smith", "--valid-from", "2020-01-01",
+                   "--evidence", "https://example.com/2020")
+    two = kem_json(home, *ceo, "--target", "Bob Jones", "--valid-from", "2024-01-01")
+    assert two["supersedes"] == [one["id"]] and one["evidence"] == "https://example.com/2020"
+    assert one["created_by"].startswith("cli:")
+    refused = kem(home, *ceo, "--target", "Carol White", "--on-conflict", "reject", ok=False)
+    assert refused.returncode == 2 and two["id"] in refused.stderr
+    assert [e["id"] for e in kem_json(home, "edit", "list", "--status", "superseded")] == [one["id"]]
+    assert [e["id"] for e in kem_json(home, "edit", "list", "--as-of", "2022-06-01")] == [one["id"]]
+    bad = kem(home, "edit", "list", "--as-of", "someday", ok=False)
+    assert bad.returncode == 2 and "--as-of" in bad.stderr
+    pend = kem_json(home, *ceo, "--target", "Dana Lee", "--review")
+    assert pend["status"] == "pending"
+    assert kem_json(home, "edit", "approve", pend["id"])["supersedes"] == [two["id"]]
+    rows = [json.loads(line) for line in kem(home, "audit", "--json").stdout.splitlines()]
+    assert [r["op"] for r in rows] == ["add", "supersede", "add", "add", "supersede", "approve"]
+    assert all(r["actor"].startswith("cli:") for r in rows)

@@ -29,3 +29,9 @@ def test_demo_json(kem_settings):
     # the model knew the old fact, and with the edit-follower it answers the new one on unseen phrasings
     assert all(r["edits"][0]["target_new"] in r["edited"] for r in strong), strong
     assert sum(r["edits"][0]["target_new"] not in r["unedited"] for r in strong) == len(strong), strong
+    # one fact changed twice: now the latest value, "as of" a year ago the one valid then
+    now = next(r for r in rows if r["kind"] == "changed twice (now)")
+    past = next(r for r in rows if r["kind"].startswith("changed twice (as of"))
+    assert [e["target_new"] for e in now["edits"]] == ["Carla Reyes"] and "Carla Reyes" in now["edited"], now
+    assert [e["target_new"] for e in past["edits"]] == ["Bob Okafor"] and "Bob Okafor" in past["edited"], past
+    assert past["as_of"] and now["as_of"] is None

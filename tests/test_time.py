@@ -145,3 +145,17 @@ def test_template_normalisation_and_matcher(embedder):
     m = RelationMatcher(embedder, threshold=0.9)
     assert m.similarity("The mother tongue of {} is", "The mother tongue of {} is") == pytest.approx(1.0, abs=1e-5)
     assert m.similarity("{} was born in", "The capital of {} is") < 0.9
+
+
+def test_consolidation_takes_the_latest_fact_and_no_windowed_one(ke):
+    from kem.consolidation.job import pending_edits
+
+    old = ke.add(mk("The mother tongue of {} is", "English"))
+    ke.store.mark_consolidated([old.id], "v1")
+    new = ke.add(mk("{} is a native speaker of", "German"))  # supersedes the consolidated fact
+    ke.add(mk("The price of {} is", "9 euros", subject="Kem Pro", valid_until=NOW + timedelta(days=7)))
+    ke.add(mk("The CEO of {} is", "Carol", subject="Kem Corporation", valid_from=NOW + timedelta(days=30)))
+    ke.add(mk("The CEO of {} is", "Dan", subject="Kem Inc", valid_from=NOW - timedelta(days=30)))
+    ke.add(mk("{} was born in", "Rome"), review=True)
+    todo = [e.target_new for e in pending_edits(ke.store, frozenset({"v1"}))]
+    assert todo == ["German", "Dan"] and new.supersedes == [old.id]

@@ -43,7 +43,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kem.consolidation.registry import get_method, method_specs
-from kem.edit import Edit, EditStatus
+from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ValidationError
 
 log = logging.getLogger(__name__)
@@ -281,14 +281,19 @@ def select_probes(edits: Sequence[Edit], probes: Sequence[str] | None = None, ma
 def pending_edits(store: Any, chain: frozenset[str], namespace: str | Sequence[str] | None = None,
                   max_edits: int | None = None) -> list[Edit]:
     """Edits not in the weights of a model whose absorbed versions are ``chain`` (oldest first), of
-    ``namespace`` (one name, several, or None: every namespace)."""
+    ``namespace`` (one name, several, or None: every namespace). Superseded, pending and rejected edits
+    never go in; nor do edits with a validity window that is not open-ended and started (a scheduled
+    fact, a promotion until a date): weights cannot stop holding a fact on a date, so those stay on the
+    fast path, which applies them only inside their window."""
     if isinstance(namespace, str) or namespace is None:
         rows = store.list(namespace, [EditStatus.active, EditStatus.consolidated])
     else:
         rows = sorted((e for ns in dict.fromkeys(namespace)
                        for e in store.list(ns, [EditStatus.active, EditStatus.consolidated])),
                       key=lambda e: (e.created_at, e.id))
-    todo = [e for e in rows if e.status == EditStatus.active or e.consolidated_in not in chain]
+    now = utcnow()
+    todo = [e for e in rows if (e.status == EditStatus.active or e.consolidated_in not in chain)
+            and e.valid_until is None and (e.valid_from is None or e.valid_from <= now)]
     return todo if max_edits is None else todo[:max_edits]
 
 
