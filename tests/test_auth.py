@@ -194,3 +194,19 @@ def test_auth_off() -> None:
     assert (p.namespace, p.admin, p.key_id, p.limits) == ("default", True, "", KeyLimits())
     with pytest.raises(ValidationError):
         ring.create("carol")
+
+
+def test_review_keys_in_the_file_and_when_created(tmp_path: Path) -> None:
+    p = tmp_path / "keys.txt"
+    p.write_text("sk-intern interns review rpm=5\nsk-alice alice\n")
+    entries = parse_keys(p.read_text())
+    assert entries[digest("sk-intern")].review and not entries[digest("sk-alice")].review
+    ring = KeyRing(p)
+    intern = ring.authenticate(bearer("sk-intern"))
+    assert intern.review and intern.limits.rpm == 5 and intern.actor.startswith("key:") and intern.actor.endswith("@interns")
+    assert not ring.authenticate(bearer("sk-alice")).review
+    new = ring.create("interns", review=True)
+    assert KeyRing(p).authenticate(bearer(new)).review  # written to the file as "review"
+    assert any(r.get("review") for r in KeyRing(p).list())
+    with pytest.raises(ValidationError, match="review"):
+        parse_keys("sk-x ns review=yes\n")

@@ -48,8 +48,8 @@ def test_add_list_show_rm_across_processes(home):
     # supersede: same subject + relation
     c = kem_json(home, "edit", "add", "--subject", "Danielle Darrieux", "--prompt", "The mother tongue of {} is",
                  "--target", "English", "--relation", "P103")
-    assert c["supersedes"] == a["id"]
-    assert kem_json(home, "edit", "show", a["id"])["status"] == "retired"
+    assert c["supersedes"] == [a["id"]]
+    assert kem_json(home, "edit", "show", a["id"])["status"] == "superseded"
     # another namespace cannot delete alice's edit; alice can
     assert kem(home, "edit", "rm", b["id"], "--namespace", "bob", ok=False).returncode == 2
     assert kem_json(home, "edit", "rm", b["id"], "--namespace", "alice") == {"deleted": b["id"]}

@@ -53,6 +53,29 @@ def test_cli_adds_into_postgres_and_another_home_applies_it(pg_url, tmp_path, ge
     assert len(list(two.glob("index-pg-*"))) == 1  # derived, local, named after the database and schema
 
 
+def test_supersede_windows_and_audit_replicate(pg_url, tmp_path, embedder):
+    """Two replicas (own homes and indexes) on one PostgreSQL store: a fact changed through one is
+    superseded for the other, which answers "as of" the past with the old value and reads the audit log."""
+    from datetime import UTC, datetime
+
+    from kem.editor import KnowledgeEditor
+    from kem.provenance import acting_as
+
+    settings = Settings(device="cpu", store=pg_url, sync_interval=0)
+    with KnowledgeEditor.open(tmp_path / "r1", settings=settings, embedder=embedder) as a, \
+            KnowledgeEditor.open(tmp_path / "r2", settings=settings, embedder=embedder) as b:
+        with acting_as("key:test@default"):
+            old = a.add({"subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
+                         "valid_from": "2020-01-01"})
+            new = b.add({"subject": "Danielle Darrieux", "prompt": "{} is a native speaker of", "target_new": "German"})
+        assert new.supersedes == [old.id]
+        now = [s.edit.target_new for s in a.retrieve(PROMPT)]
+        then = [s.edit.target_new for s in a.retrieve(PROMPT, as_of=datetime(2022, 1, 1, tzinfo=UTC))]
+        assert now[:1] == ["German"] and "English" not in now and then[:1] == ["English"] and "German" not in then
+        rows = a.audit("default")
+        assert [(r.op, r.actor) for r in rows[-3:]] == [("add", "key:test@default"), ("supersede", "key:test@default"),
+                                                       ("add", "key:test@default")]
+
 def test_keys_in_postgres_are_shared_by_replicas(pg_url, tmp_path):
     from kem.server.auth import KeyRing
     from kem.server.keys_cli import keys_app
@@ -65,8 +88,8 @@ def test_keys_in_postgres_are_shared_by_replicas(pg_url, tmp_path):
     a, b = KeyRing.from_settings("store", settings), KeyRing.from_settings("store", settings)  # two replicas
     who = b.authenticate(f"Bearer {row['key']}")
     assert (who.namespace, who.admin, who.limits.rpm) == ("alice", False, 30)
-    key2 = a.create("bob")  # added on replica a (POST /admin/keys): replica b knows it at once
-    assert b.authenticate(f"Bearer {key2}").namespace == "bob"
+    key2 = a.create("bob", review=True)  # added on replica a (POST /admin/keys): replica b knows it at once
+    assert b.authenticate(f"Bearer {key2}").namespace == "bob" and b.authenticate(f"Bearer {key2}").review
     listed = json.loads(run(keys_app, ["list", "--store", pg_url, "--json"]).output)
     assert sorted((k["namespace"], k["id"] == row["id"]) for k in listed) == [("alice", True), ("bob", False)]
 

@@ -260,6 +260,15 @@ def test_facts_over_time_supersede_as_of_review_and_audit(servers):
         assert all(r["namespace"] == "bob" for r in bob.get("/v1/audit").json()["data"])
         page = erin.get("/v1/audit", params={"limit": 2}).json()
         assert len(page["data"]) == 2 and page["next_since"] == rows[1]["seq"]
+        # a key set to review: its edits wait for an admin, and it cannot change live ones in place
+        made = admin.post("/admin/keys", json={"namespace": "erin", "review": True}).json()
+        assert made["review"] is True
+        with http(a, made["key"]) as intern:
+            held = intern.post("/v1/edits", json={**ceo, "target_new": "Intern Pick"}).json()
+            assert held["status"] == "pending" and held["supersedes"] == []
+            assert intern.patch(f"/v1/edits/{approved['id']}", json={"target_new": "Y"}).status_code == 403
+        assert erin.post("/v1/completions", json=body).headers["x-kem-edits"].startswith(approved["id"] + ":")
+        assert admin.post(f"/v1/edits/{held['id']}/reject").json()["status"] == "rejected"
 
 def test_metrics(servers):
     assert httpx.get(servers["a"].url + "/metrics").status_code == 401  # auth on: admins only

@@ -366,14 +366,17 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         body = await json_body(request) or {}
         ns = body.get("namespace") if isinstance(body, dict) else None
         if not isinstance(ns, str):
-            raise ValidationError('send {"namespace": "...", "admin": false, "rpm": N, "tpm": N, "parallel": N}',
-                                  field="namespace")
-        is_admin = body.get("admin", False)
-        if not isinstance(is_admin, bool):
-            raise ValidationError(f"admin must be true or false (got {is_admin!r})", field="admin")
+            raise ValidationError('send {"namespace": "...", "admin": false, "review": false, "rpm": N, "tpm": N, '
+                                  '"parallel": N}', field="namespace")
+        flags = {}
+        for flag in ("admin", "review"):
+            flags[flag] = body.get(flag, False)
+            if not isinstance(flags[flag], bool):
+                raise ValidationError(f"{flag} must be true or false (got {flags[flag]!r})", field=flag)
         limits = KeyLimits(**{k: body[k] for k in ("rpm", "tpm", "parallel") if body.get(k) is not None})
-        key = keys.create(ns, is_admin, limits=limits)
+        key = keys.create(ns, flags["admin"], limits=limits, review=flags["review"])
         return JSONResponse({"object": "api_key", "key": key, "namespace": ns,
+                             **({"review": True} if flags["review"] else {}),
                              **{k: v for k, v in vars(limits).items() if v is not None}}, status_code=201)
 
     @app.delete("/admin/keys/{key_id}")

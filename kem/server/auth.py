@@ -2,15 +2,17 @@
 
 The keys file (``--keys FILE`` or ``KEM_API_KEYS_FILE``) has one key per line, ``#`` comments allowed::
 
-    # KEY                  NAMESPACE   [admin]  [rpm=N] [tpm=N] [parallel=N]
+    # KEY                  NAMESPACE   [admin]  [review] [rpm=N] [tpm=N] [parallel=N]
     sk-alice-123           alice
     sha256:9f86d08...      bob                  # the key's SHA-256 hex digest, so it is not stored in clear
     sk-ops-root            *                    # namespace "*": an admin key
     sk-ops-2               ops        admin     # an admin key whose own namespace is "ops"
     sha256:60303ae...      carol      rpm=60 tpm=20000 parallel=2
+    sha256:2c26b46...      interns    review               # its edits wait for an admin's approval
 
 Store keys hashed (``sha256:`` + the hex digest of the key): ``POST /admin/keys`` writes only the digest
 and returns the key once, and :meth:`KeyRing.hash_clear_keys` rewrites clear-text entries as digests.
+``review``: the key's new edits arrive ``pending`` and apply once an admin approves them (docs/time.md).
 ``rpm`` / ``tpm`` / ``parallel`` limit the key's requests and tokens per minute and requests in flight
 (:mod:`kem.server.limits`); without ``parallel=`` the server-wide ``KEM_MAX_PARALLEL_PER_KEY`` applies.
 kem rewrites the file atomically (a temporary file in the same folder, fsync, rename), keeping its mode
@@ -60,6 +62,7 @@ class Principal:
     admin: bool = False
     key_id: str = ""  # first 12 hex digits of the key's SHA-256 (safe to log)
     limits: KeyLimits = NO_LIMITS
+    review: bool = False  # this key's new edits arrive pending (an admin approves them)
 
     def namespace_for(self, requested: str | None) -> str:
         """The namespace a request acts on. Tenants may only name their own (else 403)."""
@@ -100,6 +103,7 @@ class KeyEntry:
     admin: bool
     limits: KeyLimits = NO_LIMITS
     hashed: bool = True  # False: the file holds this key in clear text
+    review: bool = False  # new edits through this key arrive pending
 
 
 def _entry_digest(key: str) -> str:
@@ -110,7 +114,7 @@ def _entry_digest(key: str) -> str:
 def parse_keys(text: str, where: str = "keys file") -> dict[str, KeyEntry]:
     """Parse a keys file's text into ``{sha256 hex: entry}``. Errors name the line."""
     out: dict[str, KeyEntry] = {}
-    usage = "expected 'KEY NAMESPACE [admin] [rpm=N] [tpm=N] [parallel=N]'"
+    usage = "expected 'KEY NAMESPACE [admin] [review] [rpm=N] [tpm=N] [parallel=N]'"
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -120,11 +124,14 @@ def parse_keys(text: str, where: str = "keys file") -> dict[str, KeyEntry]:
             raise ValidationError(f"{where} line {n}: {usage} (got {raw.strip()!r})", field="keys")
         key, ns = parts[0], parts[1]
         admin = ns == ALL
+        review = False
         limits: dict[str, int] = {}
         for opt in parts[2:]:
             name, eq, value = opt.partition("=")
             if not eq and name.lower() == "admin":
                 admin = True
+            elif not eq and name.lower() == "review":
+                review = True
             elif eq and name in LIMIT_NAMES and name not in limits and value.isascii() and value.isdigit() \
                     and int(value) >= 1:
                 limits[name] = int(value)
@@ -137,12 +144,13 @@ def parse_keys(text: str, where: str = "keys file") -> dict[str, KeyEntry]:
         h = _entry_digest(key)
         if hashed and (len(h) != 64 or any(c not in "0123456789abcdef" for c in h)):
             raise ValidationError(f"{where} line {n}: sha256: must be followed by 64 hex digits", field="keys")
-        out[h] = KeyEntry(h, "default" if ns == ALL else ns, admin, KeyLimits(**limits), hashed)
+        out[h] = KeyEntry(h, "default" if ns == ALL else ns, admin, KeyLimits(**limits), hashed, review)
     return out
 
 
-def _key_line(h: str, namespace: str, admin: bool, limits: KeyLimits) -> str:
+def _key_line(h: str, namespace: str, admin: bool, limits: KeyLimits, review: bool = False) -> str:
     opts = [" admin"] if admin and namespace != ALL else []
+    opts += [" review"] if review else []
     opts += [f" {name}={getattr(limits, name)}" for name in LIMIT_NAMES if getattr(limits, name) is not None]
     return f"sha256:{h} {namespace}{''.join(opts)}"
 
@@ -285,7 +293,7 @@ class KeyRing:
             entry = self._keys.get(h)
         if entry is None or not secrets.compare_digest(entry.digest, h):
             raise AuthError("invalid API key")
-        return Principal(entry.namespace, entry.admin, h[:12], entry.limits)
+        return Principal(entry.namespace, entry.admin, h[:12], entry.limits, entry.review)
 
     # ---- key management (admin) -----------------------------------------------------------------------
     def list(self) -> builtins.list[dict[str, object]]:
@@ -294,6 +302,8 @@ class KeyRing:
             out: list[dict[str, object]] = []
             for e in self._keys.values():
                 row: dict[str, object] = {"id": e.digest[:12], "namespace": e.namespace, "admin": e.admin}
+                if e.review:
+                    row["review"] = True
                 row.update({n: getattr(e.limits, n) for n in LIMIT_NAMES if getattr(e.limits, n) is not None})
                 out.append(row)
             return out
@@ -302,7 +312,8 @@ class KeyRing:
         assert isinstance(self.backend, FileKeys)
         self.backend.rewrite(edit)
 
-    def create(self, namespace: str, admin: bool = False, *, limits: KeyLimits = NO_LIMITS) -> str:
+    def create(self, namespace: str, admin: bool = False, *, limits: KeyLimits = NO_LIMITS,
+               review: bool = False) -> str:
         """Make a new key for ``namespace``; only its digest is stored. Returns the key, which is not
         stored anywhere: the caller shows it once."""
         if self.backend is None:
@@ -311,10 +322,11 @@ class KeyRing:
             raise ValidationError(f"namespace {namespace!r} is not a valid namespace", field="namespace")
         key = "kem-" + secrets.token_urlsafe(24)
         h = digest(key)
-        entry = KeyEntry(h, "default" if namespace == ALL else namespace, admin or namespace == ALL, limits)
+        entry = KeyEntry(h, "default" if namespace == ALL else namespace, admin or namespace == ALL, limits,
+                         review=review)
         with self._lock:
             if isinstance(self.backend, FileKeys):  # the file keeps "*" as written
-                self.backend.rewrite(lambda lines: [*lines, _key_line(h, namespace, admin, limits)])
+                self.backend.rewrite(lambda lines: [*lines, _key_line(h, namespace, admin, limits, review)])
             else:
                 self.backend.add(entry)
             self._keys[h] = entry
@@ -355,7 +367,8 @@ class KeyRing:
 
         with self._lock:
             self._rewrite(edit)
-            self._keys = {h: KeyEntry(e.digest, e.namespace, e.admin, e.limits, True) for h, e in self._keys.items()}
+            self._keys = {h: KeyEntry(e.digest, e.namespace, e.admin, e.limits, True, e.review)
+                          for h, e in self._keys.items()}
         return changed
 
 

@@ -113,7 +113,8 @@ class Edits:
         body = dict(body)
         policy = check_policy(body.pop("on_conflict", None) or on_conflict or "supersede")
         body = {**client_fields(caller, body), "namespace": caller.namespace_for(body.get("namespace") or namespace)}
-        return edit_json(await self._run(self.editor.add, Edit.parse(body), caller=caller, on_conflict=policy))
+        return edit_json(await self._run(self.editor.add, Edit.parse(body), caller=caller, on_conflict=policy,
+                                         review=caller.review))
 
     async def review(self, caller: Principal, edit_id: str, approve: bool, namespace: str | None = None,
                      on_conflict: str | None = None) -> dict[str, Any]:
@@ -155,7 +156,8 @@ class Edits:
                 edits.append(Edit.parse(row))
             except ValidationError as exc:
                 raise ValidationError(f"edits[{i}]: {exc}", field=f"edits[{i}].{exc.field}") from None
-        stored = await self._run(self.editor.add_many, edits, caller=caller, on_conflict=check_policy(on_conflict))
+        stored = await self._run(self.editor.add_many, edits, caller=caller, on_conflict=check_policy(on_conflict),
+                                 review=caller.review)
         return BulkResult(created=len(stored), ids=[e.id for e in stored],
                           superseded=sorted({i for e in stored for i in e.supersedes}))
 
@@ -202,6 +204,9 @@ class Edits:
             changes["namespace"] = caller.namespace_for(changes["namespace"])
         if "id" in changes and changes["id"] != edit_id:
             raise ValidationError("id cannot be changed", field="id")
+        if not caller.admin and (caller.review or self.editor.needs_review(caller.namespace)):
+            raise ForbiddenError("this key's changes need an admin's review: add a new edit instead (it supersedes "
+                                 "this one once approved)")
         return edit_json(await self._run(self.editor.update, edit_id, changes, caller.list_scope(namespace),
                                          caller=caller))
 

@@ -51,6 +51,8 @@ def keys_add(
     rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
     tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
     parallel: Annotated[int | None, typer.Option(min=1, help="Requests in flight.")] = None,
+    review: Annotated[bool, typer.Option("--review", help="Its new edits arrive pending until an admin "
+                                         "approves them (kem edit approve).")] = False,
     keys: KeysOpt = None, store: StoreOpt = None, home: HomeOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Create a key; it is printed once (only its SHA-256 digest is stored)."""
@@ -58,9 +60,9 @@ def keys_add(
     from kem.server.limits import KeyLimits
 
     ring = ring_for(keys, store, home, create=True)
-    key = ring.create(namespace, admin, limits=KeyLimits(rpm=rpm, tpm=tpm, parallel=parallel))
+    key = ring.create(namespace, admin, limits=KeyLimits(rpm=rpm, tpm=tpm, parallel=parallel), review=review)
     row = {"key": key, "id": digest(key)[:12], "namespace": namespace, "admin": admin or namespace == "*",
-           "where": ring.backend.where}
+           "review": review, "where": ring.backend.where}
     if as_json:
         typer.echo(json.dumps(row))
     else:

@@ -42,7 +42,8 @@ class PostgresKeys:
         from kem.stores.postgres import ensure_tables
 
         with self._conn(set_path=False) as conn:
-            ensure_tables(conn, self.schema, [_DDL])
+            ensure_tables(conn, self.schema, [_DDL, "ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS review BOOLEAN "
+                                                   "NOT NULL DEFAULT FALSE"])
 
     def _conn(self, set_path: bool = True) -> Any:
         import psycopg
@@ -60,17 +61,17 @@ class PostgresKeys:
 
     def load(self) -> dict[str, KeyEntry]:
         with self._conn() as conn:
-            rows = conn.execute("SELECT digest, namespace, admin, rpm, tpm, parallel FROM api_keys "
+            rows = conn.execute("SELECT digest, namespace, admin, rpm, tpm, parallel, review FROM api_keys "
                                 "ORDER BY created_at, digest").fetchall()
-        return {h: KeyEntry(h, ns, admin, KeyLimits(rpm=rpm, tpm=tpm, parallel=par))
-                for h, ns, admin, rpm, tpm, par in rows}
+        return {h: KeyEntry(h, ns, admin, KeyLimits(rpm=rpm, tpm=tpm, parallel=par), review=bool(review))
+                for h, ns, admin, rpm, tpm, par, review in rows}
 
     def add(self, entry: KeyEntry) -> None:
         lim = entry.limits
         with self._conn() as conn:
-            conn.execute("INSERT INTO api_keys (digest, namespace, admin, rpm, tpm, parallel) "
-                         "VALUES (%s, %s, %s, %s, %s, %s)",
-                         (entry.digest, entry.namespace, entry.admin, lim.rpm, lim.tpm, lim.parallel))
+            conn.execute("INSERT INTO api_keys (digest, namespace, admin, rpm, tpm, parallel, review) "
+                         "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                         (entry.digest, entry.namespace, entry.admin, lim.rpm, lim.tpm, lim.parallel, entry.review))
 
     def remove(self, prefix: str) -> set[str]:
         with self._conn() as conn:
