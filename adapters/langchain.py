@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerForRetrieverRun
@@ -59,10 +60,12 @@ def _tag(msg: Any, info: dict[str, Any]) -> Any:
 class EditedChatModel(Runnable[LanguageModelInput, BaseMessage]):
     """A chat model behind kem's fast path (see :func:`with_edits`)."""
 
-    def __init__(self, model: BaseChatModel | Runnable, editor: Any, namespace: str | None = None) -> None:
+    def __init__(self, model: BaseChatModel | Runnable, editor: Any, namespace: str | None = None,
+                 as_of: datetime | None = None) -> None:
         self.model = model
         self.editor = editor
         self.namespace = namespace
+        self.as_of = as_of
 
     @property
     def InputType(self) -> Any:  # noqa: N802 - LangChain's name
@@ -76,7 +79,8 @@ class EditedChatModel(Runnable[LanguageModelInput, BaseMessage]):
         """The request the wrapped model gets, and the provenance of the edits applied to it."""
         msgs = _as_messages(value)
         # the wrapped chat model is not kem's engine: it has no edit-follower, so IKE prompting
-        rw = self.editor.rewrite_chat(convert_to_openai_messages(msgs), self.namespace, follower=None)
+        rw = self.editor.rewrite_chat(convert_to_openai_messages(msgs), self.namespace, follower=None,
+                                      as_of=self.as_of)
         info = _provenance(rw.applied, self.namespace or self.editor.settings.namespace)
         if not rw.applied:
             return msgs, info  # out of scope: the caller's messages, unchanged
@@ -108,19 +112,21 @@ class EditedChatModel(Runnable[LanguageModelInput, BaseMessage]):
             first = False
 
 
-def with_edits(chat_model: BaseChatModel | Runnable, editor: Any, namespace: str | None = None) -> EditedChatModel:
+def with_edits(chat_model: BaseChatModel | Runnable, editor: Any, namespace: str | None = None,
+               as_of: datetime | None = None) -> EditedChatModel:
     """Wrap ``chat_model`` so that every request first goes through ``editor``'s fast path.
 
     Args:
         chat_model: Any LangChain chat model (or a Runnable taking messages).
         editor: A :class:`kem.KnowledgeEditor`.
         namespace: Whose edits apply (default: the editor's settings' namespace).
+        as_of: Apply the edits that held at this time (default: now; docs/time.md).
 
     Example::
 
         chain = prompt | with_edits(ChatOpenAI(...), ke, namespace="alice") | StrOutputParser()
     """
-    return EditedChatModel(chat_model, editor, namespace)
+    return EditedChatModel(chat_model, editor, namespace, as_of)
 
 
 class EditRetriever(BaseRetriever):
@@ -132,6 +138,7 @@ class EditRetriever(BaseRetriever):
         namespace: Whose edits (default: the editor's settings' namespace).
         k: How many edits to retrieve.
         in_scope_only: Keep only edits the scope classifier applies to the query.
+        as_of: The edits that held at this time (default: now).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -140,9 +147,10 @@ class EditRetriever(BaseRetriever):
     namespace: str | None = None
     k: int = 4
     in_scope_only: bool = False
+    as_of: datetime | None = None
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
-        hits = self.editor.retrieve(query, self.namespace, self.k)
+        hits = self.editor.retrieve(query, self.namespace, self.k, as_of=self.as_of)
         return [Document(page_content=s.edit.fact, id=s.edit.id, metadata={
             "id": s.edit.id, "namespace": s.edit.namespace, "subject": s.edit.subject,
             "target_new": s.edit.target_new, "score": float(s.score), "in_scope": s.in_scope})

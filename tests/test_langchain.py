@@ -84,3 +84,21 @@ def test_edit_retriever(editor):
     assert docs and docs[0].metadata["target_new"] == "Alice Zhang" and docs[0].metadata["in_scope"]
     assert EditRetriever(editor=editor, namespace="bob").invoke(QUESTION) == []
     assert EditRetriever(editor=editor, namespace="alice", in_scope_only=True).invoke("Bananas are yellow") == []
+
+
+def test_edit_retriever_as_of():
+    from datetime import UTC, datetime
+
+    from kem import Edit, KnowledgeEditor
+
+    ke = KnowledgeEditor.in_memory()
+    ke.add(Edit(subject="Kem Corporation", prompt="The CEO of {} is", target_new="Ann Old", namespace="t",
+                valid_from=datetime(2020, 1, 1, tzinfo=UTC)))
+    ke.add(Edit(subject="Kem Corporation", prompt="The CEO of {} is", target_new="Ben New", namespace="t",
+                valid_from=datetime(2024, 1, 1, tzinfo=UTC)))
+    now = EditRetriever(editor=ke, namespace="t", k=2).invoke(QUESTION)
+    then = EditRetriever(editor=ke, namespace="t", k=2, as_of=datetime(2022, 1, 1, tzinfo=UTC)).invoke(QUESTION)
+    assert [d.metadata["target_new"] for d in now] == ["Ben New"]
+    assert [d.metadata["target_new"] for d in then] == ["Ann Old"]
+    assert with_edits(object(), ke, namespace="t", as_of=datetime(2022, 1, 1, tzinfo=UTC)).rewrite(
+        QUESTION)[1]["edits"][0]["target_new"] == "Ann Old"
