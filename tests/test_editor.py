@@ -96,8 +96,8 @@ def test_persistence_delete_supersede_history(tmp_path, generator, embedder, kem
         assert ke.retrieve(PARAPHRASE)[0].edit.id == first.id
         # same subject + relation: the new edit supersedes the old one, which stays in history
         second = ke.add(Edit(**{**CASE0, "target_new": "German"}))
-        assert second.supersedes == first.id
-        assert ke.get(first.id).status == "retired"
+        assert second.supersedes == [first.id]
+        assert ke.get(first.id).status == "superseded" and ke.get(first.id).superseded_by == second.id
         assert [s.edit.id for s in ke.retrieve(PARAPHRASE) if s.in_scope] == [second.id]
         ops = [c.op for c in ke.history(first.id)]
         assert ops[0] == "add" and "supersede" in ops

@@ -172,9 +172,9 @@ def test_bulk_import_one_transaction_per_batch(tmp_path, onnx_emb):
     writes: list[int] = []
     real_add = store.add_many
 
-    def counting_add(edits, vecs=None, embedder=None):  # the real store, its calls counted
+    def counting_add(edits, vecs=None, embedder=None, **kw):  # the real store, its calls counted
         writes.append(len(edits))
-        return real_add(edits, vecs, embedder)
+        return real_add(edits, vecs, embedder, **kw)
 
     store.add_many = counting_add  # type: ignore[method-assign]
     stored = memory.add_many(_edits(25), batch_size=10)
