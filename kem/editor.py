@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from kem.chains import WordSimilarity, follow
 from kem.compose import (
     COMPLETION_STOP,
     Composer,
@@ -26,7 +27,7 @@ from kem.compose import (
     last_user_text,
     load_demos,
 )
-from kem.edit import Edit, EditStatus
+from kem.edit import Edit, EditStatus, utcnow
 from kem.protocols import AdapterRef, Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
@@ -97,6 +98,7 @@ class KnowledgeEditor:
                                  selection=self.settings.demo_selection)
         self._generator = generator
         self._absorbed: frozenset[str] = frozenset()  # versions whose edits are in the weights (serve_version)
+        self._words: WordSimilarity | None = None  # chains: word similarity, made on first use
         # each namespace's consolidated adapter, if any (KEM_MODELS_DIR; with PostgreSQL, the recorded current)
         self.tenants = TenantAdapters.for_settings(self.settings)
 
@@ -306,15 +308,47 @@ class KnowledgeEditor:
         qv = self.memory.embedder.embed([prompt])[0]
         considered = self.retrieve(prompt, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
                                    as_of=as_of)
-        applied = [s for s in considered if s.in_scope]
+        applied = self._chained(prompt, qv, [s for s in considered if s.in_scope], namespace, as_of)
         follow, plain = self._adapters(follower, tv)
         if not applied:
             return Rewrite(prompt, [], considered, adapter=plain)
+        facts = _fact_order(applied)
         if follow:
-            text = follower_completion(prompt, [s.edit.fact for s in applied])
+            text = follower_completion(prompt, [e.fact for e in facts])
             return Rewrite(text, applied, considered, COMPLETION_STOP, follow)
-        text = self.composer.completion(prompt, [s.edit for s in applied], qv)
+        text = self.composer.completion(prompt, facts, qv)
         return Rewrite(text, applied, considered, COMPLETION_STOP, plain)
+
+    def _chained(self, query: str, qv: np.ndarray, applied: builtins.list[ScoredEdit], namespace: str | None,
+                 as_of: datetime | None) -> builtins.list[ScoredEdit]:
+        """``applied`` with a chain of edits appended after the edit it starts from (:mod:`kem.chains`):
+        ``[start, hop 2, ..., others]``. Unchanged when no applied edit leads to another."""
+        depth = self.settings.chain_depth
+        if not applied or depth < 1:
+            return applied
+        ns = namespace or self.settings.namespace
+        when = as_of or utcnow()
+
+        def about(subject_key: str) -> builtins.list[Edit]:
+            return [e for e in self.store.live_for_subjects([(ns, subject_key)]) if e.applies_at(when)]
+
+        if self._words is None:
+            self._words = WordSimilarity(self.memory.embedder)
+        found = follow(query, [s.edit for s in applied], about, depth, self._words)
+        if found is None:
+            return applied
+        start, hops = found
+        have = {s.edit.id for s in applied}
+        vecs = self.store.embeddings([e.id for e in hops], self.memory.embedder.name)
+        chain, prev = [], start.id
+        for e in hops:
+            v = vecs.get(e.id)
+            score = float(np.max(v @ qv)) if v is not None and len(v) else 0.0
+            chain.append(ScoredEdit(e, score, 0.0, True, via=prev))
+            prev = e.id
+        chain = [s for s in chain if s.edit.id not in have]
+        at = next(i for i, s in enumerate(applied) if s.edit.id == start.id)
+        return [*applied[:at + 1], *chain, *applied[at + 1:]]
 
     def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None,
                      follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO,
@@ -329,12 +363,13 @@ class KnowledgeEditor:
         qv = self.memory.embedder.embed([query])[0]
         considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
                                    as_of=as_of)
-        applied = [s for s in considered if s.in_scope]
+        applied = self._chained(query, qv, [s for s in considered if s.in_scope], namespace, as_of)
         if not applied:
             return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered, adapter=plain)
+        facts = _fact_order(applied)
         if follow:
-            return Rewrite(follower_chat(messages, [s.edit.fact for s in applied]), applied, considered, (), follow)
-        return Rewrite(self.composer.chat(messages, [s.edit for s in applied], qv), applied, considered, adapter=plain)
+            return Rewrite(follower_chat(messages, [e.fact for e in facts]), applied, considered, (), follow)
+        return Rewrite(self.composer.chat(messages, facts, qv), applied, considered, adapter=plain)
 
     def _params(self, params: GenerationParams | None, max_new_tokens: int | None, rw: Rewrite) -> GenerationParams:
         p = params or GenerationParams(max_new_tokens=max_new_tokens or self.settings.max_new_tokens)
@@ -394,6 +429,15 @@ class KnowledgeEditor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fact_order(applied: Sequence[ScoredEdit]) -> list[Edit]:
+    """The applied edits in the order the composers take them (most relevant first; they print them in
+    reverse, the most relevant nearest the request). A chain goes last hop first, so it reads in order
+    and ends with the hop that answers, right before the request."""
+    chain_ids = {s.via for s in applied if s.via} | {s.edit.id for s in applied if s.via}
+    chain = [s.edit for s in applied if s.edit.id in chain_ids]
+    return [*reversed(chain), *(s.edit for s in applied if s.edit.id not in chain_ids)]
 
 
 def default_embedder(settings: Settings) -> Embedder:

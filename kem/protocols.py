@@ -236,9 +236,10 @@ class ScoredEdit:
     score: float
     subject_match: float = 0.0
     in_scope: bool = False
+    via: str | None = None  # a chain hop: the id of the edit whose new object is this edit's subject
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.edit.id,
             "score": round(float(self.score), 4),
             "subject_match": round(float(self.subject_match), 3),
@@ -246,3 +247,6 @@ class ScoredEdit:
             "subject": self.edit.subject,
             "target_new": self.edit.target_new,
         }
+        if self.via is not None:
+            out["via"] = self.via
+        return out

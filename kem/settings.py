@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     )
     namespace: str = Field("default", description="Namespace used when a request names none.")
     top_k: int = Field(4, ge=1, le=64, description="Edits retrieved per request before the scope decision.")
+    chain_depth: int = Field(
+        4, ge=0, le=8, description="Chains of edits (multi-hop): follow an applied edit's new object to stored "
+        "edits about it whose relation the request also names, up to this many hops (0: off). docs/fast-path.md.")
     supersede_threshold: float | None = Field(
         0.9, ge=-1.0, le=1.0, description="A new edit supersedes a live edit of the same subject when they state "
         "the same relation: equal relation ids, equal templates once normalised, or templates whose embeddings "
