@@ -10,7 +10,8 @@ used by an earlier hop (each hop takes the word it meets best), by a five-letter
 "citizenship") or, with an embedder, by word embeddings at cosine >= :data:`WORD_SIMILARITY`
 ("married" meets "spouse" at 0.82, "born" meets "birthplace" at 0.67; "born" and "died" stay apart
 at 0.41). It repeats from the new object, up to ``max_depth`` hops, and keeps the
-longest chain (ties: the one matching more of the request's words).
+longest chain (ties: the one whose words meet the request's better: a stem counts 1, a similar word its
+cosine).
 
 Every hop is an exact entity link (object -> subject, case-folded) inside one namespace, so a chain
 can never reach another tenant's edits, and a request whose applied edits lead nowhere is left
@@ -80,19 +81,20 @@ class WordSimilarity:
         return cos if cos >= self.threshold else 0.0
 
 
-def _meets(rel: frozenset[str], asked: Sequence[str], used: frozenset[str],
-           similar: Callable[[str, str], float] | None) -> str | None:
-    """The request's word (not yet ``used``) that the relation words ``rel`` meet best: a shared
-    five-letter stem counts 1, a similar word its cosine; None when none meets."""
+def _meets(rel: frozenset[str], asked: Sequence[str], used: frozenset[int],
+           similar: Callable[[str, str], float] | None) -> tuple[int, float] | None:
+    """The position of the request's word (not yet ``used``) that the relation words ``rel`` meet best:
+    a shared five-letter stem counts 1, a similar word its cosine; None when none meets. A word said
+    twice ("the director of the director of") can serve two hops. Returns ``(position, score)``."""
     best, best_score = None, 0.0
-    for q in asked:
-        if q in used:
+    for i, q in enumerate(asked):
+        if i in used:
             continue
         score = 1.0 if any(q[:5] == r[:5] for r in rel) else (
             max((similar(r, q) for r in rel), default=0.0) if similar is not None else 0.0)
         if score > best_score:
-            best, best_score = q, score
-    return best
+            best, best_score = i, score
+    return None if best is None else (best, best_score)
 
 
 def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[Edit]],
@@ -108,10 +110,10 @@ def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[
         max_depth: Most hops after the start.
         similar: Word similarity beyond stems (e.g. :class:`WordSimilarity`); None: stems only.
     """
-    asked = list(dict.fromkeys(words(query)))
+    asked = words(query)
     if not asked or max_depth < 1:
         return None
-    best: tuple[tuple[int, int], Edit, list[Edit]] | None = None
+    best: tuple[tuple[int, float], Edit, list[Edit]] | None = None
     cache: dict[str, list[Edit]] = {}
 
     def after(e: Edit) -> list[Edit]:
@@ -120,7 +122,7 @@ def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[
             cache[key] = next_edits(key)
         return cache[key]
 
-    def walk(start: Edit, path: list[Edit], used: frozenset[str], score: int) -> None:
+    def walk(start: Edit, path: list[Edit], used: frozenset[int], score: float) -> None:
         nonlocal best
         if path:
             rank = (len(path), score)
@@ -133,11 +135,11 @@ def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[
         for nxt in after(last):
             if nxt.id in seen:
                 continue
-            word = _meets(relation_words(nxt), asked, used, similar)
-            if word is not None:
-                walk(start, [*path, nxt], used | {word}, score + 1)
+            met = _meets(relation_words(nxt), asked, used, similar)
+            if met is not None:
+                walk(start, [*path, nxt], used | {met[0]}, score + met[1])
 
     for s in starts:
         first = _meets(relation_words(s), asked, frozenset(), None)
-        walk(s, [], frozenset({first} if first else ()), 0)
+        walk(s, [], frozenset(() if first is None else {first[0]}), 0.0)
     return None if best is None else (best[1], best[2])
