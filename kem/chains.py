@@ -6,7 +6,7 @@ Madonna"); the next facts are about Madonna, then about her director, and so on,
 are not in the question at all. So after the scope decision kem looks, for each applied edit, at the
 live edits of the same namespace whose subject *is* that edit's new object ("Madonna"), and keeps one
 whose relation the request also asks about: a word of its template meets a word of the request not
-used by an earlier hop (each hop takes the word it meets best), by a five-letter stem ("performed" meets "performer", "citizen" meets
+taken by an earlier edit of the chain (see :func:`_meets`), by a five-letter stem ("performed" meets "performer", "citizen" meets
 "citizenship") or, with an embedder, by word embeddings at cosine >= :data:`WORD_SIMILARITY`
 ("married" meets "spouse" at 0.82, "born" meets "birthplace" at 0.67; "born" and "died" stay apart
 at 0.41). It repeats from the new object, up to ``max_depth`` hops, and keeps the
@@ -82,19 +82,29 @@ class WordSimilarity:
 
 
 def _meets(rel: frozenset[str], asked: Sequence[str], used: frozenset[int],
-           similar: Callable[[str, str], float] | None) -> tuple[int, float] | None:
-    """The position of the request's word (not yet ``used``) that the relation words ``rel`` meet best:
-    a shared five-letter stem counts 1, a similar word its cosine; None when none meets. A word said
-    twice ("the director of the director of") can serve two hops. Returns ``(position, score)``."""
+           similar: Callable[[str, str], float] | None) -> tuple[frozenset[int], float] | None:
+    """The positions of the request's words (not yet ``used``) that an edit's relation words ``rel``
+    take, and how well they meet: each relation word takes the first free word with its five-letter
+    stem (1 each); with none of those, the one most similar word (its cosine). None when nothing meets.
+    A word said twice ("the director of the director of") can serve two hops; a relation's own words
+    are all taken, so a chain needs a word the earlier edits' templates do not have ("Kharkiv is a twin
+    city of" never leads on to the twin city of Kharkiv's twin)."""
+    took: set[int] = set()
+    for r in sorted(rel):
+        i = next((i for i, q in enumerate(asked) if i not in used and i not in took and q[:5] == r[:5]), None)
+        if i is not None:
+            took.add(i)
+    if took:
+        return frozenset(took), float(len(took))
+    if similar is None:
+        return None
     best, best_score = None, 0.0
     for i, q in enumerate(asked):
-        if i in used:
-            continue
-        score = 1.0 if any(q[:5] == r[:5] for r in rel) else (
-            max((similar(r, q) for r in rel), default=0.0) if similar is not None else 0.0)
-        if score > best_score:
-            best, best_score = i, score
-    return None if best is None else (best, best_score)
+        if i not in used:
+            score = max((similar(r, q) for r in rel), default=0.0)
+            if score > best_score:
+                best, best_score = i, score
+    return None if best is None else (frozenset({best}), best_score)
 
 
 def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[Edit]],
@@ -137,9 +147,9 @@ def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[
                 continue
             met = _meets(relation_words(nxt), asked, used, similar)
             if met is not None:
-                walk(start, [*path, nxt], used | {met[0]}, score + met[1])
+                walk(start, [*path, nxt], used | met[0], score + met[1])
 
     for s in starts:
         first = _meets(relation_words(s), asked, frozenset(), None)
-        walk(s, [], frozenset(() if first is None else {first[0]}), 0.0)
+        walk(s, [], frozenset() if first is None else first[0], 0.0)
     return None if best is None else (best[1], best[2])

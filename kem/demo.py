@@ -44,6 +44,12 @@ def timeline(now: datetime) -> list[Edit]:
             for name, start in zip(CEOS, starts, strict=True)]
 
 
+#: A chain of two edits: the question names neither the CEO nor her country; kem follows the CEO edit's
+#: new object (Carla Reyes, the current CEO) to the edit about her.
+CHAIN = Edit(subject="Carla Reyes", prompt="{} is a citizen of", target_new="Portugal", relation="P27", source="demo")
+CHAIN_QUESTION = "What is the country of citizenship of the CEO of Kem Corporation?"
+
+
 def demo_records() -> list[dict[str, Any]]:
     data = json.loads(resources.files("kem").joinpath("data/counterfact_demo.json").read_text(encoding="utf-8"))
     return list(data["records"])
@@ -74,6 +80,7 @@ def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings
         questions.extend(("strongly-held", q, q.endswith("?")) for q in asks)
     questions.append(("changed twice (now)", "The CEO of Kem Corporation is", False))
     questions.append((f"changed twice (as of {last_year:%Y-%m-%d})", "The CEO of Kem Corporation is", False, last_year))
+    questions.append(("2-hop chain", CHAIN_QUESTION, True))
     questions.append(("unrelated", records[0]["locality_prompt"], False))
     questions.extend(("unrelated", q, q.endswith("?")) for q in UNRELATED)
 
@@ -82,7 +89,7 @@ def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings
         with KnowledgeEditor.open(where, settings=settings) as ke:
             have = {(e.subject, e.prompt) for e in ke.store.list(settings.namespace)}
             new = [counterfact_edit(r, n, "demo") for n, r in enumerate(records)] + [
-                Edit(**{**e, "source": "demo"}) for e, _ in STRONG] + timeline(now)
+                Edit(**{**e, "source": "demo"}) for e, _ in STRONG] + timeline(now) + [CHAIN]
             ke.add_many([e for e in new if (e.subject, e.prompt) not in have])
             rows = []
             from tqdm.auto import tqdm

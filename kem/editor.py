@@ -334,7 +334,8 @@ class KnowledgeEditor:
 
         if self._words is None:
             self._words = WordSimilarity(self.memory.embedder)
-        found = follow(query, [s.edit for s in applied], about, depth, self._words)
+        top = max(applied, key=lambda s: s.score)
+        found = follow(query, [top.edit], about, depth, self._words)
         if found is None:
             return applied
         start, hops = found

@@ -35,3 +35,7 @@ def test_demo_json(kem_settings):
     assert [e["target_new"] for e in now["edits"]] == ["Carla Reyes"] and "Carla Reyes" in now["edited"], now
     assert [e["target_new"] for e in past["edits"]] == ["Bob Okafor"] and "Bob Okafor" in past["edited"], past
     assert past["as_of"] and now["as_of"] is None
+    # a chain of two edits: the CEO (now), then the CEO's country
+    chain = next(r for r in rows if r["kind"] == "2-hop chain")
+    assert [e["target_new"] for e in chain["edits"]] == ["Carla Reyes", "Portugal"], chain
+    assert chain["edits"][1]["via"] == chain["edits"][0]["id"] and "Portugal" in chain["edited"], chain
