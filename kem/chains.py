@@ -82,13 +82,15 @@ class WordSimilarity:
 
 
 def _meets(rel: frozenset[str], asked: Sequence[str], used: frozenset[int],
-           similar: Callable[[str, str], float] | None) -> tuple[frozenset[int], float] | None:
+           similar: Callable[[str, str], float] | None, answer: str | None = None) -> tuple[frozenset[int], float] | None:
     """The positions of the request's words (not yet ``used``) that an edit's relation words ``rel``
     take, and how well they meet: each relation word takes the first free word with its five-letter
     stem (1 each); with none of those, the one most similar word (its cosine). None when nothing meets.
     A word said twice ("the director of the director of") can serve two hops; a relation's own words
     are all taken, so a chain needs a word the earlier edits' templates do not have ("Kharkiv is a twin
-    city of" never leads on to the twin city of Kharkiv's twin)."""
+    city of" never leads on to the twin city of Kharkiv's twin). Last, with ``answer`` (the hop's new
+    object), a request word similar to it (weighted half): "the capital of the **country** where the
+    director was born" takes "Narendra Modi is a citizen of Australia" by "country" ~ "Australia" (0.71)."""
     took: set[int] = set()
     for r in sorted(rel):
         i = next((i for i, q in enumerate(asked) if i not in used and i not in took and q[:5] == r[:5]), None)
@@ -104,6 +106,12 @@ def _meets(rel: frozenset[str], asked: Sequence[str], used: frozenset[int],
             score = max((similar(r, q) for r in rel), default=0.0)
             if score > best_score:
                 best, best_score = i, score
+    if best is None and answer:  # no word for the relation: the kind of answer ("the country where X was born")
+        for i, q in enumerate(asked):
+            if i not in used:
+                score = similar(q, answer) * 0.5
+                if score > best_score:
+                    best, best_score = i, score
     return None if best is None else (frozenset({best}), best_score)
 
 
@@ -145,7 +153,7 @@ def follow(query: str, starts: Sequence[Edit], next_edits: Callable[[str], list[
         for nxt in after(last):
             if nxt.id in seen:
                 continue
-            met = _meets(relation_words(nxt), asked, used, similar)
+            met = _meets(relation_words(nxt), asked, used, similar, nxt.target_new.casefold())
             if met is not None:
                 walk(start, [*path, nxt], used | met[0], score + met[1])
 
