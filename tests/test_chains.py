@@ -63,6 +63,7 @@ def test_the_editor_composes_the_chain_in_order(ke):
     order = [system.index(t) for t in ("Hey Jude was performed by", "The director of Madonna",
                                        "Narendra Modi is a citizen", "The official language of Australia")]
     assert order == sorted(order)  # read in order, the answering hop last
+    assert system.index("Arabic is the answer to: ") > order[-1]  # the conclusion, nearest the request
     assert rw.applied[1].as_dict()["via"] == rw.applied[0].edit.id
 
 
@@ -79,3 +80,12 @@ def test_a_chain_never_leaves_its_namespace(kem_settings, embedder):
         ke.add_many([mk(*HOPS[0], ns="alice"), mk(*HOPS[1], ns="bob"), mk(*HOPS[2], ns="alice")])
         rw = ke.rewrite_chat([{"role": "user", "content": Q}], "alice", follower="kem-editor")
         assert [s.edit.target_new for s in rw.applied] == ["Madonna"]
+
+
+def test_a_hop_without_a_word_for_its_relation_meets_the_kind_of_answer(embedder):
+    q = "What is the capital of the country where the director of Hey Jude's performer was born?"
+    edits = [mk(*h) for h in HOPS[:3]] + [mk("Australia", "The capital of {} is", "Perth")]
+    _, stems_only = follow(q, [edits[0]], lookup(edits))
+    assert [e.target_new for e in stems_only] == ["Narendra Modi"]  # "citizen" is not in the question
+    _, typed = follow(q, [edits[0]], lookup(edits), similar=WordSimilarity(embedder))
+    assert [e.target_new for e in typed] == ["Narendra Modi", "Australia", "Perth"]  # "country" ~ "Australia"
