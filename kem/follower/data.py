@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,20 +117,37 @@ def load_records(path: str | Path) -> list[Record]:
     return out
 
 
-#: Evaluation files (under the data folder) whose subjects and case ids training must never see.
+#: Evaluation files (under the data folder) whose texts, subjects and case ids training must never see.
 EVAL_FILES = ("counterfact/counterfact-edit.json", "zsre/zsre_mend_eval_portability_gpt4.json",
               "mquake/MQuAKE-hard.json")
+_WS = re.compile(r"\s+")
+_WORDS = re.compile(r"\w+", re.UNICODE)
+
+
+def norm_text(text: str) -> str:
+    """Case-folded, whitespace collapsed: how training and evaluation texts are compared."""
+    return _WS.sub(" ", text).strip().casefold()
+
+
+def _eval_file(data_dir: str | Path, rel: str) -> Any:
+    f = Path(data_dir) / rel
+    if not f.is_file():
+        raise DatasetFormatError(
+            f"the evaluation file {f} is missing: training checks its data against every evaluation set "
+            f"({', '.join(EVAL_FILES)}) and refuses to run without them (pass the data folder that holds them)")
+    return json.loads(f.read_text(encoding="utf-8"))
 
 
 def eval_subjects(data_dir: str | Path) -> tuple[set[str], set[int]]:
-    """Subjects (case-folded) and CounterFact case ids of the evaluation sets found under ``data_dir``."""
+    """Subjects (case-folded) and CounterFact case ids of the evaluation sets under ``data_dir``.
+
+    Raises:
+        DatasetFormatError: an evaluation file is missing (training must not run unchecked).
+    """
     subjects: set[str] = set()
     ids: set[int] = set()
     for rel in EVAL_FILES:
-        f = Path(data_dir) / rel
-        if not f.exists():
-            continue
-        for r in json.loads(f.read_text(encoding="utf-8")):
+        for r in _eval_file(data_dir, rel):
             if not isinstance(r, dict):
                 continue
             if isinstance(r.get("subject"), str):
@@ -142,10 +160,78 @@ def eval_subjects(data_dir: str | Path) -> tuple[set[str], set[int]]:
     return subjects, ids
 
 
+def eval_texts(data_dir: str | Path) -> set[str]:
+    """Every prompt-like text of the evaluation sets (:func:`norm_text`): CounterFact edit-split prompts,
+    paraphrases and neighbourhood prompts; ZsRE questions, paraphrases, locality questions and
+    portability questions; MQuAKE questions, clozes and rewrite prompts."""
+    out: set[str] = set()
+
+    def add(v: Any) -> None:
+        if isinstance(v, str) and v.strip():
+            out.add(norm_text(v.removeprefix("nq question: ")))
+
+    for r in _eval_file(data_dir, EVAL_FILES[0]):
+        for k in ("prompt", "rephrase_prompt", "locality_prompt"):
+            add(r.get(k))
+    for r in _eval_file(data_dir, EVAL_FILES[1]):
+        for k in ("src", "rephrase", "loc"):
+            add(r.get(k))
+        port = r.get("portability") or {}
+        add(port.get("New Question") if isinstance(port, dict) else None)
+    for r in _eval_file(data_dir, EVAL_FILES[2]):
+        for q in r.get("questions") or ():
+            add(q)
+        for rw in r.get("requested_rewrite") or ():
+            if isinstance(rw, dict) and isinstance(rw.get("prompt"), str) and isinstance(rw.get("subject"), str):
+                add(rw["prompt"].replace("{}", rw["subject"]))
+                add(rw.get("question"))
+        for hop in (r.get("single_hops") or []) + (r.get("new_single_hops") or []):
+            if isinstance(hop, dict):
+                add(hop.get("question"))
+                add(hop.get("cloze"))
+    return out
+
+
+def names_a_subject(text: str, subjects: set[str], longest: int = 10) -> str | None:
+    """The first evaluation subject ``text`` names as whole words (case-folded; ``subjects`` given as
+    their words joined by single spaces), or None."""
+    words = _WORDS.findall(text.casefold())
+    for n in range(min(longest, len(words)), 0, -1):
+        for i in range(len(words) - n + 1):
+            phrase = " ".join(words[i:i + n])
+            if phrase in subjects:
+                return phrase
+    return None
+
+
+def overlap(record: Record, subjects: set[str], ids: set[int], texts: set[str]) -> str | None:
+    """Why ``record`` touches evaluation data (a reason), or None when it does not."""
+    if record.case_id in ids:
+        return f"case id {record.case_id} is in the CounterFact edit split"
+    for name, t in (("prompt", record.prompt), ("paraphrase", record.rephrase), ("neighbourhood prompt", record.locality)):
+        if t is None:
+            continue
+        if norm_text(t) in texts:
+            return f"its {name} {t!r} is an evaluation text"
+        hit = names_a_subject(t, subjects)
+        if hit is not None:
+            return f"its {name} {t!r} names the evaluation subject {hit!r}"
+    return None
+
+
 def without_eval_overlap(records: Sequence[Record], data_dir: str | Path) -> list[Record]:
-    """``records`` minus those whose subject or case id appears in an evaluation set under ``data_dir``."""
+    """``records`` minus those that touch an evaluation set under ``data_dir`` (:func:`overlap`: a case id,
+    a prompt, paraphrase or neighbourhood prompt that is an evaluation text, or one that names an
+    evaluation subject).
+
+    Raises:
+        DatasetFormatError: an evaluation file is missing.
+    """
     subjects, ids = eval_subjects(data_dir)
-    return [r for r in records if r.subject.casefold() not in subjects and r.case_id not in ids]
+    names = {" ".join(_WORDS.findall(s)) for s in subjects}  # "Jean-Pierre Roy" as text words: "jean pierre roy"
+    names = {s for s in names if len(s) >= 3}  # "of", "it": not names
+    texts = eval_texts(data_dir)
+    return [r for r in records if overlap(r, names, ids, texts) is None]
 
 
 def file_sha256(path: str | Path) -> str:

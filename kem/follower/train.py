@@ -181,7 +181,7 @@ def train_follower(model: Any, tokenizer: Any, data: str | Path, out: str | Path
     t0 = time.time()
     all_records = load_records(data)
     eligible = without_eval_overlap(all_records, data.parent.parent)
-    log.info("%d of %d train records kept (the rest share a subject with an evaluation set)",
+    log.info("%d of %d train records kept (the rest touch an evaluation set: case id, text or subject)",
              len(eligible), len(all_records))
     records: list[Record] = list(eligible)
     rng = random.Random(cfg.seed)
