@@ -58,11 +58,79 @@ def test_shipped_adapter_never_saw_evaluation_data():
     used = [train[i] for i in man["train_case_ids"]]
     assert not {r.case_id for r in used} & ids
     assert not {r.subject.casefold() for r in used} & subjects
-    # and the filter is what guarantees it: train records that share a subject with the edit split exist
+    # and the filter is what guarantees it: train records that touch the evaluation data exist
     assert len(without_eval_overlap(list(train.values()), shared_data())) < len(train)
     size = sum(f.stat().st_size for f in SHIPPED.iterdir())
     assert size < 12 * 2**20, size
 
+
+def _eval_corpus() -> tuple[set[str], set[str]]:
+    """The evaluation files' texts and subjects, read here with plain json (not kem's filter), so the
+    check below does not trust the code it checks."""
+    import re
+
+    def n(t: str) -> str:
+        return re.sub(r"\s+", " ", t.replace("nq question: ", "")).strip().lower()
+
+    texts: set[str] = set()
+    subjects: set[str] = set()
+    for r in json.loads(open(shared_data("counterfact", "counterfact-edit.json")).read()):
+        texts |= {n(r["prompt"]), n(r["rephrase_prompt"]), n(r["locality_prompt"])}
+        subjects.add(r["subject"].lower())
+    for r in json.loads(open(shared_data("zsre", "zsre_mend_eval_portability_gpt4.json")).read()):
+        texts |= {n(r[k]) for k in ("src", "rephrase", "loc") if isinstance(r.get(k), str)}
+        subjects.add(r["subject"].lower())
+    for r in json.loads(open(shared_data("mquake", "MQuAKE-hard.json")).read()):
+        texts |= {n(q) for q in r["questions"]}
+        for rw in r["requested_rewrite"]:
+            subjects.add(rw["subject"].lower())
+            texts.add(n(rw["prompt"].replace("{}", rw["subject"])))
+        texts |= {n(h[k]) for h in r["new_single_hops"] for k in ("question", "cloze")}
+    import re as _re
+
+    names = {" ".join(_re.findall(r"\w+", s)) for s in subjects}
+    return texts, {s for s in names if len(s) >= 3}
+
+
+def _touches(inputs: list[str], texts: set[str], subjects: set[str]) -> str | None:
+    import re
+
+    for t in inputs:
+        low = re.sub(r"\s+", " ", t).strip().lower()
+        if low in texts:
+            return f"{t!r} is an evaluation text"
+        ws = re.findall(r"\w+", low)
+        grams = {" ".join(ws[i:j]) for i in range(len(ws)) for j in range(i + 1, min(len(ws), i + 10) + 1)}
+        if hit := grams & subjects:
+            return f"{t!r} names the evaluation subject {sorted(hit)[0]!r}"
+    return None
+
+
+def test_training_inputs_never_touch_evaluation_text():
+    """The texts the shipped adapter was trained from (each training record's prompt, paraphrase and
+    neighbourhood prompt, which its examples render) are no evaluation text and name no evaluation
+    subject; the check fails on a planted overlap."""
+    texts, subjects = _eval_corpus()
+    man = read_manifest(SHIPPED)
+    train = {r.case_id: r for r in load_records(shared_data("counterfact", "counterfact-train.json"))}
+    bad = [(i, why) for i in man["train_case_ids"]
+           if (why := _touches([x for x in (train[i].prompt, train[i].rephrase, train[i].locality) if x],
+                               texts, subjects))]
+    assert not bad, f"{len(bad)} training records touch evaluation data, e.g. {bad[:3]}"
+    assert man["excluded_eval_overlap"] > 4000  # the filter's count, recorded in the manifest
+    planted = next(iter(man["train_case_ids"]))
+    edit0 = json.loads(open(shared_data("counterfact", "counterfact-edit.json")).read())[0]
+    assert _touches([edit0["locality_prompt"]], texts, subjects)
+    assert _touches([f"A story about {edit0['subject']}."], texts, subjects)
+    assert _touches([train[planted].prompt], texts, subjects) is None
+
+
+def test_training_refuses_to_run_without_the_evaluation_files(tmp_path):
+    from kem.errors import DatasetFormatError
+
+    recs = load_records(shared_data("counterfact", "counterfact-train.json"))[:5]
+    with pytest.raises(DatasetFormatError, match="counterfact-edit.json"):
+        without_eval_overlap(recs, tmp_path)
 
 def test_training_examples_are_kem_formats_with_base_labelled_retain(lm_and_tok):
     from kem.follower.train import base_answerer, encode_example
