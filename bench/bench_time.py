@@ -190,7 +190,8 @@ def main() -> None:
         out["superseded_with_who_and_when"] = f"{ok}/{len(sup)}"
         # retrieval: only the version valid at the time reaches the prompt
         groups = collections.Counter(p[1] for p in plan)
-        key_of = {cid: next(p[1] for p in plan if p[0]["id"] == s_["ids"][0]) for cid, s_ in sequences.items()}
+        group_of = {p[0]["id"]: p[1] for p in plan}
+        key_of = {cid: group_of[s_["ids"][0]] for cid, s_ in sequences.items()}
         clean = [cid for cid in sequences if groups[key_of[cid]] == 3]
         out["clean_sequences"] = len(clean)
         by_id = {r["case_id"]: r for r in records}

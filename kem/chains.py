@@ -43,18 +43,19 @@ def words(text: str) -> list[str]:
     return [w for w in _WORD.findall(text.casefold()) if w not in STOP and len(w) > 1]
 
 
+def stem(word: str) -> str:
+    """A word cut to five letters: "performed" and "performer" meet, so do "citizen" and "citizenship"."""
+    return word[:5]
+
+
 def stems(text: str) -> list[str]:
-    """Content words of ``text`` cut to five letters, in order."""
-    return [w[:5] for w in words(text)]
+    """Content words of ``text``, stemmed, in order."""
+    return [stem(w) for w in words(text)]
 
 
 def relation_words(edit: Edit) -> frozenset[str]:
     """What an edit's relation is called: its template's content words (the subject left out)."""
     return frozenset(words(edit.prompt.replace("{}", " ")))
-
-
-def relation_stems(edit: Edit) -> frozenset[str]:
-    return frozenset(w[:5] for w in relation_words(edit))
 
 
 class WordSimilarity:
@@ -93,7 +94,7 @@ def _meets(rel: frozenset[str], asked: Sequence[str], used: frozenset[int],
     director was born" takes "Narendra Modi is a citizen of Australia" by "country" ~ "Australia" (0.71)."""
     took: set[int] = set()
     for r in sorted(rel):
-        i = next((i for i, q in enumerate(asked) if i not in used and i not in took and q[:5] == r[:5]), None)
+        i = next((i for i, q in enumerate(asked) if i not in used and i not in took and stem(q) == stem(r)), None)
         if i is not None:
             took.add(i)
     if took:

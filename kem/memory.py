@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from kem.edit import Edit, utcnow
+from kem.edit import Edit, EditStatus, utcnow
 from kem.index import DEFAULT_ANN_THRESHOLD, NamespacedIndex
 from kem.protocols import EditStore, Embedder
 from kem.relations import DEFAULT_THRESHOLD, RelationMatcher
@@ -251,7 +251,8 @@ class EditMemory:
         matches: list[str] = []
         if approve:
             e = self.store.get(edit_id, namespace)
-            matches = self.matches([e.model_copy(update={"status": "active"})]).get(e.id, []) if e.status == "pending" else []
+            if e.status == EditStatus.pending:  # (the store refuses any other status itself)
+                matches = self.matches([e.model_copy(update={"status": EditStatus.active})]).get(e.id, [])
         out = self.store.review(edit_id, approve, namespace, matches=matches, on_conflict=on_conflict)
         self.sync()
         return out

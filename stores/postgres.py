@@ -536,8 +536,7 @@ class PostgresStore:
         return self._written
 
     def changes_since(self, revision: int) -> builtins.list[Change]:
-        rows = self._rows(f"SELECT {_CHANGE_COLS} FROM history WHERE seq > %s ORDER BY seq", (revision,))
-        return [self._change(r) for r in rows]
+        return self.audit(None, revision)
 
     def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]:
         ids = list(edit_ids)

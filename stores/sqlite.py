@@ -275,15 +275,18 @@ class SQLiteStore:
         with self._lock:
             return [e for ns, subj in dict.fromkeys(keys) for e in self._live_of(self._db, ns, subj)]
 
-    def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]:
-        sql = f"SELECT {_CHANGE_COLS} FROM history WHERE seq > ?"
-        args: list[Any] = [since]
+    def _changes(self, where: str, args: builtins.list[Any], namespace: str | None, limit: int | None = None
+                 ) -> builtins.list[Change]:
+        """History rows matching ``where`` (and ``namespace``), oldest first."""
         if namespace is not None:
-            sql += " AND namespace=?"
-            args.append(namespace)
+            where, args = f"{where} AND namespace=?", [*args, namespace]
         with self._lock:
-            rows = self._db.execute(sql + " ORDER BY seq LIMIT ?", [*args, -1 if limit is None else limit]).fetchall()
+            rows = self._db.execute(f"SELECT {_CHANGE_COLS} FROM history WHERE {where} ORDER BY seq LIMIT ?",
+                                    [*args, -1 if limit is None else limit]).fetchall()
         return [self._change(r) for r in rows]
+
+    def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]:
+        return self._changes("seq > ?", [since], namespace, limit)
 
     def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
         where, args = self._where(namespace, status)
@@ -299,27 +302,17 @@ class SQLiteStore:
         return Change(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]) if row[5] else None, row[6])
 
     def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
-        sql = f"SELECT {_CHANGE_COLS} FROM history WHERE edit_id=?"
-        args: list[Any] = [edit_id]
-        if namespace is not None:
-            sql += " AND namespace=?"
-            args.append(namespace)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY seq", args).fetchall()
+        rows = self._changes("edit_id=?", [edit_id], namespace)
         if not rows:
             raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
-        return [self._change(r) for r in rows]
+        return rows
 
     def revision(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM history").fetchone()[0])
 
     def changes_since(self, revision: int) -> builtins.list[Change]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_CHANGE_COLS} FROM history WHERE seq > ? ORDER BY seq",
-                (revision,)).fetchall()
-        return [self._change(r) for r in rows]
+        return self._changes("seq > ?", [revision], None)
 
     def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
