@@ -241,8 +241,10 @@ class KnowledgeEditor:
         return self.store.delete(edit_id, namespace)
 
     def list(self, namespace: str | None = None, status: EditStatus | Sequence[EditStatus] | None = None,
-             limit: int | None = None, offset: int = 0) -> list[Edit]:
-        return self.store.list(namespace, status, limit, offset)
+             limit: int | None = None, offset: int = 0, *, text: str | None = None,
+             subject: str | None = None) -> list[Edit]:
+        """The store's edits, oldest first (``text`` / ``subject`` filters: :meth:`EditStore.list`)."""
+        return self.store.list(namespace, status, limit, offset, text=text, subject=subject)
 
     def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
         return self.store.history(edit_id, namespace)
@@ -388,7 +390,7 @@ class KnowledgeEditor:
         ``as_of``, default now)."""
         tv = self.tenant_of(namespace, self.generator)
         rw = (self.rewrite_prompt(prompt, namespace, self.follower_of(self.generator), tv, as_of)
-              if use_edits else self._weights_alone(prompt, tv))
+              if use_edits else self.weights_alone(prompt, tv))
         assert isinstance(rw.request, str)
         text = self.generator.generate(rw.request, self._params(params, max_new_tokens, rw))
         return Answer(text, rw.applied, self._model_name(tv), rw.considered, rw.request)
@@ -401,13 +403,13 @@ class KnowledgeEditor:
         msgs: list[Message] = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         tv = self.tenant_of(namespace, self.generator)
         rw = (self.rewrite_chat(msgs, namespace, self.follower_of(self.generator), tv, as_of)
-              if use_edits else self._weights_alone(msgs, tv))
+              if use_edits else self.weights_alone(msgs, tv))
         assert isinstance(rw.request, list)
         text = self.generator.chat(rw.request, self._params(params, max_new_tokens, rw))
         return Answer(text, rw.applied, self._model_name(tv), rw.considered, rw.request)
 
     @staticmethod
-    def _weights_alone(request: Any, tenant: TenantVersion | None) -> Rewrite:
+    def weights_alone(request: Any, tenant: TenantVersion | None) -> Rewrite:
         """``use_edits=False``: no fast path, but the weights the namespace is served with, i.e. its
         consolidated adapter when it has one (the weights alone of that tenant)."""
         return Rewrite(request, adapter=tenant.adapter if tenant is not None else None)

@@ -201,9 +201,17 @@ class EditStore(Protocol):
         status: EditStatus | Sequence[EditStatus] | None = None,
         limit: int | None = None,
         offset: int = 0,
-    ) -> list[Edit]: ...
+        *,
+        text: str | None = None,
+        subject: str | None = None,
+    ) -> list[Edit]:
+        """Edits oldest first. ``text``: a case-insensitive substring of the id, subject, prompt, a target
+        or a paraphrase (SQLite: case-insensitive for ASCII letters); ``subject``: that subject exactly
+        (case-insensitive)."""
+        ...
 
-    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int: ...
+    def count(self, namespace: str | None = None, status: EditStatus | None = None, *,
+              text: str | None = None, subject: str | None = None) -> int: ...
 
     def namespaces(self) -> builtins.list[str]: ...
 

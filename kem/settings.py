@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     api_docs: bool = Field(
         False, description="kem serve: serve /docs, /redoc and /openapi.json (off by default: they map the API "
         "for anyone who can reach the port).")
+    console: bool = Field(
+        True, description="kem serve: the operator console under /console (edits, playground, versions, "
+        "evaluation, health; docs/console.md). False: /console is a 404.")
     store_timeout: float | None = Field(
         None, gt=0, description="PostgreSQL store: seconds a call waits for a database connection before it fails "
         "with StoreUnavailable (HTTP 503 from kem serve). Default: 3 in kem serve (a request during a database "

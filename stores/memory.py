@@ -26,6 +26,7 @@ from kem.stores.rules import (
     check_vectors,
     fact_key,
     hinted,
+    matches_text,
     resolve,
     review_transition,
     same_fact,
@@ -175,11 +176,12 @@ class InMemoryStore:
             return self._get(edit_id, namespace)
 
     def list(self, namespace: str | None = None, status: Any = None, limit: int | None = None,
-             offset: int = 0) -> list[Edit]:
+             offset: int = 0, *, text: str | None = None, subject: str | None = None) -> list[Edit]:
         want = statuses(status)
         with self._lock:
             rows = [self._edits[i] for i in self._order]
-        rows = [e for e in rows if (namespace is None or e.namespace == namespace) and (want is None or e.status in want)]
+        rows = [e for e in rows if (namespace is None or e.namespace == namespace) and (want is None or e.status in want)
+                and matches_text(e, text, subject)]
         return rows[offset: None if limit is None else offset + limit]
 
     def live_for_subjects(self, keys: Sequence[tuple[str, str]]) -> builtins.list[Edit]:
@@ -191,8 +193,9 @@ class InMemoryStore:
             rows = [c for c in self._history[since:] if namespace is None or c.namespace == namespace]
         return rows if limit is None else rows[:limit]
 
-    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
-        return len(self.list(namespace, status))
+    def count(self, namespace: str | None = None, status: EditStatus | None = None, *,
+              text: str | None = None, subject: str | None = None) -> int:
+        return len(self.list(namespace, status, text=text, subject=subject))
 
     def namespaces(self) -> builtins.list[str]:
         with self._lock:

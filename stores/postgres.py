@@ -43,12 +43,14 @@ from kem.protocols import Change
 from kem.provenance import current_actor
 from kem.stores.rules import (
     LIVE,
+    SEARCHED,
     Matches,
     apply_update,
     check_policy,
     check_vectors,
     fact_key,
     hinted,
+    like_pattern,
     resolve,
     review_transition,
     same_fact,
@@ -462,9 +464,18 @@ class PostgresStore:
             return self._get(cur, edit_id, namespace)
 
     @staticmethod
-    def _where(namespace: str | None, status: Any) -> tuple[str, builtins.list[Any]]:
+    def _where(namespace: str | None, status: Any, text: str | None = None,
+               subject: str | None = None) -> tuple[str, builtins.list[Any]]:
         clauses: builtins.list[str] = []
         args: builtins.list[Any] = []
+        if subject is not None:
+            clauses.append("subject_key = %s")
+            args.append(subject.casefold())
+        if text:
+            pat = like_pattern(text)
+            fields = ["id", *(f"(data::jsonb->>'{f}')" for f in SEARCHED)]
+            clauses.append("(" + " OR ".join(f"{f} ILIKE %s" for f in fields) + ")")
+            args.extend([pat] * len(fields))
         if namespace is not None:
             clauses.append("namespace = %s")
             args.append(namespace)
@@ -479,8 +490,8 @@ class PostgresStore:
             return conn.execute(query, args).fetchall()  # type: ignore[no-any-return]
 
     def list(self, namespace: str | None = None, status: Any = None, limit: int | None = None,
-             offset: int = 0) -> builtins.list[Edit]:
-        where, args = self._where(namespace, status)
+             offset: int = 0, *, text: str | None = None, subject: str | None = None) -> builtins.list[Edit]:
+        where, args = self._where(namespace, status, text, subject)
         rows = self._rows(f"SELECT data FROM edits{where} ORDER BY pk LIMIT %s OFFSET %s", [*args, limit, offset])
         return [Edit.model_validate_json(r[0]) for r in rows]
 
@@ -503,8 +514,9 @@ class PostgresStore:
         rows = self._rows(q + " ORDER BY seq LIMIT %s", [*args, limit])
         return [self._change(r) for r in rows]
 
-    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
-        where, args = self._where(namespace, status)
+    def count(self, namespace: str | None = None, status: EditStatus | None = None, *,
+              text: str | None = None, subject: str | None = None) -> int:
+        where, args = self._where(namespace, status, text, subject)
         return int(self._rows(f"SELECT COUNT(*) FROM edits{where}", args)[0][0])
 
     def namespaces(self) -> builtins.list[str]:

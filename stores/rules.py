@@ -49,6 +49,28 @@ def statuses(status: EditStatus | str | Sequence[EditStatus | str] | None) -> tu
     return tuple(EditStatus(s) for s in status)
 
 
+# the Edit fields the stores' ``text`` filter looks in (with the id)
+SEARCHED = ("subject", "prompt", "target_new", "target_true", "paraphrases")
+
+
+def matches_text(e: Edit, text: str | None, subject: str | None = None) -> bool:
+    """The in-memory form of the stores' ``text`` / ``subject`` filters: ``text`` is a case-insensitive
+    substring of the edit's id, subject, prompt, targets or a paraphrase; ``subject`` equals the
+    subject (case-insensitive)."""
+    if subject is not None and e.subject_key != subject.casefold():
+        return False
+    if not text:
+        return True
+    needle = text.casefold()
+    hay = [e.id, e.subject, e.prompt, e.target_new, e.target_true or "", *e.paraphrases]
+    return any(needle in h.casefold() for h in hay)
+
+
+def like_pattern(text: str) -> str:
+    """``text`` as a LIKE / ILIKE pattern matching it anywhere, with ``%``, ``_`` and ``\\`` escaped."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def apply_update(edit: Edit, changes: dict[str, Any]) -> Edit:
     """Validate ``changes`` against ``edit`` and return the updated edit (a new object)."""
     bad = sorted(set(changes) - UPDATABLE)

@@ -32,12 +32,14 @@ from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
 from kem.protocols import Change
 from kem.provenance import current_actor
 from kem.stores.rules import (
+    SEARCHED,
     Matches,
     apply_update,
     check_policy,
     check_vectors,
     fact_key,
     hinted,
+    like_pattern,
     resolve,
     review_transition,
     same_fact,
@@ -252,8 +254,17 @@ class SQLiteStore:
         with self._lock:
             return self._get(self._db, edit_id, namespace)
 
-    def _where(self, namespace: str | None, status: Any) -> tuple[str, list[Any]]:
+    def _where(self, namespace: str | None, status: Any, text: str | None = None,
+               subject: str | None = None) -> tuple[str, list[Any]]:
         clauses, args = [], []
+        if subject is not None:
+            clauses.append("subject_key = ?")
+            args.append(subject.casefold())
+        if text:  # LIKE: case-insensitive for ASCII letters
+            pat = like_pattern(text)
+            fields = ["id", *(f"json_extract(data, '$.{f}')" for f in SEARCHED)]
+            clauses.append("(" + " OR ".join(f"{f} LIKE ? ESCAPE '\\'" for f in fields) + ")")
+            args.extend([pat] * len(fields))
         if namespace is not None:
             clauses.append("namespace = ?")
             args.append(namespace)
@@ -264,8 +275,8 @@ class SQLiteStore:
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
     def list(self, namespace: str | None = None, status: Any = None, limit: int | None = None,
-             offset: int = 0) -> list[Edit]:
-        where, args = self._where(namespace, status)
+             offset: int = 0, *, text: str | None = None, subject: str | None = None) -> list[Edit]:
+        where, args = self._where(namespace, status, text, subject)
         sql = f"SELECT data FROM edits{where} ORDER BY pk LIMIT ? OFFSET ?"
         with self._lock:
             rows = self._db.execute(sql, [*args, -1 if limit is None else limit, offset]).fetchall()
@@ -288,8 +299,9 @@ class SQLiteStore:
     def audit(self, namespace: str | None = None, since: int = 0, limit: int | None = None) -> builtins.list[Change]:
         return self._changes("seq > ?", [since], namespace, limit)
 
-    def count(self, namespace: str | None = None, status: EditStatus | None = None) -> int:
-        where, args = self._where(namespace, status)
+    def count(self, namespace: str | None = None, status: EditStatus | None = None, *,
+              text: str | None = None, subject: str | None = None) -> int:
+        where, args = self._where(namespace, status, text, subject)
         with self._lock:
             return int(self._db.execute(f"SELECT COUNT(*) FROM edits{where}", args).fetchone()[0])
 

@@ -2,7 +2,7 @@
 
 Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/v1/edits`` (CRUD, paging, bulk
 import, history), ``/healthz``, ``/metrics``, and for admins ``/admin/reload`` (hot swap) and
-``/admin/keys``. Every kem error becomes an OpenAI-style error body with its status code.
+``/admin/keys``; the operator console under ``/console`` (:mod:`kem.server.console`). Every kem error becomes an OpenAI-style error body with its status code.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 def _route_label(path: str) -> str:
     """Low-cardinality endpoint label for metrics (edit ids folded into ``{id}``)."""
-    if path.startswith("/v1/edits/") and path not in ("/v1/edits/import",):
+    if path.startswith("/console"):
+        return "/console"
+    if path.startswith("/v1/edits/") and path not in ("/v1/edits/import", "/v1/edits/search"):
         return "/v1/edits/{id}/history" if path.endswith("/history") else "/v1/edits/{id}"
     if path.startswith("/admin/keys/"):
         return "/admin/keys/{id}"
@@ -234,6 +236,15 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         """The namespace a request names: ``?namespace=``, else the ``x-kem-namespace`` header."""
         return request.query_params.get("namespace") or request.headers.get("x-kem-namespace")
 
+    def no_edits(request: Request) -> bool:
+        """``x-kem-no-edits: 1`` (or true / yes): bypass the fast path, the served weights alone."""
+        value = (request.headers.get("x-kem-no-edits") or "").strip().lower()
+        if value in ("", "0", "false", "no"):
+            return False
+        if value in ("1", "true", "yes"):
+            return True
+        raise ValidationError(f"x-kem-no-edits must be 1 or 0 (got {value[:20]!r})", field="x-kem-no-edits")
+
     def respond(result: Result) -> Response:
         headers = {"x-kem-edits": result.header()}
         if result.namespace:
@@ -251,7 +262,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         req = parse(ChatCompletionRequest, raw, "ChatCompletionRequest")
         ns = p.namespace_for(request.headers.get("x-kem-namespace"))
         return respond(await serving.chat(req, raw, ns, caller=p, disconnected=request.is_disconnected,
-                                          as_of=parse_time(request.headers.get("x-kem-as-of"), "x-kem-as-of")))
+                                          as_of=parse_time(request.headers.get("x-kem-as-of"), "x-kem-as-of"),
+                                          use_edits=not no_edits(request)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -260,7 +272,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         req = parse(CompletionRequest, raw, "CompletionRequest")
         ns = p.namespace_for(request.headers.get("x-kem-namespace"))
         return respond(await serving.completion(req, raw, ns, caller=p, disconnected=request.is_disconnected,
-                                                as_of=parse_time(request.headers.get("x-kem-as-of"), "x-kem-as-of")))
+                                                as_of=parse_time(request.headers.get("x-kem-as-of"), "x-kem-as-of"),
+                                                use_edits=not no_edits(request)))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -308,10 +321,16 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
 
     @app.get("/v1/edits")
     async def list_edits(request: Request, limit: int = 50, offset: int = 0, status: str | None = None,
-                         as_of: str | None = None) -> dict[str, Any]:
+                         as_of: str | None = None, q: str | None = None, subject: str | None = None) -> dict[str, Any]:
         p = principal(request)
-        page = await edits.list(p, namespace(request), limit=limit, offset=offset, status=status, as_of=as_of)
+        page = await edits.list(p, namespace(request), limit=limit, offset=offset, status=status, as_of=as_of,
+                                q=q, subject=subject)
         return page.model_dump()
+
+    @app.get("/v1/edits/search")
+    async def search_edits(request: Request, q: str = "", k: int = 20) -> dict[str, Any]:
+        p = principal(request)
+        return await edits.search(p, q, namespace(request), k=k)
 
     @app.post("/v1/edits/{edit_id}/approve")
     async def approve_edit(edit_id: str, request: Request) -> dict[str, Any]:
@@ -384,4 +403,9 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
         admin(request)
         return {"object": "api_key.deleted", "revoked": keys.revoke(key_id)}
 
+    # ---- the operator console (kem.server.console; KEM_CONSOLE=false: off) ----------------------------
+    if getattr(settings, "console", True):
+        from kem.server.console import build_console
+
+        app.include_router(build_console(serving, keys, settings))
     return app

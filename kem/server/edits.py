@@ -20,11 +20,12 @@ from kem.errors import ForbiddenError, ValidationError
 from kem.provenance import acting_as
 from kem.server.auth import Principal
 from kem.server.protocol import BulkResult, EditPage
-from kem.stores.rules import check_policy
+from kem.stores.rules import check_policy, matches_text
 
 MAX_PAGE = 1000  # edits per listed page
 MAX_BULK = 50_000  # edits per import
 MAX_OFFSET = 2**62  # SQLite integers are 64-bit
+MAX_QUERY = 1000  # characters of a search text
 # kem's bookkeeping: set by the store and consolidation, never by a client (a tenant could otherwise
 # store an edit as consolidated, or point ``supersedes`` at another tenant's id)
 SERVER_OWNED = ("status", "consolidated_in", "supersedes", "superseded_by", "superseded_at", "created_by",
@@ -162,9 +163,12 @@ class Edits:
                           superseded=sorted({i for e in stored for i in e.supersedes}))
 
     async def list(self, caller: Principal, namespace: str | None = None, *, limit: int = 50, offset: int = 0,
-                   status: str | None = None, as_of: str | None = None) -> EditPage:
+                   status: str | None = None, as_of: str | None = None, q: str | None = None,
+                   subject: str | None = None) -> EditPage:
         """One page of edits, oldest first; ``next_offset`` is None on the last page. An admin who names
-        no namespace sees every namespace. ``as_of`` (ISO 8601): only the edits that applied then."""
+        no namespace sees every namespace. ``as_of`` (ISO 8601): only the edits that applied then.
+        ``q``: full-text filter (a substring of the id, subject, prompt, a target or a paraphrase);
+        ``subject``: one subject (case-insensitive)."""
         if not 1 <= limit <= MAX_PAGE:
             raise ValidationError(f"limit must be between 1 and {MAX_PAGE} (got {limit})", field="limit")
         if not 0 <= offset <= MAX_OFFSET:
@@ -174,17 +178,65 @@ class Edits:
         except ValueError:
             raise ValidationError(f"status must be one of {[s.value for s in EditStatus]} (got {status!r})",
                                   field="status") from None
+        if q is not None and len(q) > MAX_QUERY:
+            raise ValidationError(f"q must be at most {MAX_QUERY} characters (got {len(q)})", field="q")
+        q, subject = (q or None), (subject or None)
         ns = caller.list_scope(namespace)
         when = parse_time(as_of, "as_of")
         if when is not None:
-            live = [e for e in await self._run(self.editor.as_of, when, ns) if st is None or e.status == st]
+            live = [e for e in await self._run(self.editor.as_of, when, ns)
+                    if (st is None or e.status == st) and matches_text(e, q, subject)]
             edits, total = live[offset:offset + limit], len(live)
         else:
-            edits = await self._run(self.editor.list, ns, st, limit, offset)
-            total = await self._run(self.editor.store.count, ns, st)
+            edits = await self._run(self.editor.list, ns, st, limit, offset, text=q, subject=subject)
+            total = await self._run(self.editor.store.count, ns, st, text=q, subject=subject)
         nxt = offset + len(edits) if offset + len(edits) < total else None
         return EditPage(data=[edit_json(e) for e in edits], total=total, limit=limit, offset=offset,
                         next_offset=nxt)
+
+    async def search(self, caller: Principal, query: str, namespace: str | None = None, *,
+                     k: int = 20) -> dict[str, Any]:
+        """The ``k`` edits nearest to ``query`` in one namespace's index (the caller's, or the one an admin
+        names), best first, each with its similarity ``score`` and the scope verdict ``in_scope`` that
+        serving would reach for this text as a request."""
+        if not query or not query.strip():
+            raise ValidationError("q must be a non-empty text", field="q")
+        if len(query) > MAX_QUERY:
+            raise ValidationError(f"q must be at most {MAX_QUERY} characters (got {len(query)})", field="q")
+        if not 1 <= k <= 200:
+            raise ValidationError(f"k must be between 1 and 200 (got {k})", field="k")
+        ns = caller.namespace_for(namespace)
+        hits = await self._run(self.editor.retrieve, query, ns, k)
+        return {"object": "list", "namespace": ns, "data": [
+            {**edit_json(h.edit), "score": round(float(h.score), 4), "in_scope": bool(h.in_scope)} for h in hits]}
+
+    async def import_file(self, caller: Principal, data: bytes, namespace: str | None = None,
+                          on_conflict: str = "supersede") -> dict[str, Any]:
+        """Import a file in any format ``kem edit import`` reads (CounterFact / ZsRE / MQuAKE JSON, JSON or
+        JSON lines of kem edits): the valid records are added in one transaction, the invalid ones are
+        skipped and listed (``errors``: record index, field, message), as the CLI does."""
+        import tempfile
+        from pathlib import Path
+
+        from kem.datasets import read_edits
+
+        policy = check_policy(on_conflict)
+        ns = caller.namespace_for(namespace)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "import.jsonl"
+            path.write_bytes(data)
+            loaded = await asyncio.to_thread(read_edits, path, namespace=ns)
+        errors = [e.as_dict() for e in loaded.errors]
+        edits = []
+        for e in loaded.items:  # a record naming another namespace is refused for a tenant (403) like the API
+            row = {k: v for k, v in e.model_dump(mode="json").items() if k not in SERVER_OWNED and k != "id"}
+            edits.append(Edit.parse({**row, "namespace": caller.namespace_for(e.namespace)}))
+        if len(edits) > MAX_BULK:
+            raise ValidationError(f"at most {MAX_BULK} edits per import (got {len(edits)})", field="file")
+        stored = await self._run(self.editor.add_many, edits, caller=caller, on_conflict=policy,
+                                 review=caller.review) if edits else []
+        return {"object": "import", "created": len(stored), "ids": [e.id for e in stored],
+                "superseded": sorted({i for e in stored for i in e.supersedes}), "errors": errors}
 
     async def get(self, caller: Principal, edit_id: str, namespace: str | None = None) -> dict[str, Any]:
         return edit_json(await self._run(self.editor.get, edit_id, caller.list_scope(namespace)))

@@ -227,3 +227,18 @@ class Limiter:
                 out[f"x-ratelimit-limit-{name}"] = str(per_minute)
                 out[f"x-ratelimit-remaining-{name}"] = str(max(0, int(level)))
         return out
+
+    def usage(self, key: str, limits: KeyLimits) -> dict[str, int | None]:
+        """One key's state against its limits (the console's health page): requests in flight and the
+        parallel limit, and for rpm / tpm the limit and what is left now (None: no such limit)."""
+        left = self.headers(key, limits)
+        with self._lock:
+            st = self._keys.get(key)
+            inflight = st.inflight if st else 0
+
+        def remaining(name: str) -> int | None:
+            value = left.get(f"x-ratelimit-remaining-{name}")
+            return int(value) if value is not None else None
+
+        return {"inflight": inflight, "parallel": self._parallel(limits), "rpm": limits.rpm,
+                "remaining_requests": remaining("requests"), "tpm": limits.tpm, "remaining_tokens": remaining("tokens")}

@@ -79,6 +79,7 @@ class Result:
     body: dict[str, Any] | None = None
     stream: AsyncIterator[bytes] | None = None
     namespace: str | None = None
+    request: Any = None  # the request the engine saw (the fast path's rewrite; the console shows it to admins)
 
     def header(self) -> str:
         """The ``x-kem-edits`` header value: ``id:score`` pairs, comma separated (empty when none)."""
@@ -146,6 +147,11 @@ class Serving:
         self._engine: Any = None
         self.served_name = ""
         self.set_engine(engine, served_name)
+        name = str(getattr(self._engine, "name", ""))
+        # the published version served (engines loaded from a version folder are named "model@vN")
+        self.version: str | None = name.rpartition("@")[2] if "@" in name else None
+        self._side: tuple[str, Any] | None = None  # (version, engine): another version, for the playground
+        self._side_lock = threading.Lock()
 
     # ---- the engine and hot swap ----------------------------------------------------------------------
     @property
@@ -221,6 +227,7 @@ class Serving:
                 new_engine = await asyncio.to_thread(self.reloader, req, current)
                 seconds = time.perf_counter() - t0
                 old = self.swap(new_engine, absorbed)
+                self.version = req.version or self.version
                 if old is not new_engine and callable(getattr(old, "close", None)):
                     task = asyncio.create_task(_close_later(old))  # e.g. vLLM: its process, KV cache
                     self._closing.add(task)
@@ -237,6 +244,38 @@ class Serving:
             if versions.is_published(str(req.version)) or (req.path is None and not forwarding):
                 return versions.resolve(str(req.version))
         return None
+
+    async def on_version(self, version: str, request: str | list[dict[str, Any]], *, max_tokens: int = 32) -> str:
+        """The greedy answer of a published ``version``'s weights alone (``base``: the base model), no fast
+        path: what a user would get once that version absorbed the edits. The served engine answers when
+        it serves that version; another version is loaded into a transformers engine beside it (one at a
+        time, kept until another is asked for). ``request``: a prompt, or chat messages."""
+        from kem.versions import versions_for
+
+        with versions_for(self.settings) as versions:
+            served = versions.resolve(version)  # NotFoundError for an unknown version
+        params = GenerationParams(max_new_tokens=max_tokens, deadline=time.monotonic() + self.settings.request_timeout)
+        if served.version == (self.version or "base") and not self.forwarding:
+            engine = getattr(self._engine, "sync", self._engine)
+        else:
+            engine = await asyncio.to_thread(self._side_engine, served)
+        if isinstance(request, str):
+            return str(await asyncio.to_thread(engine.generate, request, params))
+        return str(await asyncio.to_thread(engine.chat, request, params))
+
+    def _side_engine(self, served: Any) -> Any:
+        with self._side_lock:
+            if self._side is not None and self._side[0] == served.version:
+                return self._side[1]
+            from kem.server.cli import build_engine
+
+            path = str(served.path) if served.path else str(self._base_model())
+            if self._side is not None and callable(getattr(self._side[1], "close", None)):
+                self._side[1].close()
+            self._side = None
+            engine = build_engine("transformers", path, self.settings, name=f"{self.settings.model}@{served.version}")
+            self._side = (served.version, engine)
+            return engine
 
     def _base_model(self) -> Any:
         from kem.models import resolve_model
@@ -277,7 +316,9 @@ class Serving:
 
     # ---- the fast path ----------------------------------------------------------------------------------
     async def _rewrite(self, fn: Callable[..., Rewrite], request: Any, namespace: str, engine: Any,
-                       as_of: datetime | None = None) -> Rewrite:
+                       as_of: datetime | None = None, use_edits: bool = True) -> Rewrite:
+        if not use_edits:  # the weights the namespace is served with (its adapter, if any), no fast path
+            return self.editor.weights_alone(request, self.editor.tenant_of(namespace, engine))
         t0 = time.perf_counter()
         rw = await asyncio.to_thread(fn, request, namespace, self.editor.follower_of(engine),
                                      self.editor.tenant_of(namespace, engine), as_of)
@@ -341,17 +382,18 @@ class Serving:
     # ---- chat -------------------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest, raw: bytes, namespace: str, *,
                    caller: Principal | None = None, disconnected: Disconnected | None = None,
-                   as_of: datetime | None = None) -> Result:
+                   as_of: datetime | None = None, use_edits: bool = True) -> Result:
         """Serve one chat completion request (``raw`` is the body as received, for pass-through).
 
         ``caller``'s limits apply (:class:`~kem.server.limits.Limiter`); ``disconnected`` (e.g.
         Starlette's ``request.is_disconnected``) is polled so a generation stops when its client leaves.
-        ``as_of`` (the ``x-kem-as-of`` header): apply the edits that applied then (default: now)."""
+        ``as_of`` (the ``x-kem-as-of`` header): apply the edits that applied then (default: now).
+        ``use_edits=False`` (the ``x-kem-no-edits`` header): no fast path, the served weights alone."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
         if not isinstance(engine, ForwardingEngine):
             req.single_choice()
-        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine, as_of)
+        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine, as_of, use_edits)
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "messages")
         if isinstance(engine, ForwardingEngine):
@@ -365,9 +407,9 @@ class Serving:
                 adm.release()
             resp = ChatCompletionResponse(model=self.served_name, kem=info, choices=[ChatChoice(
                 message=ChatMessageOut(content=text), finish_reason=finish_reason(engine, text, params))])
-            return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
+            return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace, request=rw.request)
         return Result(rw.applied, stream=_released(self._chat_stream(engine, rw, params, info), adm, params),
-                      namespace=namespace)
+                      namespace=namespace, request=rw.request)
 
     async def _forward_request(self, engine: ForwardingEngine, path: str, field: str, raw: bytes, req: Any,
                                upstream_model: str, rw: Rewrite, info: KemInfo, adm: Admission,
@@ -407,14 +449,15 @@ class Serving:
     # ---- completions ------------------------------------------------------------------------------------
     async def completion(self, req: CompletionRequest, raw: bytes, namespace: str, *,
                          caller: Principal | None = None, disconnected: Disconnected | None = None,
-                         as_of: datetime | None = None) -> Result:
-        """Serve one completion request (``caller``, ``disconnected`` and ``as_of`` as in :meth:`chat`)."""
+                         as_of: datetime | None = None, use_edits: bool = True) -> Result:
+        """Serve one completion request (``caller``, ``disconnected``, ``as_of`` and ``use_edits`` as in
+        :meth:`chat`)."""
         engine = self._engine
         upstream_model = self._check_model(req.model)
         if not isinstance(engine, ForwardingEngine):
             req.single_choice()
         prompt = req.prompt_text()
-        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine, as_of)
+        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine, as_of, use_edits)
         info = kem_info(rw.applied, namespace)
         _, n, adm = self._admit(engine, req, rw, caller, "prompt")
         if isinstance(engine, ForwardingEngine):
@@ -428,9 +471,9 @@ class Serving:
                 adm.release()
             resp = CompletionResponse(model=self.served_name, kem=info, choices=[
                 CompletionChoice(text=text, finish_reason=finish_reason(engine, text, params))])
-            return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace)
+            return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace, request=rw.request)
         return Result(rw.applied, stream=_released(self._completion_stream(engine, rw, params, info), adm, params),
-                      namespace=namespace)
+                      namespace=namespace, request=rw.request)
 
     async def _completion_stream(self, engine: Any, rw: Rewrite, params: GenerationParams,
                                  info: KemInfo) -> AsyncIterator[bytes]:
