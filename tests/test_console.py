@@ -199,6 +199,7 @@ def test_playground_answers_unedited_and_with_kem(app):
     answers = re.findall(r'<p class="text">(.*?)</p>', r.text, re.S)
     assert len(answers) == 2 and "Zora Quill" not in answers[0] and "Zora Quill" in answers[1]
     assert "Edits applied" in r.text and "The request the engine saw" not in r.text  # admins only
+    assert re.search(r'<a href="/console/edits/[0-9a-f]{32}">Kem Corporation</a>: Zora Quill', r.text)
     admin = client(app, "admin").post("/console/playground", data={"kind": "completion", "namespace": "alice",
                                                                     "text": "The CEO of Kem Corporation is"})
     assert "The request the engine saw" in admin.text and "Zora Quill" in admin.text

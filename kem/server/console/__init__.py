@@ -58,8 +58,11 @@ def _env() -> Any:
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["pct"] = lambda v: "-" if v is None else f"{100 * float(v):.1f}"
-    env.filters["num"] = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    def missing(v: Any) -> bool:
+        return v is None or isinstance(v, jinja2.Undefined)
+
+    env.filters["pct"] = lambda v: "-" if missing(v) else f"{100 * float(v):.1f}"
+    env.filters["num"] = lambda v: "-" if missing(v) else (f"{v:.4g}" if isinstance(v, float) else str(v))
     env.filters["json"] = lambda v: json.dumps(v, indent=1, ensure_ascii=False, default=str)
     return env
 
@@ -330,7 +333,8 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
             choice = res.body["choices"][0] if res.body else {}
             answer = choice.get("message", {}).get("content") if chat else choice.get("text")
             columns.append({"label": label, "answer": answer, "ms": ms,
-                            "applied": [s.as_dict() for s in res.applied],
+                            "applied": [{"id": s.edit.id, "subject": s.edit.subject, "target_new": s.edit.target_new,
+                                         "score": float(s.score), "via": s.via} for s in res.applied],
                             "request": res.request if (p.admin and use_edits) else None})
         if form["version"]:
             if not p.admin:
