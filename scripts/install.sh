@@ -66,6 +66,18 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     fi
 fi
 
+# Debian's chromium for the console's browser tests (tests/test_console_browser.py drives it with
+# Playwright; Playwright's own browser download is not used). Skipped when it is already there.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "chromium (apt-get install -y chromium) for the console's browser tests"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+    else
+        log "warning: chromium is missing (as root: apt-get install -y chromium); the console's browser tests need it"
+    fi
+fi
+
 if [ "$WITH_VLLM" = 1 ]; then
     log "vLLM (CPU build) into .venv-vllm"
     bash "$ROOT/scripts/install_vllm.sh"

@@ -43,14 +43,12 @@ from kem.protocols import Change
 from kem.provenance import current_actor
 from kem.stores.rules import (
     LIVE,
-    SEARCHED,
     Matches,
     apply_update,
     check_policy,
     check_vectors,
     fact_key,
     hinted,
-    like_pattern,
     resolve,
     review_transition,
     same_fact,
@@ -60,7 +58,7 @@ from kem.stores.rules import (
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: history.actor (who made each change)
+SCHEMA_VERSION = 3  # 2: history.actor (who made each change); 3: edits.search (the text filter's haystack)
 DEFAULT_SCHEMA = "kem"
 NOTIFY_CHANNEL = "kem_changes"
 SMALL_BATCH = 16  # add_many of at most this many edits uses INSERTs; larger ones COPY
@@ -81,6 +79,7 @@ CREATE TABLE IF NOT EXISTS edits (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS edits_ns_status ON edits (namespace, status, pk);
+ALTER TABLE edits ADD COLUMN IF NOT EXISTS search TEXT GENERATED ALWAYS AS (lower(id || chr(10) || coalesce(data::jsonb->>'subject', '') || chr(10) || coalesce(data::jsonb->>'prompt', '') || chr(10) || coalesce(data::jsonb->>'target_new', '') || chr(10) || coalesce(data::jsonb->>'target_true', '') || chr(10) || coalesce(data::jsonb->>'paraphrases', ''))) STORED;
 CREATE INDEX IF NOT EXISTS edits_fact ON edits (namespace, subject_key, relation_key, status);
 CREATE TABLE IF NOT EXISTS history (
     seq BIGINT PRIMARY KEY,
@@ -269,7 +268,7 @@ class PostgresStore:
             elif row[0] > SCHEMA_VERSION:
                 raise StoreError(f"{redact(self.url)} schema {self.schema!r} has schema version {row[0]}; "
                                  f"this kem reads up to {SCHEMA_VERSION}: upgrade kem")
-            elif row[0] < SCHEMA_VERSION:  # the DDL above added what is new (history.actor)
+            elif row[0] < SCHEMA_VERSION:  # the DDL above added what is new (history.actor, edits.search)
                 conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
 
     def connection(self) -> Any:
@@ -471,11 +470,9 @@ class PostgresStore:
         if subject is not None:
             clauses.append("subject_key = %s")
             args.append(subject.casefold())
-        if text:
-            pat = like_pattern(text)
-            fields = ["id", *(f"(data::jsonb->>'{f}')" for f in SEARCHED)]
-            clauses.append("(" + " OR ".join(f"{f} ILIKE %s" for f in fields) + ")")
-            args.extend([pat] * len(fields))
+        if text:  # a substring of the lower-cased search text (a generated column)
+            clauses.append("strpos(search, lower(%s)) > 0")
+            args.append(text)
         if namespace is not None:
             clauses.append("namespace = %s")
             args.append(namespace)

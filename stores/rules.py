@@ -49,8 +49,11 @@ def statuses(status: EditStatus | str | Sequence[EditStatus | str] | None) -> tu
     return tuple(EditStatus(s) for s in status)
 
 
-# the Edit fields the stores' ``text`` filter looks in (with the id)
-SEARCHED = ("subject", "prompt", "target_new", "target_true", "paraphrases")
+def search_text(e: Edit) -> str:
+    """What the stores' ``text`` filter looks in: the id, subject, prompt, targets and paraphrases, one
+    per line, case-folded (SQLite keeps it in the ``search`` column; PostgreSQL computes the same with
+    ``lower()``)."""
+    return "\n".join([e.id, e.subject, e.prompt, e.target_new, e.target_true or "", *e.paraphrases]).casefold()
 
 
 def matches_text(e: Edit, text: str | None, subject: str | None = None) -> bool:
@@ -59,16 +62,7 @@ def matches_text(e: Edit, text: str | None, subject: str | None = None) -> bool:
     subject (case-insensitive)."""
     if subject is not None and e.subject_key != subject.casefold():
         return False
-    if not text:
-        return True
-    needle = text.casefold()
-    hay = [e.id, e.subject, e.prompt, e.target_new, e.target_true or "", *e.paraphrases]
-    return any(needle in h.casefold() for h in hay)
-
-
-def like_pattern(text: str) -> str:
-    """``text`` as a LIKE / ILIKE pattern matching it anywhere, with ``%``, ``_`` and ``\\`` escaped."""
-    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    return not text or text.casefold() in search_text(e)
 
 
 def apply_update(edit: Edit, changes: dict[str, Any]) -> Edit:

@@ -32,14 +32,13 @@ from kem.errors import ConflictError, NotFoundError, StoreError, ValidationError
 from kem.protocols import Change
 from kem.provenance import current_actor
 from kem.stores.rules import (
-    SEARCHED,
     Matches,
     apply_update,
     check_policy,
     check_vectors,
     fact_key,
     hinted,
-    like_pattern,
+    search_text,
     resolve,
     review_transition,
     same_fact,
@@ -47,7 +46,7 @@ from kem.stores.rules import (
     statuses,
 )
 
-SCHEMA_VERSION = 2  # 2: history.actor (who made each change)
+SCHEMA_VERSION = 3  # 2: history.actor (who made each change); 3: edits.search (the text filter's haystack)
 _CHANGE_COLS = "seq, edit_id, namespace, op, at, snapshot, actor"
 SYNCHRONOUS = ("FULL", "NORMAL")  # PRAGMA synchronous levels offered (see the module docstring)
 
@@ -60,7 +59,8 @@ CREATE TABLE IF NOT EXISTS edits (
     subject_key TEXT NOT NULL,
     relation_key TEXT NOT NULL,
     status TEXT NOT NULL,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    search TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS edits_ns_status ON edits (namespace, status, pk);
 CREATE INDEX IF NOT EXISTS edits_fact ON edits (namespace, subject_key, relation_key, status);
@@ -119,10 +119,15 @@ class SQLiteStore:
                     raise StoreError(
                         f"{self.path} has schema version {row[0]}; this kem reads up to {SCHEMA_VERSION}: upgrade kem"
                     )
-                elif row[0] < SCHEMA_VERSION:  # version 1: history rows had no actor
+                elif row[0] < SCHEMA_VERSION:  # 1: history rows had no actor; 2: edits had no search text
                     cols = {r[1] for r in db.execute("PRAGMA table_info(history)")}
                     if "actor" not in cols:
                         db.execute("ALTER TABLE history ADD COLUMN actor TEXT")
+                    if "search" not in {r[1] for r in db.execute("PRAGMA table_info(edits)")}:
+                        db.execute("ALTER TABLE edits ADD COLUMN search TEXT NOT NULL DEFAULT ''")
+                    for pk, data in db.execute("SELECT pk, data FROM edits").fetchall():
+                        db.execute("UPDATE edits SET search=? WHERE pk=?",
+                                   (search_text(Edit.model_validate_json(data)), pk))
                     db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the edit store {self.path}: {exc}") from exc
@@ -152,13 +157,14 @@ class SQLiteStore:
         ns, subj, rel = fact_key(e)
         if insert:
             db.execute(
-                "INSERT INTO edits (id, namespace, subject_key, relation_key, status, data) VALUES (?,?,?,?,?,?)",
-                (e.id, ns, subj, rel, e.status.value, e.model_dump_json()),
+                "INSERT INTO edits (id, namespace, subject_key, relation_key, status, data, search) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (e.id, ns, subj, rel, e.status.value, e.model_dump_json(), search_text(e)),
             )
         else:
             db.execute(
-                "UPDATE edits SET namespace=?, subject_key=?, relation_key=?, status=?, data=? WHERE id=?",
-                (ns, subj, rel, e.status.value, e.model_dump_json(), e.id),
+                "UPDATE edits SET namespace=?, subject_key=?, relation_key=?, status=?, data=?, search=? WHERE id=?",
+                (ns, subj, rel, e.status.value, e.model_dump_json(), search_text(e), e.id),
             )
 
     def _get(self, db: sqlite3.Connection, edit_id: str, namespace: str | None) -> Edit:
@@ -260,11 +266,9 @@ class SQLiteStore:
         if subject is not None:
             clauses.append("subject_key = ?")
             args.append(subject.casefold())
-        if text:  # LIKE: case-insensitive for ASCII letters
-            pat = like_pattern(text)
-            fields = ["id", *(f"json_extract(data, '$.{f}')" for f in SEARCHED)]
-            clauses.append("(" + " OR ".join(f"{f} LIKE ? ESCAPE '\\'" for f in fields) + ")")
-            args.extend([pat] * len(fields))
+        if text:  # a substring of the case-folded search text (rules.search_text)
+            clauses.append("instr(search, ?) > 0")
+            args.append(text.casefold())
         if namespace is not None:
             clauses.append("namespace = ?")
             args.append(namespace)

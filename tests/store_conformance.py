@@ -232,3 +232,23 @@ class StoreConformance:
         with pytest.raises(ValidationError, match="status"):
             a = store.add(mk())
             store.update(a.id, {"status": "superseded"})
+
+    def test_text_and_subject_filters_page_and_count(self, store):
+        """The console's search: ``text`` is a case-insensitive substring of the id, subject, prompt, a target
+        or a paraphrase; ``subject`` one subject; LIKE's wildcards are matched as characters."""
+        made = store.add_many([mk(f"Widget {i}", f"Maker {i}") for i in range(12)]
+                              + [mk("Gadget", "100% cotton", paraphrases=["Who made the Gadget_x?"]),
+                                 mk("Widget 3", "Other", ns="other")])
+        assert [e.subject for e in store.list("default", text="widget 1")] == ["Widget 1", "Widget 10", "Widget 11"]
+        assert store.count("default", text="WIDGET 1") == 3 and store.count(None, text="widget 3") == 2
+        page = store.list("default", text="widget", limit=5, offset=10)
+        assert [e.subject for e in page] == ["Widget 10", "Widget 11"] and store.count("default", text="widget") == 12
+        assert [e.subject for e in store.list(text="maker 7")] == ["Widget 7"]  # a target
+        assert [e.subject for e in store.list(text="gadget_x")] == ["Gadget"]  # a paraphrase
+        assert store.list(text="gadget%x") == [] and store.list(text="_") != []  # wildcards are characters
+        assert [e.target_new for e in store.list(text="100%")] == ["100% cotton"]
+        assert [e.id for e in store.list(text=made[5].id[:12])] == [made[5].id]
+        assert [e.namespace for e in store.list(subject="widget 3")] == ["default", "other"]
+        assert store.count("other", subject="WIDGET 3") == 1 and store.list("default", subject="Widget") == []
+        assert store.count("default", "active", text="widget", subject="widget 2") == 1
+        assert store.count("default", "retired", text="widget") == 0

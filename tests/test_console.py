@@ -232,3 +232,31 @@ def test_health_eval_versions_pages(app, app_parts, tmp_path):
     assert "Misses per case (2)" in page and " Spain" in page and " France" in page
     assert admin.get("/console/eval/..%2F..%2Fetc").status_code == 404
     assert "Nothing published yet" in admin.get("/console/versions").text
+
+
+def test_dry_run_from_the_versions_page_runs_the_real_job_and_publishes_nothing(app, app_parts):
+    """A consolidation dry run started in the console: ``kem consolidate --dry-run`` in its own process on
+    this store (FT-L: the quickest method), watched on its job page; nothing is published or retired."""
+    import time
+
+    settings = app_parts[1]
+    admin = browser(app, "admin")
+    add(app, "admin", subject="Quux Ltd", target_new="Ada Byron")
+    r = admin.post("/console/versions/dry-run", data={"csrf": csrf(admin, "/console/versions"), "method": "ft-l",
+                                                      "namespace": "default"})
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/jobs/")
+    job = r.headers["location"]
+    assert "data-refresh" in admin.get(job).text  # the page refreshes itself while the job runs
+    again = admin.post("/console/versions/dry-run", data={"csrf": csrf(admin, "/console/versions"), "method": "ft-l"})
+    assert again.status_code == 400 and "already running" in again.text
+    assert client(app, "alice").get(job).status_code == 404  # a tenant does not see an admin's job
+    deadline = time.monotonic() + 600
+    while "running" in (page := admin.get(job).text) and time.monotonic() < deadline:
+        time.sleep(2)
+    state = re.search(r'data-testid="job-state">([^<]+)<', page).group(1)
+    assert state in ("done", "refused by its gates"), page[-3000:]
+    log = re.search(r'data-testid="job-log">(.*?)</pre>', page, re.S).group(1)
+    assert "probes (edited)" in log and ("dry run" in log or "nothing published" in log), log  # the job's own report
+    assert not (Path(settings.home) / "models" / "v1").exists()
+    assert client(app, "admin").get("/v1/edits", params={"status": "consolidated"}).json()["total"] == 0
+    assert job.rsplit("/", 1)[1] in admin.get("/console/versions").text

@@ -55,6 +55,25 @@ def test_sqlite_refuses_a_newer_schema(tmp_path):
         SQLiteStore(tmp_path / "e.sqlite")
 
 
+def test_sqlite_schema_2_gets_the_search_column_filled_on_open(tmp_path):
+    """A store written before the text filter (schema 2: no ``search`` column) is migrated on open: its
+    edits are found by text, and later writes keep the column current."""
+    s = SQLiteStore(tmp_path / "e.sqlite")
+    a = s.add(mk("Léon Blum", "German", paraphrases=["Blum grew up speaking"]))
+    s.close()
+    db = sqlite3.connect(tmp_path / "e.sqlite")
+    db.execute("ALTER TABLE edits DROP COLUMN search")
+    db.execute("UPDATE schema_version SET version = 2")
+    db.commit()
+    db.close()
+    s = SQLiteStore(tmp_path / "e.sqlite")
+    assert [e.id for e in s.list(text="LÉON")] == [a.id] and [e.id for e in s.list(text="grew up")] == [a.id]
+    s.update(a.id, {"target_new": "Polish"})
+    assert s.count(text="polish") == 1 and s.count(text="german") == 0
+    assert s._db.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+    s.close()
+
+
 def test_sqlite_wal_mode(tmp_path):
     s = SQLiteStore(tmp_path / "e.sqlite")
     assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

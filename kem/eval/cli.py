@@ -24,7 +24,9 @@ def eval_command(
     seq_batch: int = typer.Option(1, "--seq-batch", min=1, help="Cases per group in sequential mode."),
     hparams: list[str] = typer.Option([], "--hparams", "-H", help="KEY=VALUE overrides of the weight-editing "
                                       "methods' hyperparameters (repeatable; dots reach nested ones), e.g. -H layer=18 -H values.steps=10."),
-    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Folder for results.json, results.md and plots."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Folder for results.json, results.md and plots "
+                                    "(default: KEM_HOME/eval/<time>-<methods>-<dataset>-n<N>-<mode>, where the "
+                                    "console's Evaluation page lists runs)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Folder of the named datasets "
                                          "(default: $KEM_EVAL_DATA, i.e. Settings.eval_data, or ../shared/data)."),
     cloze_tokens: int = typer.Option(16, help="Greedy budget for cloze prompts (stops at a newline)."),
@@ -46,6 +48,8 @@ def eval_command(
 
     if mode not in ("single", "batch", "sequential"):
         raise typer.BadParameter("must be single, batch or sequential", param_hint="--mode")
+    if out is None:
+        out = default_out(method, dataset, n, mode)
     loaded = read_cases(dataset, n=n, seed=seed, data_dir=data_dir)  # before the models: bad data fails fast
     if strict:
         loaded.check()
@@ -85,6 +89,17 @@ def eval_command(
     if loaded.errors:
         typer.echo(f"evaluated {len(loaded.items)} cases; skipped {len(loaded.errors)} invalid records "
                    "(listed under 'skipped' in results.json)")
+
+
+def default_out(method: str, dataset: str, n: int, mode: str) -> Path:
+    """``KEM_HOME/eval/<UTC time>-<methods>-<dataset>-n<N>-<mode>`` (a dataset path by its file name)."""
+    import re
+    from datetime import UTC, datetime
+
+    from kem.settings import Settings
+
+    name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{method.replace(',', '+')}-{Path(dataset).stem}-n{n}-{mode}"
+    return Path(Settings().home) / "eval" / re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
 def main() -> None:  # pragma: no cover - `python -m kem.eval.cli`

@@ -204,13 +204,16 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
                     and (subject is None or h["subject"].casefold() == subject.casefold())]
         else:
             page_ = await edits.list(p, ns, limit=PAGE, offset=offset, status=status, q=q or None, subject=subject)
-        server_ms = (time.perf_counter() - t0) * 1000
         namespaces = (await asyncio.to_thread(serving.editor.store.namespaces)) if p.admin else [p.namespace]
+        server_ms = (time.perf_counter() - t0) * 1000
         params = {"q": q, "mode": mode, "namespace": ns or "", "status": status or "", "subject": subject or ""}
-        return render(request, "edits.html", p, page=page_, hits=hits, params=params, statuses=STATUSES,
+        resp = render(request, "edits.html", p, page=page_, hits=hits, params=params, statuses=STATUSES,
                       namespaces=namespaces, server_ms=server_ms, page_size=PAGE,
                       query=lambda **kw: urlencode({**params, **kw}), notice=qp.get("notice"),
                       error=qp.get("error"))
+        resp.headers["server-timing"] = (f"store;dur={server_ms:.1f}, "
+                                         f"total;dur={(time.perf_counter() - t0) * 1000:.1f}")
+        return resp
 
     @router.post("/edits")
     @page
@@ -306,6 +309,7 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
         from kem.edit import parse_time
         from kem.server.protocol import ChatCompletionRequest, CompletionRequest
 
+        started = time.perf_counter()
         p, cookie = caller(request)
         form = {k: _form_value(await form_of(request, cookie), k) for k in ("kind", "text", "namespace", "version",
                                                                          "as_of", "csrf")}
@@ -344,8 +348,12 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
             answer = await serving.on_version(form["version"], request_, max_tokens=tokens)
             columns.append({"label": f"version {form['version']} (its weights alone)", "answer": answer,
                             "ms": (time.perf_counter() - t0) * 1000, "applied": [], "request": None})
-        return render(request, "playground.html", p, result={"columns": columns, "namespace": ns}, form=form,
+        resp = render(request, "playground.html", p, result={"columns": columns, "namespace": ns}, form=form,
                       versions=await asyncio.to_thread(_version_names, settings))
+        answering = sum(c["ms"] for c in columns)  # the serving calls (rewrite + model), as the API makes them
+        console = (time.perf_counter() - started) * 1000 - answering
+        resp.headers["server-timing"] = f"answers;dur={answering:.1f}, console;dur={console:.1f}"
+        return resp
 
     # ---- versions ---------------------------------------------------------------------------------------
     @router.get("/versions")
