@@ -38,10 +38,10 @@ from kem.stores.rules import (
     check_vectors,
     fact_key,
     hinted,
-    search_text,
     resolve,
     review_transition,
     same_fact,
+    search_text,
     stamp,
     statuses,
 )

@@ -328,7 +328,7 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
         else:
             body, req_cls, call = {"prompt": text, "max_tokens": tokens}, CompletionRequest, serving.completion
         raw = json.dumps(body).encode()
-        columns = []
+        columns: list[dict[str, Any]] = []
         for label, use_edits in (("unedited (served weights, no edits)", False), ("with kem", True)):
             req = req_cls.model_validate(body)
             t0 = time.perf_counter()
@@ -350,7 +350,7 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
                             "ms": (time.perf_counter() - t0) * 1000, "applied": [], "request": None})
         resp = render(request, "playground.html", p, result={"columns": columns, "namespace": ns}, form=form,
                       versions=await asyncio.to_thread(_version_names, settings))
-        answering = sum(c["ms"] for c in columns)  # the serving calls (rewrite + model), as the API makes them
+        answering = sum(float(c["ms"]) for c in columns)  # the serving calls (rewrite + model), as the API makes them
         console = (time.perf_counter() - started) * 1000 - answering
         resp.headers["server-timing"] = f"answers;dur={answering:.1f}, console;dur={console:.1f}"
         return resp
