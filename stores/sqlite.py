@@ -85,6 +85,20 @@ CREATE TABLE IF NOT EXISTS embeddings (
 """
 
 
+# a trigram full-text index over edits.search (SQLite >= 3.34 with FTS5): substring search without a scan
+_FTS = [
+    "CREATE VIRTUAL TABLE IF NOT EXISTS edits_fts USING fts5(search, content='edits', content_rowid='pk', "
+    "tokenize='trigram')",
+    "CREATE TRIGGER IF NOT EXISTS edits_fts_ai AFTER INSERT ON edits BEGIN "
+    "INSERT INTO edits_fts(rowid, search) VALUES (new.pk, new.search); END",
+    "CREATE TRIGGER IF NOT EXISTS edits_fts_ad AFTER DELETE ON edits BEGIN "
+    "INSERT INTO edits_fts(edits_fts, rowid, search) VALUES ('delete', old.pk, old.search); END",
+    "CREATE TRIGGER IF NOT EXISTS edits_fts_au AFTER UPDATE OF search ON edits BEGIN "
+    "INSERT INTO edits_fts(edits_fts, rowid, search) VALUES ('delete', old.pk, old.search); "
+    "INSERT INTO edits_fts(rowid, search) VALUES (new.pk, new.search); END",
+]
+
+
 class SQLiteStore:
     """:class:`~kem.protocols.EditStore` in one SQLite file.
 
@@ -129,8 +143,28 @@ class SQLiteStore:
                         db.execute("UPDATE edits SET search=? WHERE pk=?",
                                    (search_text(Edit.model_validate_json(data)), pk))
                     db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+                # after the search column is filled: an index made now is built from it
+                new = db.execute("SELECT 1 FROM sqlite_master WHERE name='edits_fts'").fetchone() is None
+                self._fts = self._create_fts(db)
+                if self._fts and new:
+                    db.execute("INSERT INTO edits_fts(edits_fts) VALUES ('rebuild')")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open the edit store {self.path}: {exc}") from exc
+
+    @staticmethod
+    def _create_fts(db: sqlite3.Connection) -> bool:
+        """The trigram index over ``edits.search`` and its triggers; False when this SQLite lacks FTS5's
+        trigram tokenizer (the text filter then scans ``search``)."""
+        try:
+            db.execute("SAVEPOINT fts")
+            for stmt in _FTS:
+                db.execute(stmt)
+            db.execute("RELEASE fts")
+            return True
+        except sqlite3.OperationalError:
+            db.execute("ROLLBACK TO fts")
+            db.execute("RELEASE fts")
+            return False
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -267,8 +301,13 @@ class SQLiteStore:
             clauses.append("subject_key = ?")
             args.append(subject.casefold())
         if text:  # a substring of the case-folded search text (rules.search_text)
-            clauses.append("instr(search, ?) > 0")
-            args.append(text.casefold())
+            needle = text.casefold()
+            if self._fts and len(needle) >= 3:  # the trigram index finds the rows holding it
+                clauses.append("pk IN (SELECT rowid FROM edits_fts WHERE edits_fts MATCH ?)")
+                args.append('"' + needle.replace('"', '""') + '"')
+            else:
+                clauses.append("instr(search, ?) > 0")
+                args.append(needle)
         if namespace is not None:
             clauses.append("namespace = ?")
             args.append(namespace)

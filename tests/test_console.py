@@ -150,6 +150,9 @@ def test_tenant_sees_only_its_namespace_and_foreign_ids_look_missing(app):
     assert r.status_code == 404
     assert client(app, "bob").get(f"/v1/edits/{theirs['id']}").status_code == 200
     assert alice.get(f"/console/edits/{mine['id']}").status_code == 200
+    audit = alice.get("/console/audit").text
+    assert "Alice Only Corp" in audit and "Bob Only Corp" not in audit and theirs["id"][:10] not in audit
+    assert "Bob Only Corp" in client(app, "admin").get("/console/audit", params={"namespace": "bob"}).text
     # evaluation runs and other versions are for admins
     assert alice.get("/console/eval/anything").status_code == 404
     assert alice.get("/console/versions/shared/v1").status_code == 404
@@ -169,6 +172,9 @@ def test_change_supersede_retire_delete_and_history(app):
     assert old["status"] == "superseded" and old["superseded_by"] == new_id
     page = alice.get(f"/console/edits/{e['id']}").text
     assert page.count("<tr><td>") >= 3 and "key:" in page  # history rows with who made them
+    now_list = alice.get("/console/edits", params={"q": "Globex"}).text
+    then_list = alice.get("/console/edits", params={"q": "Globex", "as_of": "2000-01-01"}).text
+    assert "Mindy" in now_list and "Mindy" not in then_list  # nothing of Globex applied then
     r = alice.post(f"/console/edits/{new_id}", data={"csrf": token, "action": "retire"})
     assert client(app, "alice").get(f"/v1/edits/{new_id}").json()["status"] == "retired"
     r = alice.post(f"/console/edits/{new_id}", data={"csrf": token, "action": "delete"})
@@ -260,3 +266,13 @@ def test_dry_run_from_the_versions_page_runs_the_real_job_and_publishes_nothing(
     assert not (Path(settings.home) / "models" / "v1").exists()
     assert client(app, "admin").get("/v1/edits", params={"status": "consolidated"}).json()["total"] == 0
     assert job.rsplit("/", 1)[1] in admin.get("/console/versions").text
+
+
+def test_the_console_can_be_turned_off(app_parts):
+    app, settings = app_parts
+    off = build_app(settings.model_copy(update={"console": False}), app.state.serving.editor,
+                    app.state.serving.engine, keys=app.state.keys)
+    c = TestClient(off, follow_redirects=False)
+    for path in ("/console", "/console/edits", "/console/login", "/console/static/console.js"):
+        assert c.get(path).status_code == 404, path
+    assert c.get("/healthz").status_code == 200

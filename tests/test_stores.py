@@ -61,7 +61,10 @@ def test_sqlite_schema_2_gets_the_search_column_filled_on_open(tmp_path):
     s = SQLiteStore(tmp_path / "e.sqlite")
     a = s.add(mk("Léon Blum", "German", paraphrases=["Blum grew up speaking"]))
     s.close()
-    db = sqlite3.connect(tmp_path / "e.sqlite")
+    db = sqlite3.connect(tmp_path / "e.sqlite")  # back to what schema 2 had: no search column, no text index
+    for trigger in ("edits_fts_ai", "edits_fts_ad", "edits_fts_au"):
+        db.execute(f"DROP TRIGGER {trigger}")
+    db.execute("DROP TABLE edits_fts")
     db.execute("ALTER TABLE edits DROP COLUMN search")
     db.execute("UPDATE schema_version SET version = 2")
     db.commit()
@@ -71,6 +74,20 @@ def test_sqlite_schema_2_gets_the_search_column_filled_on_open(tmp_path):
     s.update(a.id, {"target_new": "Polish"})
     assert s.count(text="polish") == 1 and s.count(text="german") == 0
     assert s._db.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+    s.delete(a.id)
+    assert s.count(text="polish") == 0 and s.count(text="blum") == 0  # the index follows deletes
+    s.close()
+
+
+def test_sqlite_without_fts5_scans_the_search_column(tmp_path, monkeypatch):
+    """A SQLite without FTS5's trigram tokenizer: the store opens and the text filter scans instead."""
+    import stores.sqlite as sqlite_mod
+
+    monkeypatch.setattr(sqlite_mod, "_FTS", ["CREATE VIRTUAL TABLE edits_fts USING no_such_module(search)"])
+    s = SQLiteStore(tmp_path / "e.sqlite")
+    assert s._fts is False
+    s.add_many([mk("Widget 1"), mk("Widget 12"), mk("Gadget")])
+    assert s.count(text="widget 1") == 2 and s.count(text="t") == 3 and s.count(text="Gadg") == 1
     s.close()
 
 

@@ -43,7 +43,7 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 SECURITY_HEADERS = {"content-security-policy": CSP, "x-content-type-options": "nosniff", "x-frame-options": "DENY",
                     "referrer-policy": "no-referrer", "cache-control": "no-store"}
 NAV = [("edits", "Edits"), ("playground", "Playground"), ("versions", "Versions"), ("eval", "Evaluation"),
-       ("health", "Health")]
+       ("audit", "Audit"), ("health", "Health")]
 STATUSES = ["active", "pending", "consolidated", "superseded", "retired", "rejected"]
 EDITABLE = ("subject", "prompt", "target_new", "target_true", "paraphrases", "valid_from", "valid_until", "evidence",
             "source", "relation")
@@ -190,7 +190,7 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
         qp = request.query_params
         q, mode = qp.get("q", ""), qp.get("mode", "text")
         ns = qp.get("namespace") or None
-        status, subject = qp.get("status") or None, qp.get("subject") or None
+        status, subject, as_of = qp.get("status") or None, qp.get("subject") or None, qp.get("as_of") or None
         try:
             offset = max(0, int(qp.get("offset", "0") or 0))
         except ValueError:
@@ -203,10 +203,12 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
             hits = [h for h in found["data"] if (status is None or h["status"] == status)
                     and (subject is None or h["subject"].casefold() == subject.casefold())]
         else:
-            page_ = await edits.list(p, ns, limit=PAGE, offset=offset, status=status, q=q or None, subject=subject)
+            page_ = await edits.list(p, ns, limit=PAGE, offset=offset, status=status, q=q or None, subject=subject,
+                                     as_of=as_of)
         namespaces = (await asyncio.to_thread(serving.editor.store.namespaces)) if p.admin else [p.namespace]
         server_ms = (time.perf_counter() - t0) * 1000
-        params = {"q": q, "mode": mode, "namespace": ns or "", "status": status or "", "subject": subject or ""}
+        params = {"q": q, "mode": mode, "namespace": ns or "", "status": status or "", "subject": subject or "",
+                  "as_of": as_of or ""}
         resp = render(request, "edits.html", p, page=page_, hits=hits, params=params, statuses=STATUSES,
                       namespaces=namespaces, server_ms=server_ms, page_size=PAGE,
                       query=lambda **kw: urlencode({**params, **kw}), notice=qp.get("notice"),
@@ -450,6 +452,20 @@ def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
         if not p.admin or not _plain(run) or not _plain(name) or not path.is_file():
             raise NotFoundError(f"no plot {name!r}")
         return FileResponse(path, media_type="image/png", headers=SECURITY_HEADERS)
+
+    # ---- audit ------------------------------------------------------------------------------------------
+    @router.get("/audit")
+    @page
+    async def audit(request: Request) -> Response:
+        p, _ = caller(request)
+        qp = request.query_params
+        try:
+            since = max(0, int(qp.get("since", "0") or 0))
+        except ValueError:
+            raise ValidationError("since must be a whole number", field="since") from None
+        rows = await edits.audit(p, qp.get("namespace") or None, since=since, limit=100)
+        return render(request, "audit.html", p, rows=rows["data"], next_since=rows["next_since"],
+                      namespace=qp.get("namespace") or "")
 
     # ---- health -----------------------------------------------------------------------------------------
     @router.get("/health")
