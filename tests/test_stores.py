@@ -81,7 +81,7 @@ def test_sqlite_schema_2_gets_the_search_column_filled_on_open(tmp_path):
 
 def test_sqlite_without_fts5_scans_the_search_column(tmp_path, monkeypatch):
     """A SQLite without FTS5's trigram tokenizer: the store opens and the text filter scans instead."""
-    import stores.sqlite as sqlite_mod
+    import kem.stores.sqlite as sqlite_mod
 
     monkeypatch.setattr(sqlite_mod, "_FTS", ["CREATE VIRTUAL TABLE edits_fts USING no_such_module(search)"])
     s = SQLiteStore(tmp_path / "e.sqlite")
