@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     api_docs: bool = Field(
         False, description="kem serve: serve /docs, /redoc and /openapi.json (off by default: they map the API "
         "for anyone who can reach the port).")
+    shared_limits: bool = Field(
+        True, description="kem serve on a PostgreSQL store: keys' rpm / tpm / parallel limits are counted in the "
+        "database, so they hold across replicas (docs/scale-out.md). False: each replica counts its own.")
     console: bool = Field(
         True, description="kem serve: the operator console under /console (edits, playground, versions, "
         "evaluation, health; docs/console.md). False: /console is a 404.")

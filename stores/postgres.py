@@ -275,6 +275,13 @@ class PostgresStore:
         """A pooled connection (context manager) for kem's other tables in this schema (keys, locks)."""
         return self._conn()
 
+    def shared_limits(self, lease: float = 330.0, window: float = 60.0) -> Any:
+        """Rate and concurrency limits every replica on this store shares (:mod:`kem.stores.pg_limits`);
+        ``lease``: seconds a request in flight holds its slot if its replica dies."""
+        from kem.stores.pg_limits import SharedBuckets
+
+        return SharedBuckets(self.connection, self.schema, lease, window)
+
     # -- helpers
     @staticmethod
     def _check_text(e: Edit) -> None:

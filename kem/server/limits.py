@@ -14,17 +14,20 @@ With auth off every caller is the same (anonymous) key, so the limits apply to a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kem.errors import RateLimitError, ValidationError
 
 if TYPE_CHECKING:
     from kem.server.auth import Principal
+
+log = logging.getLogger(__name__)
 
 # A key at its concurrency limit has no exact time when a slot frees; clients are told to retry after this.
 PARALLEL_RETRY_AFTER = 1.0
@@ -83,8 +86,10 @@ class Admission:
     """One admitted request: :meth:`settle` its real token count when known, :meth:`release` when done
     (both at most once; :meth:`Limiter.admit` releases on exit)."""
 
-    def __init__(self, limiter: Limiter, key: str, tokens: int, limits: KeyLimits, parallel: int | None) -> None:
+    def __init__(self, limiter: Limiter, key: str, tokens: int, limits: KeyLimits, parallel: int | None,
+                 lease: str | None = None) -> None:
         self._limiter = limiter
+        self.lease = lease  # a shared limiter's in-flight row
         self.key = key
         self.tokens = tokens
         self.limits = limits
@@ -97,14 +102,14 @@ class Admission:
         if self._settled:
             return
         self._settled = True
-        self._limiter._settle(self.key, self.tokens, used_tokens)
+        self._limiter._settle(self.key, self.tokens, used_tokens, self.limits, self.lease)
 
     def release(self) -> None:
         """Free the request's in-flight slot (idempotent). Streams call it when the stream ends."""
         if self._released:
             return
         self._released = True
-        self._limiter._release(self.key)
+        self._limiter._release(self.key, self.lease)
 
     def headers(self) -> dict[str, str]:
         """OpenAI-style ``x-ratelimit-*`` headers for the key's current state (only the limits it has)."""
@@ -142,15 +147,9 @@ class Limiter:
             RateLimitError: The key is over its rpm, tpm or parallel limit (429; ``retry_after`` seconds).
             ValidationError: ``tokens`` exceeds the key's whole ``tpm``: no wait would admit it (400).
         """
-        if tokens < 0:
-            raise ValueError(f"tokens must be >= 0 (got {tokens})")
         key, limits = principal.key_id, principal.limits
         parallel = self._parallel(limits)
-        who = f"API key {key}" if key else "this server (auth off)"
-        if limits.tpm is not None and tokens > limits.tpm:
-            raise ValidationError(f"this request needs {tokens} tokens (prompt + max_tokens) but {who} may use "
-                                  f"{limits.tpm} tokens per minute; lower max_tokens or shorten the prompt",
-                                  field="max_tokens")
+        who = self._check(key, limits, tokens)
         with self._lock:
             now = self._clock()
             st = self._keys.setdefault(key, _KeyState())
@@ -182,6 +181,23 @@ class Limiter:
                 st.tokens.level -= tokens
         return Admission(self, key, tokens, limits, parallel)
 
+    @staticmethod
+    def _check(key: str, limits: KeyLimits, tokens: int) -> str:
+        """Who the key is in messages; refuses a request larger than the key's whole tpm."""
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0 (got {tokens})")
+        who = f"API key {key}" if key else "this server (auth off)"
+        if limits.tpm is not None and tokens > limits.tpm:
+            raise ValidationError(f"this request needs {tokens} tokens (prompt + max_tokens) but {who} may use "
+                                  f"{limits.tpm} tokens per minute; lower max_tokens or shorten the prompt",
+                                  field="max_tokens")
+        return who
+
+    @property
+    def shared(self) -> bool:
+        """Whether acquiring asks a database (callers then run it off the event loop)."""
+        return False
+
     @asynccontextmanager
     async def admit(self, principal: Principal, tokens: int = 0) -> AsyncIterator[Admission]:
         """``async with limiter.admit(p, tokens) as a:`` admits (or raises, see :meth:`acquire`) and frees
@@ -192,13 +208,14 @@ class Limiter:
         finally:
             admission.release()
 
-    def _settle(self, key: str, reserved: int, used: int) -> None:
+    def _settle(self, key: str, reserved: int, used: int, limits: KeyLimits = NO_LIMITS,
+                lease: str | None = None) -> None:
         with self._lock:
             st = self._keys.get(key)
             if st is not None and st.tokens is not None:
                 st.tokens.level = min(st.tokens.capacity, st.tokens.level + reserved - max(0, used))
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, lease: str | None = None) -> None:
         with self._lock:
             st = self._keys.get(key)
             if st is not None and st.inflight > 0:
@@ -242,3 +259,78 @@ class Limiter:
 
         return {"inflight": inflight, "parallel": self._parallel(limits), "rpm": limits.rpm,
                 "remaining_requests": remaining("requests"), "tpm": limits.tpm, "remaining_tokens": remaining("tokens")}
+
+
+class SharedLimiter(Limiter):
+    """:class:`Limiter` whose counts live in the PostgreSQL store (:class:`kem.stores.pg_limits.SharedBuckets`),
+    so every replica on that store charges the same ones: a key's rpm / tpm / parallel hold across
+    replicas. rpm / tpm are sliding 60-second windows there (at most rpm requests in any minute); keys
+    with no limit never reach the database.
+    Releasing and settling run on a background thread (a lost release frees itself when its lease ends).
+
+    Args:
+        buckets: The store's shared buckets (``PostgresStore.shared_limits()``).
+        max_parallel_per_key: As for :class:`Limiter`.
+    """
+
+    def __init__(self, buckets: Any, max_parallel_per_key: int = 0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().__init__(max_parallel_per_key)
+        self.buckets = buckets
+        self._background = ThreadPoolExecutor(2, thread_name_prefix="kem-limits")
+
+    @property
+    def shared(self) -> bool:
+        return True
+
+    def acquire(self, principal: Principal, tokens: int = 0) -> Admission:
+        key, limits = principal.key_id, principal.limits
+        parallel = self._parallel(limits)
+        if limits.rpm is None and limits.tpm is None and parallel is None:
+            return super().acquire(principal, tokens)  # nothing to count
+        who = self._check(key, limits, tokens)
+        taken = self.buckets.take(key, limits.rpm, limits.tpm, parallel, tokens)
+        if not taken.admitted:
+            if taken.reason == "parallel":
+                raise RateLimitError(f"{who} has {taken.inflight} requests in flight across the replicas, its limit "
+                                     f"(parallel={parallel}); retry when one finishes", retry_after=PARALLEL_RETRY_AFTER)
+            what = (f"{limits.rpm} requests per minute (rpm)" if taken.reason == "rpm"
+                    else f"{limits.tpm} tokens per minute (tpm; this request needs {tokens})")
+            raise RateLimitError(f"rate limit reached for {who}: {what}; retry in {taken.wait:.1f} s",
+                                 retry_after=taken.wait)
+        with self._lock:
+            self._keys.setdefault(key, _KeyState()).inflight += 1
+        return Admission(self, key, tokens, limits, parallel, lease=taken.lease)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        def guarded() -> None:
+            try:
+                fn(*args)
+            except Exception:  # the lease ends by itself; the next request refills the bucket
+                log.warning("shared limits: %s failed", getattr(fn, "__name__", fn), exc_info=True)
+
+        self._background.submit(guarded)
+
+    def _settle(self, key: str, reserved: int, used: int, limits: KeyLimits = NO_LIMITS,
+                lease: str | None = None) -> None:
+        if limits.tpm is not None and reserved != used and lease is not None:
+            self._run(self.buckets.settle, lease, used)
+
+    def _release(self, key: str, lease: str | None = None) -> None:
+        super()._release(key)
+        if lease is not None:
+            self._run(self.buckets.release, lease)
+
+    def usage(self, key: str, limits: KeyLimits) -> dict[str, int | None]:
+        state = self.buckets.state(key, limits.rpm, limits.tpm)
+
+        def left(v: float | None) -> int | None:
+            return None if v is None else max(0, int(v))
+
+        return {"inflight": state["inflight"], "parallel": self._parallel(limits), "rpm": limits.rpm,
+                "remaining_requests": left(state["requests"]), "tpm": limits.tpm,
+                "remaining_tokens": left(state["tokens"])}
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)

@@ -36,7 +36,7 @@ from kem.errors import EngineError, KemError, NotFoundError, RequestCancelled, V
 from kem.protocols import AdapterRef, ForwardingEngine, GenerationParams, ScoredEdit
 from kem.server.auth import Principal
 from kem.server.edits import Edits
-from kem.server.limits import Admission, Limiter
+from kem.server.limits import Admission, Limiter, SharedLimiter
 from kem.server.metrics import Metrics
 from kem.server.protocol import (
     AppliedEdit,
@@ -141,7 +141,12 @@ class Serving:
         self.metrics.embedder = editor.memory.embedder  # cache and micro-batcher counters in /metrics
         self.default_max_tokens = default_max_tokens or editor.settings.max_new_tokens
         self.reloader = reloader
-        self.limiter = Limiter(self.settings.max_parallel_per_key)
+        shared = getattr(editor.store, "shared_limits", None)  # a store the replicas share (PostgreSQL)
+        if callable(shared) and getattr(self.settings, "shared_limits", True):
+            self.limiter: Limiter = SharedLimiter(shared(lease=self.settings.request_timeout + 30),
+                                                  self.settings.max_parallel_per_key)
+        else:
+            self.limiter = Limiter(self.settings.max_parallel_per_key)
         self._reload_lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()  # swapped-out engines closing after a grace period
         self._engine: Any = None
@@ -287,6 +292,8 @@ class Serving:
         close = getattr(self._engine, "aclose", None)
         if close is not None:
             await close()
+        if isinstance(self.limiter, SharedLimiter):
+            await asyncio.to_thread(self.limiter.close)
         await asyncio.to_thread(self.editor.close)
 
     def health(self) -> dict[str, Any]:
@@ -356,6 +363,13 @@ class Serving:
                              default=self.default_max_tokens, prompt_field=prompt_field)
         return prompt_tokens, n, self.limiter.acquire(caller or ANONYMOUS, prompt_tokens + n)
 
+    async def _admit_async(self, engine: Any, req: ChatCompletionRequest | CompletionRequest, rw: Rewrite,
+                           caller: Principal | None, prompt_field: str) -> tuple[int, int, Admission]:
+        """:meth:`_admit`, off the event loop when the limits are kept in the database."""
+        if self.limiter.shared:
+            return await asyncio.to_thread(self._admit, engine, req, rw, caller, prompt_field)
+        return self._admit(engine, req, rw, caller, prompt_field)
+
     @staticmethod
     async def _until_disconnected(work: Awaitable[T], disconnected: Disconnected | None,
                                   params: GenerationParams | None = None) -> T:
@@ -395,7 +409,7 @@ class Serving:
             req.single_choice()
         rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine, as_of, use_edits)
         info = kem_info(rw.applied, namespace)
-        _, n, adm = self._admit(engine, req, rw, caller, "messages")
+        _, n, adm = await self._admit_async(engine, req, rw, caller, "messages")
         if isinstance(engine, ForwardingEngine):
             return await self._forward_request(engine, "/v1/chat/completions", "messages", raw, req, upstream_model, rw, info, adm,
                                                disconnected)
@@ -459,7 +473,7 @@ class Serving:
         prompt = req.prompt_text()
         rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine, as_of, use_edits)
         info = kem_info(rw.applied, namespace)
-        _, n, adm = self._admit(engine, req, rw, caller, "prompt")
+        _, n, adm = await self._admit_async(engine, req, rw, caller, "prompt")
         if isinstance(engine, ForwardingEngine):
             return await self._forward_request(engine, "/v1/completions", "prompt", raw, req, upstream_model, rw, info, adm,
                                                disconnected)
