@@ -66,20 +66,22 @@ def loadavg() -> float:
 class Replica:
     """One ``kem serve`` process on 127.0.0.1 (own process group, own home, the shared store)."""
 
-    def __init__(self, name: str, tmp: Path, store: str) -> None:
+    def __init__(self, name: str, tmp: Path, store: str, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         from tests.postgres_server import free_port
 
         self.name, self.store, self.port = name, store, free_port()
+        self.extra, self.env = list(extra or []), dict(env or {})
         self.home, self.log = tmp / f"{name}-home", tmp / f"{name}.log"
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Replica:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [PY, "-m", "kem.server", "serve", "--port", str(self.port), "--home", str(self.home), "--store",
-                 self.store, "--threads", "1", "--log-level", "warning"],
+                 self.store, "--threads", "1", "--log-level", "warning", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
         return self
 

@@ -157,9 +157,30 @@ def test_n_other_than_one_is_refused_where_one_choice_is_served() -> None:
     assert info.value.field == "n" and "n=3" in str(info.value)
 
 
-def test_unknown_fields_are_kept_for_the_engine() -> None:
-    req = parse(CompletionRequest, {**COMPLETION, "seed": 3, "stream_options": {"include_usage": True}})
-    assert req.model_extra["seed"] == 3 and req.include_usage()
+def test_sampling_fields_are_checked_and_unknown_ones_refused() -> None:
+    req = parse(CompletionRequest, {**COMPLETION, "seed": 3, "top_k": 40, "min_p": 0.1, "stream_options": {"include_usage": True},
+                                    "logit_bias": {"50256": -100}, "echo": False})
+    assert req.engine_extra() == {"seed": 3, "top_k": 40, "min_p": 0.1, "logit_bias": {"50256": -100.0}}
+    assert req.include_usage()
+    chat = parse(ChatCompletionRequest, {**CHAT, "tools": [], "tool_choice": "auto", "response_format": {"type": "json_object"},
+                                         "logprobs": True, "top_logprobs": 3})
+    assert chat.engine_extra() == {}
+    bad = [({"frobnicate": 1}, "frobnicate"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
+           ({"presence_penalty": 2.5}, "presence_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+           ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+           ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+           ({"stream_options": {"extra": True}}, "stream_options.extra"), ({"seed": 2**64}, "seed"),
+           ({"ignore_eos": "sometimes"}, "ignore_eos"), ({"user": "u" * 300}, "user")]
+    for extra, field in bad:
+        with pytest.raises(ValidationError) as info:
+            parse(CompletionRequest, {**COMPLETION, **extra})
+        assert info.value.field == field, (extra, info.value.field)
+    for extra, field in [({"response_format": {"type": "yaml"}}, "response_format.type"),
+                         ({"top_logprobs": 21}, "top_logprobs"), ({"tool_choice": "sometimes"}, "tool_choice"),
+                         ({"messages": [{"role": "user", "content": "hi", "secret": 1}]}, "messages.0")]:
+        with pytest.raises(ValidationError) as info:
+            parse(ChatCompletionRequest, {**CHAT, **extra})
+        assert info.value.field == field, (extra, info.value.field)
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b"[]", b"null", b"\xff\xfe", b'"prompt"', b'{"prompt": "a",}'])

@@ -420,6 +420,46 @@ def test_upstream_applies_edits_and_passes_errors(servers):
     assert r.status_code == 400 and r.json()["error"]["param"] == "upstream"
 
 
+BAD_BODIES = [  # (path, body): each refused with a 400 naming a field, in process and in upstream mode alike
+    ("/v1/completions", {"prompt": "hi", "frobnicate": 1}),
+    ("/v1/completions", {"prompt": "hi", "top_k": -7}),
+    ("/v1/completions", {"prompt": "hi", "min_p": 2}),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"1": 500}}),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True, "sneaky": 1}}),
+    ("/v1/completions", {"prompt": "hi", "best_of": 0}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "x_secret": "1"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 99}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": 3}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": -9}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": {}}),
+]
+
+
+def _upstream_calls(u) -> int:
+    text = httpx.get(u.url + "/metrics", timeout=30).text
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("kem_requests_total") and "completions" in line)
+
+
+def test_upstream_mode_refuses_what_in_process_refuses_and_forwards_none_of_it(servers):
+    u, p = servers["u"], servers["p"]
+    before = _upstream_calls(u)
+    for path, body in BAD_BODIES:
+        direct = httpx.post(u.url + path, json={"model": "default", **body}, timeout=60)
+        proxied = httpx.post(p.url + path, json={"model": "default", **body}, timeout=60)
+        assert direct.status_code == proxied.status_code == 400, (body, direct.text, proxied.text)
+        assert direct.json() == proxied.json(), (body, direct.text, proxied.text)
+        assert direct.json()["error"]["param"], body
+    # every bad body above went to U directly once; none was forwarded by P (U counts its own requests)
+    assert _upstream_calls(u) - before == len(BAD_BODIES)
+    ok = httpx.post(p.url + "/v1/completions", timeout=120, json={"model": "default", "prompt": "Paris is in",
+                                                                  "max_tokens": 2, "seed": 7, "top_k": 5})
+    assert ok.status_code == 200, ok.text
+
+
 def test_upstream_killed_mid_stream_gives_a_clean_error(servers):
     """Keep this test last: it kills U."""
     p, u = servers["p"], servers["u"]

@@ -1,11 +1,14 @@
 """OpenAI wire models (pydantic) for kem's HTTP server: requests, responses, stream chunks, errors.
 
-Request models keep unknown fields (``extra="allow"``) so they reach the engine unchanged; the
-``kem`` field on responses lists the edits that were applied (provenance for clients). Known fields are
-checked as OpenAI checks them (``max_tokens`` >= 1, at most 4 non-empty ``stop`` strings, ``temperature``
-in [0, 2], ``top_p`` in (0, 1], a non-empty ``prompt`` / ``messages``); :func:`parse_request` turns any
-body into a request or a :class:`kem.errors.ValidationError` naming the field, and
-:func:`clamp_max_tokens` fits ``max_tokens`` to the server's ceiling and the model's context.
+Request models accept the fields of OpenAI's API and vLLM's sampling extensions, each checked as
+OpenAI / vLLM check it (``max_tokens`` >= 1, at most 4 non-empty ``stop`` strings, ``temperature`` in
+[0, 2], ``top_p`` in (0, 1], penalties in [-2, 2], ``logit_bias`` values in [-100, 100], a non-empty
+``prompt`` / ``messages``, ...), and refuse any other field (``extra="forbid"``): in upstream mode the
+body is forwarded as received, so nothing reaches the upstream that kem did not check, and both modes
+answer a bad body with the same 400. The ``kem`` field on responses lists the edits that were applied
+(provenance for clients). :func:`parse_request` turns any body into a request or a
+:class:`kem.errors.ValidationError` naming the field, and :func:`clamp_max_tokens` fits ``max_tokens``
+to the server's ceiling and the model's context.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
 from kem.edit import validation_error
@@ -25,6 +28,9 @@ MAX_STOP = 4  # as OpenAI's API
 MAX_STOP_CHARS = 256
 GREEDY_BELOW = 1e-5  # a temperature below this means greedy decoding (0.0), as vLLM treats it
 MAX_N = 128  # as OpenAI's API
+MAX_LOGIT_BIAS = 300  # token ids in logit_bias
+MAX_TOP_K = 1_000_000
+MAX_LOGPROBS = 20
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
@@ -48,10 +54,36 @@ def _str_or_strs(v: Any) -> Any:
 StrOrStrs = Annotated[str | list[str], BeforeValidator(_str_or_strs)]
 
 
-class _Request(BaseModel):
-    """Fields shared by chat and completion requests. Unknown fields are kept (``model_extra``)."""
+def _check_logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
+    if v is None:
+        return v
+    if len(v) > MAX_LOGIT_BIAS:
+        raise ValueError(f"takes at most {MAX_LOGIT_BIAS} token ids (got {len(v)})")
+    for token, bias in v.items():
+        if not token.isdigit() or len(token) > 10:
+            raise ValueError(f"keys must be token ids (digits; got {token!r:.20})")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError(f"values must be between -100 and 100 (got {bias})")
+    return v
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM
+
+
+# the sampling fields handed to engines that know them (GenerationParams.extra: vLLM's SamplingParams)
+ENGINE_EXTRA = ("seed", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p",
+                "min_tokens", "ignore_eos", "logit_bias")
+
+
+class _Request(BaseModel):
+    """Fields shared by chat and completion requests: OpenAI's and vLLM's sampling fields, each checked;
+    any other field is refused (400 naming it)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = "default"
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
@@ -60,9 +92,24 @@ class _Request(BaseModel):
         description=f"0: greedy; values below {GREEDY_BELOW} are read as 0 (dividing logits by them overflows).")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: StrOrStrs | None = None
-    stream: bool = False
+    stream: StrictBool = False
     n: int | None = Field(None, ge=1, le=MAX_N)  # local engines answer with one choice (single_choice())
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_check_logit_bias)] = None
+    # vLLM's extensions (https://docs.vllm.ai: "Extra parameters")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_CAP)
+    ignore_eos: StrictBool | None = None
+
+    def engine_extra(self) -> dict[str, Any]:
+        """The sampling fields the client set, for engines that honour them (:data:`ENGINE_EXTRA`)."""
+        return {k: getattr(self, k) for k in ENGINE_EXTRA if k in self.model_fields_set and getattr(self, k) is not None}
 
     @field_validator("temperature")
     @classmethod
@@ -92,11 +139,32 @@ class _Request(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
     def include_usage(self) -> bool:
-        opts = (self.model_extra or {}).get("stream_options") or {}
-        return bool(isinstance(opts, dict) and opts.get("include_usage"))
+        return bool(self.stream_options is not None and self.stream_options.include_usage)
+
+
+MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "function_call", "refusal"})
+
+
+def _check_tool_choice(v: Any) -> Any:
+    if v is None or v in ("none", "auto", "required") or isinstance(v, dict):
+        return v
+    raise ValueError(f"must be 'none', 'auto', 'required' or an object naming a tool (got {v!r:.40})")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 def _check_message(m: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(m) - MESSAGE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r:.40} (a message takes {', '.join(sorted(MESSAGE_KEYS))})")
+    name = m.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > 256):
+        raise ValueError("\"name\" must be a string of at most 256 characters")
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLES:
         raise ValueError(f"needs a \"role\", one of {', '.join(ROLES)} (got {role!r:.40})")
@@ -112,6 +180,12 @@ class ChatCompletionRequest(_Request):
 
     messages: list[Annotated[dict[str, Any], AfterValidator(_check_message)]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, max_length=128)
+    tool_choice: Annotated[Any, AfterValidator(_check_tool_choice)] = None
+    parallel_tool_calls: StrictBool | None = None
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -121,6 +195,10 @@ class CompletionRequest(_Request):
     """``POST /v1/completions`` (one prompt per request)."""
 
     prompt: StrOrStrs
+    logprobs: int | None = Field(None, ge=0, le=5)  # as OpenAI's legacy completions
+    echo: StrictBool | None = None
+    suffix: str | None = Field(None, max_length=10_000)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
 
     @field_validator("prompt")
     @classmethod

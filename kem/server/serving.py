@@ -339,7 +339,7 @@ class Serving:
             max_new_tokens=max_new_tokens,
             temperature=req.temperature if req.temperature is not None else 0.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
-            stop=stop, extra=dict(req.model_extra or {}), adapter=adapter,
+            stop=stop, extra=req.engine_extra(), adapter=adapter,
             deadline=time.monotonic() + self.settings.request_timeout, cancel=threading.Event(),
         )
 
