@@ -104,7 +104,7 @@ def main() -> None:
         store = open_store(url=pg.fresh_url("micro"), home=tmp)
         buckets = store.shared_limits()
         took = []
-        for i in range(300):
+        for _ in range(300):
             t0 = time.perf_counter()
             taken = buckets.take("k-micro", 10**7, None, 64, 10)
             buckets.release(taken.lease)
