@@ -406,6 +406,8 @@ def build_app(settings: Any, editor: KnowledgeEditor, engine: Any, *, keys: KeyR
     # ---- the operator console (kem.server.console; KEM_CONSOLE=false: off) ----------------------------
     if getattr(settings, "console", True):
         from kem.server.console import build_console
+        from kem.server.jobs import ConsoleJobs
 
-        app.include_router(build_console(serving, keys, settings))
+        app.state.console_jobs = ConsoleJobs(settings)  # the dry runs started from the console
+        app.include_router(build_console(serving, keys, settings, app.state.console_jobs))
     return app

@@ -71,12 +71,13 @@ def _form_value(form: dict[str, list[str]], name: str) -> str:
     return (form.get(name) or [""])[0]
 
 
-def build_console(serving: Any, keys: KeyRing, settings: Any) -> APIRouter:
-    """The ``/console`` routes over ``serving`` (its edits API, engine and versions) for ``keys``."""
+def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs | None = None) -> APIRouter:
+    """The ``/console`` routes over ``serving`` (its edits API, engine and versions) for ``keys``;
+    ``jobs``: where dry runs started from the console are kept (a new one by default)."""
     env = _env()
     router = APIRouter(prefix="/console")
     edits = serving.edits
-    jobs = ConsoleJobs(settings)
+    jobs = jobs if jobs is not None else ConsoleJobs(settings)
     process_secret = secrets.token_bytes(32)  # CSRF secret when auth is off (one process, a developer's)
 
     # ---- who is calling -------------------------------------------------------------------------------
