@@ -44,11 +44,16 @@ def make_world(tmp: Path, generator, embedder, kem_settings):
     version = VersionStore(settings.home, namespace="bob").publish(
         {"base": settings.model, "method": "memit", "kind": "adapter", "edit_ids": [e["id"] for e in bob_edits],
          "metrics": {"note": BOB_MARK}}, lambda folder: (folder / "adapter").mkdir()).version
+    editor.store.mark_consolidated([e["id"] for e in bob_edits], f"bob/{version}")  # as the job marks them
+    bob_edits = client.get("/v1/edits", headers=bob_h).json()["data"]
     log = Path(settings.home) / "console-jobs" / "bobjob000001.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"dry run of {BOB_MARK} Corp\n")
     app.state.console_jobs._jobs["bobjob000001"] = Job("bobjob000001", "memit", "bob", "bob", time.time(), log,
                                                        returncode=0)
+    # an admin's dry run holds the one slot (a record with no process: it stays "running"), so the cases
+    # that post to /console/versions/dry-run get "already running" instead of starting kem consolidate
+    app.state.console_jobs._jobs["adminjob0001"] = Job("adminjob0001", "memit", None, "", time.time(), log)
     run_dir = Path(settings.home) / "eval" / "bobrun"
     run_dir.mkdir(parents=True)
     (run_dir / "results.json").write_text(json.dumps({"config": {"dataset": BOB_MARK}, "summary": {}, "cases": {}}))
