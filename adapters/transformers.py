@@ -144,7 +144,7 @@ class TransformersGenerator:
 
         # inference mode is per thread and per step: a generator that yields inside it would leak the
         # mode into its consumer, and a stream resumed on another thread would run without it
-        with torch.inference_mode(), self._turns.turn(served, owner), \
+        with torch.inference_mode(), self._turns.turn(served, owner, shareable=lora is None), \
                 (lora.active() if lora is not None else nullcontext()):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
         return out.logits[0, -1], past
@@ -287,16 +287,27 @@ class FairTurns:
     :attr:`GRACE` seconds after a step, the turn stays reserved for that request against waiters
     served more tokens than it, so a short request runs its steps back to back instead of letting a
     long one's step in between each of them. :meth:`done` ends the reservation early.
+
+    A second lane: a step of a long request (served at least :attr:`LONG` tokens: a long prompt's
+    prefill chunk, which cannot be interrupted) does not make a short request (served fewer than
+    :attr:`SHORT`) wait; the short one's step runs beside it, when neither runs with a LoRA (adapters
+    are hooks on the shared modules, so their steps stay alone). At most two steps run at once.
     """
 
     GRACE = 0.005
+    LONG = 512
+    SHORT = 256
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, int]] = []  # a heap of (tokens served, arrival number)
         self._arrivals = 0
-        self._busy = False
+        self._running: list[tuple[int, bool]] = []  # (tokens served, shareable) of the steps running now
         self._held: tuple[object, int, float] | None = None  # (owner, served, until): the grace reservation
+
+    @property
+    def _busy(self) -> bool:
+        return bool(self._running)
 
     def _blocked_by_grace(self, owner: object, served: int) -> float:
         """Seconds to wait for another request's reservation (0: not blocked)."""
@@ -305,29 +316,39 @@ class FairTurns:
             return 0.0
         return max(0.0, h[2] - time.monotonic())
 
+    def _second_lane(self, served: int, shareable: bool) -> bool:
+        """Whether a short step may run beside the one running now."""
+        if not shareable or served >= self.SHORT or len(self._running) != 1:
+            return False
+        other_served, other_shareable = self._running[0]
+        return other_shareable and other_served >= self.LONG
+
     @contextmanager
-    def turn(self, served: int = 0, owner: object = None) -> Iterator[None]:
-        """Hold the model for one step of ``owner``'s request, served ``served`` tokens so far."""
+    def turn(self, served: int = 0, owner: object = None, shareable: bool = False) -> Iterator[None]:
+        """Hold the model for one step of ``owner``'s request, served ``served`` tokens so far
+        (``shareable``: the step runs with no LoRA, so it may take the second lane)."""
         with self._cond:
             me = (served, self._arrivals)
             self._arrivals += 1
             heapq.heappush(self._waiting, me)
             while True:
-                if not self._busy and self._waiting[0] == me:
-                    wait = self._blocked_by_grace(owner, served)
+                if self._waiting[0] == me and (not self._running or self._second_lane(served, shareable)):
+                    wait = self._blocked_by_grace(owner, served) if not self._running else 0.0
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
                 else:
                     self._cond.wait()
             heapq.heappop(self._waiting)
-            self._busy = True
+            mine = (served, shareable)
+            self._running.append(mine)
             self._held = None
+            self._cond.notify_all()  # the next waiter may fit the second lane
         try:
             yield
         finally:
             with self._cond:
-                self._busy = False
+                self._running.remove(mine)
                 self._held = (owner, served, time.monotonic() + self.GRACE) if owner is not None else None
                 self._cond.notify_all()
 

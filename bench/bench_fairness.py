@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=5.0,
                     help="seconds between alice's start and bob's measurement (5: during her prefill; "
                          "60: during her decoding)")
+    ap.add_argument("--threads", type=int, default=None, help="kem serve --threads (torch threads; default: torch's)")
     args = ap.parse_args()
     import httpx
 
@@ -39,7 +40,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "keys.txt").write_text("sk-b-alice alice\nsk-b-bob bob\n")
-        server = kem_server(tmp, "fair", "--keys", str(tmp / "keys.txt"), env={"KEM_REQUEST_TIMEOUT": "3600"}).start()
+        extra = ["--threads", str(args.threads)] if args.threads else []
+        server = kem_server(tmp, "fair", "--keys", str(tmp / "keys.txt"), *extra,
+                            env={"KEM_REQUEST_TIMEOUT": "3600"}).start()
         try:
             server.wait()
             bob = httpx.Client(base_url=server.url, headers={"authorization": "Bearer sk-b-bob"}, timeout=120)

@@ -104,3 +104,40 @@ def test_a_stream_resumed_on_another_thread_still_decodes(generator):
     t.join(60)
     assert not errors, errors
     assert "".join(pieces) == want
+
+
+def test_a_short_step_runs_beside_a_long_prefill_and_both_answers_stay_exact(generator):
+    """The second lane (FairTurns.LONG / SHORT): while a long prompt prefills, short requests' steps run
+    beside its chunks, and every answer is the one each request gets alone (greedy)."""
+    from kem.adapters.transformers import FairTurns
+
+    long_prompt = " ".join(f"item {i}," for i in range(600)) + " The next item is"  # ~3,400 tokens
+    params = GenerationParams(max_new_tokens=6)
+    alone_long = generator.generate(long_prompt, params)
+    alone_short = [generator.generate(p, SHORT) for p in (PROMPT, "The capital of Japan is")]
+    seen: list[int] = []
+    long_enough = threading.Event()
+    original = FairTurns.turn
+
+    def watching(self, served=0, owner=None, shareable=False):  # records how many steps ran at once
+        if served >= FairTurns.LONG:
+            long_enough.set()
+        with original(self, served, owner, shareable):
+            seen.append(len(self._running))
+            yield
+
+    import contextlib
+
+    FairTurns.turn = contextlib.contextmanager(watching)
+    try:
+        out: dict[str, str] = {}
+        th = threading.Thread(target=lambda: out.__setitem__("long", generator.generate(long_prompt, params)))
+        th.start()
+        assert long_enough.wait(120)  # the long prompt's prefill is past FairTurns.LONG tokens
+        shorts = [generator.generate(p, SHORT) for p in (PROMPT, "The capital of Japan is") for _ in range(3)]
+        th.join()
+    finally:
+        FairTurns.turn = original
+    assert out["long"] == alone_long
+    assert shorts == [alone_short[0]] * 3 + [alone_short[1]] * 3
+    assert max(seen) == 2, "no short step ran beside the long prefill"
