@@ -32,6 +32,10 @@ def main() -> None:
                     help="seconds between alice's start and bob's measurement (5: during her prefill; "
                          "60: during her decoding)")
     ap.add_argument("--threads", type=int, default=None, help="kem serve --threads (torch threads; default: torch's)")
+    ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
+                    help="vllm: kem serve --engine vllm from .venv-vllm (KEM_VLLM_PYTHON)")
+    ap.add_argument("--vllm-batched-tokens", type=int, default=None,
+                    help="vLLM's max_num_batched_tokens (its chunked-prefill budget per step; default vLLM's)")
     args = ap.parse_args()
     import httpx
 
@@ -41,10 +45,27 @@ def main() -> None:
         tmp = Path(d)
         (tmp / "keys.txt").write_text("sk-b-alice alice\nsk-b-bob bob\n")
         extra = ["--threads", str(args.threads)] if args.threads else []
-        server = kem_server(tmp, "fair", "--keys", str(tmp / "keys.txt"), *extra,
-                            env={"KEM_REQUEST_TIMEOUT": "3600"}).start()
+        if args.engine == "vllm":
+            import os
+
+            from kem.models import resolve_model
+            from kem.settings import Settings
+            from tests.conftest import ServerProcess, free_port
+
+            py = os.environ.get("KEM_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
+            env = {"KEM_REQUEST_TIMEOUT": "3600", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+            if args.vllm_batched_tokens:
+                env["KEM_VLLM_MAX_NUM_BATCHED_TOKENS"] = str(args.vllm_batched_tokens)
+            port = free_port()
+            server = ServerProcess(["-m", "kem.server", "serve", "--engine", "vllm", "--model",
+                                    str(resolve_model("smollm2-135m-instruct", Settings().cache_dir)), "--port",
+                                    str(port), "--home", str(tmp / "home"), "--keys", str(tmp / "keys.txt"),
+                                    "--log-level", "warning", *extra], port, tmp / "fair.log", python=py, env=env).start()
+        else:
+            server = kem_server(tmp, "fair", "--keys", str(tmp / "keys.txt"), *extra,
+                                env={"KEM_REQUEST_TIMEOUT": "3600"}).start()
         try:
-            server.wait()
+            server.wait(timeout=900)
             bob = httpx.Client(base_url=server.url, headers={"authorization": "Bearer sk-b-bob"}, timeout=120)
 
             def phase() -> list[float]:

@@ -141,6 +141,10 @@ class Settings(BaseSettings):
     max_adapters: int = Field(
         32, ge=1, description="kem serve: tenants' adapters the transformers engine keeps resident (LRU), and "
         "with --upstream the adapters kept loaded in the upstream (the one used longest ago is unloaded).")
+    vllm_max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="kem serve --engine vllm: vLLM's max_num_batched_tokens, the tokens one engine step "
+        "takes (decodes first, then prefill chunks); smaller keeps other tenants' decodes fast while a long prompt "
+        "prefills (docs/security.md). Default: vLLM's.")
     vllm_max_loras: int = Field(
         4, ge=0, description="kem serve --engine vllm: different LoRA adapters in one batch (vLLM max_loras); "
         "0: no tenants' adapters (LoRA only for the edit-follower).")

@@ -42,6 +42,8 @@ def build_engine(kind: str, model: str, settings: Any, name: str | None = None) 
                     "max_cpu_loras": max(settings.vllm_max_cpu_loras, settings.vllm_max_loras),
                     "lora_target_modules": [m.strip() for m in settings.vllm_lora_target_modules.split(",")
                                             if m.strip()] or None}
+        if settings.vllm_max_num_batched_tokens:  # vLLM's chunked-prefill budget per step
+            lora["max_num_batched_tokens"] = settings.vllm_max_num_batched_tokens
         gen = VLLMGenerator.load(str(resolve_model(model, settings.cache_dir)), follower=follower, **lora)
     else:
         raise ValidationError(f"--engine must be one of {', '.join(ENGINES)} (got {kind!r})", field="engine")
