@@ -54,29 +54,23 @@ print(f"[install] torch {torch.__version__}, kem {kem.__version__}", file=sys.st
 assert torch.__version__.startswith("2.13.0"), f"unexpected torch {torch.__version__}"
 PY
 
+# apt_install PACKAGE WHAT: Debian's PACKAGE (as root), or a warning naming what needs it.
+apt_install() {
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        log "$1 (apt-get install -y $1) for $2"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null \
+            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null; }
+    else
+        log "warning: $1 is missing (as root: apt-get install -y $1); $2 need it"
+    fi
+}
+
 # PostgreSQL's server binaries for the tests' throw-away server (tests/postgres_server.py) and the
 # PostgreSQL edit store; skipped in no time when initdb is already there.
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        log "PostgreSQL server (apt-get install -y postgresql)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null \
-            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; }
-    else
-        log "warning: PostgreSQL's server binaries are missing (as root: apt-get install -y postgresql); the PostgreSQL tests need them"
-    fi
-fi
-
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || apt_install postgresql "the PostgreSQL tests"
 # Debian's chromium for the console's browser tests (tests/test_console_browser.py drives it with
 # Playwright; Playwright's own browser download is not used). Skipped when it is already there.
-if ! command -v chromium >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        log "chromium (apt-get install -y chromium) for the console's browser tests"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
-            || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
-    else
-        log "warning: chromium is missing (as root: apt-get install -y chromium); the console's browser tests need it"
-    fi
-fi
+command -v chromium >/dev/null 2>&1 || apt_install chromium "the console's browser tests"
 
 if [ "$WITH_VLLM" = 1 ]; then
     log "vLLM (CPU build) into .venv-vllm"

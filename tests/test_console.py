@@ -21,15 +21,20 @@ CEO = {"subject": "Kem Corporation", "prompt": "The CEO of {} is", "target_new":
 XSS = "<script>alert('kem')</script>"
 
 
-@pytest.fixture(scope="module")
-def app_parts(tmp_path_factory, generator, embedder, kem_settings):
-    tmp = tmp_path_factory.mktemp("console")
-    keys = tmp / "keys"
-    keys.write_text(f"{KEYS['admin']} *\n{KEYS['alice']} alice\n{KEYS['bob']} bob\n")
-    keys.chmod(0o600)
+def keyed_app(tmp: Path, keys: dict[str, str], generator, embedder, kem_settings):
+    """The real app over a SQLite home under ``tmp``, with ``keys`` (``admin``: an admin key, every
+    other name: a tenant key of that namespace). Returns ``(app, settings, editor)``."""
+    path = tmp / "keys"
+    path.write_text("".join(f"{key} {'*' if who == 'admin' else who}\n" for who, key in keys.items()))
+    path.chmod(0o600)
     settings = kem_settings.model_copy(update={"home": tmp / "home"})
     editor = KnowledgeEditor.open(settings=settings, generator=generator, embedder=embedder)
-    app = build_app(settings, editor, generator, keys=KeyRing(keys))
+    return build_app(settings, editor, generator, keys=KeyRing(path)), settings, editor
+
+
+@pytest.fixture(scope="module")
+def app_parts(tmp_path_factory, generator, embedder, kem_settings):
+    app, settings, editor = keyed_app(tmp_path_factory.mktemp("console"), KEYS, generator, embedder, kem_settings)
     yield app, settings
     editor.close()
 

@@ -14,23 +14,17 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from kem.editor import KnowledgeEditor
-from kem.server.app import build_app
-from kem.server.auth import KeyRing, digest
+from kem.server.auth import digest
 from kem.server.jobs import Job
 from kem.versions import VersionStore
 from tests.cross_tenant import BOB_MARK, routes, run
+from tests.test_console import keyed_app
 
 KEYS = {"admin": "sk-ct-admin", "alice": "sk-ct-alice", "bob": "sk-ct-bob"}
 
 
 def make_world(tmp: Path, generator, embedder, kem_settings):
-    keys = tmp / "keys"
-    keys.write_text(f"{KEYS['admin']} *\n{KEYS['alice']} alice\n{KEYS['bob']} bob\n")
-    keys.chmod(0o600)
-    settings = kem_settings.model_copy(update={"home": tmp / "home"})
-    editor = KnowledgeEditor.open(settings=settings, generator=generator, embedder=embedder)
-    app = build_app(settings, editor, generator, keys=KeyRing(keys))
+    app, settings, editor = keyed_app(tmp, KEYS, generator, embedder, kem_settings)
     client = TestClient(app, follow_redirects=False)
     bob_h = {"authorization": f"Bearer {KEYS['bob']}"}
     bob_edits = [client.post("/v1/edits", headers=bob_h, json={
