@@ -8,6 +8,7 @@ quality at scale is measured by ``bench/bench_weights_alone.py`` (docs/consolida
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -78,6 +79,16 @@ def test_retain_pool_is_train_split_only():
     probes = json.loads(resources.files("kem").joinpath("data/locality_probes.json").read_text())["prompts"]
     rendered = {f["template"].replace("{}", f["subject"]) for f in facts}
     assert not rendered & set(probes)
+    # no retained cloze names an evaluation subject as words (the follower's training rule, checked here
+    # with its own word matching: "Paris" inside "Paris Hilton was born in" counts)
+    words = {w for w in (" ".join(re.findall(r"\w+", s)) for s in subjects) if len(w) >= 3}  # "c", "1": not names
+    hits = []
+    for t in rendered:
+        toks = re.findall(r"\w+", t.casefold())
+        grams = {" ".join(toks[i:i + n]) for n in range(1, 11) for i in range(len(toks) - n + 1)}
+        if grams & words:
+            hits.append(t)
+    assert not hits, (len(hits), hits[:5])
 
 
 def test_retain_prompts_keep_away_from_the_edits():
