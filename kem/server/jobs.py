@@ -74,9 +74,9 @@ class ConsoleJobs:
                 raise ValidationError("a dry run is already running; wait for it to end", field="method")
             folder = Path(self.settings.home) / "console-jobs"
             folder.mkdir(parents=True, exist_ok=True)
-            job = Job(uuid.uuid4().hex[:12], method, namespace, caller.namespace if not caller.admin else "",
-                      time.time(), folder / "")
-            job.log = folder / f"{job.id}.log"
+            job_id = uuid.uuid4().hex[:12]
+            job = Job(job_id, method, namespace, caller.namespace if not caller.admin else "", time.time(),
+                      folder / f"{job_id}.log")
             args = [sys.executable, "-m", "kem", "consolidate", "--dry-run", "--method", method,
                     "--home", str(self.settings.home)]
             if self.settings.store:

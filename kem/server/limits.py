@@ -227,9 +227,10 @@ class Limiter:
             st = self._keys.get(principal.key_id)
             return st.inflight if st else 0
 
-    def headers(self, key: str, limits: KeyLimits) -> dict[str, str]:
-        """``x-ratelimit-limit/remaining-requests/tokens`` for ``key`` (as OpenAI sends them)."""
-        out: dict[str, str] = {}
+    def _remaining(self, key: str, limits: KeyLimits) -> dict[str, int]:
+        """What is left now of the key's rpm (``requests``) and tpm (``tokens``), refilled to now (only the
+        limits it has)."""
+        out: dict[str, int] = {}
         with self._lock:
             now = self._clock()
             st = self._keys.get(key)
@@ -241,24 +242,26 @@ class Limiter:
                 if bucket:
                     bucket.refill(now, per_minute)
                     level = bucket.level
-                out[f"x-ratelimit-limit-{name}"] = str(per_minute)
-                out[f"x-ratelimit-remaining-{name}"] = str(max(0, int(level)))
+                out[name] = max(0, int(level))
+        return out
+
+    def headers(self, key: str, limits: KeyLimits) -> dict[str, str]:
+        """``x-ratelimit-limit/remaining-requests/tokens`` for ``key`` (as OpenAI sends them)."""
+        out: dict[str, str] = {}
+        for name, left in self._remaining(key, limits).items():
+            out[f"x-ratelimit-limit-{name}"] = str(limits.rpm if name == "requests" else limits.tpm)
+            out[f"x-ratelimit-remaining-{name}"] = str(left)
         return out
 
     def usage(self, key: str, limits: KeyLimits) -> dict[str, int | None]:
         """One key's state against its limits (the console's health page): requests in flight and the
         parallel limit, and for rpm / tpm the limit and what is left now (None: no such limit)."""
-        left = self.headers(key, limits)
+        left = self._remaining(key, limits)
         with self._lock:
             st = self._keys.get(key)
             inflight = st.inflight if st else 0
-
-        def remaining(name: str) -> int | None:
-            value = left.get(f"x-ratelimit-remaining-{name}")
-            return int(value) if value is not None else None
-
         return {"inflight": inflight, "parallel": self._parallel(limits), "rpm": limits.rpm,
-                "remaining_requests": remaining("requests"), "tpm": limits.tpm, "remaining_tokens": remaining("tokens")}
+                "remaining_requests": left.get("requests"), "tpm": limits.tpm, "remaining_tokens": left.get("tokens")}
 
 
 class SharedLimiter(Limiter):

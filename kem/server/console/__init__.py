@@ -234,11 +234,8 @@ def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs 
     @page
     async def import_edits(request: Request) -> Response:
         p, cookie = caller(request)
-        raw = await request.form()
-        form = {k: [v] for k, v in raw.multi_items() if isinstance(v, str)}
-        if cookie and not hmac.compare_digest(_form_value(form, "csrf"), csrf_token(request)):
-            raise ForbiddenError("the form's CSRF token is missing or wrong: reload the page and try again")
-        upload = raw.get("file")
+        form = await form_of(request, cookie)
+        upload = (await request.form()).get("file")  # Starlette keeps the parsed form: no second parse
         if upload is None or isinstance(upload, str):
             raise ValidationError("choose a file to import", field="file")
         data = await upload.read()
@@ -314,9 +311,8 @@ def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs 
 
         started = time.perf_counter()
         p, cookie = caller(request)
-        form = {k: _form_value(await form_of(request, cookie), k) for k in ("kind", "text", "namespace", "version",
-                                                                         "as_of", "csrf")}
-        form.pop("csrf")
+        posted = await form_of(request, cookie)
+        form = {k: _form_value(posted, k) for k in ("kind", "text", "namespace", "version", "as_of")}
         text = form["text"].strip()
         if not text:
             raise ValidationError("type a question or a prompt", field="text")
