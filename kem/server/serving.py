@@ -294,6 +294,9 @@ class Serving:
             await close()
         if isinstance(self.limiter, SharedLimiter):
             await asyncio.to_thread(self.limiter.close)
+        side, self._side = self._side, None  # the playground's other version, if one was loaded
+        if side is not None and callable(getattr(side[1], "close", None)):
+            await asyncio.to_thread(side[1].close)
         await asyncio.to_thread(self.editor.close)
 
     def health(self) -> dict[str, Any]:
