@@ -397,17 +397,24 @@ def test_kem_serve_engine_vllm_hot_swap(kem_vllm, model_dir, tmp):
     workers = [threading.Thread(target=loop) for _ in range(2)]
     for w in workers:
         w.start()
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 300
+        while len(results) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    wait_for(1)  # the loop is answering before the swap starts
     r = httpx.post(kem_vllm.url + "/admin/reload", json={"version": "v1"}, timeout=900)
     n_at_swap = len(results)
-    while len(results) < n_at_swap + 2:  # the loop goes on after the swap
-        time.sleep(0.2)
+    wait_for(n_at_swap + 2)  # and goes on after it
     stop.set()
     for w in workers:
         w.join(120)
     assert r.status_code == 200, r.text
     assert r.json()["model"].endswith("@v1") and r.json()["absorbed_versions"] == ["v1"]
     assert r.json()["seconds"] < 60, r.json()  # in place: no second engine was started
-    assert len(results) >= 4 and all(isinstance(x, str) for x in results), results
+    assert len(results) >= n_at_swap + 2 >= 3, results
+    assert all(isinstance(x, str) for x in results), results
     assert httpx.get(kem_vllm.url + "/healthz").json()["absorbed_versions"] == ["v1"]
     after = complete()
     assert after != before, (before, after)  # the new weights answer
