@@ -61,6 +61,11 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.name = name
         self._turns = FairTurns()
+        import torch
+
+        self._tls = threading.local()  # per thread: whether a step has run on it (see _step_threads)
+        self._halved = 0  # steps running now on half their thread's CPU threads
+        self._clean_threads = torch.get_num_threads()
         self._inflight = 0  # requests decoding now
         self._contended_until = 0.0  # time.monotonic() until which prefill uses small chunks
         # the KV cache argument: ``cache`` in recent transformers, ``past_key_values`` before
@@ -144,10 +149,48 @@ class TransformersGenerator:
 
         # inference mode is per thread and per step: a generator that yields inside it would leak the
         # mode into its consumer, and a stream resumed on another thread would run without it
-        with torch.inference_mode(), self._turns.turn(served, owner, shareable=lora is None), \
-                (lora.active() if lora is not None else nullcontext()):
+        shareable = lora is None
+        with torch.inference_mode(), self._turns.turn(served, owner, shareable=shareable) as beside, \
+                (lora.active() if lora is not None else nullcontext()), \
+                self._step_threads(beside or (shareable and served >= FairTurns.LONG and self._contended())):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
         return out.logits[0, -1], past
+
+    def _contended(self) -> bool:
+        with self._turns._cond:
+            return self._inflight > 1 or time.monotonic() < self._contended_until
+
+    @contextmanager
+    def _step_threads(self, share: bool) -> Iterator[None]:
+        """CPU threads for one step: the calling thread's torch setting, or half of it where the step
+        shares the cores (``share``: it runs beside another step in the turnstile's second lane, or it is
+        a long request's step while others are in flight, which a short step may join). Two steps at once
+        then split the cores instead of both spinning on all of them, and a short request's step that
+        runs alone gets them all. Torch's intra-op thread count is per thread (OpenMP), so this touches no
+        other thread's steps; but a thread's first torch call copies torch's last global value, which a
+        halved step has lowered for its duration, so a thread's first step here starts from the last
+        value read while none was halved."""
+        import torch
+
+        with self._turns._cond:
+            if not getattr(self._tls, "ready", False):
+                if self._halved:
+                    torch.set_num_threads(self._clean_threads)
+                self._tls.ready = True
+            total = torch.get_num_threads()
+            if not self._halved:
+                self._clean_threads = total
+            n = max(1, total // 2) if share else total
+            if n != total:
+                torch.set_num_threads(n)
+                self._halved += 1
+        try:
+            yield
+        finally:
+            if n != total:
+                with self._turns._cond:
+                    torch.set_num_threads(total)
+                    self._halved -= 1
 
     @staticmethod
     def _pick(logits: Any, params: GenerationParams) -> int:
@@ -324,9 +367,10 @@ class FairTurns:
         return other_shareable and other_served >= self.LONG
 
     @contextmanager
-    def turn(self, served: int = 0, owner: object = None, shareable: bool = False) -> Iterator[None]:
+    def turn(self, served: int = 0, owner: object = None, shareable: bool = False) -> Iterator[bool]:
         """Hold the model for one step of ``owner``'s request, served ``served`` tokens so far
-        (``shareable``: the step runs with no LoRA, so it may take the second lane)."""
+        (``shareable``: the step runs with no LoRA, so it may take the second lane). Yields whether the
+        step runs beside another one (the second lane)."""
         with self._cond:
             me = (served, self._arrivals)
             self._arrivals += 1
@@ -341,11 +385,12 @@ class FairTurns:
                     self._cond.wait()
             heapq.heappop(self._waiting)
             mine = (served, shareable)
+            beside = bool(self._running)
             self._running.append(mine)
             self._held = None
             self._cond.notify_all()  # the next waiter may fit the second lane
         try:
-            yield
+            yield beside
         finally:
             with self._cond:
                 self._running.remove(mine)

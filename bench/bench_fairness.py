@@ -32,6 +32,7 @@ def main() -> None:
                     help="seconds between alice's start and bob's measurement (5: during her prefill; "
                          "60: during her decoding)")
     ap.add_argument("--threads", type=int, default=None, help="kem serve --threads (torch threads; default: torch's)")
+    ap.add_argument("--keep-log", type=Path, default=None, help="copy the server's log here at the end")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
                     help="vllm: kem serve --engine vllm from .venv-vllm (KEM_VLLM_PYTHON)")
     ap.add_argument("--vllm-batched-tokens", type=int, default=None,
@@ -102,6 +103,10 @@ def main() -> None:
             stop.set()
         finally:
             server.stop()
+            if args.keep_log is not None:
+                import shutil
+
+                shutil.copy(server.log_path, args.keep_log)
     p50i, p50l = statistics.median(idle), statistics.median(loaded)
     print("| bob's 2-token chat | p50 s | p90 s | max s | ratio to idle p50 |\n|---|---:|---:|---:|---:|")
     for name, xs in (("idle", idle), (f"alice: {args.alice_threads} x max-size loop, from {args.settle:.0f} s", loaded)):
@@ -109,6 +114,9 @@ def main() -> None:
         print(f"| {name} | {statistics.median(xs):.3f} | {q[-1]:.3f} | {max(xs):.3f} | {statistics.median(xs) / p50i:.2f}x |")
     print(f"\nalice: prompt ~{args.prompt_tokens} tokens, max_tokens {args.max_tokens}, "
           f"{args.alice_threads} threads, running the whole time: {not alice_errors}; errors: {alice_errors[:1]}")
+    slow = max(range(len(loaded)), key=loaded.__getitem__)
+    print(f"bob's slowest loaded request: #{slow + 1} of {len(loaded)}, {loaded[slow]:.3f} s "
+          f"(sent {sum(loaded[:slow]) + args.settle:.1f} s after alice started)")
     print(f"goal: loaded p50 <= 2x idle p50 -> {'met' if p50l <= 2 * p50i and not alice_errors else 'NOT met'}")
 
 

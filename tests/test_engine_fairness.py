@@ -108,36 +108,86 @@ def test_a_stream_resumed_on_another_thread_still_decodes(generator):
 
 def test_a_short_step_runs_beside_a_long_prefill_and_both_answers_stay_exact(generator):
     """The second lane (FairTurns.LONG / SHORT): while a long prompt prefills, short requests' steps run
-    beside its chunks, and every answer is the one each request gets alone (greedy)."""
+    beside its chunks, on half the CPU threads each (two threads here: one each), and every answer is
+    the one each request gets alone (greedy). Each thread gets its own count back afterwards."""
+    import torch
+
     from kem.adapters.transformers import FairTurns
 
     long_prompt = " ".join(f"item {i}," for i in range(600)) + " The next item is"  # ~3,400 tokens
     params = GenerationParams(max_new_tokens=6)
     alone_long = generator.generate(long_prompt, params)
     alone_short = [generator.generate(p, SHORT) for p in (PROMPT, "The capital of Japan is")]
-    seen: list[int] = []
+    seen: list[tuple[int, bool]] = []  # (steps running, ran beside another) per step
+    threads: list[tuple[int, int]] = []  # (input tokens, torch threads) per model call
     long_enough = threading.Event()
     original = FairTurns.turn
 
     def watching(self, served=0, owner=None, shareable=False):  # records how many steps ran at once
         if served >= FairTurns.LONG:
             long_enough.set()
-        with original(self, served, owner, shareable):
-            seen.append(len(self._running))
-            yield
+        with original(self, served, owner, shareable) as beside:
+            seen.append((len(self._running), beside))
+            yield beside
 
     import contextlib
 
+    hook = generator.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: threads.append((kwargs["input_ids"].shape[1], torch.get_num_threads())),
+        with_kwargs=True)
     FairTurns.turn = contextlib.contextmanager(watching)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
     try:
-        out: dict[str, str] = {}
-        th = threading.Thread(target=lambda: out.__setitem__("long", generator.generate(long_prompt, params)))
+        out: dict[str, int | str] = {}
+
+        def long_request() -> None:
+            torch.set_num_threads(2)
+            out["long"] = generator.generate(long_prompt, params)
+            out["after"] = torch.get_num_threads()
+
+        th = threading.Thread(target=long_request)
         th.start()
         assert long_enough.wait(120)  # the long prompt's prefill is past FairTurns.LONG tokens
         shorts = [generator.generate(p, SHORT) for p in (PROMPT, "The capital of Japan is") for _ in range(3)]
+        after_short = torch.get_num_threads()
         th.join()
     finally:
         FairTurns.turn = original
+        hook.remove()
+        torch.set_num_threads(before)
     assert out["long"] == alone_long
     assert shorts == [alone_short[0]] * 3 + [alone_short[1]] * 3
-    assert max(seen) == 2, "no short step ran beside the long prefill"
+    assert max(n for n, _ in seen) == 2, "no short step ran beside the long prefill"
+    assert all(beside == (n == 2) for n, beside in seen), seen
+    # the long prefill's chunks ran on one thread while the shorts were in flight; a step alone on two
+    assert 1 in {t for n, t in threads if n == type(generator).PREFILL_CHUNK_CONTENDED}, threads
+    assert 2 in {t for _, t in threads}, threads
+    assert out["after"] == 2 and after_short == 2  # each thread's own count is back
+
+
+def test_a_thread_first_seen_while_a_step_is_halved_starts_from_the_full_count(generator):
+    """A step on half its threads lowers torch's global value for its duration, which a thread's first
+    torch call copies; the engine gives such a thread the last count read while none was halved."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: dict[str, int] = {}
+    try:
+        with generator._step_threads(False):  # a clean reading: 2
+            pass
+        with generator._step_threads(True):
+            seen["halved"] = torch.get_num_threads()
+
+            def fresh() -> None:
+                with generator._step_threads(False):
+                    seen["fresh"] = torch.get_num_threads()
+
+            th = threading.Thread(target=fresh)
+            th.start()
+            th.join()
+        seen["after"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"halved": 1, "fresh": 2, "after": 2}
