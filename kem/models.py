@@ -163,3 +163,17 @@ def load_causal_lm(
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def linear_dims(module: Any) -> tuple[int, int, bool]:
+    """``(in_features, out_features, transposed)`` of a linear module: ``nn.Linear`` stores its weight
+    ``(out, in)``; GPT-2's ``Conv1D`` (``nx`` in, ``nf`` out) stores it ``(in, out)`` (``transposed``).
+
+    Raises:
+        ModelError: the module is neither.
+    """
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features), False
+    if hasattr(module, "nx") and hasattr(module, "nf"):
+        return int(module.nx), int(module.nf), True
+    raise ModelError(f"{type(module).__name__} is not a linear module kem can adapt (nn.Linear or Conv1D)")

@@ -62,6 +62,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
+    "phi3": replace(_LLAMA_LIKE, mlp_in="mlp.gate_up_proj"),  # gate and up fused in one matrix
     "gemma2": _GEMMA_TEXT,
     "gemma3_text": _GEMMA_TEXT,
     "gemma3": ArchSpec(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import ModelError
+from kem.models import linear_dims
 
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -73,9 +74,10 @@ class LoraHooks:
             if "lora_A" not in ab or "lora_B" not in ab:
                 raise ModelError(f"{self.path}: {name} has only one of lora_A / lora_B")
             a, b = ab["lora_A"], ab["lora_B"]
-            if a.shape[1] != mod.in_features or b.shape[0] != mod.out_features:
+            d_in, d_out, _ = linear_dims(mod)  # nn.Linear or GPT-2's Conv1D (peft's fan_in_fan_out: same A, B)
+            if a.shape[1] != d_in or b.shape[0] != d_out:
                 raise ModelError(f"{self.path}: {name} shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
-                                 f"the model's {mod.in_features}->{mod.out_features}")
+                                 f"the model's {d_in}->{d_out}")
             # per-module rank / alpha (peft's rank_pattern / alpha_pattern, matched as peft and vLLM do)
             r = _pattern(rank_pattern, name, rank)
             al = float(_pattern(alpha_pattern, name, alpha))

@@ -27,7 +27,8 @@ from kem.consolidation.arch import arch_for
 from kem.consolidation.delta import WeightDelta
 from kem.consolidation.distill.data import Item
 from kem.consolidation.distill.hparams import DistillHParams
-from kem.errors import ValidationError
+from kem.errors import ModelError, ValidationError
+from kem.models import linear_dims
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,17 @@ class HookLora:
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         self.trainable: list[torch.Tensor] = []
+        self.transposed: dict[str, bool] = {}  # the weight is stored (in, out): GPT-2's Conv1D
         for name, m in modules.items():
             dev = m.weight.device
+            d_in, d_out, self.transposed[name] = linear_dims(m)
             if fixed_a is not None:  # keys chosen beforehand: only the values B are learnt
                 self.a[name] = fixed_a[name].to(dev).float()
             else:
-                bound = 1.0 / math.sqrt(m.in_features)
-                self.a[name] = ((torch.rand(rank, m.in_features, generator=gen) * 2 - 1) * bound).to(dev).requires_grad_()
+                bound = 1.0 / math.sqrt(d_in)
+                self.a[name] = ((torch.rand(rank, d_in, generator=gen) * 2 - 1) * bound).to(dev).requires_grad_()
                 self.trainable.append(self.a[name])
-            self.b[name] = torch.zeros(m.out_features, self.a[name].shape[0], device=dev, requires_grad=True)
+            self.b[name] = torch.zeros(d_out, self.a[name].shape[0], device=dev, requires_grad=True)
             self.trainable.append(self.b[name])
         self.on = True
         self.measure = False  # add each module's relative output change to ``penalty``
@@ -88,10 +91,15 @@ class HookLora:
         self._handles = []
 
     def delta(self, method: str) -> WeightDelta:
-        """The LoRA as a low-rank delta: ``delta_W = (scale B) @ A`` per module weight."""
+        """The LoRA as a low-rank delta in each weight's layout: ``delta_W = (scale B) @ A``, transposed
+        (``A^T @ (scale B)^T``) for a weight stored ``(in, out)``."""
         d = WeightDelta(method=method)
         for name in self.modules:
-            d.add(f"{name}.weight", self.b[name].detach() * self.scale, self.a[name].detach())
+            b, a = self.b[name].detach() * self.scale, self.a[name].detach()
+            if self.transposed[name]:
+                d.add(f"{name}.weight", a.T.contiguous(), b.T.contiguous())
+            else:
+                d.add(f"{name}.weight", b, a)
         return d
 
 
@@ -111,12 +119,20 @@ def target_modules(model: Any, hp: DistillHParams) -> dict[str, torch.nn.Linear]
     for layer in layers:
         prefix = f"{root}.{layer}."
         for name, m in model.named_modules():
-            if name.startswith(prefix) and name.rsplit(".", 1)[-1] in hp.targets and isinstance(m, torch.nn.Linear):
+            if name.startswith(prefix) and name.rsplit(".", 1)[-1] in hp.targets and _is_linear(m):
                 out[name] = m
     if not out:
         raise ValidationError(f"no nn.Linear named {list(hp.targets)} in layers {list(layers)} of this model "
-                              "(distill trains Linear modules; set targets)", field="targets")
+                              "(distill trains Linear or Conv1D modules; set targets)", field="targets")
     return out
+
+
+def _is_linear(m: Any) -> bool:
+    try:
+        linear_dims(m)
+    except ModelError:
+        return False
+    return True
 
 
 def subject_keys(model: Any, tok: Any, edits: Sequence[Any], layers: Sequence[int], templates: Sequence[str],
