@@ -30,6 +30,29 @@ def test_every_package_is_listed():
     assert listed - on_disk == set(), f"listed packages with no folder: {listed - on_disk}"
 
 
+def test_architecture_package_map_names_every_module():
+    """docs/architecture.md's package map has a row per folder; each row names every module (``x.py``) and
+    sub-package (``x/``) of its folder that has no row of its own (``__init__``/``__main__`` aside)."""
+    import re
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    table = doc.split("## Package map", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`").rstrip("/")] = set(re.findall(r"`([\w.]+/?)`", cells[2]))
+    missing = {}
+    for folder, named in rows.items():
+        path = ROOT / folder
+        assert path.is_dir(), f"the package map names {folder}/, which does not exist"
+        want = {f.name for f in path.glob("*.py") if f.name not in ("__init__.py", "__main__.py")}
+        want |= {f"{d.name}/" for d in path.iterdir() if (d / "__init__.py").exists() or d.name == "data"
+                 if f"{folder}/{d.name}" not in rows}
+        if want - named:
+            missing[folder] = sorted(want - named)
+    assert not missing, f"docs/architecture.md's package map does not name: {missing}"
+
+
 def test_listed_packages_import():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for name in cfg["packages"]:
