@@ -32,6 +32,9 @@ def main() -> None:
                     help="seconds between alice's start and bob's measurement (5: during her prefill; "
                          "60: during her decoding)")
     ap.add_argument("--threads", type=int, default=None, help="kem serve --threads (torch threads; default: torch's)")
+    ap.add_argument("--unique-prompts", action="store_true",
+                    help="a different prompt for each of alice's requests (vLLM's prefix cache would otherwise "
+                         "serve her repeated prompt, so she would prefill only once)")
     ap.add_argument("--keep-log", type=Path, default=None, help="copy the server's log here at the end")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"],
                     help="vllm: kem serve --engine vllm from .venv-vllm (KEM_VLLM_PYTHON)")
@@ -86,7 +89,11 @@ def main() -> None:
             def alice() -> None:
                 c = httpx.Client(base_url=server.url, headers={"authorization": "Bearer sk-b-alice"}, timeout=3600)
                 prompt = "Counting: " + ", ".join(str(i) for i in range(int(args.prompt_tokens / 5.5))) + ","  # ~5.5 tokens a number
+                n = 0
                 while not stop.is_set():
+                    if args.unique_prompts:  # a new first token: nothing of it is in the prefix cache
+                        n += 1
+                        prompt = f"{threading.get_ident() % 997}.{n} " + prompt.split(" ", 1)[1]
                     r = c.post("/v1/completions", json={"model": "default", "prompt": prompt,
                                                         "max_tokens": args.max_tokens, "temperature": 0})
                     if r.status_code == 200:

@@ -28,7 +28,16 @@ from kem.compose import (
     load_demos,
 )
 from kem.edit import Edit, EditStatus, utcnow
-from kem.protocols import AdapterRef, Change, Embedder, GenerationParams, Generator, Message, ScoredEdit
+from kem.protocols import (
+    AdapterRef,
+    Change,
+    Embedder,
+    GenerationParams,
+    Generator,
+    Message,
+    ScoredEdit,
+    runs_adapters,
+)
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
 from kem.stores.memory import InMemoryStore
@@ -266,9 +275,7 @@ class KnowledgeEditor:
         generator, if loaded) run with: its current tenant version when one is published and the engine
         runs adapters per request and the version applies to the shared weights served (else None: its
         edits are served in context, as before)."""
-        eng = engine if engine is not None else self._generator
-        eng = getattr(eng, "sync", eng)
-        if not getattr(eng, "accepts_adapters", False):
+        if not runs_adapters(engine if engine is not None else self._generator):
             return None
         return self.tenants.get(namespace or self.settings.namespace, self._absorbed)
 

@@ -121,6 +121,23 @@ class ForwardingEngine(Protocol):
 
 
 @runtime_checkable
+class RunsAdapters(Protocol):
+    """An engine that runs a request with the LoRA ``GenerationParams.adapter`` names, per request: the
+    edit-follower's name, or an :class:`AdapterRef` (a tenant's consolidated adapter, loaded on demand).
+    ``accepts_adapters`` may be False at run time (a vLLM started without LoRA); ask
+    :func:`runs_adapters`, which also looks through a sync engine's async wrapper."""
+
+    accepts_adapters: bool
+
+
+def runs_adapters(engine: Any) -> bool:
+    """Whether ``engine`` (or the sync engine a ``to_async`` wrapper holds as ``sync``) runs per-request
+    adapters now (:class:`RunsAdapters`)."""
+    engine = getattr(engine, "sync", engine)
+    return isinstance(engine, RunsAdapters) and bool(engine.accepts_adapters)
+
+
+@runtime_checkable
 class Reloadable(Protocol):
     """An in-process engine that loads a new model version's weights in place (vLLM), keeping its
     process, queue and compiled graphs; ``kem serve``'s ``/admin/reload`` uses it when it can."""

@@ -184,6 +184,12 @@ def test_engine_protocols(generator):
     try:
         assert isinstance(http, ForwardingEngine) and not isinstance(http, Reloadable)
         assert not isinstance(generator, ForwardingEngine) and not isinstance(generator, Reloadable)
+        # per-request adapters: the transformers engine always; upstream mode only with runtime LoRA
+        from kem.adapters.base import to_async
+        from kem.protocols import runs_adapters
+
+        assert runs_adapters(generator) and runs_adapters(to_async(generator))
+        assert not runs_adapters(http) and not runs_adapters(object())
     finally:
         run(http.aclose())
 

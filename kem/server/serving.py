@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
 from kem.errors import EngineError, KemError, NotFoundError, RequestCancelled, ValidationError
-from kem.protocols import AdapterRef, ForwardingEngine, GenerationParams, ScoredEdit
+from kem.protocols import AdapterRef, ForwardingEngine, GenerationParams, ScoredEdit, runs_adapters
 from kem.server.auth import Principal
 from kem.server.edits import Edits
 from kem.server.limits import Admission, Limiter, SharedLimiter
@@ -307,7 +307,7 @@ class Serving:
         return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
                 "absorbed_versions": sorted(self.editor.absorbed_versions),
                 "fast_path": "adapter" if follower else "ike", "follower": follower,
-                "tenant_adapters": bool(getattr(getattr(self._engine, "sync", self._engine), "accepts_adapters", False)),
+                "tenant_adapters": runs_adapters(self._engine),
                 "index_revision": self.editor.memory.index.revision,
                 "index_sync": "listen" if syncer is not None and syncer.healthy else "poll"}
 
