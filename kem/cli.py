@@ -335,39 +335,61 @@ def demo(
     Console(width=160).print(table)
 
 
+#: Commands that need optional parts: (name, module, attribute, is a sub-app, modules it needs at run
+#: time, what to install). Their modules import those lazily, so the check is explicit.
+OPTIONAL_COMMANDS = (
+    ("eval", "kem.eval.cli", "eval_command", False, ("torch", "transformers"), "scripts/install.sh"),
+    ("consolidate", "kem.consolidation.cli", "consolidate", False, ("torch", "transformers"), "scripts/install.sh"),
+    ("models", "kem.consolidation.cli", "models_app", True, (), ""),
+    ("adapter", "kem.follower.cli", "adapter_app", True, ("torch", "transformers", "peft"), "scripts/install.sh"),
+    ("serve", "kem.server.cli", "serve", False, ("fastapi", "uvicorn", "jinja2", "multipart"),
+     "pip install 'kem[server]'"),
+    ("keys", "kem.server.keys_cli", "keys_app", True, (), ""),
+)
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    """The modules of ``modules`` that cannot be imported here (found without importing them)."""
+    import importlib.util
+
+    out = []
+    for m in modules:
+        try:
+            found = importlib.util.find_spec(m) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            out.append(m)
+    return out
+
+
 def _mount_optional() -> None:
-    """Mount the commands that live in optional modules (eval, consolidation, serving)."""
-    try:
-        from kem.eval.cli import eval_command
+    """Mount the commands that need optional parts (eval, consolidation, serving). One whose parts are
+    missing is still listed by ``kem --help``, marked unavailable with the reason; running it says what
+    to install and exits 2."""
+    import importlib
 
-        app.command("eval")(eval_command)
-    except ImportError:
-        pass
-    try:
-        from kem.consolidation.cli import consolidate, models_app
+    for name, module, attr, sub_app, needs, install in OPTIONAL_COMMANDS:
+        missing = _missing(needs)
+        try:
+            target = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            missing = missing or [str(exc.name or exc)]
+        if missing:
+            _mount_unavailable(name, f"needs {', '.join(missing)}" + (f" ({install})" if install else ""))
+        elif sub_app:
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
 
-        app.command("consolidate")(consolidate)
-        app.add_typer(models_app, name="models")
-    except ImportError:
-        pass
-    try:
-        from kem.follower.cli import adapter_app
 
-        app.add_typer(adapter_app, name="adapter")
-    except ImportError:
-        pass
-    try:
-        from kem.server.cli import serve
+def _mount_unavailable(name: str, why: str) -> None:
+    def unavailable() -> None:
+        raise KemError(f"kem {name} is unavailable: {why}")
 
-        app.command("serve")(serve)
-    except ImportError:
-        pass
-    try:
-        from kem.server.keys_cli import keys_app
-
-        app.add_typer(keys_app, name="keys")
-    except ImportError:
-        pass
+    unavailable.__doc__ = "(unavailable: " + why.replace("[", "\\[") + ")"  # \[: not rich markup
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                        "help_option_names": []})(unavailable)
 
 
 def run_app(typer_app: typer.Typer) -> NoReturn:

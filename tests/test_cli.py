@@ -136,3 +136,24 @@ def test_facts_over_time_on_the_command_line(tmp_path):
     rows = [json.loads(line) for line in kem(home, "audit", "--json").stdout.splitlines()]
     assert [r["op"] for r in rows] == ["add", "supersede", "add", "add", "supersede", "approve"]
     assert all(r["actor"].startswith("cli:") for r in rows)
+
+
+def test_a_command_whose_module_cannot_load_says_why(tmp_path):
+    """Without fastapi (the ``server`` extra), ``kem --help`` still lists ``serve``, marked unavailable
+    with the reason, and running it names what to install and exits 2; the other commands are there."""
+    blocker = tmp_path / "sitecustomize.py"  # loaded at start-up: fastapi cannot be imported
+    blocker.write_text("import sys\n\nclass _NoFastapi:\n"
+                       "    def find_spec(self, name, path=None, target=None):\n"
+                       "        if name == 'fastapi' or name.startswith('fastapi.'):\n"
+                       "            raise ImportError(\"No module named 'fastapi'\", name='fastapi')\n"
+                       "        return None\n\nsys.meta_path.insert(0, _NoFastapi())\n")
+    env = {**os.environ, "KEM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(tmp_path), "COLUMNS": "200"}
+    run = [sys.executable, "-m", "kem"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert helped.returncode == 0, helped.stderr
+    lines = {ln.split()[1]: ln for ln in helped.stdout.splitlines() if ln.startswith("│ ") and len(ln.split()) > 2}
+    assert "unavailable" in lines["serve"] and "fastapi" in lines["serve"] and "kem[server]" in lines["serve"]
+    assert "unavailable" not in lines["keys"]  # a keys file needs no web framework
+    assert "unavailable" not in lines["edit"] and "unavailable" not in lines["consolidate"]
+    served = subprocess.run([*run, "serve", "--port", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert served.returncode == 2 and "kem serve is unavailable" in served.stderr and "kem[server]" in served.stderr
