@@ -37,6 +37,7 @@ from kem.protocols import (
     Message,
     ScoredEdit,
     runs_adapters,
+    sync_engine,
 )
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
@@ -255,8 +256,31 @@ class KnowledgeEditor:
         """The store's edits, oldest first (``text`` / ``subject`` filters: :meth:`EditStore.list`)."""
         return self.store.list(namespace, status, limit, offset, text=text, subject=subject)
 
+    def count(self, namespace: str | None = None, status: EditStatus | None = None, *, text: str | None = None,
+              subject: str | None = None) -> int:
+        """How many edits :meth:`list` would return without a limit (:meth:`EditStore.count`)."""
+        return self.store.count(namespace, status, text=text, subject=subject)
+
     def history(self, edit_id: str, namespace: str | None = None) -> builtins.list[Change]:
         return self.store.history(edit_id, namespace)
+
+    def namespaces(self) -> builtins.list[str]:
+        return self.store.namespaces()
+
+    def store_revision(self) -> int:
+        """The store's revision (every change raises it; compare :meth:`index_state`)."""
+        return self.store.revision()
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.memory.embedder
+
+    def index_state(self) -> tuple[int, str]:
+        """``(revision, sync)``: the store revision this process's index has applied, and how it follows
+        the store: ``"listen"`` (a PostgreSQL notification thread that is healthy) or ``"poll"`` (a query
+        per read)."""
+        syncer = self.memory.syncer
+        return self.memory.index.revision, "listen" if syncer is not None and syncer.healthy else "poll"
 
     # ---- the fast path ------------------------------------------------------------------------------
     def retrieve(self, query: str, namespace: str | None = None, k: int | None = None,
@@ -287,9 +311,7 @@ class KnowledgeEditor:
         if loaded) should run with: None when ``fast_path`` is ``ike`` or the engine has none."""
         if self.settings.fast_path != "adapter":
             return None
-        eng = engine if engine is not None else self._generator
-        eng = getattr(eng, "sync", eng)  # the async bridge of a sync engine
-        name = getattr(eng, "follower", None)
+        name = getattr(sync_engine(engine if engine is not None else self._generator), "follower", None)
         return name if isinstance(name, str) and name else None
 
     def _follower(self, follower: str | None | object) -> str | None:

@@ -130,10 +130,16 @@ class RunsAdapters(Protocol):
     accepts_adapters: bool
 
 
+def sync_engine(engine: Any) -> Any:
+    """The sync engine behind ``kem.adapters.base.to_async``'s bridge (its ``sync``), else ``engine``:
+    where an engine's optional members (``tokenizer``, ``follower``, ``count_tokens``...) live."""
+    return getattr(engine, "sync", engine)
+
+
 def runs_adapters(engine: Any) -> bool:
-    """Whether ``engine`` (or the sync engine a ``to_async`` wrapper holds as ``sync``) runs per-request
-    adapters now (:class:`RunsAdapters`)."""
-    engine = getattr(engine, "sync", engine)
+    """Whether ``engine`` (or the sync engine behind its async bridge) runs per-request adapters now
+    (:class:`RunsAdapters`)."""
+    engine = sync_engine(engine)
     return isinstance(engine, RunsAdapters) and bool(engine.accepts_adapters)
 
 

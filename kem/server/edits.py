@@ -189,7 +189,7 @@ class Edits:
             edits, total = live[offset:offset + limit], len(live)
         else:
             edits = await self._run(self.editor.list, ns, st, limit, offset, text=q, subject=subject)
-            total = await self._run(self.editor.store.count, ns, st, text=q, subject=subject)
+            total = await self._run(self.editor.count, ns, st, text=q, subject=subject)
         nxt = offset + len(edits) if offset + len(edits) < total else None
         return EditPage(data=[edit_json(e) for e in edits], total=total, limit=limit, offset=offset,
                         next_offset=nxt)

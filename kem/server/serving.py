@@ -33,7 +33,14 @@ from typing import Any, TypeVar
 from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
 from kem.errors import EngineError, KemError, NotFoundError, RequestCancelled, ValidationError
-from kem.protocols import AdapterRef, ForwardingEngine, GenerationParams, ScoredEdit, runs_adapters
+from kem.protocols import (
+    AdapterRef,
+    ForwardingEngine,
+    GenerationParams,
+    ScoredEdit,
+    runs_adapters,
+    sync_engine,
+)
 from kem.server.auth import Principal
 from kem.server.edits import Edits
 from kem.server.limits import Admission, Limiter, SharedLimiter
@@ -107,7 +114,7 @@ def error_event(exc: BaseException) -> bytes:
 def finish_reason(engine: Any, text: str, params: GenerationParams) -> str:
     """``"length"`` when ``text`` used the whole token budget, else ``"stop"``. Local engines return text
     only, so the tokens are counted again with the engine's tokenizer (when it has one)."""
-    tok = getattr(getattr(engine, "sync", engine), "tokenizer", None)
+    tok = getattr(sync_engine(engine), "tokenizer", None)
     if tok is None or not params.max_new_tokens:
         return "stop"
     try:
@@ -138,7 +145,7 @@ class Serving:
         self.settings = settings or editor.settings
         self.edits = Edits(editor)
         self.metrics = metrics or Metrics()
-        self.metrics.embedder = editor.memory.embedder  # cache and micro-batcher counters in /metrics
+        self.metrics.embedder = editor.embedder  # cache and micro-batcher counters in /metrics
         self.default_max_tokens = default_max_tokens or editor.settings.max_new_tokens
         self.reloader = reloader
         shared = getattr(editor.store, "shared_limits", None)  # a store the replicas share (PostgreSQL)
@@ -182,12 +189,12 @@ class Serving:
         running requests are done)."""
         old = self._engine
         absorbed = self.editor.absorbed_versions if absorbed_versions is None else absorbed_versions
-        self.editor.serve_version(absorbed, generator=getattr(engine, "sync", engine))
+        self.editor.serve_version(absorbed, generator=sync_engine(engine))
         self.set_engine(engine, self.served_name)
         self.metrics.reloads += 1
         log.info("engine swapped to %s (absorbed versions: %s)", engine.name,
                  sorted(self.editor.absorbed_versions))
-        return getattr(old, "sync", old)
+        return sync_engine(old)
 
     async def reload(self, req: ReloadRequest) -> dict[str, Any]:
         """``POST /admin/reload``: serve another model version, one reload at a time.
@@ -228,7 +235,7 @@ class Serving:
                 if self.reloader is None:
                     raise ValidationError("this server cannot reload its engine", field="path")
                 t0 = time.perf_counter()
-                current = getattr(self._engine, "sync", self._engine)
+                current = sync_engine(self._engine)
                 new_engine = await asyncio.to_thread(self.reloader, req, current)
                 seconds = time.perf_counter() - t0
                 old = self.swap(new_engine, absorbed)
@@ -261,7 +268,7 @@ class Serving:
             served = versions.resolve(version)  # NotFoundError for an unknown version
         params = GenerationParams(max_new_tokens=max_tokens, deadline=time.monotonic() + self.settings.request_timeout)
         if served.version == (self.version or "base") and not self.forwarding:
-            engine = getattr(self._engine, "sync", self._engine)
+            engine = sync_engine(self._engine)
         else:
             engine = await asyncio.to_thread(self._side_engine, served)
         if isinstance(request, str):
@@ -303,13 +310,12 @@ class Serving:
         """``GET /healthz``: the engine, the absorbed versions, which fast path in-scope requests take, and the
         store revision this replica's index has applied (``index_revision``)."""
         follower = self.editor.follower_of(self._engine)
-        syncer = self.editor.memory.syncer  # index_sync: "listen" (LISTEN/NOTIFY), "poll" (a query per read)
+        revision, sync = self.editor.index_state()  # sync: "listen" (LISTEN/NOTIFY), "poll" (a query per read)
         return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
                 "absorbed_versions": sorted(self.editor.absorbed_versions),
                 "fast_path": "adapter" if follower else "ike", "follower": follower,
                 "tenant_adapters": runs_adapters(self._engine),
-                "index_revision": self.editor.memory.index.revision,
-                "index_sync": "listen" if syncer is not None and syncer.healthy else "poll"}
+                "index_revision": revision, "index_sync": sync}
 
     def models(self) -> ModelList:
         root = self._engine.name
@@ -354,7 +360,7 @@ class Serving:
 
         Local engines count the rewritten prompt with their tokenizer; upstreams (no tokenizer here)
         are charged an estimate (4 characters a token) and enforce their own context."""
-        sync = getattr(engine, "sync", engine)
+        sync = sync_engine(engine)
         count, context = getattr(sync, "count_tokens", None), getattr(sync, "context_length", None)
         text = rw.request if isinstance(rw.request, str) else _chat_text(sync, rw.request)
         ceiling = self.settings.max_tokens_ceiling

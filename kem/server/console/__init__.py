@@ -206,7 +206,7 @@ def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs 
         else:
             page_ = await edits.list(p, ns, limit=PAGE, offset=offset, status=status, q=q or None, subject=subject,
                                      as_of=as_of)
-        namespaces = (await asyncio.to_thread(serving.editor.store.namespaces)) if p.admin else [p.namespace]
+        namespaces = (await asyncio.to_thread(serving.editor.namespaces)) if p.admin else [p.namespace]
         server_ms = (time.perf_counter() - t0) * 1000
         params = {"q": q, "mode": mode, "namespace": ns or "", "status": status or "", "subject": subject or "",
                   "as_of": as_of or ""}
@@ -481,8 +481,8 @@ def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs 
         else:
             rows.append({"id": "(auth off)", "namespace": p.namespace, "admin": True,
                          **serving.limiter.usage(p.key_id, p.limits)})
-        stats = {"edits": await asyncio.to_thread(serving.editor.store.count, p.list_scope(None)),
-                 "store_revision": await asyncio.to_thread(serving.editor.store.revision) if p.admin else None}
+        stats = {"edits": await asyncio.to_thread(serving.editor.count, p.list_scope(None)),
+                 "store_revision": await asyncio.to_thread(serving.editor.store_revision) if p.admin else None}
         return render(request, "health.html", p, health=body, keys=rows, stats=stats)
 
     return router
