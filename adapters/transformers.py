@@ -152,19 +152,23 @@ class TransformersGenerator:
         shareable = lora is None
         with torch.inference_mode(), self._turns.turn(served, owner, shareable=shareable) as beside, \
                 (lora.active() if lora is not None else nullcontext()), \
-                self._step_threads(beside or (shareable and served >= FairTurns.LONG and self._contended())):
+                self._step_threads(beside, long_step=shareable and served >= FairTurns.LONG):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: past})
         return out.logits[0, -1], past
 
-    def _contended(self) -> bool:
-        with self._turns._cond:
-            return self._inflight > 1 or time.monotonic() < self._contended_until
+    def _contended_locked(self) -> bool:
+        """Whether other requests are in flight now or were within :attr:`CONTENDED` seconds (under
+        ``self._turns._cond``)."""
+        now = time.monotonic()
+        if self._inflight > 1:
+            self._contended_until = now + self.CONTENDED
+        return now < self._contended_until
 
     @contextmanager
-    def _step_threads(self, share: bool) -> Iterator[None]:
+    def _step_threads(self, beside: bool, long_step: bool) -> Iterator[None]:
         """CPU threads for one step: the calling thread's torch setting, or half of it where the step
-        shares the cores (``share``: it runs beside another step in the turnstile's second lane, or it is
-        a long request's step while others are in flight, which a short step may join). Two steps at once
+        shares the cores (it runs ``beside`` another step in the turnstile's second lane, or it is a
+        shareable ``long_step`` while others are in flight, which a short step may join). Two steps at once
         then split the cores instead of both spinning on all of them, and a short request's step that
         runs alone gets them all. Torch's intra-op thread count is per thread (OpenMP), so this touches no
         other thread's steps; but a thread's first torch call copies torch's last global value, which a
@@ -180,6 +184,7 @@ class TransformersGenerator:
             total = torch.get_num_threads()
             if not self._halved:
                 self._clean_threads = total
+            share = beside or (long_step and self._contended_locked())
             n = max(1, total // 2) if share else total
             if n != total:
                 torch.set_num_threads(n)
@@ -283,9 +288,7 @@ class TransformersGenerator:
 
     def _prefill_chunk(self) -> int:
         with self._turns._cond:
-            if self._inflight > 1:
-                self._contended_until = time.monotonic() + self.CONTENDED
-            contended = time.monotonic() < self._contended_until
+            contended = self._contended_locked()
         return self.PREFILL_CHUNK_CONTENDED if contended else self.PREFILL_CHUNK
 
     # ---- Generator protocol --------------------------------------------------------------------

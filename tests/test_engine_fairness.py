@@ -175,13 +175,13 @@ def test_a_thread_first_seen_while_a_step_is_halved_starts_from_the_full_count(g
     torch.set_num_threads(2)
     seen: dict[str, int] = {}
     try:
-        with generator._step_threads(False):  # a clean reading: 2
+        with generator._step_threads(False, long_step=False):  # a clean reading: 2
             pass
-        with generator._step_threads(True):
+        with generator._step_threads(True, long_step=False):  # beside another step
             seen["halved"] = torch.get_num_threads()
 
             def fresh() -> None:
-                with generator._step_threads(False):
+                with generator._step_threads(False, long_step=False):
                     seen["fresh"] = torch.get_num_threads()
 
             th = threading.Thread(target=fresh)
