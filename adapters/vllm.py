@@ -202,9 +202,6 @@ class VLLMGenerator:
             if lora_target_modules:
                 lora["lora_target_modules"] = list(lora_target_modules)
             kwargs = {**lora, **kwargs}
-        from kem.models import offline
-
-        offline()
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the environment

@@ -38,7 +38,7 @@ BODY = {"model": "default", "prompt": "The capital of France is", "max_tokens": 
 
 def add_keys(url: str, rpm: int) -> None:
     from kem.server.auth import KeyEntry, digest
-    from kem.server.keys_pg import PostgresKeys
+    from kem.stores.pg_keys import PostgresKeys
     from kem.server.limits import KeyLimits
 
     backend = PostgresKeys(url)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from kem.cli_support import run_app
 from kem.errors import KemError
 from kem.runtime import own_process
 
@@ -390,26 +390,6 @@ def _mount_unavailable(name: str, why: str) -> None:
     unavailable.__doc__ = "(unavailable: " + why.replace("[", "\\[") + ")"  # \[: not rich markup
     app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                         "help_option_names": []})(unavailable)
-
-
-def run_app(typer_app: typer.Typer) -> NoReturn:
-    """Run a Typer app as a command and exit with its status: 0 done; 2 an error (``error: ...`` on
-    stderr, for every :class:`~kem.errors.KemError`) or a usage error; 130 interrupted; a command's
-    own ``typer.Exit(code)`` (``kem consolidate``: 1 when the gates refuse) as given."""
-    try:
-        code = typer_app(standalone_mode=False)  # returns a typer.Exit's code instead of exiting
-    except KemError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except Exception as exc:  # usage errors: click's, or typer's vendored copy of click (not a click subclass)
-        show, usage_code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
-        if callable(show) and isinstance(usage_code, int):
-            show()
-            sys.exit(usage_code)
-        raise
-    sys.exit(code if isinstance(code, int) else 0)
 
 
 def main() -> NoReturn:

@@ -43,6 +43,7 @@ from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
 from kem.stores.memory import InMemoryStore
 from kem.stores.rules import HELD
+from kem.stores.services import StoreServices
 from kem.tenants import TenantAdapters, TenantVersion
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class KnowledgeEditor:
         except BaseException:
             store.close()
             raise
-        if settings.sync_interval > 0:  # PostgreSQL: apply other replicas' edits as they are announced
-            memory.start_sync(settings.sync_interval)
+        if settings.sync_interval > 0 and store.services.notifications:  # other replicas' edits, as announced
+            from kem.sync import Syncer
+
+            memory.syncer = Syncer(memory, settings.sync_interval).start()
         return cls(memory, settings=settings, generator=generator, scope=scope, demos=demos)
 
     @classmethod
@@ -267,6 +270,16 @@ class KnowledgeEditor:
     def namespaces(self) -> builtins.list[str]:
         return self.store.namespaces()
 
+    @property
+    def services(self) -> StoreServices:
+        """What the store offers besides edits (keys, versions, a job lock, notifications)."""
+        return self.store.services
+
+    def shared_limits(self, lease: float) -> Any:
+        """Rate-limit buckets every replica on the store shares (``lease``: seconds a request in flight holds
+        its slot if its replica dies), or None: each process keeps its own."""
+        return self.store.shared_limits(lease=lease)
+
     def store_revision(self) -> int:
         """The store's revision (every change raises it; compare :meth:`index_state`)."""
         return self.store.revision()
@@ -335,20 +348,37 @@ class KnowledgeEditor:
         :meth:`follower_of`) or an IKE prompt (``follower=None``); else ``prompt`` itself. ``tenant``
         (default: :meth:`tenant_of` the namespace) adds the namespace's consolidated adapter and skips
         the edits it holds. ``as_of``: the edits that applied then (default: now)."""
+        return self._rewrite(prompt, prompt, False, namespace, follower, tenant, as_of)
+
+    def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None,
+                     follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO,
+                     as_of: datetime | None = None) -> Rewrite:
+        """The fast path for a chat request: retrieval on the last user message (``follower`` and
+        ``tenant`` as in :meth:`rewrite_prompt`)."""
+        messages = messages if isinstance(messages, list) else list(messages)
+        return self._rewrite(messages, last_user_text(messages), True, namespace, follower, tenant, as_of)
+
+    def _rewrite(self, request: Any, query: str, chat: bool, namespace: str | None, follower: str | None | object,
+                 tenant: TenantVersion | None | object, as_of: datetime | None) -> Rewrite:
+        """One fast path for both request shapes; ``chat`` decides only how the facts are put in."""
         tv = self._tenant(tenant, namespace)
-        qv = self.memory.embedder.embed([prompt])[0]
-        considered = self.retrieve(prompt, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
-                                   as_of=as_of)
-        applied = self._chained(prompt, qv, [s for s in considered if s.in_scope], namespace, as_of)
         follow, plain = self._adapters(follower, tv)
+        if chat and not query.strip():
+            return Rewrite(list(request), [], [], adapter=plain)
+        qv = self.memory.embedder.embed([query])[0]
+        considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
+                                   as_of=as_of)
+        applied = self._chained(query, qv, [s for s in considered if s.in_scope], namespace, as_of)
         if not applied:
-            return Rewrite(prompt, [], considered, adapter=plain)
+            return Rewrite(request, [], considered, adapter=plain)
         facts = _fact_order(applied)
+        stop = () if chat else COMPLETION_STOP
         if follow:
-            text = follower_completion(prompt, [*_conclusion(prompt, applied), *(e.fact for e in facts)])
-            return Rewrite(text, applied, considered, COMPLETION_STOP, follow)
-        text = self.composer.completion(prompt, facts, qv)
-        return Rewrite(text, applied, considered, COMPLETION_STOP, plain)
+            lines = [*_conclusion(query, applied), *(e.fact for e in facts)]
+            text = follower_chat(request, lines) if chat else follower_completion(request, lines)
+            return Rewrite(text, applied, considered, stop, follow)
+        text = self.composer.chat(request, facts, qv) if chat else self.composer.completion(request, facts, qv)
+        return Rewrite(text, applied, considered, stop, plain)
 
     def _chained(self, query: str, qv: np.ndarray, applied: builtins.list[ScoredEdit], namespace: str | None,
                  as_of: datetime | None) -> builtins.list[ScoredEdit]:
@@ -381,28 +411,6 @@ class KnowledgeEditor:
         chain = [s for s in chain if s.edit.id not in have]
         at = next(i for i, s in enumerate(applied) if s.edit.id == start.id)
         return [*applied[:at + 1], *chain, *applied[at + 1:]]
-
-    def rewrite_chat(self, messages: Sequence[Message], namespace: str | None = None,
-                     follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO,
-                     as_of: datetime | None = None) -> Rewrite:
-        """The fast path for a chat request: retrieval on the last user message (``follower`` and
-        ``tenant`` as in :meth:`rewrite_prompt`)."""
-        tv = self._tenant(tenant, namespace)
-        follow, plain = self._adapters(follower, tv)
-        query = last_user_text(messages)
-        if not query.strip():
-            return Rewrite(list(messages), [], [], adapter=plain)
-        qv = self.memory.embedder.embed([query])[0]
-        considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
-                                   as_of=as_of)
-        applied = self._chained(query, qv, [s for s in considered if s.in_scope], namespace, as_of)
-        if not applied:
-            return Rewrite(messages if isinstance(messages, list) else list(messages), [], considered, adapter=plain)
-        facts = _fact_order(applied)
-        if follow:
-            return Rewrite(follower_chat(messages, [*_conclusion(query, applied), *(e.fact for e in facts)]),
-                           applied, considered, (), follow)
-        return Rewrite(self.composer.chat(messages, facts, qv), applied, considered, adapter=plain)
 
     def _params(self, params: GenerationParams | None, max_new_tokens: int | None, rw: Rewrite) -> GenerationParams:
         p = params or GenerationParams(max_new_tokens=max_new_tokens or self.settings.max_new_tokens)

@@ -32,11 +32,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kem.models import offline, resolve_model
+from kem.models import resolve_model
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +327,6 @@ class SentenceEmbedder:
         backend: str = "torch", batch_size: int = 64, lru_size: int = 4096, threads: int | None = None,
         cache: EmbeddingCache | None = None, max_wait_s: float = 0.002, batch_queries: bool | None = None,
     ) -> None:
-        offline()
         self.backend = resolve_backend(backend, device)
         self.model_name = str(name_or_path)
         self.runtime: _TorchRuntime | _GraphRuntime
@@ -378,7 +380,7 @@ class SentenceEmbedder:
 SentenceTransformerEmbedder = SentenceEmbedder  # the old name (PyTorch unless a backend is given)
 
 
-def make_embedder(settings: Any) -> SentenceEmbedder:
+def make_embedder(settings: Settings) -> SentenceEmbedder:
     """The embedder ``settings`` ask for (``embedder``, ``embedder_backend``, ``cache_dir``, ``device``)."""
     return SentenceEmbedder(settings.embedder, settings.cache_dir, device=settings.resolved_device(),
                             backend=settings.embedder_backend)

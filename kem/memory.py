@@ -4,9 +4,10 @@ Every read first compares the store's revision with the index's (one cheap SQLit
 the store's history since then, so edits written by another process (the CLI while a server runs)
 are seen at once. A missing, corrupt or foreign index is rebuilt from the store's saved embeddings.
 
-On a PostgreSQL store shared by several replicas, :meth:`EditMemory.start_sync` adds a
-:class:`~kem.sync.Syncer`: changes are applied in the background as soon as ``LISTEN/NOTIFY`` announces
-them, and reads learn the store's revision from the notifications instead of a query.
+On a store whose services announce writes (PostgreSQL, shared by several replicas), the editor sets
+:attr:`EditMemory.syncer` (a :class:`~kem.sync.Syncer`, :meth:`kem.editor.KnowledgeEditor.open`): changes are
+applied in the background as soon as ``LISTEN/NOTIFY`` announces them, and reads learn the store's revision
+from the notifications instead of a query.
 """
 
 from __future__ import annotations
@@ -16,19 +17,15 @@ import threading
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from kem.edit import Edit, EditStatus, utcnow
 from kem.index import DEFAULT_ANN_THRESHOLD, NamespacedIndex
-from kem.protocols import EditStore, Embedder
+from kem.protocols import ChangeFeed, EditStore, Embedder
 from kem.relations import DEFAULT_THRESHOLD, RelationMatcher
 from kem.stores.rules import HELD, LIVE, check_policy
-
-if TYPE_CHECKING:
-    from kem.sync import Syncer
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +56,9 @@ class EditMemory:
         self.ann_threshold = ann_threshold
         self._lock = threading.RLock()
         self._dirty = False
-        self.syncer: Syncer | None = None
+        self.syncer: ChangeFeed | None = None  # set by KnowledgeEditor.open on a notifying store
         self.index = self._open_index()
         self.sync()
-
-    def start_sync(self, interval: float = 2.0) -> bool:
-        """Keep the index in step in the background when the store announces its changes (PostgreSQL:
-        ``LISTEN kem_changes`` plus a check every ``interval`` seconds; see :class:`~kem.sync.Syncer`).
-        Returns whether it started: other stores keep the check on every read. Stop it with :meth:`close`."""
-        from kem.stores.postgres import PostgresStore
-
-        if self.syncer is not None or not isinstance(self.store, PostgresStore):
-            return self.syncer is not None
-        from kem.sync import Syncer
-
-        self.syncer = Syncer(self, interval).start()
-        return True
 
     def close(self) -> None:
         """Stop the background sync (if any) and save the index; the store stays open (its owner closes it)."""

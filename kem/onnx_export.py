@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import ModelError
-from kem.models import offline, resolve_model
+from kem.models import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,6 @@ def exported(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[
 
 
 def _export(src: Path, dst: Path) -> dict[str, Any]:
-    offline()
     import inspect
 
     import torch

@@ -13,11 +13,14 @@ import builtins
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from kem.edit import Edit, EditStatus
+
+if TYPE_CHECKING:
+    from kem.stores.services import StoreServices
 
 Message = dict[str, Any]  # OpenAI-style chat message: {"role": "user", "content": "..."}
 
@@ -196,7 +199,15 @@ class EditStore(Protocol):
     - Namespaces are hard boundaries: a read with a namespace never returns another namespace's edit.
     - ``revision`` increases with every change; ``changes_since(r)`` lists what happened after ``r``.
     - Embeddings are stored beside edits (per embedder name) so indexes rebuild without re-embedding.
+
+    ``services`` says what the store offers besides edits (keys, versions, a job lock, notifications:
+    :mod:`kem.stores.services`); callers ask it, never the URL. ``shared_limits()``: rate-limit buckets every
+    replica on the store shares, or None (each process keeps its own).
     """
+
+    services: StoreServices
+
+    def shared_limits(self, lease: float = 330.0, window: float = 60.0) -> Any: ...
 
     def add(self, edit: Edit, embeddings: np.ndarray | None = None, embedder: str | None = None) -> Edit: ...
 
@@ -249,6 +260,22 @@ class EditStore(Protocol):
     def embeddings(self, edit_ids: Sequence[str], embedder: str) -> dict[str, np.ndarray]: ...
 
     def put_embeddings(self, edit_id: str, embedder: str, vectors: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    """Keeps an edit memory's index in step with a store that announces its writes, in the background
+    (:class:`kem.sync.Syncer`, set on :attr:`kem.memory.EditMemory.syncer` when ``store.services.notifications``)."""
+
+    @property
+    def healthy(self) -> bool:
+        """Listening, and caught up since it last (re)connected."""
+        ...
+
+    def known_revision(self) -> int | None:
+        """The store's revision as far as the feed knows without a query (None: ask the store)."""
+        ...
 
     def close(self) -> None: ...
 

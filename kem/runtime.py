@@ -20,7 +20,13 @@ def own_process() -> None:
     before torch is imported. Measured on 2 shared cores: spinning threads that wait for a descheduled
     sibling made each SmolLM2 forward pass 10-30x slower (docs/results.md). ``OMP_WAIT_POLICY=ACTIVE``
     restores spinning.
+
+    ``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1``: kem never asks a model hub (its models are local
+    folders; vLLM's engine processes inherit this). ``TOKENIZERS_PARALLELISM=false``: no fork warnings from
+    the tokenizers' thread pool. Library calls (loading a model) never set any of these.
     """
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
     if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
         log.debug("torch is already imported: OMP_WAIT_POLICY would not take effect")
         return

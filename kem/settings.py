@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         "or, with kem consolidate --namespace NAME, become that tenant's own LoRA adapter.",
     )
 
+    method_plugins: str = Field(
+        "kem.consolidation.methods", description="Modules that register methods when imported (comma "
+        "separated): kem's weight-editing methods, and your own (docs/architecture.md, How to add a method). "
+        "kem eval loads them by name; the eval layer never imports them.",
+    )
     eval_cov_samples: int | None = Field(
         None, ge=1, description="kem eval: covariance texts of the weight-editing methods (overrides their "
         "mom2_samples; -H mom2_samples=N still wins).",

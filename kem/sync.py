@@ -12,15 +12,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 from kem.errors import KemError
+from kem.protocols import EditStore
 
 if TYPE_CHECKING:
     from kem.memory import EditMemory
     from kem.stores.pg_listen import Listener
 
 log = logging.getLogger(__name__)
+
+class AnnouncingStore(EditStore, Protocol):
+    """A store whose services announce writes (``services.notifications``: :class:`kem.stores.postgres.PostgresStore`)."""
+
+    @property
+    def written_revision(self) -> int:
+        """The last revision this store object committed (0: none yet), known without a query."""
+        ...
+
 
 DEBOUNCE_S = 0.02  # after a wake-up, wait this long so a burst of notifications costs one sync
 
@@ -34,31 +44,28 @@ class Syncer:
     reconnect of the listener (notifications sent while it was disconnected are lost).
 
     Args:
-        memory: The edit memory; its store must be a :class:`~kem.stores.postgres.PostgresStore`.
+        memory: The edit memory; its store's services must announce writes (``notifications``: PostgreSQL).
         interval: Seconds between catch-ups that ask the store for its revision (> 0).
     """
 
     def __init__(self, memory: EditMemory, interval: float = 2.0) -> None:
-        from kem.stores.pg_listen import Listener
-        from kem.stores.postgres import NOTIFY_CHANNEL, PostgresStore
-
-        if not isinstance(memory.store, PostgresStore):
-            raise TypeError(f"Syncer needs a PostgresStore (got {type(memory.store).__name__})")
+        services = memory.store.services
+        if not services.notifications:
+            raise TypeError(f"Syncer needs a store that announces its writes (got {type(memory.store).__name__})")
         if interval <= 0:
             raise ValueError(f"sync interval must be > 0 seconds (got {interval})")
         self.memory = memory
-        self.store: PostgresStore = memory.store
+        self.store = cast("AnnouncingStore", memory.store)
         self.interval = interval
-        self._prefix = f"{self.store.schema}:"
+        self._prefix = f"{services.schema}:"
         self._notified = 0  # highest seq notified for this schema
         self._verified_at = 0  # listener.connects when the last sync that asked the store started
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.syncs = 0  # background syncs that applied something
         self.errors = 0  # background syncs that failed (database away)
-        self.listener: Listener = Listener(self.store.url, [NOTIFY_CHANNEL], self._on_notify, self._wake.set,
-                                           name=f"kem-sync-{self.store.schema}")
-        self._worker = threading.Thread(target=self._run, name=f"kem-sync-worker-{self.store.schema}", daemon=True)
+        self.listener: Listener = services.listener(self._on_notify, self._wake.set, name=f"kem-sync-{services.schema}")
+        self._worker = threading.Thread(target=self._run, name=f"kem-sync-worker-{services.schema}", daemon=True)
 
     def start(self) -> Syncer:
         self.listener.start()

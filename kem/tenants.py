@@ -29,10 +29,13 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kem.protocols import AdapterRef
 from kem.versions import TENANTS, VersionRegistry, registry_for
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ class TenantAdapters:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_settings(cls, settings: Any) -> TenantAdapters:
+    def for_settings(cls, settings: Settings) -> TenantAdapters:
         """The settings' models folder (``KEM_MODELS_DIR``) and, with a PostgreSQL store, its recorded versions."""
         return cls(settings.home, models_dir=settings.models_root(), registry=registry_for(settings))
 

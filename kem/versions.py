@@ -51,12 +51,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kem.errors import ConflictError, NotFoundError, ValidationError
 from kem.files import write_atomic
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -448,21 +451,16 @@ class VersionStore:
         return man
 
 
-def registry_for(settings: Any) -> VersionRegistry | None:
-    """Where ``settings.store`` records versions: a PostgreSQL store's tables
-    (:class:`kem.stores.pg_versions.PostgresVersions`, connected on first use; the caller closes it), or None
-    (SQLite: files only)."""
-    from kem.stores import is_postgres
+def registry_for(settings: Settings) -> VersionRegistry | None:
+    """Where the store ``settings.store`` names records versions besides their folders (a PostgreSQL
+    store's tables, connected on first use; the caller closes it), or None (a local store: folders only):
+    the store's :meth:`~kem.stores.services.StoreServices.version_registry`."""
+    from kem.stores import services_for
 
-    url = getattr(settings, "store", None)
-    if not is_postgres(url):
-        return None
-    from kem.stores.pg_versions import PostgresVersions
-
-    return PostgresVersions(str(url))
+    return services_for(settings.store).version_registry()
 
 
-def versions_for(settings: Any, namespace: str | None = None, *, home: str | os.PathLike[str] | None = None) -> VersionStore:
+def versions_for(settings: Settings, namespace: str | None = None, *, home: str | os.PathLike[str] | None = None) -> VersionStore:
     """The :class:`VersionStore` a command uses: the settings' models folder (``KEM_MODELS_DIR``, default
     ``<home>/models``) and, when ``settings.store`` names PostgreSQL, the versions recorded in its schema
     (:class:`kem.stores.pg_versions.PostgresVersions`, connected on first use). Close it when done.

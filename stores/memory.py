@@ -33,10 +33,13 @@ from kem.stores.rules import (
     stamp,
     statuses,
 )
+from kem.stores.services import StoreServices
 
 
 class InMemoryStore:
     """Reference :class:`~kem.protocols.EditStore` kept in dicts (lost when the process ends)."""
+
+    services: StoreServices = StoreServices()  # nothing shared with other machines (kem.stores.services)
 
     def __init__(self) -> None:
         self._edits: dict[str, Edit] = {}
@@ -207,6 +210,10 @@ class InMemoryStore:
         if not rows:
             raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
         return rows
+
+    def shared_limits(self, lease: float = 330.0, window: float = 60.0) -> None:
+        """Rate limits shared by replicas: none here (each process keeps its own, :class:`~kem.server.limits.Limiter`)."""
+        return None
 
     def revision(self) -> int:
         return len(self._history)

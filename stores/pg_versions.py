@@ -13,7 +13,7 @@ Tables, in the store's schema:
 
 Every write that moves ``current`` (publish, rollback) sends ``NOTIFY kem_versions,
 '<schema>:<namespace>:<version>'`` in its transaction (delivered at commit; ``base`` for the base model),
-so ``kem serve`` replicas hot-swap (:mod:`kem.server.follow`).
+so ``kem serve`` replicas hot-swap (:mod:`kem.server.version_watch`).
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from kem.stores.rules import (
     stamp,
     statuses,
 )
+from kem.stores.services import PostgresServices
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,11 @@ class PostgresStore:
                                  f"this kem reads up to {SCHEMA_VERSION}: upgrade kem")
             elif row[0] < SCHEMA_VERSION:  # the DDL above added what is new (history.actor, edits.search)
                 conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+
+    @property
+    def services(self) -> PostgresServices:
+        """What every replica on this schema shares: keys, versions, the job lock, notifications."""
+        return PostgresServices(self.url, self.schema)
 
     def connection(self) -> Any:
         """A pooled connection (context manager) for kem's other tables in this schema (keys, locks)."""

@@ -132,7 +132,7 @@ def test_keys_cli_on_a_keys_file(tmp_path):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_job_lock_says_who_holds_it(backend, pg_url, tmp_path):
-    from kem.joblock import job_lock
+    from kem.stores.services import job_lock
 
     settings = Settings(home=tmp_path, store=pg_url if backend == "postgresql" else None)
     with job_lock(settings) as held:
@@ -174,7 +174,7 @@ def test_a_lost_postgres_lock_stops_the_job_before_publishing(pg_url, tmp_path):
     import psycopg
 
     from kem.errors import ConsolidationError
-    from kem.joblock import job_lock
+    from kem.stores.services import job_lock
     from kem.stores import split_schema
 
     settings = Settings(home=tmp_path, store=pg_url)
@@ -243,7 +243,7 @@ def test_two_consolidations_at_once_exactly_one_publishes(backend, pg_url, tmp_p
 
 def test_kem_consolidate_while_another_holds_the_lock_exits_2(pg_url, tmp_path):
     """The CLI: a second `kem consolidate` names the holder, exits 2 and touches nothing."""
-    from kem.joblock import job_lock
+    from kem.stores.services import job_lock
 
     settings = Settings(home=tmp_path, store=pg_url)
     store = open_store(settings)

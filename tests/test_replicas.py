@@ -111,7 +111,7 @@ def test_a_replica_applies_edits_in_the_background(pg_url, tmp_path, embedder):
 
 def test_sqlite_and_in_memory_have_no_background_sync(tmp_path, embedder):
     with KnowledgeEditor.open(tmp_path, settings=Settings(device="cpu"), embedder=embedder) as ke:
-        assert ke.memory.syncer is None and not ke.memory.start_sync()
+        assert ke.memory.syncer is None and not ke.store.services.notifications
     assert KnowledgeEditor.in_memory(embedder=embedder).memory.syncer is None
     assert _sync_threads() == []
 

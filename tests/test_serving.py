@@ -125,7 +125,7 @@ def test_completion_applies_edits_and_leaves_others_alone(serving, generator):
     def complete(prompt: str, ns: str = "alice"):
         body = {"model": "default", "prompt": prompt, "max_tokens": 6, "temperature": 0}
         raw = json.dumps(body).encode()
-        return run(serving.completion(CompletionRequest.model_validate_json(raw), raw, ns))
+        return run(serving.serve(CompletionRequest.model_validate_json(raw), raw, ns))
 
     plain = complete("Water boils at")
     assert plain.applied == [] and plain.header() == "" and plain.body["kem"]["edits"] == []

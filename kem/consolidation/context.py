@@ -8,10 +8,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kem.consolidation.covariance import CovarianceCache
 from kem.consolidation.shared.templates import TemplateCache
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 
 @dataclass
@@ -66,7 +69,7 @@ class EditContext:
         )
 
 
-def served_follower(settings: Any) -> Path | None:
+def served_follower(settings: Settings) -> Path | None:
     """The edit-follower the fast path serves with (distill's teacher), or None."""
     from kem.errors import ModelError
     from kem.follower.registry import follower_for

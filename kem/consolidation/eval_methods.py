@@ -27,19 +27,17 @@ def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable
     from kem.consolidation.context import EditContext, served_follower
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.registry import get_method
-    from kem.settings import Settings
-
     if isinstance(spec, str):
         spec = get_method(spec)
     method = spec
     opts = {**ctx.options.get("consolidation", {}), **ctx.options.get(method.name, {})}
     overrides = dict(opts.get("hparams", {}))
-    settings = ctx.settings if ctx.settings is not None else Settings()
-    samples = getattr(settings, "eval_cov_samples", None)
+    settings = ctx.settings
+    samples = settings.eval_cov_samples
     if samples and "mom2_samples" in method.hparams_cls.model_fields:
         overrides.setdefault("mom2_samples", samples)
-    corpus = opts.get("corpus") or getattr(settings, "eval_cov_corpus", None) or None
-    ectx = EditContext.from_cache_dir(getattr(ctx.settings, "cache_dir", None), corpus=corpus)
+    corpus = opts.get("corpus") or settings.eval_cov_corpus or None
+    ectx = EditContext.from_cache_dir(settings.cache_dir, corpus=corpus)
     ectx.follower = served_follower(settings)
     box: dict[str, Any] = {}
 

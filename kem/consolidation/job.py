@@ -358,8 +358,8 @@ def consolidate(
     Raises:
         ConflictError: another job holds the lock. Any exception leaves store and versions untouched.
     """
-    from kem.joblock import job_lock
     from kem.settings import Settings
+    from kem.stores.services import job_lock
 
     settings = settings or Settings()
     if home is not None:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kem.settings import Settings
 from kem.versions import BASE, DELTA, Manifest, VersionStore, versions_for
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,12 @@ def publish(versions: VersionStore | str | os.PathLike[str], model: Any, tok: An
     return vs.publish(manifest, write, make_current=make_current)
 
 
-def load_version(home: str | os.PathLike[str], version: str | None, settings: Any = None,
+def load_version(home: str | os.PathLike[str], version: str | None, settings: Settings,
                  device: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of a version (``None`` / ``"base"``: the base model of ``settings``), from the
     settings' models folder (``KEM_MODELS_DIR``, default ``<home>/models``)."""
     from kem.models import load_causal_lm
-    from kem.settings import Settings
 
-    settings = settings or Settings()
     device = device or settings.resolved_device()
     if version in (None, BASE):
         return load_causal_lm(settings.model, settings.cache_dir, device=device, dtype=dtype)

@@ -42,7 +42,7 @@ def eval_command(
     """Evaluate knowledge-editing methods: generation, EasyEdit and CounterFact protocols, scope.
 
     Invalid dataset records are skipped and reported (record index, field, reason) unless --strict.
-    Errors print ``error: ...`` and exit 2 (``kem.cli.run_app``)."""
+    Errors print ``error: ...`` and exit 2 (``kem.cli_support.run_app``)."""
     from kem.datasets import read_cases
     from kem.errors import KemError
 
@@ -103,7 +103,7 @@ def default_out(method: str, dataset: str, n: int, mode: str) -> Path:
 
 
 def main() -> None:  # pragma: no cover - `python -m kem.eval.cli`
-    from kem.cli import run_app
+    from kem.cli_support import run_app
 
     app = typer.Typer(add_completion=False)
     app.command()(eval_command)

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from kem.edit import Edit
 from kem.errors import ConflictError, NotFoundError
+from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class EvalContext:
 
     generator: Any
     embedder: Any = None
-    settings: Any = None
+    settings: Settings = field(default_factory=Settings)  # default: the environment's
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -330,10 +331,8 @@ class AdapterMethod(IkeMethod):
     def __init__(self, ctx: EvalContext) -> None:
         from kem.follower.lora import WithAdapter
         from kem.follower.registry import FOLLOWER_NAME, resolve_follower
-        from kem.settings import Settings
-
         super().__init__(ctx)
-        s = ctx.settings or Settings()
+        s = ctx.settings
         path = ctx.options.get(self.name, {}).get("path") or resolve_follower(
             s.follower if s.follower != "none" else "auto", s.model)
         if path is None:

@@ -12,14 +12,14 @@ from typing import Any
 from kem.datasets import EvalCase, Loaded, read_cases
 from kem.eval.harness import EvalConfig, Evaluator
 from kem.eval.methods import EvalContext
+from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def load_context(settings: Any = None, generator: Any = None, embedder: Any = None) -> EvalContext:
-    """Load the generator and embedder of ``settings`` (unless given) into one shared context."""
-    from kem.settings import Settings
-
+def load_context(settings: Settings | None = None, generator: Any = None, embedder: Any = None) -> EvalContext:
+    """Load the generator and embedder of ``settings`` (unless given; default: the environment's) into one
+    shared context."""
     settings = settings or Settings()
     if generator is None:
         from kem.adapters.transformers import TransformersGenerator
@@ -32,13 +32,20 @@ def load_context(settings: Any = None, generator: Any = None, embedder: Any = No
     return EvalContext(generator=generator, embedder=embedder, settings=settings)
 
 
-def register_optional_methods() -> None:
-    """Load the packages that plug methods in: ``kem.consolidation`` registers its weight-editing
-    methods (each with its eval factory) when imported. A build without it keeps none/ike/adapter."""
-    try:
-        import kem.consolidation  # noqa: F401
-    except ImportError as exc:  # a build without the consolidation package
-        log.debug("weight-editing eval methods unavailable: %s", exc)
+def register_optional_methods(settings: Settings | None = None) -> None:
+    """Import the modules that plug methods in (``settings.method_plugins``, ``KEM_METHOD_PLUGINS``; default
+    ``kem.consolidation.methods``: the weight-editing methods, each with its eval factory). The eval layer
+    names them as data, never imports them in code; a build without one keeps none/ike/adapter."""
+    import importlib
+
+    names = (settings.method_plugins if settings is not None else Settings.model_fields["method_plugins"].default)
+    for name in (n.strip() for n in str(names).split(",")):
+        if not name:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:  # a build without that package, or without its dependencies
+            log.debug("eval methods of %s unavailable: %s", name, exc)
 
 
 def run_eval(
@@ -52,7 +59,7 @@ def run_eval(
     ctx: EvalContext | None = None,
     generator: Any = None,
     embedder: Any = None,
-    settings: Any = None,
+    settings: Settings | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     cases: Sequence[EvalCase] | Loaded[EvalCase] | None = None,
     strict: bool = False,
@@ -90,7 +97,7 @@ def run_eval(
     from dataclasses import replace
 
     t0, c0 = time.perf_counter(), time.process_time()
-    register_optional_methods()
+    register_optional_methods(settings)
     methods = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
     loaded_here = cases is None
     if cases is None:

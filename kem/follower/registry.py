@@ -14,9 +14,12 @@ import json
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kem.errors import ModelError
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def resolve_follower(setting: str | None, model: str) -> Path | None:
     return p
 
 
-def follower_for(settings: Any) -> Path | None:
+def follower_for(settings: Settings) -> Path | None:
     """The edit-follower the engines of ``settings`` load: the ``KEM_FOLLOWER`` folder for the base model
     (``settings.model``, also when serving one of its consolidated versions), or None with
     ``KEM_FAST_PATH=ike``."""

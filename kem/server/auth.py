@@ -25,15 +25,14 @@ Without a keys file auth is off and every caller is an admin of the ``default`` 
 
 Replicas that share a PostgreSQL edit store can share their keys too: ``KEM_API_KEYS_FILE=store``
 (``kem serve --keys store``) keeps them, hashed, in the store's ``api_keys`` table
-(:mod:`kem.server.keys_pg`). One :class:`KeyRing` serves both, over a small :class:`KeyBackend`
-(:class:`FileKeys` or :class:`~kem.server.keys_pg.PostgresKeys`); ``kem keys add|list|revoke`` manages
+(:mod:`kem.stores.pg_keys`). One :class:`KeyRing` serves both, over a small :class:`KeyBackend`
+(:class:`FileKeys` or :class:`~kem.stores.pg_keys.PostgresKeys`); ``kem keys add|list|revoke`` manages
 either from the command line.
 """
 
 from __future__ import annotations
 
 import builtins
-import hashlib
 import logging
 import secrets
 import stat
@@ -42,12 +41,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from kem.edit import NAMESPACE_RE
 from kem.errors import AuthError, ForbiddenError, ValidationError
 from kem.files import write_atomic
-from kem.server.limits import NO_LIMITS, KeyLimits
+from kem.keys import NO_LIMITS, KeyBackend, KeyEntry, KeyLimits, digest
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +91,7 @@ class Principal:
         return self.namespace_for(requested)
 
 
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 LIMIT_NAMES = ("rpm", "tpm", "parallel")
-
-
-@dataclass(frozen=True)
-class KeyEntry:
-    digest: str
-    namespace: str
-    admin: bool
-    limits: KeyLimits = NO_LIMITS
-    hashed: bool = True  # False: the file holds this key in clear text
-    review: bool = False  # new edits through this key arrive pending
 
 
 def _entry_digest(key: str) -> str:
@@ -153,24 +141,6 @@ def _key_line(h: str, namespace: str, admin: bool, limits: KeyLimits, review: bo
     opts += [" review"] if review else []
     opts += [f" {name}={getattr(limits, name)}" for name in LIMIT_NAMES if getattr(limits, name) is not None]
     return f"sha256:{h} {namespace}{''.join(opts)}"
-
-
-class KeyBackend(Protocol):
-    """Where a :class:`KeyRing`'s keys live: the keys file (:class:`FileKeys`) or, for replicas that share
-    them, the PostgreSQL store (:class:`kem.server.keys_pg.PostgresKeys`). Only digests are stored.
-
-    ``refresh``: seconds after which the ring re-reads the keys (another process may change them);
-    ``None``: only this process changes them (re-read at start).
-    """
-
-    where: str
-    refresh: float | None
-
-    def load(self) -> dict[str, KeyEntry]: ...
-
-    def add(self, entry: KeyEntry) -> None: ...
-
-    def remove(self, prefix: str) -> set[str]: ...
 
 
 class FileKeys:
@@ -241,11 +211,13 @@ class KeyRing:
             log.info("auth on: %d keys from %s", len(self._keys), self.backend.where)
 
     @classmethod
-    def from_settings(cls, path: str | Path | None = None, settings: object = None) -> KeyRing:
+    def from_settings(cls, path: str | Path | None = None, settings: Settings | None = None) -> KeyRing:
         """``path``, else ``settings.api_keys_file`` (``KEM_API_KEYS_FILE``); neither: auth off. The value
         ``store`` keeps the keys in the PostgreSQL edit store (``settings.store``), shared by replicas."""
-        path = path or getattr(settings, "api_keys_file", None) or None
+        path = path or (settings.api_keys_file if settings is not None else None) or None
         if path is not None and str(path) == STORE_KEYS:
+            if settings is None:
+                raise ValidationError("API keys in the store need the settings naming the store", field="keys")
             return cls(backend=store_keys(settings))
         return cls(path)
 
@@ -375,18 +347,16 @@ class KeyRing:
 STORE_KEYS = "store"  # KEM_API_KEYS_FILE / --keys value: the keys live in the PostgreSQL edit store
 
 
-def store_keys(settings: object) -> KeyBackend:
-    """The key table of the PostgreSQL edit store ``settings.store`` names."""
-    from kem.stores import is_postgres
+def store_keys(settings: Settings) -> KeyBackend:
+    """The key table of the edit store ``settings.store`` names (its services' ``key_backend``)."""
+    from kem.stores import services_for
 
-    url = getattr(settings, "store", None)
-    if not url or not is_postgres(url):
+    backend = services_for(settings.store).key_backend()
+    if backend is None:
         raise ValidationError("API keys in the store (--keys store / KEM_API_KEYS_FILE=store) need a PostgreSQL "
                               "edit store (--store postgresql://... or KEM_STORE); with SQLite use a keys file",
                               field="keys")
-    from kem.server.keys_pg import PostgresKeys
-
-    return PostgresKeys(url)
+    return backend
 
 
 def _line_digest(raw: str) -> str | None:

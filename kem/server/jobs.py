@@ -14,10 +14,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from kem.errors import NotFoundError, ValidationError
 from kem.server.auth import Principal
+
+if TYPE_CHECKING:
+    from kem.settings import Settings
 
 MAX_RUNNING = 1  # dry runs at a time (each loads a model and computes a delta)
 TAIL_LINES = 60
@@ -63,7 +66,7 @@ class Job:
 class ConsoleJobs:
     """The dry runs this server started (kept in memory: a restart forgets them, their logs stay)."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()

@@ -27,7 +27,7 @@ def ring_for(keys: Path | None, store: str | None, home: Path | None, create: bo
     """The :class:`~kem.server.auth.KeyRing` the options name (see the module docstring)."""
     from kem.server.auth import STORE_KEYS, KeyRing, store_keys
     from kem.settings import Settings
-    from kem.stores import is_postgres
+    from kem.stores import services_for
 
     s = Settings()
     s = s.model_copy(update={k: v for k, v in (("home", home), ("store", store)) if v is not None})
@@ -38,8 +38,11 @@ def ring_for(keys: Path | None, store: str | None, home: Path | None, create: bo
             fd.parent.mkdir(parents=True, exist_ok=True)
             fd.touch(mode=0o600)
         return KeyRing(path)
-    if path is not None or (s.store and is_postgres(s.store)):
+    if path is not None:  # 'store': the store's key table, or a clear error
         return KeyRing(backend=store_keys(s))
+    backend = services_for(s.store).key_backend()  # None: a local store keeps no keys
+    if backend is not None:
+        return KeyRing(backend=backend)
     raise ValidationError("name where the keys live: --keys FILE (or KEM_API_KEYS_FILE), or a PostgreSQL store "
                           "(--store postgresql://... or KEM_STORE)", field="keys")
 

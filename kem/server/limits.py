@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kem.errors import RateLimitError, ValidationError
+from kem.keys import NO_LIMITS, KeyLimits
 
 if TYPE_CHECKING:
     from kem.server.auth import Principal
@@ -33,22 +34,6 @@ log = logging.getLogger(__name__)
 PARALLEL_RETRY_AFTER = 1.0
 
 
-@dataclass(frozen=True)
-class KeyLimits:
-    """One key's limits; ``None``: no limit of that kind (``parallel=None``: the server-wide default)."""
-
-    rpm: int | None = None  # requests per minute
-    tpm: int | None = None  # tokens (prompt + completion) per minute
-    parallel: int | None = None  # requests in flight at once
-
-    def __post_init__(self) -> None:
-        for name in ("rpm", "tpm", "parallel"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValidationError(f"{name} must be a whole number >= 1 (got {value!r})", field=name)
-
-
-NO_LIMITS = KeyLimits()
 
 
 class _Bucket:

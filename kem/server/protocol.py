@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -30,6 +31,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from kem.edit import validation_error
 from kem.errors import ContextLengthError, KemError, ValidationError
+from kem.keys import NO_LIMITS, KeyLimits
 
 MAX_TOKENS_CAP = 1_000_000  # absolute cap on max_tokens; the server's own ceiling (Settings.max_tokens_ceiling) is lower
 MAX_STOP = 4  # as OpenAI's API
@@ -426,3 +428,36 @@ class ReloadRequest(BaseModel):
     version: str | None = None
     absorbed_versions: list[str] | None = None
     name: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyRequest:
+    """``POST /admin/keys``: ``{"namespace": "...", "admin": false, "review": false, "rpm": N, "tpm": N,
+    "parallel": N}``; every field but the namespace may be left out."""
+
+    namespace: str
+    admin: bool = False
+    review: bool = False
+    limits: KeyLimits = NO_LIMITS
+
+    @classmethod
+    def from_body(cls, body: Any) -> KeyRequest:
+        """Read a request body; a 400 naming the field when it is not of that shape."""
+        body = body or {}
+        ns = body.get("namespace") if isinstance(body, dict) else None
+        if not isinstance(ns, str):
+            raise ValidationError('send {"namespace": "...", "admin": false, "review": false, "rpm": N, "tpm": N, '
+                                  '"parallel": N}', field="namespace")
+        flags = {}
+        for flag in ("admin", "review"):
+            flags[flag] = body.get(flag, False)
+            if not isinstance(flags[flag], bool):
+                raise ValidationError(f"{flag} must be true or false (got {flags[flag]!r})", field=flag)
+        limits = KeyLimits(**{k: body[k] for k in ("rpm", "tpm", "parallel") if body.get(k) is not None})
+        return cls(ns, flags["admin"], flags["review"], limits)
+
+    def created(self, key: str) -> dict[str, Any]:
+        """The 201 body: the new key (shown once) and what it may do."""
+        return {"object": "api_key", "key": key, "namespace": self.namespace,
+                **({"review": True} if self.review else {}),
+                **{k: v for k, v in vars(self.limits).items() if v is not None}}

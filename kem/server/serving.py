@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
@@ -67,6 +67,10 @@ from kem.server.protocol import (
     new_id,
     now,
 )
+
+if TYPE_CHECKING:
+    from kem.server.version_watch import VersionWatcher
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +144,7 @@ class Serving:
 
     def __init__(self, editor: KnowledgeEditor, engine: Any, *, served_name: str | None = None,
                  metrics: Metrics | None = None, default_max_tokens: int | None = None,
-                 reloader: Reloader | None = None, settings: Any = None) -> None:
+                 reloader: Reloader | None = None, settings: Settings | None = None) -> None:
         self.editor = editor
         self.settings = settings or editor.settings
         self.edits = Edits(editor)
@@ -148,10 +152,10 @@ class Serving:
         self.metrics.embedder = editor.embedder  # cache and micro-batcher counters in /metrics
         self.default_max_tokens = default_max_tokens or editor.settings.max_new_tokens
         self.reloader = reloader
-        shared = getattr(editor.store, "shared_limits", None)  # a store the replicas share (PostgreSQL)
-        if callable(shared) and getattr(self.settings, "shared_limits", True):
-            self.limiter: Limiter = SharedLimiter(shared(lease=self.settings.request_timeout + 30),
-                                                  self.settings.max_parallel_per_key)
+        # a store the replicas share keeps their limits (PostgreSQL); None: this process keeps its own
+        buckets = editor.shared_limits(lease=self.settings.request_timeout + 30) if self.settings.shared_limits else None
+        if buckets is not None:
+            self.limiter: Limiter = SharedLimiter(buckets, self.settings.max_parallel_per_key)
         else:
             self.limiter = Limiter(self.settings.max_parallel_per_key)
         self._reload_lock = asyncio.Lock()
@@ -164,6 +168,16 @@ class Serving:
         self.version: str | None = name.rpartition("@")[2] if "@" in name else None
         self._side: tuple[str, Any] | None = None  # (version, engine): another version, for the playground
         self._side_lock = threading.Lock()
+        self.watcher: VersionWatcher | None = None  # the store's recorded versions, watched (watch_versions)
+
+    def watch_versions(self, follow_current: bool) -> None:
+        """Follow the versions the store records (its services' ``follows_versions``: PostgreSQL): tenants'
+        adapters always, the shared weights when ``follow_current`` (:mod:`kem.server.version_watch`).
+        Call from the running event loop; :meth:`aclose` stops it."""
+        from kem.server.version_watch import VersionWatcher
+
+        self.watcher = VersionWatcher(self, self.settings, asyncio.get_running_loop(),
+                                      follow_current=follow_current).start()
 
     # ---- the engine and hot swap ----------------------------------------------------------------------
     @property
@@ -279,7 +293,7 @@ class Serving:
         with self._side_lock:
             if self._side is not None and self._side[0] == served.version:
                 return self._side[1]
-            from kem.server.cli import build_engine
+            from kem.server.engines import build_engine
 
             path = str(served.path) if served.path else str(self._base_model())
             if self._side is not None and callable(getattr(self._side[1], "close", None)):
@@ -295,7 +309,10 @@ class Serving:
         return resolve_model(self.settings.model, self.settings.cache_dir)
 
     async def aclose(self) -> None:
-        """Close the engine (when it has ``aclose``) and the editor (app shutdown)."""
+        """Stop watching versions, close the engine (when it has ``aclose``) and the editor (app shutdown)."""
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            await watcher.aclose()
         close = getattr(self._engine, "aclose", None)
         if close is not None:
             await close()
@@ -307,15 +324,17 @@ class Serving:
         await asyncio.to_thread(self.editor.close)
 
     def health(self) -> dict[str, Any]:
-        """``GET /healthz``: the engine, the absorbed versions, which fast path in-scope requests take, and the
-        store revision this replica's index has applied (``index_revision``)."""
+        """``GET /healthz``: the engine, the absorbed versions, which fast path in-scope requests take, the
+        store revision this replica's index has applied (``index_revision``), and how the recorded versions
+        are watched (``versions``, on a store that records them)."""
         follower = self.editor.follower_of(self._engine)
         revision, sync = self.editor.index_state()  # sync: "listen" (LISTEN/NOTIFY), "poll" (a query per read)
         return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
                 "absorbed_versions": sorted(self.editor.absorbed_versions),
                 "fast_path": "adapter" if follower else "ike", "follower": follower,
                 "tenant_adapters": runs_adapters(self._engine),
-                "index_revision": revision, "index_sync": sync}
+                "index_revision": revision, "index_sync": sync,
+                **({"versions": self.watcher.status()} if self.watcher is not None else {})}
 
     def models(self) -> ModelList:
         root = self._engine.name
@@ -402,125 +421,71 @@ class Serving:
                 except asyncio.CancelledError:
                     raise RequestCancelled() from None
 
-    # ---- chat -------------------------------------------------------------------------------------------
-    async def chat(self, req: ChatCompletionRequest, raw: bytes, namespace: str, *,
-                   caller: Principal | None = None, disconnected: Disconnected | None = None,
-                   as_of: datetime | None = None, use_edits: bool = True) -> Result:
-        """Serve one chat completion request (``raw`` is the body as received, for pass-through).
+    # ---- chat and completion: one path ------------------------------------------------------------------
+    async def serve(self, req: ChatCompletionRequest | CompletionRequest, raw: bytes, namespace: str, *,
+                    caller: Principal | None = None, disconnected: Disconnected | None = None,
+                    as_of: datetime | None = None, use_edits: bool = True) -> Result:
+        """Serve one chat completion or completion request (``raw`` is the body as received, for
+        pass-through); what differs between the two is :class:`_Kind`'s.
 
         ``caller``'s limits apply (:class:`~kem.server.limits.Limiter`); ``disconnected`` (e.g.
         Starlette's ``request.is_disconnected``) is polled so a generation stops when its client leaves.
         ``as_of`` (the ``x-kem-as-of`` header): apply the edits that applied then (default: now).
         ``use_edits=False`` (the ``x-kem-no-edits`` header): no fast path, the served weights alone."""
+        kind = _CHAT if isinstance(req, ChatCompletionRequest) else _COMPLETION
         engine = self._engine
         upstream_model = self._check_model(req.model)
         if not isinstance(engine, ForwardingEngine):
             req.single_choice()
-        rw = await self._rewrite(self.editor.rewrite_chat, req.messages, namespace, engine, as_of, use_edits)
+        rewrite = self.editor.rewrite_chat if kind is _CHAT else self.editor.rewrite_prompt
+        rw = await self._rewrite(rewrite, kind.request(req), namespace, engine, as_of, use_edits)
         info = kem_info(rw.applied, namespace)
-        _, n, adm = await self._admit_async(engine, req, rw, caller, "messages")
+        _, n, adm = await self._admit_async(engine, req, rw, caller, kind.field)
         if isinstance(engine, ForwardingEngine):
-            return await self._forward_request(engine, "/v1/chat/completions", "messages", raw, req, upstream_model, rw, info, adm,
-                                               disconnected)
+            try:
+                model = await _upstream_name(engine, rw, upstream_model)
+            except BaseException:
+                adm.release()
+                raise
+            return await self._forward(engine, kind.path, _forward_body(raw, req, model, kind.field, rw), req.stream,
+                                       rw, info, adm, disconnected)
         params = self._params(req, rw.stop, rw.adapter, n)
         if not req.stream:
             try:
-                text = await self._until_disconnected(engine.achat(rw.request, params), disconnected, params)
+                text = await self._until_disconnected(kind.generate(engine, rw.request, params), disconnected, params)
             finally:
                 adm.release()
-            resp = ChatCompletionResponse(model=self.served_name, kem=info, choices=[ChatChoice(
-                message=ChatMessageOut(content=text), finish_reason=finish_reason(engine, text, params))])
-            return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace, request=rw.request)
-        return Result(rw.applied, stream=_released(self._chat_stream(engine, rw, params, info), adm, params),
+            return Result(rw.applied, body=kind.response(self.served_name, info, text, finish_reason(engine, text, params)),
+                          namespace=namespace, request=rw.request)
+        return Result(rw.applied, stream=_released(self._stream(kind, engine, rw, params, info), adm, params),
                       namespace=namespace, request=rw.request)
 
-    async def _forward_request(self, engine: ForwardingEngine, path: str, field: str, raw: bytes, req: Any,
-                               upstream_model: str, rw: Rewrite, info: KemInfo, adm: Admission,
-                               disconnected: Disconnected | None) -> Result:
-        """Send a rewritten request to the upstream server, under the upstream name of its adapter if any."""
-        try:
-            model = await _upstream_name(engine, rw, upstream_model)
-        except BaseException:
-            adm.release()
-            raise
-        body = _forward_body(raw, req, model, field, rw)
-        return await self._forward(engine, path, body, req.stream, rw, info, adm, disconnected)
+    async def _stream(self, kind: _Kind, engine: Any, rw: Rewrite, params: GenerationParams,
+                      info: KemInfo) -> AsyncIterator[bytes]:
+        """The SSE events of a local engine's stream: ``kem`` rides on the first event; a failure midway
+        ends the stream with an error event (the server stays up)."""
+        cid, created = new_id(kind.id_prefix), now()
 
-    async def _chat_stream(self, engine: Any, rw: Rewrite, params: GenerationParams, info: KemInfo) -> AsyncIterator[bytes]:
-        cid, created = new_id("chatcmpl"), now()
-
-        def chunk(delta: ChatDelta, finish: str | None = None, kem: KemInfo | None = None) -> bytes:
-            c = ChatCompletionChunk(id=cid, created=created, model=self.served_name, kem=kem,
-                                    choices=[ChatChunkChoice(delta=delta, finish_reason=finish)])
-            return sse(c.model_dump(exclude_none=True))
-
-        yield chunk(ChatDelta(role="assistant", content=""), kem=info)
-        text = []
-        try:
-            async for piece in engine.astream_chat(rw.request, params):
-                if piece:
-                    text.append(piece)
-                    yield chunk(ChatDelta(content=piece))
-        except Exception as exc:  # the client gets a clean error event; the server stays up
-            log.warning("chat stream failed: %s", exc)
-            yield error_event(exc)
-            yield DONE
-            return
-        yield chunk(ChatDelta(), finish=finish_reason(engine, "".join(text), params))
-        yield DONE
-
-    # ---- completions ------------------------------------------------------------------------------------
-    async def completion(self, req: CompletionRequest, raw: bytes, namespace: str, *,
-                         caller: Principal | None = None, disconnected: Disconnected | None = None,
-                         as_of: datetime | None = None, use_edits: bool = True) -> Result:
-        """Serve one completion request (``caller``, ``disconnected``, ``as_of`` and ``use_edits`` as in
-        :meth:`chat`)."""
-        engine = self._engine
-        upstream_model = self._check_model(req.model)
-        if not isinstance(engine, ForwardingEngine):
-            req.single_choice()
-        prompt = req.prompt_text()
-        rw = await self._rewrite(self.editor.rewrite_prompt, prompt, namespace, engine, as_of, use_edits)
-        info = kem_info(rw.applied, namespace)
-        _, n, adm = await self._admit_async(engine, req, rw, caller, "prompt")
-        if isinstance(engine, ForwardingEngine):
-            return await self._forward_request(engine, "/v1/completions", "prompt", raw, req, upstream_model, rw, info, adm,
-                                               disconnected)
-        params = self._params(req, rw.stop, rw.adapter, n)
-        if not req.stream:
-            try:
-                text = await self._until_disconnected(engine.agenerate(rw.request, params), disconnected, params)
-            finally:
-                adm.release()
-            resp = CompletionResponse(model=self.served_name, kem=info, choices=[
-                CompletionChoice(text=text, finish_reason=finish_reason(engine, text, params))])
-            return Result(rw.applied, body=resp.model_dump(exclude_none=True), namespace=namespace, request=rw.request)
-        return Result(rw.applied, stream=_released(self._completion_stream(engine, rw, params, info), adm, params),
-                      namespace=namespace, request=rw.request)
-
-    async def _completion_stream(self, engine: Any, rw: Rewrite, params: GenerationParams,
-                                 info: KemInfo) -> AsyncIterator[bytes]:
-        cid, created = new_id("cmpl"), now()
-
-        def chunk(text: str, finish: str | None = None, kem: KemInfo | None = None) -> bytes:
-            c = CompletionResponse(id=cid, created=created, model=self.served_name, kem=kem,
-                                   choices=[CompletionChoice(text=text, finish_reason=finish)])
-            return sse(c.model_dump(exclude_none=True))
+        def event(text: str | None, finish: str | None = None, first: bool = False) -> bytes:
+            return sse(kind.chunk(cid, created, self.served_name, text, finish, info if first else None))
 
         first = True
+        if kind.opens_with_role:
+            yield event(None, first=True)
+            first = False
         text = []
         try:
-            async for piece in engine.astream(rw.request, params):
+            async for piece in kind.stream(engine, rw.request, params):
                 if piece:
                     text.append(piece)
-                    yield chunk(piece, kem=info if first else None)
+                    yield event(piece, first=first)
                     first = False
         except Exception as exc:
-            log.warning("completion stream failed: %s", exc)
+            log.warning("%s stream failed: %s", kind.name, exc)
             yield error_event(exc)
             yield DONE
             return
-        yield chunk("", finish=finish_reason(engine, "".join(text), params), kem=info if first else None)
+        yield event("" if not kind.opens_with_role else None, finish_reason(engine, "".join(text), params), first)
         yield DONE
 
     # ---- HTTP engines -----------------------------------------------------------------------------------
@@ -539,6 +504,49 @@ class Serving:
             adm.release()
             raise
         return Result(rw.applied, stream=_released(_pass_through(events, info), adm), namespace=info.namespace)
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between a chat completion and a completion, in one place: the request field the fast path
+    rewrites, the engine calls, the upstream path and the response shapes."""
+
+    name: str
+    path: str  # on an upstream (ForwardingEngine)
+    field: str  # the request field rewritten (and named in errors)
+    id_prefix: str
+    opens_with_role: bool  # a chat stream opens with an empty assistant delta
+
+    def request(self, req: Any) -> Any:
+        return req.messages if self.name == "chat" else req.prompt_text()
+
+    def generate(self, engine: Any, request: Any, params: GenerationParams) -> Awaitable[str]:
+        return engine.achat(request, params) if self.name == "chat" else engine.agenerate(request, params)  # type: ignore[no-any-return]
+
+    def stream(self, engine: Any, request: Any, params: GenerationParams) -> AsyncIterator[str]:
+        return engine.astream_chat(request, params) if self.name == "chat" else engine.astream(request, params)  # type: ignore[no-any-return]
+
+    def response(self, model: str, info: KemInfo, text: str, finish: str) -> dict[str, Any]:
+        if self.name == "chat":
+            return ChatCompletionResponse(model=model, kem=info, choices=[ChatChoice(
+                message=ChatMessageOut(content=text), finish_reason=finish)]).model_dump(exclude_none=True)
+        return CompletionResponse(model=model, kem=info, choices=[
+            CompletionChoice(text=text, finish_reason=finish)]).model_dump(exclude_none=True)
+
+    def chunk(self, cid: str, created: int, model: str, text: str | None, finish: str | None,
+              kem: KemInfo | None) -> dict[str, Any]:
+        """One stream event; chat: ``text`` None with no ``finish`` is the opening role delta."""
+        if self.name == "chat":
+            delta = ChatDelta(role="assistant", content="") if text is None and finish is None else \
+                ChatDelta(content=text) if text is not None else ChatDelta()
+            return ChatCompletionChunk(id=cid, created=created, model=model, kem=kem, choices=[
+                ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump(exclude_none=True)
+        return CompletionResponse(id=cid, created=created, model=model, kem=kem, choices=[
+            CompletionChoice(text=text or "", finish_reason=finish)]).model_dump(exclude_none=True)
+
+
+_CHAT = _Kind("chat", "/v1/chat/completions", "messages", "chatcmpl", opens_with_role=True)
+_COMPLETION = _Kind("completion", "/v1/completions", "prompt", "cmpl", opens_with_role=False)
 
 
 async def _close_later(engine: Any, grace: float = 2.0) -> None:

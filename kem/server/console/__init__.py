@@ -25,7 +25,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, Request
@@ -34,6 +34,10 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from kem.errors import AuthError, ForbiddenError, KemError, NotFoundError, ValidationError
 from kem.server.auth import KeyRing, Principal
 from kem.server.jobs import ConsoleJobs
+
+if TYPE_CHECKING:
+    from kem.server.serving import Serving
+    from kem.settings import Settings
 
 HERE = Path(__file__).parent
 COOKIE = "kem_console"
@@ -71,7 +75,7 @@ def _form_value(form: dict[str, list[str]], name: str) -> str:
     return (form.get(name) or [""])[0]
 
 
-def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs | None = None) -> APIRouter:
+def build_console(serving: Serving, keys: KeyRing, settings: Settings, jobs: ConsoleJobs | None = None) -> APIRouter:
     """The ``/console`` routes over ``serving`` (its edits API, engine and versions) for ``keys``;
     ``jobs``: where dry runs started from the console are kept (a new one by default)."""
     env = _env()
@@ -320,18 +324,16 @@ def build_console(serving: Any, keys: KeyRing, settings: Any, jobs: ConsoleJobs 
         as_of = parse_time(form["as_of"] or None, "as_of")
         chat = form["kind"] != "completion"
         tokens = int(settings.max_new_tokens)
-        if chat:
-            body: dict[str, Any] = {"messages": [{"role": "user", "content": text}], "max_tokens": tokens}
-            req_cls: Any = ChatCompletionRequest
-            call = serving.chat
-        else:
-            body, req_cls, call = {"prompt": text, "max_tokens": tokens}, CompletionRequest, serving.completion
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": text}] if chat else None,
+                                "prompt": None if chat else text, "max_tokens": tokens}
+        body = {k: v for k, v in body.items() if v is not None}
+        req_cls: Any = ChatCompletionRequest if chat else CompletionRequest
         raw = json.dumps(body).encode()
         columns: list[dict[str, Any]] = []
         for label, use_edits in (("unedited (served weights, no edits)", False), ("with kem", True)):
             req = req_cls.model_validate(body)
             t0 = time.perf_counter()
-            res = await call(req, raw, ns, caller=p, as_of=as_of, use_edits=use_edits)
+            res = await serving.serve(req, raw, ns, caller=p, as_of=as_of, use_edits=use_edits)
             ms = (time.perf_counter() - t0) * 1000
             choice = res.body["choices"][0] if res.body else {}
             answer = choice.get("message", {}).get("content") if chat else choice.get("text")
@@ -526,14 +528,14 @@ def _methods() -> list[str]:
     return list_methods()
 
 
-def _version_names(settings: Any) -> list[str]:
+def _version_names(settings: Settings) -> list[str]:
     from kem.versions import versions_for
 
     with versions_for(settings) as vs:
         return ["base", *(m.version for m in vs.list())]
 
 
-def _versions_view(settings: Any, p: Principal) -> list[dict[str, Any]]:
+def _versions_view(settings: Settings, p: Principal) -> list[dict[str, Any]]:
     """Shared versions (admins) and tenants' adapter versions (an admin: all; a tenant: its own)."""
     from kem.versions import versions_for
 
@@ -550,7 +552,7 @@ def _versions_view(settings: Any, p: Principal) -> list[dict[str, Any]]:
     return groups
 
 
-def _manifest(settings: Any, namespace: str | None, version: str) -> dict[str, Any]:
+def _manifest(settings: Settings, namespace: str | None, version: str) -> dict[str, Any]:
     from kem.versions import versions_for
 
     with versions_for(settings, namespace) as vs:
@@ -562,11 +564,11 @@ def _manifest(settings: Any, namespace: str | None, version: str) -> dict[str, A
     return data
 
 
-def _eval_dir(settings: Any) -> Path:
+def _eval_dir(settings: Settings) -> Path:
     return Path(settings.home) / "eval"
 
 
-def _eval_runs(settings: Any) -> list[dict[str, Any]]:
+def _eval_runs(settings: Settings) -> list[dict[str, Any]]:
     """The ``kem eval`` runs under ``KEM_HOME/eval`` (newest first), with their summaries."""
     root = _eval_dir(settings)
     runs = []
@@ -589,7 +591,7 @@ SUMMARY_ROWS = [("generation.reliability", "reliability"), ("generation.generali
                 ("scope.precision", "scope precision"), ("scope.recall", "scope recall")]
 
 
-def _eval_run(settings: Any, run: str) -> dict[str, Any]:
+def _eval_run(settings: Settings, run: str) -> dict[str, Any]:
     """One run: its summary table, plots and the misses per case (a probe answered wrong)."""
     path = _eval_dir(settings) / run / "results.json"
     if not _plain(run) or not path.is_file():

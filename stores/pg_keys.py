@@ -1,5 +1,5 @@
 """API keys in the PostgreSQL edit store (``api_keys`` in the store's schema), so every replica
-behind a load balancer knows the same keys: a :class:`~kem.server.auth.KeyBackend`.
+behind a load balancer knows the same keys: a :class:`~kem.keys.KeyBackend`.
 
 Select with ``KEM_API_KEYS_FILE=store`` (``kem serve --keys store``) and a PostgreSQL ``KEM_STORE``;
 manage with ``kem keys add|list|revoke`` or ``/admin/keys``. Only SHA-256 digests are stored. A replica
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kem.server.auth import KeyEntry
-from kem.server.limits import KeyLimits
+from kem.keys import KeyEntry, KeyLimits
 
 _DDL = """CREATE TABLE IF NOT EXISTS api_keys (
     digest TEXT PRIMARY KEY,

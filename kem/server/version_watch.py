@@ -1,8 +1,8 @@
-"""Hot swap across replicas: a ``kem serve`` on a PostgreSQL store follows the model versions recorded in
-the database (:mod:`kem.stores.pg_versions`).
+"""Hot swap across replicas: a ``kem serve`` on a store that records model versions (its services'
+``follows_versions``: PostgreSQL, :mod:`kem.stores.pg_versions`) watches them.
 
 A publish or rollback anywhere sends ``NOTIFY kem_versions, '<schema>:<namespace>:<version>'``.
-:class:`VersionFollower` listens (:class:`kem.stores.pg_listen.Listener`) and, for this store's schema:
+:class:`VersionWatcher` listens (the store's ``version_listener``) and, for this store's schema:
 
 - a shared version (namespace ''), when this replica serves ``current`` (``kem serve --model-version
   current``, not a pinned ``vN``): the same in-place reload as ``POST /admin/reload {"version":
@@ -23,7 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kem.server.serving import Serving
+    from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +35,23 @@ RETRY_S = 1.0  # first retry of a failed reload; doubled each time
 RETRIES = 5
 
 
-class VersionFollower:
-    """Follow the versions recorded in a PostgreSQL store (see the module docstring).
+class VersionWatcher:
+    """Watch the versions recorded in the store (see the module docstring).
 
     Args:
-        serving: The server's :class:`~kem.server.serving.Serving`.
-        settings: kem settings; ``settings.store`` must name PostgreSQL.
+        serving: The server's :class:`~kem.server.serving.Serving`; its store's services must record versions.
+        settings: kem settings.
         loop: The server's event loop (reloads run there).
         follow_current: Reload the shared weights when ``current`` moves (False: a pinned version or the
             base model is served; only tenants' adapters follow).
     """
 
-    def __init__(self, serving: Any, settings: Any, loop: asyncio.AbstractEventLoop, *, follow_current: bool) -> None:
-        from kem.stores import split_schema
-
+    def __init__(self, serving: Serving, settings: Settings, loop: asyncio.AbstractEventLoop, *,
+                 follow_current: bool) -> None:
         self.serving = serving
         self.settings = settings
         self.loop = loop
         self.follow_current = follow_current
-        self.conninfo, self.schema = split_schema(str(settings.store))
         self.swaps = 0  # reloads done on a notification or a catch-up
         self.failures = 0
         self.last_swap_s: float | None = None  # seconds from the notification to serving the new version
@@ -60,17 +62,19 @@ class VersionFollower:
         self._retry: asyncio.TimerHandle | None = None
         self._listener: Any = None
 
-    def start(self) -> VersionFollower:
-        from kem.stores.pg_listen import Listener
-        from kem.stores.pg_versions import CHANNEL
-
-        self._listener = Listener(self.conninfo, [CHANNEL], self._on_notify, self._on_reconnect,
-                                  name="kem-versions").start()
+    def start(self) -> VersionWatcher:
+        self._listener = self.serving.editor.services.version_listener(self._on_change, self._on_reconnect,
+                                                                       name="kem-versions").start()
         return self
 
     @property
     def healthy(self) -> bool:
         return self._listener is not None and self._listener.healthy
+
+    def status(self) -> dict[str, Any]:
+        """What ``/healthz`` shows under ``versions``."""
+        return {"follow": "current" if self.follow_current else "tenants", "listening": self.healthy,
+                "swaps": self.swaps, "failures": self.failures, "last_swap_s": self.last_swap_s}
 
     async def aclose(self) -> None:
         if self._listener is not None:
@@ -81,13 +85,7 @@ class VersionFollower:
             self._task.cancel()
 
     # ---- the listener's thread ----------------------------------------------------------------------
-    def _on_notify(self, channel: str, payload: str) -> None:
-        from kem.stores.pg_versions import parse_payload
-
-        parsed = parse_payload(payload)
-        if parsed is None or parsed[0] != self.schema:
-            return  # another kem deployment in the same database
-        _, namespace, version = parsed
+    def _on_change(self, namespace: str, version: str | None) -> None:
         if namespace:
             log.info("namespace %s: current version is now %s (announced by the store)", namespace, version)
             self.serving.editor.tenants.invalidate(namespace)
