@@ -38,8 +38,8 @@ BODY = {"model": "default", "prompt": "The capital of France is", "max_tokens": 
 
 def add_keys(url: str, rpm: int) -> None:
     from kem.server.auth import KeyEntry, digest
-    from kem.stores.pg_keys import PostgresKeys
     from kem.server.limits import KeyLimits
+    from kem.stores.pg_keys import PostgresKeys
 
     backend = PostgresKeys(url)
     for name, limits in (("limited", KeyLimits(rpm=rpm)), ("free", KeyLimits()), ("cost", KeyLimits(rpm=10**7))):

@@ -174,8 +174,8 @@ def test_a_lost_postgres_lock_stops_the_job_before_publishing(pg_url, tmp_path):
     import psycopg
 
     from kem.errors import ConsolidationError
-    from kem.stores.services import job_lock
     from kem.stores import split_schema
+    from kem.stores.services import job_lock
 
     settings = Settings(home=tmp_path, store=pg_url)
     with job_lock(settings) as held:

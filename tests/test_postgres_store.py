@@ -184,8 +184,8 @@ def test_replicas_starting_together_create_the_tables_once(postgres_server, tmp_
     """Stores, key tables and job locks created at the same moment on a fresh schema: concurrent
     ``CREATE ... IF NOT EXISTS`` collide in PostgreSQL's catalogs unless serialized (they are)."""
     from kem.errors import ConflictError
-    from kem.stores.pg_lock import postgres_lock
     from kem.stores.pg_keys import PostgresKeys
+    from kem.stores.pg_lock import postgres_lock
 
     url = postgres_server.fresh_url()
     start = threading.Barrier(6)
