@@ -87,7 +87,7 @@ def run_demo(max_new_tokens: int = 12, progress: bool = True, settings: Settings
     with contextlib.ExitStack() as stack:
         where = Path(home) if home is not None else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kem-demo-")))
         with KnowledgeEditor.open(where, settings=settings) as ke:
-            have = {(e.subject, e.prompt) for e in ke.store.list(settings.namespace)}
+            have = {(e.subject, e.prompt) for e in ke.list(settings.namespace)}
             new = [counterfact_edit(r, n, "demo") for n, r in enumerate(records)] + [
                 Edit(**{**e, "source": "demo"}) for e, _ in STRONG] + timeline(now) + [CHAIN]
             ke.add_many([e for e in new if (e.subject, e.prompt) not in have])
