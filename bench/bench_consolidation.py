@@ -129,8 +129,8 @@ def main() -> None:
 
     sweep = []
     if args.cov_sweep:
-        from kem.consolidation.job import default_probes
-        from kem.consolidation.job import greedy as job_greedy
+        from kem.consolidation.judge import default_probes
+        from kem.consolidation.judge import greedy as job_greedy
 
         probes = default_probes()
         base_probe = job_greedy(model, tok, probes, 6)

@@ -59,7 +59,7 @@ def main() -> None:
     from kem.consolidation.adapter import export_adapter
     from kem.consolidation.context import EditContext
     from kem.consolidation.delta import apply_delta
-    from kem.consolidation.job import default_probes
+    from kem.consolidation.judge import default_probes
     from kem.consolidation.registry import get_method
     from kem.edit import Edit
     from kem.models import load_causal_lm

@@ -41,7 +41,7 @@ def main() -> None:
     from kem.consolidation.context import EditContext
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.forms import question as question_for
-    from kem.consolidation.job import default_probes, greedy, perplexity
+    from kem.consolidation.judge import default_probes, greedy, perplexity
     from kem.consolidation.registry import get_method
     from kem.datasets import read_cases
     from kem.follower.registry import follower_for

@@ -281,7 +281,7 @@ def test_the_shipped_covariance_text_is_the_default_and_held_out(lm_and_tok, tmp
     sampling), never the perplexity gate's paragraphs; asking for more texts than it holds names
     mom2_samples; "model" still samples from the model."""
     from kem.consolidation.covariance import CovarianceCache, compute_second_moments, corpus_id, shipped_texts
-    from kem.consolidation.job import perplexity_texts
+    from kem.consolidation.judge import perplexity_texts
     from kem.errors import ValidationError
 
     texts = shipped_texts()

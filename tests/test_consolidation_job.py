@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from kem.consolidation import versions as V
-from kem.consolidation.job import Gates, consolidate, default_probes, pending_edits
+from kem.consolidation.job import Gates, consolidate, pending_edits
+from kem.consolidation.judge import default_probes
 from kem.edit import Edit, EditStatus
 from kem.errors import ValidationError
 from kem.versions import DELTA, MANIFEST, VersionStore
@@ -130,7 +131,7 @@ def test_job_publishes_v1_and_marks_edits(home, settings, published):
         store.close()
 
     # the published folder is a plain HF model whose greedy answer carries the edit
-    from kem.consolidation.job import greedy
+    from kem.consolidation.judge import greedy
 
     model, tok = V.load_version(home, "v1", settings)
     case0 = _edits([0])[0]
@@ -255,7 +256,7 @@ def _served(home: Path, namespace: str, lm_and_tok, prompts: list[str]) -> list[
 
     from peft import PeftModel
 
-    from kem.consolidation.job import greedy
+    from kem.consolidation.judge import greedy
 
     model, tok = lm_and_tok
     served = VersionStore(home, namespace).resolve("current")
@@ -272,7 +273,7 @@ def test_tenant_consolidation_publishes_an_isolated_adapter(tmp_path, lm_and_tok
 
     import kem.consolidation.tenant as tenant_mod
     from kem.consolidation.cli import models_app
-    from kem.consolidation.job import greedy
+    from kem.consolidation.judge import greedy
     from kem.settings import Settings
     from kem.stores.sqlite import SQLiteStore
     from kem.versions import ADAPTER, ADAPTER_WITH_FOLLOWER

@@ -155,7 +155,7 @@ def test_distill_publishes_a_version_whose_weights_answer_every_form(distilled, 
     whose weights alone answer the strongly-held edits as cloze, paraphrase and chat question, with
     unrelated answers unchanged (the locality gate), and retires exactly the edits that pass every form."""
     from kem.consolidation import versions as V
-    from kem.consolidation.job import greedy
+    from kem.consolidation.judge import greedy
     from kem.edit import EditStatus
     from kem.settings import Settings
     from kem.stores.sqlite import SQLiteStore

@@ -201,7 +201,8 @@ def test_two_consolidations_at_once_exactly_one_publishes(backend, pg_url, tmp_p
     they run from two homes (two machines): only the database's advisory lock keeps them apart."""
     import threading
 
-    from kem.consolidation.job import Gates, consolidate, default_probes
+    from kem.consolidation.job import Gates, consolidate
+    from kem.consolidation.judge import default_probes
 
     url = pg_url if backend == "postgresql" else None
     homes = [tmp_path / "a", tmp_path / ("b" if url else "a")]

@@ -64,7 +64,7 @@ def consolidate(
     from kem.consolidation.job import consolidate as run_job
     from kem.consolidation.registry import get_method, parse_hparams
 
-    spec = get_method(method)
+    spec = get_method(method)  # the job's one lookup: the spec is passed along
     try:
         overrides = parse_hparams(hparams or [])
         spec.hparams_for(None, **overrides)  # a wrong name or value fails here, before any work
@@ -74,7 +74,7 @@ def consolidate(
         if "mom2_samples" not in spec.hparams_cls.model_fields:
             raise typer.BadParameter(f"{spec.name} uses no covariance statistics", param_hint="--cov-samples")
         overrides["mom2_samples"] = cov_samples
-    result = run_job(_settings(home, store), method=spec.name, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
+    result = run_job(_settings(home, store), method=spec, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
                      gates=Gates(min_reliability, min_locality, min_generalization=min_generalization,
                                  max_perplexity_increase=None if max_perplexity_increase < 0 else max_perplexity_increase), parent=parent, corpus=corpus, hparams=overrides,
                      batch_size=batch_size, progress=not as_json, max_rank=max_rank)

@@ -1,24 +1,28 @@
 """The consolidation job: write the pending edits into the weights, check the result, publish a version.
 
-:func:`consolidate` runs, in order:
+:func:`consolidate` validates the options (:class:`JobConfig`), resolves the method once, takes the job
+lock (:mod:`kem.joblock`), picks the target (:mod:`kem.consolidation.target`: the shared weights, or a
+tenant's adapter; the only part that differs) and runs five steps on one job state (:class:`_Job`):
 
-1. take the pending edits of the store: ``active`` ones, plus ``consolidated`` ones whose version is
-   not in the parent's ancestry (after a rollback those are no longer in the weights), oldest first,
-   at most ``max_edits``;
-2. load the parent: the ``current`` version (or the one named, or the base model);
-3. record the parent's greedy answers on the locality probes (:data:`PROBES` plus the edits' own
-   locality probes, minus any that mention an edit's subject);
-4. compute the method's :class:`~kem.consolidation.delta.WeightDelta` (in chunks of ``batch_size``,
-   each computed on the model with the earlier chunks applied) and apply it;
-5. evaluate: reliability (greedy continuation of each edit's prompt contains ``target_new``) and
-   locality (probe answers identical to the parent's);
-6. gates: publish only if reliability >= ``min_reliability`` and locality >= ``min_locality``;
-7. publish ``models/vN`` atomically (:func:`kem.consolidation.versions.publish` over :class:`kem.versions.VersionStore`), point ``current``
-   at it, then mark the edits that passed reliability ``consolidated`` in ``vN`` (one transaction).
+1. collect (:func:`_collect`): finish what a killed job left (``recover``), then take the pending edits of
+   the store: ``active`` ones, plus ``consolidated`` ones whose version is not in the parent's ancestry
+   (after a rollback those are no longer in the weights), oldest first, at most ``max_edits``;
+2. compute (:func:`_compute`): load the parent (the ``current`` version, the one named, or the base
+   model), record its greedy answers on the locality probes (the shipped ones plus the edits' own, minus
+   any that mention an edit's subject), compute the method's :class:`~kem.consolidation.delta.WeightDelta`
+   (in chunks of ``batch_size``, each computed on the model with the earlier chunks applied) and apply it;
+3. judge (:func:`_judge`, asking through :mod:`kem.consolidation.judge`): ask the model as it will be
+   served every form of each edit (reliability, generalization) and the probes (locality: answers
+   identical to the parent's), measure perplexity, and check the :class:`Gates`; a refusal or
+   ``dry_run`` stops here;
+4. publish (:func:`_publish`): the new version atomically (``models/vN`` through
+   :class:`kem.versions.VersionStore`), then point ``current`` at it;
+5. mark (:func:`_mark`): the edits that passed every form ``consolidated`` in ``vN`` (one transaction).
 
 Edits that failed reliability stay ``active``: the fast path keeps applying them on top of ``vN`` and
-the next job takes them again. Nothing touches the store or ``models/`` before step 7, so a failure
-(or a kill) anywhere earlier leaves both as they were; a gate failure or ``dry_run`` publishes nothing.
+the next job takes them again. Nothing but ``recover`` touches the store or ``models/`` before step 4,
+so a failure (or a kill) anywhere earlier leaves both as they were; a gate failure or ``dry_run``
+publishes nothing.
 
 A tenant namespace (not in ``KEM_SHARED_NAMESPACES``) never reaches the shared weights: its job computes
 the delta on the shared version (plus the tenant's current adapter when that adapter was computed on
@@ -31,27 +35,22 @@ and, when an edit-follower is configured, ``adapter_with_follower/``); the edits
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from kem.consolidation.registry import get_method, method_specs
+from kem.consolidation.judge import ask_forms, forms_summary, greedy, perplexity, select_probes
+from kem.consolidation.registry import MethodSpec, get_method, method_specs
+from kem.consolidation.target import SharedTarget, Target, TenantTarget
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ValidationError
 
 log = logging.getLogger(__name__)
-
-def default_probes() -> list[str]:
-    """The shipped held-out locality prompts (``kem/data/locality_probes.json``)."""
-    text = resources.files("kem").joinpath("data/locality_probes.json").read_text(encoding="utf-8")
-    return list(json.loads(text)["prompts"])
 
 
 @dataclass(frozen=True)
@@ -92,49 +91,62 @@ class Gates:
             raise ValidationError(f"Gates.probe_tokens must be >= 1 (got {self.probe_tokens})", field="probe_tokens")
 
 
+def _opt(text: str) -> dict[str, str]:
+    """A :class:`JobConfig` field's metadata: its help text (``kem consolidate --help`` words it for the CLI)."""
+    return {"help": text}
+
+
 @dataclass(frozen=True)
 class JobConfig:
-    """What one job does (every argument of :func:`consolidate` but the settings and home).
+    """What one job does: every option of :func:`consolidate` (and of ``kem consolidate``, which
+    ``tests/test_job_options.py`` checks against these fields), declared once, each with its help text
+    (``field.metadata["help"]``). Frozen, validated when built.
 
-    Attributes:
-        method: A registered method (None: the registry's default).
-        namespaces: The namespaces whose edits are taken (see :func:`consolidation_scope`).
-        tenant: The tenant namespace when the job publishes a tenant adapter (None: shared weights).
-        max_edits: At most this many edits (oldest first; None: all).
-        dry_run: Compute and evaluate, publish nothing, change nothing.
-        gates: Publishing thresholds.
-        parent: ``"current"``, ``"base"`` (or None) or ``"vN"``: the model the edits are written into.
-        corpus: Covariance corpus (text file, folder, JSONL); None reads the text kem ships, "model" samples texts from the model.
-        hparams: Overrides of the method's hyperparameters.
-        batch_size: Edits per compute call.
-        probes: Held-out locality prompts (None: :func:`default_probes`).
-        progress: Show progress bars.
-        max_rank: A tenant adapter's per-module rank limit (larger updates are SVD-truncated; the gates
-            then check the truncated adapter).
+    Raises:
+        ValidationError: a field out of range, or ``namespace`` not a valid namespace name.
     """
 
-    method: str | None = None
-    namespaces: tuple[str, ...] = ()
-    tenant: str | None = None
-    max_edits: int | None = None
-    dry_run: bool = False
-    gates: Gates = field(default_factory=Gates)
-    parent: str | None = "current"
-    corpus: str | os.PathLike[str] | None = None
-    hparams: Mapping[str, Any] = field(default_factory=dict)
-    batch_size: int = 256
-    probes: tuple[str, ...] | None = None
-    progress: bool = False
-    max_rank: int = 64
+    method: str | MethodSpec | None = field(default=None, metadata=_opt(
+        "A registered method (list_methods()), or its spec when the caller has looked it up already; None: "
+        "the registry's default (default_method())."))
+    namespace: str | None = field(default=None, metadata=_opt(
+        "Only this namespace's edits (default: every namespace in settings.shared_namespaces). A tenant "
+        "namespace (not shared) publishes the tenant's adapter version, never shared weights."))
+    max_edits: int | None = field(default=None, metadata=_opt("At most this many edits (oldest first; None: all)."))
+    dry_run: bool = field(default=False, metadata=_opt("Compute and evaluate, publish nothing, change nothing."))
+    gates: Gates = field(default_factory=Gates, metadata=_opt("Publishing thresholds (Gates; None: the defaults)."))
+    parent: str | None = field(default="current", metadata=_opt(
+        "'current' (default), 'base' (or None) or 'vN': the model the edits are written into."))
+    corpus: str | os.PathLike[str] | None = field(default=None, metadata=_opt(
+        "Covariance corpus (text file, folder, JSONL); None reads the text kem ships, 'model' samples "
+        "texts from the model."))
+    hparams: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
+        "Overrides of the method's hyperparameters (e.g. {'mom2_samples': 500})."))
+    batch_size: int = field(default=256, metadata=_opt(
+        "Edits per compute call; larger jobs run chunk after chunk on the updated model."))
+    probes: tuple[str, ...] | None = field(default=None, metadata=_opt(
+        "Held-out locality prompts (None: default_probes())."))
+    progress: bool = field(default=False, metadata=_opt("Show progress bars."))
+    max_rank: int = field(default=64, metadata=_opt(
+        "A tenant adapter's per-module rank limit (the serving engine's max_lora_rank; larger updates are "
+        "SVD-truncated, the gates then check the truncated adapter)."))
 
     def __post_init__(self) -> None:
+        from kem.versions import check_namespace
+
+        if self.namespace is not None:
+            check_namespace(self.namespace)
         if self.max_rank < 1:
             raise ValidationError(f"max_rank must be >= 1 (got {self.max_rank})", field="max_rank")
         if self.batch_size < 1:
             raise ValidationError(f"batch_size must be >= 1 (got {self.batch_size})", field="batch_size")
         if self.max_edits is not None and self.max_edits < 1:
             raise ValidationError(f"max_edits must be >= 1 (got {self.max_edits})", field="max_edits")
-        object.__setattr__(self, "hparams", MappingProxyType(dict(self.hparams)))  # frozen all the way down
+        # the values the keyword API has always taken (None: the defaults; any sequence of probes)
+        object.__setattr__(self, "gates", self.gates or Gates())
+        object.__setattr__(self, "hparams", MappingProxyType(dict(self.hparams or {})))  # frozen all the way down
+        if self.probes is not None:
+            object.__setattr__(self, "probes", tuple(self.probes))
 
 
 @dataclass
@@ -180,103 +192,6 @@ class ConsolidationResult:
         return asdict(self)
 
 
-# ---- evaluation -------------------------------------------------------------------------------------
-def greedy(model: Any, tok: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-           progress: bool = False, desc: str = "generate", special: bool = True) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded), decoded without special tokens.
-    ``special=False`` tokenizes the prompts without adding special tokens (text already rendered by a
-    chat template)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    out: list[str] = []
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        with torch.inference_mode():
-            for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-                chunk = list(prompts[i : i + batch_size])
-                enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                                     top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-                out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
-    return out
-
-
-def carries(answer: str, edit: Edit) -> bool:
-    """Whether a greedy answer states the edit's new target (case-insensitive containment)."""
-    from kem.consolidation.forms import carries as states
-
-    return states(answer, edit.target_new)
-
-
-def ask_forms(model: Any, tok: Any, edits: Sequence[Edit], chat_tokens: int = 32,
-              progress: bool = False) -> list[list[dict[str, Any]]]:
-    """Ask ``model`` (no context) every form of each edit (:func:`kem.consolidation.forms.forms_for`):
-    per edit, ``[{"kind", "text", "answer", "ok"}, ...]`` with ``ok`` when the greedy answer carries the
-    target. Chat questions go through the tokenizer's chat template."""
-    from kem.consolidation.forms import chat_text, forms_for
-
-    forms = [forms_for(e) for e in edits]
-    out: list[list[dict[str, Any]]] = [[{"kind": f.kind, "text": f.text, "answer": "", "ok": False} for f in fs]
-                                       for fs in forms]
-    if not edits:
-        return out
-    longest = max(len(tok(e.target_completion, add_special_tokens=False)["input_ids"]) for e in edits)
-    comp = [(i, j, f.text) for i, fs in enumerate(forms) for j, f in enumerate(fs) if not f.chat]
-    chat = [(i, j, chat_text(tok, f.text)) for i, fs in enumerate(forms) for j, f in enumerate(fs) if f.chat]
-    for rows, n_tok, special, desc in ((comp, longest + 4, True, "edits (cloze, paraphrases)"),
-                                       (chat, chat_tokens, False, "edits (chat questions)")):
-        if not rows:
-            continue
-        answers = greedy(model, tok, [r[2] for r in rows], n_tok, progress=progress, desc=desc, special=special)
-        for (i, j, _), a in zip(rows, answers, strict=True):
-            out[i][j].update(answer=a, ok=carries(a, edits[i]))
-    return out
-
-
-def perplexity_texts() -> list[str]:
-    """The held-out paragraphs of the perplexity gate (``kem/data/perplexity_text.json``, WikiText-2 valid)."""
-    text = resources.files("kem").joinpath("data/perplexity_text.json").read_text(encoding="utf-8")
-    return list(json.loads(text)["texts"])
-
-
-def perplexity(model: Any, tok: Any, texts: Sequence[str] | None = None, max_tokens: int = 512) -> float:
-    """Token-level perplexity of ``model`` on ``texts`` (default :func:`perplexity_texts`), each cut at
-    ``max_tokens`` tokens."""
-    import math
-
-    import torch
-
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for t in texts if texts is not None else perplexity_texts():
-            ids = tok(t, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens].to(device)
-            if ids.shape[1] < 2:
-                continue
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += ids.shape[1] - 1
-    return math.exp(nll / max(count, 1))
-
-
-def select_probes(edits: Sequence[Edit], probes: Sequence[str] | None = None, max_probes: int = 100) -> list[str]:
-    """Held-out prompts for the locality gate: ``probes`` (default :func:`default_probes`) then the
-    edits' own locality probes, without duplicates or prompts that mention an edit's subject."""
-    subjects = [e.subject.casefold() for e in edits]
-    pool = list(probes if probes is not None else default_probes())
-    pool += [p.prompt for e in edits for p in e.locality]
-    out: list[str] = []
-    for p in pool:
-        if p not in out and not any(s in p.casefold() for s in subjects):
-            out.append(p)
-    return out[:max_probes]
-
-
 # ---- the job ----------------------------------------------------------------------------------------
 def pending_edits(store: Any, chain: frozenset[str], namespace: str | Sequence[str] | None = None,
                   max_edits: int | None = None) -> list[Edit]:
@@ -317,301 +232,324 @@ def is_tenant(settings: Any, namespace: str | None) -> bool:
     return namespace is not None and namespace not in settings.shared()
 
 
-def consolidate(
-    settings: Any = None,
-    *,
-    home: str | os.PathLike[str] | None = None,
-    method: str | None = None,
-    namespace: str | None = None,
-    max_edits: int | None = None,
-    dry_run: bool = False,
-    gates: Gates | None = None,
-    parent: str | None = "current",
-    corpus: str | os.PathLike[str] | None = None,
-    hparams: dict[str, Any] | None = None,
-    batch_size: int = 256,
-    probes: Sequence[str] | None = None,
-    progress: bool = False,
-    max_rank: int = 64,
-) -> ConsolidationResult:
+def consolidate(settings: Any = None, config: JobConfig | None = None, *,
+                home: str | os.PathLike[str] | None = None, **options: Any) -> ConsolidationResult:
     """Consolidate the pending edits of the edit store (``settings.store``; default ``<home>/edits.sqlite``)
     into a new model version.
 
     Args:
         settings: kem settings (home, model, cache_dir, device); default ``Settings()``.
+        config: The job's options (:class:`JobConfig`; default: its defaults).
         home: Overrides ``settings.home``.
-        method: A registered method (:func:`~kem.consolidation.registry.list_methods`; None: the default,
-            :func:`~kem.consolidation.registry.default_method`).
-        namespace: Only this namespace's edits (default: every namespace in ``settings.shared_namespaces``).
-            A tenant namespace (not shared) publishes the tenant's adapter version, never shared weights.
-        max_edits: At most this many edits (oldest first).
-        dry_run: Compute and evaluate, publish nothing, change nothing.
-        gates: Publishing thresholds (:class:`Gates`).
-        parent: ``"current"`` (default), ``"base"`` or ``"vN"``: the model the edits are written into.
-        corpus: Covariance corpus (text file, folder, JSONL); None reads the text kem ships, "model" samples texts from the model.
-        hparams: Overrides of the method's hyperparameters (e.g. ``{"mom2_samples": 500}``).
-        batch_size: Edits per compute call; larger jobs run chunk after chunk on the updated model.
-        probes: Held-out locality prompts (default: :func:`default_probes`).
-        progress: Show progress bars.
-        max_rank: A tenant adapter's per-module rank limit (the serving engine's ``max_lora_rank``).
+        **options: :class:`JobConfig` fields (overriding ``config``'s), e.g. ``method="memit"``,
+            ``namespace="alice"``, ``gates=Gates(...)``, ``dry_run=True``; see each field's help.
 
     Raises:
         ConflictError: another job holds the lock. Any exception leaves store and versions untouched.
+        ValidationError: an option out of range (before the lock, the store, the model).
+        NotFoundError: no method of that name.
     """
+    from dataclasses import replace
+
     from kem.settings import Settings
     from kem.stores.services import job_lock
 
     settings = settings or Settings()
     if home is not None:
         settings = settings.model_copy(update={"home": Path(home)})
-    home = settings.home
-    spec = get_method(method)
-    cfg = JobConfig(  # validated before the lock, the store, the model
-        method=spec.name, namespaces=tuple(consolidation_scope(settings, namespace)),
-        tenant=namespace if is_tenant(settings, namespace) else None, max_edits=max_edits,
-        dry_run=dry_run, gates=gates or Gates(), parent=parent, corpus=corpus, hparams=hparams or {},
-        batch_size=batch_size, probes=None if probes is None else tuple(probes), progress=progress,
-        max_rank=max_rank)
+    cfg = replace(config, **options) if config is not None else JobConfig(**options)  # validated here
+    spec = cfg.method if isinstance(cfg.method, MethodSpec) else get_method(cfg.method)  # the one lookup
     with job_lock(settings) as held:  # one job at a time: a file lock, or PostgreSQL's advisory lock (kem.joblock)
-        return _run(settings, cfg, held.check)
+        return _run(settings, cfg, spec, held.check)
 
 
-def _run(settings: Any, cfg: JobConfig, still_held: Callable[[], None] = lambda: None) -> ConsolidationResult:
+def _run(settings: Any, cfg: JobConfig, spec: MethodSpec,
+         still_held: Callable[[], None] = lambda: None) -> ConsolidationResult:
+    """The job on the settings' versions (``KEM_MODELS_DIR``; with PostgreSQL, the versions recorded there):
+    :func:`_collect`, :func:`_compute`, :func:`_judge`, :func:`_publish`, :func:`_mark`."""
+    from kem.stores import open_store
     from kem.versions import versions_for
 
-    with versions_for(settings) as shared:  # KEM_MODELS_DIR; with PostgreSQL, the versions recorded there
-        return _job(settings, cfg, still_held, shared)
+    with versions_for(settings) as shared:
+        job = _Job.plan(settings, cfg, spec, shared, still_held)
+        job.store = open_store(settings)  # settings.store: <home>/edits.sqlite by default, or PostgreSQL
+        try:
+            if _collect(job):
+                _compute(job)
+                if _judge(job):
+                    _publish(job)
+                    _mark(job)
+            return job.result
+        finally:
+            job.target.close()
+            job.store.close()
 
 
-def _job(settings: Any, cfg: JobConfig, still_held: Callable[[], None], shared: Any) -> ConsolidationResult:
-    """The job itself, on the shared versions ``shared`` (a :class:`kem.versions.VersionStore`)."""
+@dataclass
+class _Job:
+    """One job's state: what :func:`_Job.plan` decides up front, then what each step leaves for the next.
+
+    Attributes:
+        shared: The shared versions (:class:`kem.versions.VersionStore`).
+        parent: The shared version the edits are written into (None: the base model).
+        target: Where the new version goes (:class:`~kem.consolidation.target.Target`): the only part that
+            differs between a shared job and a tenant's.
+        still_held: Raises if the job lock was lost (checked right before publishing).
+    """
+
+    settings: Any
+    cfg: JobConfig
+    spec: MethodSpec
+    shared: Any
+    parent: str | None
+    parent_man: Any
+    target: Target
+    result: ConsolidationResult
+    still_held: Callable[[], None]
+    t_start: float
+    timings: dict[str, float] = field(default_factory=dict)
+    store: Any = None
+    edits: list[Edit] = field(default_factory=list)  # _collect
+    model: Any = None  # _compute: the parent's weights with the delta applied (loaded in place)
+    tok: Any = None
+    base_fp: str | None = None
+    probes: list[str] = field(default_factory=list)
+    before: list[str] = field(default_factory=list)  # the parent's answers on the probes
+    ppl_parent: float | None = None
+    ctx: Any = None
+    states: dict[str, Any] = field(default_factory=dict)  # method name -> its state class
+    hp: Any = None
+    total: Any = None  # the WeightDelta of the new version
+    applied: list[Any] = field(default_factory=list)
+    teacher: Any = None
+
+    @classmethod
+    def plan(cls, settings: Any, cfg: JobConfig, spec: MethodSpec, shared: Any,
+             still_held: Callable[[], None]) -> _Job:
+        """The parent version and the target (shared weights, or the tenant of ``cfg.namespace``)."""
+        from kem.versions import BASE
+
+        t_start = time.perf_counter()
+        parent = cfg.parent
+        if parent in (None, "current"):
+            parent = shared.current()
+        elif parent == BASE:
+            parent = None
+        parent_man = shared.manifest(parent) if parent else None
+        target: Target
+        if is_tenant(settings, cfg.namespace):
+            assert cfg.namespace is not None
+            target = TenantTarget(shared, cfg.namespace, parent, settings, cfg.max_rank)
+        else:
+            target = SharedTarget(shared, parent, consolidation_scope(settings, cfg.namespace))
+        result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=cfg.dry_run,
+                                     namespace=target.namespace, tenant_parent=target.extends)
+        return cls(settings, cfg, spec, shared, parent, parent_man, target, result, still_held, t_start)
+
+    def finish(self, message: str) -> None:
+        self.result.timings = {**self.timings, "total": time.perf_counter() - self.t_start}
+        self.result.message = message
+
+
+def _collect(job: _Job) -> bool:
+    """The pending edits of the target's namespaces (after finishing what a killed job left). False: none."""
+    from kem.versions import recover
+
+    recover(job.shared, job.store)  # a job killed between publish and marking: finish it first
+    job.edits = pending_edits(job.store, job.target.chain, job.target.namespaces, job.cfg.max_edits)
+    job.result.edit_ids = [e.id for e in job.edits]
+    if not job.edits:
+        job.result.message = job.target.nothing_to_do()
+    return bool(job.edits)
+
+
+def _compute(job: _Job) -> None:
+    """Load the parent, record its answers on the locality probes, then compute the method's delta in
+    chunks of ``batch_size`` (each on the model with the earlier chunks applied) and leave it applied."""
     from tqdm.auto import tqdm
 
     from kem.consolidation import versions as V
-    from kem.consolidation.context import EditContext, served_follower
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
-    from kem.stores import open_store
-    from kem.versions import BASE, DELTA, recover
 
-    home = settings.home
-    spec = get_method(cfg.method)
-    parent, gates, progress = cfg.parent, cfg.gates, cfg.progress
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    if parent in (None, "current"):
-        parent = shared.current()
-    elif parent == BASE:
-        parent = None
-    parent_man = shared.manifest(parent) if parent else None
-    chain = shared.absorbed(parent)
-    vs = shared.of(cfg.tenant)  # where the new version goes
-    extends = None  # a tenant job: the tenant's version the new adapter extends
-    if cfg.tenant is not None:
-        served = vs.adapter_on(parent)
-        extends = served.version if served is not None and served.version != BASE else None
-        chain = vs.absorbed(extends)
-    result = ConsolidationResult(published=False, method=spec.name, parent=parent, dry_run=cfg.dry_run,
-                                 namespace=cfg.tenant, tenant_parent=extends)
+    cfg, spec, gates, timings = job.cfg, job.spec, job.cfg.gates, job.timings
+    t0 = time.perf_counter()
+    model, tok = V.load_version(job.settings.home, job.parent, job.settings)
+    job.model, job.tok = model, tok
+    job.base_fp = job.parent_man.base_fingerprint if job.parent_man else model_fingerprint(model)
+    timings["load"] = time.perf_counter() - t0
 
-    store = open_store(settings)  # settings.store: <home>/edits.sqlite by default, or PostgreSQL
-    tenant: Any = None  # a tenant job's adapter (kem.consolidation.tenant.TenantAdapter)
-    try:
-        recover(shared, store)  # a job killed between publish and marking: finish it first
-        edits = pending_edits(store, chain, cfg.namespaces, cfg.max_edits)
-        result.edit_ids = [e.id for e in edits]
-        if not edits:
-            what = (f"tenant namespace {cfg.tenant}" if cfg.tenant else
-                    f"shared namespace(s) {', '.join(cfg.namespaces) or '(none)'}")
-            result.message = (f"nothing to consolidate: no pending edits in the {what}"
-                              + ("" if cfg.tenant else " (a tenant's edits go into its own adapter: "
-                                 "kem consolidate --namespace NAME)"))
-            return result
+    t0 = time.perf_counter()
+    job.probes = select_probes(job.edits, cfg.probes)
+    job.before = greedy(model, tok, job.probes, gates.probe_tokens, progress=cfg.progress, desc="probes (parent)")
+    job.ppl_parent = perplexity(model, tok) if gates.max_perplexity_increase is not None else None
+    timings["probes_parent"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        model, tok = V.load_version(home, parent, settings)
-        base_fp = parent_man.base_fingerprint if parent_man else model_fingerprint(model)
-        timings["load"] = time.perf_counter() - t0
+    ctx = job.ctx = _context(job)
+    job.hp = spec.hparams_for(model, **cfg.hparams)
 
-        t0 = time.perf_counter()
-        probe_prompts = select_probes(edits, cfg.probes)
-        before = greedy(model, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (parent)")
-        ppl_parent = perplexity(model, tok) if gates.max_perplexity_increase is not None else None
-        timings["probes_parent"] = time.perf_counter() - t0
-
-        ctx = EditContext.from_cache_dir(settings.cache_dir, corpus=cfg.corpus)
-        ctx.cov_fingerprint = base_fp  # covariance of the base weights serves every version built on it
-        ctx.progress = progress
-        ctx.follower = served_follower(settings)  # distill's teacher: the fast path as it is served
-        # every method's running state travels with the versions (ctx.state[name] <-> its file), so
-        # a later job of that method still sees it after versions made by other methods; a tenant's
-        # adapter versions carry their own, started from the shared parent's
-        state_classes = {m.name: m.state_cls for m in method_specs() if m.state_cls is not None}
-        state_from = vs.path(extends) if extends else shared.path(parent) if parent else None
-        if state_from is not None:
-            for key, cls in state_classes.items():
-                path = state_from / cls.file_name
-                if path.is_file():
-                    ctx.state[key] = cls.load(path)
-        hp = spec.hparams_for(model, **cfg.hparams)
-
-        t0 = time.perf_counter()
-        total = WeightDelta(method=spec.name)
-        applied, teacher = [], None
-        if extends:  # the tenant's current adapter: the new edits are computed on top of it, and kept
-            prev = WeightDelta.load(vs.path(extends) / DELTA)
-            applied.append(apply_delta(model, prev))
-            for name, f in prev.updates.items():
-                total.add(name, f.a, f.b)
-        chunks = [edits[i : i + cfg.batch_size] for i in range(0, len(edits), cfg.batch_size)]
-        for chunk in tqdm(chunks, desc=f"{spec.name} ({len(edits)} edits)", unit="batch", disable=not progress or len(chunks) < 2):
-            delta = spec.compute(model, tok, chunk, hp, ctx)
-            teacher = teacher or delta.meta.get("teacher")
-            applied.append(apply_delta(model, delta))  # the next chunk is computed on the updated model
-            for name, f in delta.updates.items():
-                total.add(name, f.a, f.b)
-        timings["compute"] = time.perf_counter() - t0
-        timings["covariance"] = ctx.covariance.last_compute_seconds
-        total.meta = {"edit_ids": result.edit_ids, "hparams": hp.model_dump(mode="json"), "parent": parent}
-        if cfg.tenant is not None:
-            total.meta.update(namespace=cfg.tenant, tenant_parent=extends)
-
-        t0 = time.perf_counter()
-        judged = model
-        if cfg.tenant is not None:  # judge the adapter as it will be served: shared weights + LoRA
-            from kem.consolidation.tenant import TenantAdapter
-
-            for handle in reversed(applied):
-                handle.revert()
-            tenant = TenantAdapter.build(total, model, settings, cfg.max_rank)
-            judged = tenant.view
-            timings["export_adapter"] = time.perf_counter() - t0
-        asked = ask_forms(judged, tok, edits, gates.chat_tokens, progress=progress)
-        after = greedy(judged, tok, probe_prompts, gates.probe_tokens, progress=progress, desc="probes (edited)")
-        same = [a.strip() == b.strip() for a, b in zip(after, before, strict=True)]
-        loc = sum(same) / len(same) if same else 1.0
-        ppl_new = perplexity(judged, tok) if ppl_parent is not None else None
-        timings["evaluate"] = time.perf_counter() - t0 - timings.get("export_adapter", 0.0)
-        summary = forms_summary(edits, asked)
-        rel, gen = summary["reliability"], summary["generalization"]
-        retired = [all(f["ok"] for f in fs) for fs in asked]
-        result.absorbed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if ok]
-        result.failed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if not ok]
-        ppl_rise = None if ppl_new is None or not ppl_parent else ppl_new / ppl_parent - 1.0
-        result.metrics = {
-            **summary,
-            "locality": loc,
-            "edits": len(edits),
-            "retired": len(result.absorbed_ids),
-            "kept": len(result.failed_ids),
-            "probes": len(probe_prompts),
-            "teacher": teacher,  # distill: the fast path's edit-follower its labels came from
-            "perplexity_parent": ppl_parent,
-            "perplexity": ppl_new,
-            "perplexity_increase": ppl_rise,
-            "min_reliability": gates.min_reliability,
-            "min_generalization": gates.min_generalization,
-            "min_locality": gates.min_locality,
-            "max_perplexity_increase": gates.max_perplexity_increase,
-            "changed_probes": [{"prompt": p, "parent": b, "edited": a}
-                               for p, b, a, s in zip(probe_prompts, before, after, same, strict=True) if not s][:20],
-            "failed_edits": [{"id": e.id, "prompt": e.rendered_prompt, "target_new": e.target_new,
-                              "missed": [{"kind": f["kind"], "text": f["text"], "answer": f["answer"]}
-                                         for f in fs if not f["ok"]]}
-                             for e, fs, ok in zip(edits, asked, retired, strict=True) if not ok][:20],
-            "per_edit": [{"id": e.id, "retired": ok, "forms": [{"kind": f["kind"], "text": f["text"], "ok": f["ok"],
-                                                                 "answer": f["answer"][:120]} for f in fs]}
-                         for e, fs, ok in zip(edits, asked, retired, strict=True)],
-        }
-        if tenant is not None:
-            result.metrics["adapter"] = tenant.summary()
-        if rel < gates.min_reliability:
-            result.reasons.append(f"reliability {rel:.3f} < {gates.min_reliability} "
-                                  f"({summary['cloze_missed']} of {len(edits)} edits' own prompts not carried by greedy answers)")
-        if gen < gates.min_generalization:
-            result.reasons.append(f"generalization {gen:.3f} < {gates.min_generalization} "
-                                  "(paraphrases and chat questions answered without the target)")
-        if loc < gates.min_locality:
-            result.reasons.append(f"locality {loc:.3f} < {gates.min_locality} "
-                                  f"({len(same) - sum(same)} of {len(same)} held-out probes changed their answer)")
-        if ppl_rise is not None and gates.max_perplexity_increase is not None and ppl_rise > gates.max_perplexity_increase:
-            result.reasons.append(f"perplexity +{ppl_rise:.1%} > +{gates.max_perplexity_increase:.1%} "
-                                  f"({ppl_parent:.2f} -> {ppl_new:.2f} on held-out WikiText-2)")
-        result.version = vs.next_version()
-        if result.reasons or cfg.dry_run:
-            result.timings = {**timings, "total": time.perf_counter() - t_start}
-            what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"
-            result.message = (f"{what}; nothing published ({len(edits)} edits, method {spec.name}; "
-                              f"{_scores(result.metrics)}; {_retire_line(result.metrics)})")
-            return result
-
-        still_held()  # the job lock is still ours (a PostgreSQL one can be lost with its connection)
-        t0 = time.perf_counter()
-        unchanged = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
-        if len(unchanged) < len(result.absorbed_ids):
-            log.warning("%d absorbed edits were changed or deleted during the job; they stay as they are",
-                        len(result.absorbed_ids) - len(unchanged))
-            result.absorbed_ids = unchanged
-        extra = {cls.file_name: ctx.state[key].save for key, cls in state_classes.items() if key in ctx.state}
-        manifest = {
-            "base": parent_man.base if parent_man else str(settings.model),
-            "base_fingerprint": base_fp,
-            "parent": parent,
-            "method": spec.name,
-            "hparams": hp.model_dump(mode="json"),
-            "edit_ids": result.absorbed_ids,
-            "failed_edit_ids": result.failed_ids,
-            "namespace": cfg.namespaces[0] if len(cfg.namespaces) == 1 else None,
-            "namespaces": sorted({e.namespace for e in edits}),
-            "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits", "per_edit")},
-            "edits": result.metrics["per_edit"],
-            "timings": {**timings, "total": time.perf_counter() - t_start},
-            "corpus": None if cfg.corpus is None else str(cfg.corpus),
-        }
-        if tenant is not None:
-            manifest["tenant_parent"] = extends
-            man = tenant.publish(vs, manifest, extra_files=extra)
-        else:
-            man = V.publish(vs, model, tok, total, manifest, extra_files=extra)
-        timings["publish"] = time.perf_counter() - t0
-        result.version = man.version
-        result.published = True
-        # the manifest lists the absorbed edits: a kill from here to the marking is repaired by recover()
-        result.absorbed_ids = _unchanged(store, [e for e in edits if e.id in set(result.absorbed_ids)])
-        if result.absorbed_ids:
-            store.mark_consolidated(result.absorbed_ids, vs.label(man.version))
-        result.timings = {**timings, "total": time.perf_counter() - t_start}
-        result.message = (f"published {vs.label(man.version)} (parent {parent or 'base'}"
-                          + (f", an adapter extending {vs.label(extends)}" if extends else
-                             ", an adapter" if tenant is not None else "")
-                          + f"): {_retire_line(result.metrics, len(result.absorbed_ids))}; {_scores(result.metrics)}")
-        log.info(result.message)
-        return result
-    finally:
-        if tenant is not None:
-            tenant.close()
-        store.close()
+    t0 = time.perf_counter()
+    job.total = WeightDelta(method=spec.name)
+    job.applied = job.target.start(model, job.total)
+    chunks = [job.edits[i : i + cfg.batch_size] for i in range(0, len(job.edits), cfg.batch_size)]
+    for chunk in tqdm(chunks, desc=f"{spec.name} ({len(job.edits)} edits)", unit="batch",
+                      disable=not cfg.progress or len(chunks) < 2):
+        delta = spec.compute(model, tok, chunk, job.hp, ctx)
+        job.teacher = job.teacher or delta.meta.get("teacher")
+        job.applied.append(apply_delta(model, delta))  # the next chunk is computed on the updated model
+        for name, f in delta.updates.items():
+            job.total.add(name, f.a, f.b)
+    timings["compute"] = time.perf_counter() - t0
+    timings["covariance"] = ctx.covariance.last_compute_seconds
+    job.total.meta = {"edit_ids": job.result.edit_ids, "hparams": job.hp.model_dump(mode="json"),
+                      "parent": job.parent, **job.target.delta_meta()}
 
 
-def forms_summary(edits: Sequence[Edit], asked: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any]:
-    """Scores of :func:`ask_forms`'s answers: ``reliability`` (own clozes), ``paraphrase``, ``question``,
-    ``generalization`` (paraphrases and questions together), and per kind how many edits missed it."""
-    by: dict[str, list[bool]] = {"cloze": [], "paraphrase": [], "question": []}
-    missed = {k: 0 for k in by}
-    for fs in asked:
-        for kind in by:
-            oks = [f["ok"] for f in fs if f["kind"] == kind]
-            by[kind] += oks
-            missed[kind] += int(bool(oks) and not all(oks))
-    other = by["paraphrase"] + by["question"]
+def _context(job: _Job) -> Any:
+    """The methods' :class:`~kem.consolidation.context.EditContext`, with every method's running state
+    loaded from the version the target starts from (``ctx.state[name]`` <-> its file): a later job of a
+    method still sees it after versions made by other methods; a tenant's adapter versions carry their
+    own, started from the shared parent's."""
+    from kem.consolidation.context import EditContext, served_follower
 
-    def frac(x: list[bool]) -> float:
-        return sum(x) / len(x) if x else 1.0
+    ctx = EditContext.from_cache_dir(job.settings.cache_dir, corpus=job.cfg.corpus)
+    ctx.cov_fingerprint = job.base_fp  # covariance of the base weights serves every version built on it
+    ctx.progress = job.cfg.progress
+    ctx.follower = served_follower(job.settings)  # distill's teacher: the fast path as it is served
+    job.states = {m.name: m.state_cls for m in method_specs() if m.state_cls is not None}
+    if job.target.state_from is not None:
+        for key, cls in job.states.items():
+            path = job.target.state_from / cls.file_name
+            if path.is_file():
+                ctx.state[key] = cls.load(path)
+    return ctx
 
-    return {"reliability": frac(by["cloze"]), "paraphrase": frac(by["paraphrase"]), "question": frac(by["question"]),
-            "generalization": frac(other), "forms": sum(len(v) for v in by.values()),
-            "cloze_missed": missed["cloze"], "paraphrase_missed": missed["paraphrase"],
-            "question_missed": missed["question"]}
+
+def _judge(job: _Job) -> bool:
+    """Ask the model as it will be served every form of each edit and the probes; score against the
+    gates. False: refused or a dry run (the message says which), nothing to publish."""
+    cfg, gates, edits, tok, result = job.cfg, job.cfg.gates, job.edits, job.tok, job.result
+    t0 = time.perf_counter()
+    judged = job.target.judged(job.model, job.applied, job.total, job.timings)
+    asked = ask_forms(judged, tok, edits, gates.chat_tokens, progress=cfg.progress)
+    after = greedy(judged, tok, job.probes, gates.probe_tokens, progress=cfg.progress, desc="probes (edited)")
+    same = [a.strip() == b.strip() for a, b in zip(after, job.before, strict=True)]
+    ppl_new = perplexity(judged, tok) if job.ppl_parent is not None else None
+    job.timings["evaluate"] = time.perf_counter() - t0 - job.timings.get("export_adapter", 0.0)
+
+    retired = [all(f["ok"] for f in fs) for fs in asked]
+    result.absorbed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if ok]
+    result.failed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if not ok]
+    result.metrics = _metrics(job, asked, retired, after, same, ppl_new)
+    result.metrics.update(job.target.metrics())
+    result.reasons = _refusals(gates, result.metrics, len(same) - sum(same), job.ppl_parent, ppl_new)
+    result.version = job.target.versions.next_version()
+    if result.reasons or cfg.dry_run:
+        what = "gates failed: " + "; ".join(result.reasons) if result.reasons else "dry run"
+        job.finish(f"{what}; nothing published ({len(edits)} edits, method {job.spec.name}; "
+                   f"{_scores(result.metrics)}; {_retire_line(result.metrics)})")
+        return False
+    return True
+
+
+def _metrics(job: _Job, asked: list[list[dict[str, Any]]], retired: list[bool], after: list[str],
+             same: list[bool], ppl_new: float | None) -> dict[str, Any]:
+    """The result's metrics: the forms' scores, locality (``same``: per probe, answered as by the parent),
+    perplexity, the gates, the details."""
+    edits, gates, ppl_parent = job.edits, job.cfg.gates, job.ppl_parent
+    ppl_rise = None if ppl_new is None or not ppl_parent else ppl_new / ppl_parent - 1.0
+    return {
+        **forms_summary(edits, asked),
+        "locality": sum(same) / len(same) if same else 1.0,
+        "edits": len(edits),
+        "retired": sum(retired),
+        "kept": len(retired) - sum(retired),
+        "probes": len(job.probes),
+        "teacher": job.teacher,  # distill: the fast path's edit-follower its labels came from
+        "perplexity_parent": ppl_parent,
+        "perplexity": ppl_new,
+        "perplexity_increase": ppl_rise,
+        "min_reliability": gates.min_reliability,
+        "min_generalization": gates.min_generalization,
+        "min_locality": gates.min_locality,
+        "max_perplexity_increase": gates.max_perplexity_increase,
+        "changed_probes": [{"prompt": p, "parent": b, "edited": a}
+                           for p, b, a, s in zip(job.probes, job.before, after, same, strict=True) if not s][:20],
+        "failed_edits": [{"id": e.id, "prompt": e.rendered_prompt, "target_new": e.target_new,
+                          "missed": [{"kind": f["kind"], "text": f["text"], "answer": f["answer"]}
+                                     for f in fs if not f["ok"]]}
+                         for e, fs, ok in zip(edits, asked, retired, strict=True) if not ok][:20],
+        "per_edit": [{"id": e.id, "retired": ok, "forms": [{"kind": f["kind"], "text": f["text"], "ok": f["ok"],
+                                                             "answer": f["answer"][:120]} for f in fs]}
+                     for e, fs, ok in zip(edits, asked, retired, strict=True)],
+    }
+
+
+def _refusals(gates: Gates, m: dict[str, Any], changed: int, ppl_parent: float | None,
+              ppl_new: float | None) -> list[str]:
+    """Why ``gates`` refuse the metrics ``m`` (``changed``: probes answered otherwise than by the parent;
+    empty: they pass)."""
+    out = []
+    rel, gen, loc, rise = m["reliability"], m["generalization"], m["locality"], m["perplexity_increase"]
+    if rel < gates.min_reliability:
+        out.append(f"reliability {rel:.3f} < {gates.min_reliability} "
+                   f"({m['cloze_missed']} of {m['edits']} edits' own prompts not carried by greedy answers)")
+    if gen < gates.min_generalization:
+        out.append(f"generalization {gen:.3f} < {gates.min_generalization} "
+                   "(paraphrases and chat questions answered without the target)")
+    if loc < gates.min_locality:
+        out.append(f"locality {loc:.3f} < {gates.min_locality} "
+                   f"({changed} of {m['probes']} held-out probes changed their answer)")
+    if rise is not None and gates.max_perplexity_increase is not None and rise > gates.max_perplexity_increase:
+        out.append(f"perplexity +{rise:.1%} > +{gates.max_perplexity_increase:.1%} "
+                   f"({ppl_parent:.2f} -> {ppl_new:.2f} on held-out WikiText-2)")
+    return out
+
+
+def _publish(job: _Job) -> None:
+    """Write the version (atomic: a temporary folder renamed) and make it current, still holding the lock."""
+    result, edits = job.result, job.edits
+    job.still_held()  # the job lock is still ours (a PostgreSQL one can be lost with its connection)
+    t0 = time.perf_counter()
+    unchanged = _unchanged(job.store, [e for e in edits if e.id in set(result.absorbed_ids)])
+    if len(unchanged) < len(result.absorbed_ids):
+        log.warning("%d absorbed edits were changed or deleted during the job; they stay as they are",
+                    len(result.absorbed_ids) - len(unchanged))
+        result.absorbed_ids = unchanged
+    extra = {cls.file_name: job.ctx.state[key].save for key, cls in job.states.items() if key in job.ctx.state}
+    namespaces = job.target.namespaces
+    manifest = {
+        "base": job.parent_man.base if job.parent_man else str(job.settings.model),
+        "base_fingerprint": job.base_fp,
+        "parent": job.parent,
+        "method": job.spec.name,
+        "hparams": job.hp.model_dump(mode="json"),
+        "edit_ids": result.absorbed_ids,
+        "failed_edit_ids": result.failed_ids,
+        "namespace": namespaces[0] if len(namespaces) == 1 else None,
+        "namespaces": sorted({e.namespace for e in edits}),
+        "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits", "per_edit")},
+        "edits": result.metrics["per_edit"],
+        "timings": {**job.timings, "total": time.perf_counter() - job.t_start},
+        "corpus": None if job.cfg.corpus is None else str(job.cfg.corpus),
+    }
+    man = job.target.publish(job.model, job.tok, job.total, manifest, extra)
+    job.timings["publish"] = time.perf_counter() - t0
+    result.version = man.version
+    result.published = True
+
+
+def _mark(job: _Job) -> None:
+    """Mark the absorbed edits consolidated in the new version (one transaction); edits changed since the
+    job read them stay as they are. A kill before this is repaired by ``recover`` (the manifest lists them)."""
+    result, vs = job.result, job.target.versions
+    assert result.version is not None
+    result.absorbed_ids = _unchanged(job.store, [e for e in job.edits if e.id in set(result.absorbed_ids)])
+    if result.absorbed_ids:
+        job.store.mark_consolidated(result.absorbed_ids, vs.label(result.version))
+    job.finish(f"published {vs.label(result.version)} (parent {job.parent or 'base'}{job.target.published()}): "
+               f"{_retire_line(result.metrics, len(result.absorbed_ids))}; {_scores(result.metrics)}")
+    log.info(result.message)
 
 
 def _scores(m: dict[str, Any]) -> str:

@@ -79,7 +79,7 @@ def teacher_labels(model: Any, tok: Any, edits: Sequence[Edit], forms: Sequence[
     missed the target)``); with no follower, the target / fact sentence. ``shortcut``: completions the
     teacher answers with the target right away are found by one teacher-forced pass, not generated."""
     from kem.compose import follower_chat, follower_completion
-    from kem.consolidation.job import greedy
+    from kem.consolidation.judge import greedy
 
     labels: list[list[str]] = [[_fallback(e, f) for f in fs] for e, fs in zip(edits, forms, strict=True)]
     if follower is None:
@@ -221,7 +221,7 @@ def retain_prompts(edits: Sequence[Edit], pool: Sequence[dict[str, Any]], *, sam
 def parent_labels(model: Any, tok: Any, comp: Sequence[str], chats: Sequence[str], retain_tokens: int,
                   chat_tokens: int, progress: bool = False) -> tuple[list[str], list[str]]:
     """The parent's greedy continuations of the retain prompts (completions cut at a newline)."""
-    from kem.consolidation.job import greedy
+    from kem.consolidation.judge import greedy
 
     a = greedy(model, tok, list(comp), retain_tokens, progress=progress, desc="retain (parent)", special=False)
     c = greedy(model, tok, [chat_text(tok, q) for q in chats], chat_tokens, progress=progress,
