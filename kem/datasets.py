@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 
 from kem.edit import NAMESPACE_RE, Edit, LocalityProbe
 from kem.errors import DatasetFormatError, ValidationError
+from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +353,10 @@ def _record_edits(fmt: str, rec: Any, i: int, namespace: str | None, with_paraph
 
 
 # ---- files ------------------------------------------------------------------------------------------
-def default_data_dir(settings: Any = None) -> Path:
+def default_data_dir(settings: Settings | None = None) -> Path:
     """Where named datasets live: ``settings.eval_data`` (``$KEM_EVAL_DATA``) if set, else
     ``../shared/data`` (relative to the working directory, then to the repository), else ``shared/data``."""
-    if settings is None:
-        from kem.settings import Settings
-
+    if settings is None:  # the environment's (KEM_EVAL_DATA)
         settings = Settings()
     if settings.eval_data is not None:
         return Path(settings.eval_data).expanduser()
@@ -369,7 +368,7 @@ def default_data_dir(settings: Any = None) -> Path:
 
 
 def resolve_dataset(name_or_path: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
-                    settings: Any = None) -> Path:
+                    settings: Settings | None = None) -> Path:
     """A dataset name (``counterfact``, ``zsre``, ``mquake``) or a file path -> the file.
 
     Raises:
@@ -477,7 +476,7 @@ def _read(path: Path, records: list[Any], fmt: str | None, order: Iterable[int] 
 
 def read_cases(dataset: str | os.PathLike[str], n: int | None = None, seed: int | None = None, *,
                data_dir: str | os.PathLike[str] | None = None, fmt: str | None = None,
-               settings: Any = None) -> Loaded[EvalCase]:
+               settings: Settings | None = None) -> Loaded[EvalCase]:
     """Evaluation cases of a dataset, and the invalid records skipped on the way.
 
     Args:

@@ -104,3 +104,34 @@ def test_the_contract_catches_an_upward_import(tmp_path):
     planted.write_text("from kem.server.serving import Serving\n\nif TYPE_CHECKING:\n    import kem.editor\n")
     assert imports(planted, set(modules())) == {"kem.server.serving"}
     assert layer_of("kem.stores.sqlite") > layer_of("kem.server.serving")  # type: ignore[operator]
+
+
+# Where a Settings() may be built from the environment: the commands, and the documented entry points of the
+# Python API (KnowledgeEditor.open / in_memory, consolidate(), run_eval's context, the dataset readers, and
+# open_store for callers with only a URL). Everything else receives the settings it is given.
+SETTINGS_BUILDERS = {"kem.settings", "kem.cli", "kem.demo", "kem.server.cli", "kem.server.keys_cli", "kem.eval.cli",
+                     "kem.follower.cli", "kem.consolidation.cli", "kem.editor", "kem.consolidation.job",
+                     "kem.eval.run", "kem.datasets", "kem.stores"}
+
+
+def test_settings_are_built_only_at_entry_points():
+    hidden = []
+    for name, path in sorted(modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Settings" \
+                    and not node.args and not node.keywords and name not in SETTINGS_BUILDERS:
+                hidden.append(f"{name}:{node.lineno}")
+    assert not hidden, f"Settings() built from the environment outside an entry point: {hidden}"
+
+
+def test_library_functions_take_typed_settings():
+    """No ``settings: Any`` (or ``object``) parameter: settings are :class:`kem.settings.Settings`."""
+    loose = []
+    for name, path in sorted(modules().items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in [*node.args.args, *node.args.kwonlyargs]:
+                    ann = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+                    if arg.arg == "settings" and ("Any" in ann or ann in ("object", "")):
+                        loose.append(f"{name}.{node.name}")
+    assert not loose, f"settings parameters that are not typed Settings: {loose}"

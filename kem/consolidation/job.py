@@ -49,6 +49,7 @@ from kem.consolidation.registry import MethodSpec, get_method, method_specs
 from kem.consolidation.target import SharedTarget, Target, TenantTarget
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ValidationError
+from kem.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def pending_edits(store: Any, chain: frozenset[str], namespace: str | Sequence[s
     return todo if max_edits is None else todo[:max_edits]
 
 
-def consolidation_scope(settings: Any, namespace: str | None) -> list[str]:
+def consolidation_scope(settings: Settings, namespace: str | None) -> list[str]:
     """The namespaces a job takes edits from: the shared ones (``KEM_SHARED_NAMESPACES``, default
     ``default``; their edits go into the shared weights), or ``[namespace]``: a shared one, or a tenant's
     (see :func:`is_tenant`), whose edits go into that tenant's adapter only.
@@ -227,12 +228,12 @@ def consolidation_scope(settings: Any, namespace: str | None) -> list[str]:
     return [check_namespace(namespace)]
 
 
-def is_tenant(settings: Any, namespace: str | None) -> bool:
+def is_tenant(settings: Settings, namespace: str | None) -> bool:
     """Whether a job of ``namespace`` publishes a tenant adapter (it is not a shared namespace)."""
     return namespace is not None and namespace not in settings.shared()
 
 
-def consolidate(settings: Any = None, config: JobConfig | None = None, *,
+def consolidate(settings: Settings | None = None, config: JobConfig | None = None, *,
                 home: str | os.PathLike[str] | None = None, **options: Any) -> ConsolidationResult:
     """Consolidate the pending edits of the edit store (``settings.store``; default ``<home>/edits.sqlite``)
     into a new model version.
@@ -251,7 +252,6 @@ def consolidate(settings: Any = None, config: JobConfig | None = None, *,
     """
     from dataclasses import replace
 
-    from kem.settings import Settings
     from kem.stores.services import job_lock
 
     settings = settings or Settings()
@@ -263,7 +263,7 @@ def consolidate(settings: Any = None, config: JobConfig | None = None, *,
         return _run(settings, cfg, spec, held.check)
 
 
-def _run(settings: Any, cfg: JobConfig, spec: MethodSpec,
+def _run(settings: Settings, cfg: JobConfig, spec: MethodSpec,
          still_held: Callable[[], None] = lambda: None) -> ConsolidationResult:
     """The job on the settings' versions (``KEM_MODELS_DIR``; with PostgreSQL, the versions recorded there):
     :func:`_collect`, :func:`_compute`, :func:`_judge`, :func:`_publish`, :func:`_mark`."""
@@ -297,7 +297,7 @@ class _Job:
         still_held: Raises if the job lock was lost (checked right before publishing).
     """
 
-    settings: Any
+    settings: Settings
     cfg: JobConfig
     spec: MethodSpec
     shared: Any
@@ -324,7 +324,7 @@ class _Job:
     teacher: Any = None
 
     @classmethod
-    def plan(cls, settings: Any, cfg: JobConfig, spec: MethodSpec, shared: Any,
+    def plan(cls, settings: Settings, cfg: JobConfig, spec: MethodSpec, shared: Any,
              still_held: Callable[[], None]) -> _Job:
         """The parent version and the target (shared weights, or the tenant of ``cfg.namespace``)."""
         from kem.versions import BASE

@@ -14,6 +14,7 @@ from kem.versions import BASE, DELTA, Manifest, VersionStore
 if TYPE_CHECKING:
     from kem.consolidation.delta import AppliedDelta, WeightDelta
     from kem.consolidation.tenant import TenantAdapter
+    from kem.settings import Settings
 
 
 class Target(Protocol):
@@ -111,7 +112,7 @@ class TenantTarget:
     as a LoRA adapter, judged on the shared weights with the adapter applied (as it will be served), and
     published as ``models/tenants/<namespace>/vN`` (:class:`kem.consolidation.tenant.TenantAdapter`)."""
 
-    def __init__(self, shared: VersionStore, namespace: str, parent: str | None, settings: Any,
+    def __init__(self, shared: VersionStore, namespace: str, parent: str | None, settings: Settings,
                  max_rank: int) -> None:
         self.versions = shared.of(namespace)
         self.namespace: str | None = namespace

@@ -18,6 +18,7 @@ from typing import Any
 
 from kem.consolidation.adapter import AdapterExport, combine_adapters, export_adapter
 from kem.consolidation.delta import WeightDelta
+from kem.settings import Settings
 from kem.versions import ADAPTER, ADAPTER_WITH_FOLLOWER, DELTA, Manifest, VersionStore
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class TenantAdapter:
         self.follower, self.base_model, self.max_rank = follower, base_model, max_rank
 
     @classmethod
-    def build(cls, delta: WeightDelta, model: Any, settings: Any, max_rank: int) -> TenantAdapter:
+    def build(cls, delta: WeightDelta, model: Any, settings: Settings, max_rank: int) -> TenantAdapter:
         """Export ``delta`` as a LoRA folder and bind it to ``model`` (the shared weights, unchanged).
 
         Raises:
