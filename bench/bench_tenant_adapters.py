@@ -1,5 +1,5 @@
 """Per-tenant adapters (issue 15): each method's delta for N CounterFact edits, exported as a peft LoRA
-adapter (kem.consolidation.adapter), against the same delta merged into the weights.
+adapter (kem.consolidation.lora_export), against the same delta merged into the weights.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_tenant_adapters.py --edits 10
 
@@ -56,11 +56,11 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from kem.consolidation.adapter import export_adapter
     from kem.consolidation.context import EditContext
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.judge import default_probes
-    from kem.consolidation.registry import get_method
+    from kem.consolidation.lora_export import export_lora
+    from kem.consolidation.method_registry import get_method
     from kem.edit import Edit
     from kem.models import load_causal_lm
     from kem.settings import Settings
@@ -94,7 +94,7 @@ def main() -> None:
         ranks = [args.max_rank] + (args.ftl_ranks if name == "ft-l" else [])
         for max_rank in ranks:
             folder = tmp / f"{name}-r{max_rank}"
-            exp = export_adapter(delta, folder, base_model=str(settings.model), max_rank=max_rank)
+            exp = export_lora(delta, folder, base_model=str(settings.model), max_rank=max_rank)
             peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(folder)).eval()
             logits, answers = logits_and_greedy(peft_model, tok, prompts, args.tokens)
             del peft_model

@@ -200,27 +200,27 @@ def main() -> int:
     model_dir = str(resolve_model("smollm2-135m-instruct", Settings().cache_dir))
     tenants, build_s = build(args.adapters, model_dir, args.tenants, args.facts)
     names = [f"t{i:03d}" for i in range(args.tenants)]
-    from kem.protocols import AdapterRef, GenerationParams
-    from kem.tenants import TenantAdapters
+    from kem.protocols import GenerationParams, LoraRef
+    from kem.tenants import TenantLoras
 
     home = args.adapters / "home"
     if args.memit_shape:
         home = memit_shaped(home, names)
         if args.target_modules == DEFAULT_TARGET:
             args.target_modules = ",".join(f"model.layers.{i}.mlp.down_proj" for i in (*MEMIT_LAYERS, 29))
-    lookup = TenantAdapters(home)
+    lookup = TenantLoras(home)
     refs = []
     for n in names:
         tv = lookup.get(n)
         assert tv is not None, n
-        refs.append(tv.adapter)
+        refs.append(tv.lora)
     size = sum(f.stat().st_size for f in Path(refs[0].path).iterdir())
 
     from kem.adapters.vllm import VLLMGenerator
 
     pool = cf.ThreadPoolExecutor(max(args.requests, 64))
 
-    def run(gen: Any, jobs: list[tuple[str, AdapterRef | None]], params: GenerationParams) -> tuple[list[str], float]:
+    def run(gen: Any, jobs: list[tuple[str, LoraRef | None]], params: GenerationParams) -> tuple[list[str], float]:
         t = time.perf_counter()
         futs = [pool.submit(gen.generate, p, GenerationParams(**{**params.__dict__, "adapter": a})) for p, a in jobs]
         out = [f.result() for f in futs]

@@ -42,9 +42,9 @@ def main() -> None:
     from kem.consolidation.delta import apply_delta
     from kem.consolidation.forms import question as question_for
     from kem.consolidation.judge import default_probes, greedy, perplexity
-    from kem.consolidation.registry import get_method
+    from kem.consolidation.method_registry import get_method
     from kem.datasets import read_cases
-    from kem.follower.registry import follower_for
+    from kem.follower.follower_registry import follower_for
     from kem.models import load_causal_lm
     from kem.settings import Settings
 

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--methods", default="ike,adapter")
     args = ap.parse_args()
 
-    from kem.consolidation.eval_methods import _apply_fn
+    from kem.consolidation.weight_eval import _apply_fn
     from kem.datasets import load_cases
     from kem.eval.harness import EvalConfig, Evaluator
     from kem.eval.report import markdown_table

@@ -304,7 +304,7 @@ def ask(
 def _use_version(ke: Any, version: str) -> None:
     """Point the editor at a published model version (needs the consolidation module)."""
     try:
-        from kem.consolidation.versions import use_version
+        from kem.consolidation.version_weights import use_version
     except ImportError as exc:
         raise KemError(f"--model-version needs kem.consolidation ({exc})") from None
     use_version(ke, version)
@@ -335,14 +335,18 @@ def demo(
     Console(width=160).print(table)
 
 
+#: Earlier names still accepted (hidden from ``kem --help``): ``kem adapter`` is ``kem follower`` (the
+#: edit-follower LoRA; "adapter" names kem's engines package).
+ALIASES = {"adapter": "follower"}
+
 #: Commands that need optional parts: (name, module, attribute, is a sub-app, modules it needs at run
 #: time, what to install). Their modules import those lazily, so the check is explicit.
 OPTIONAL_COMMANDS = (
-    ("eval", "kem.eval.cli", "eval_command", False, ("torch", "transformers"), "scripts/install.sh"),
-    ("consolidate", "kem.consolidation.cli", "consolidate", False, ("torch", "transformers"), "scripts/install.sh"),
-    ("models", "kem.consolidation.cli", "models_app", True, (), ""),
-    ("adapter", "kem.follower.cli", "adapter_app", True, ("torch", "transformers", "peft"), "scripts/install.sh"),
-    ("serve", "kem.server.cli", "serve", False, ("fastapi", "uvicorn", "jinja2", "multipart"),
+    ("eval", "kem.eval.eval_cli", "eval_command", False, ("torch", "transformers"), "scripts/install.sh"),
+    ("consolidate", "kem.consolidation.consolidate_cli", "consolidate", False, ("torch", "transformers"), "scripts/install.sh"),
+    ("models", "kem.consolidation.consolidate_cli", "models_app", True, (), ""),
+    ("follower", "kem.follower.follower_cli", "follower_app", True, ("torch", "transformers", "peft"), "scripts/install.sh"),
+    ("serve", "kem.server.serve_cli", "serve", False, ("fastapi", "uvicorn", "jinja2", "multipart"),
      "pip install 'kem[server]'"),
     ("keys", "kem.server.keys_cli", "keys_app", True, (), ""),
 )
@@ -379,6 +383,8 @@ def _mount_optional() -> None:
             _mount_unavailable(name, f"needs {', '.join(missing)}" + (f" ({install})" if install else ""))
         elif sub_app:
             app.add_typer(target, name=name)
+            for old in (a for a, new in ALIASES.items() if new == name):
+                app.add_typer(target, name=old, hidden=True)
         else:
             app.command(name)(target)
 

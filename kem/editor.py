@@ -29,22 +29,22 @@ from kem.compose import (
 )
 from kem.edit import Edit, EditStatus, utcnow
 from kem.protocols import (
-    AdapterRef,
     Change,
     Embedder,
     GenerationParams,
     Generator,
+    LoraRef,
     Message,
     ScoredEdit,
-    runs_adapters,
+    runs_loras,
     sync_engine,
 )
 from kem.scope import ScopeClassifier, ScopeConfig
 from kem.settings import Settings
-from kem.stores.memory import InMemoryStore
+from kem.stores.in_memory import InMemoryStore
 from kem.stores.rules import HELD
 from kem.stores.services import StoreServices
-from kem.tenants import TenantAdapters, TenantVersion
+from kem.tenants import TenantLoras, TenantVersion
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class Rewrite:
         applied: In-scope edits that entered the request.
         considered: Every retrieved edit with its score and verdict.
         stop: Stop strings the rewrite needs (added to the caller's).
-        adapter: The LoRA the engine must apply: the edit-follower's name (edits in scope, request
-            composed in the follower's format), or the tenant's adapter (an :class:`AdapterRef`: the
+        lora: The LoRA the engine must apply: the edit-follower's name (edits in scope, request
+            composed in the follower's format), or the tenant's adapter (an :class:`LoraRef`: the
             namespace has a consolidated version; with the follower, the combined adapter).
     """
 
@@ -70,7 +70,7 @@ class Rewrite:
     applied: list[ScoredEdit] = field(default_factory=list)
     considered: list[ScoredEdit] = field(default_factory=list)
     stop: tuple[str, ...] = ()
-    adapter: str | AdapterRef | None = None  # the LoRA the request must run with (None: base weights)
+    lora: str | LoraRef | None = None  # the LoRA the request must run with (None: base weights)
 
     @property
     def changed(self) -> bool:
@@ -111,7 +111,7 @@ class KnowledgeEditor:
         self._absorbed: frozenset[str] = frozenset()  # versions whose edits are in the weights (serve_version)
         self._words: WordSimilarity | None = None  # chains: word similarity, made on first use
         # each namespace's consolidated adapter, if any (KEM_MODELS_DIR; with PostgreSQL, the recorded current)
-        self.tenants = TenantAdapters.for_settings(self.settings)
+        self.tenants = TenantLoras.for_settings(self.settings)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -158,7 +158,7 @@ class KnowledgeEditor:
         """The engine (the embedded default loads on first use)."""
         if self._generator is None:
             from kem.adapters.transformers import TransformersGenerator
-            from kem.follower.registry import follower_for
+            from kem.follower.follower_registry import follower_for
 
             s = self.settings
             self._generator = TransformersGenerator.load(s.model, s.cache_dir, device=s.resolved_device(),
@@ -312,7 +312,7 @@ class KnowledgeEditor:
         generator, if loaded) run with: its current tenant version when one is published and the engine
         runs adapters per request and the version applies to the shared weights served (else None: its
         edits are served in context, as before)."""
-        if not runs_adapters(engine if engine is not None else self._generator):
+        if not runs_loras(engine if engine is not None else self._generator):
             return None
         return self.tenants.get(namespace or self.settings.namespace, self._absorbed)
 
@@ -331,14 +331,14 @@ class KnowledgeEditor:
         return self.follower_of() if follower is _AUTO else follower  # type: ignore[return-value]
 
     def _adapters(self, follower: str | None | object, tenant: TenantVersion | None,
-                  ) -> tuple[str | AdapterRef | None, str | AdapterRef | None]:
+                  ) -> tuple[str | LoraRef | None, str | LoraRef | None]:
         """``(adapter for an in-scope request in the follower's format or None: compose IKE, adapter
         for every other request)``. A tenant with a consolidated version runs with its adapter; with the
         follower on, its in-scope requests need the combined adapter (else they are composed as IKE)."""
         follow = self._follower(follower)
         if tenant is None:
             return follow, None
-        return (tenant.with_follower if follow else None), tenant.adapter
+        return (tenant.with_follower if follow else None), tenant.lora
 
     def rewrite_prompt(self, prompt: str, namespace: str | None = None,
                        follower: str | None | object = _AUTO, tenant: TenantVersion | None | object = _AUTO,
@@ -364,13 +364,13 @@ class KnowledgeEditor:
         tv = self._tenant(tenant, namespace)
         follow, plain = self._adapters(follower, tv)
         if chat and not query.strip():
-            return Rewrite(list(request), [], [], adapter=plain)
+            return Rewrite(list(request), [], [], lora=plain)
         qv = self.memory.embedder.embed([query])[0]
         considered = self.retrieve(query, namespace, query_vec=qv, absorbed=tv.absorbed if tv else frozenset(),
                                    as_of=as_of)
         applied = self._chained(query, qv, [s for s in considered if s.in_scope], namespace, as_of)
         if not applied:
-            return Rewrite(request, [], considered, adapter=plain)
+            return Rewrite(request, [], considered, lora=plain)
         facts = _fact_order(applied)
         stop = () if chat else COMPLETION_STOP
         if follow:
@@ -418,7 +418,7 @@ class KnowledgeEditor:
             p = replace(p, max_new_tokens=max_new_tokens)
         if rw.stop:
             p = replace(p, stop=tuple(dict.fromkeys(p.stop + rw.stop)))
-        return replace(p, adapter=rw.adapter)
+        return replace(p, lora=rw.lora)
 
     def generate(self, prompt: str, namespace: str | None = None, *, max_new_tokens: int | None = None,
                  params: GenerationParams | None = None, use_edits: bool = True,
@@ -449,7 +449,7 @@ class KnowledgeEditor:
     def weights_alone(request: Any, tenant: TenantVersion | None) -> Rewrite:
         """``use_edits=False``: no fast path, but the weights the namespace is served with, i.e. its
         consolidated adapter when it has one (the weights alone of that tenant)."""
-        return Rewrite(request, adapter=tenant.adapter if tenant is not None else None)
+        return Rewrite(request, lora=tenant.lora if tenant is not None else None)
 
     def _model_name(self, tenant: TenantVersion | None) -> str:
         """The served model's name, plus the tenant's adapter version when one is applied."""

@@ -26,7 +26,7 @@ Message = dict[str, Any]  # OpenAI-style chat message: {"role": "user", "content
 
 
 @dataclass(frozen=True)
-class AdapterRef:
+class LoraRef:
     """A LoRA adapter a request runs with, by folder: engines load it on first use and keep a bounded
     number resident (a tenant's consolidated facts, ``models/tenants/<ns>/vN/adapter``).
 
@@ -56,9 +56,9 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # passed through to engines that know them
-    # run with this LoRA: a name (the engine's edit-follower, in-scope requests) or an AdapterRef (a folder,
+    # run with this LoRA: a name (the engine's edit-follower, in-scope requests) or an LoraRef (a folder,
     # loaded on demand: a tenant's adapter); None: base weights
-    adapter: str | AdapterRef | None = None
+    lora: str | LoraRef | None = None
     deadline: float | None = None  # time.monotonic() after which engines stop (DeadlineExceeded)
     cancel: Any = None  # a threading.Event; set: engines stop between steps (RequestCancelled)
 
@@ -124,13 +124,13 @@ class ForwardingEngine(Protocol):
 
 
 @runtime_checkable
-class RunsAdapters(Protocol):
-    """An engine that runs a request with the LoRA ``GenerationParams.adapter`` names, per request: the
-    edit-follower's name, or an :class:`AdapterRef` (a tenant's consolidated adapter, loaded on demand).
-    ``accepts_adapters`` may be False at run time (a vLLM started without LoRA); ask
-    :func:`runs_adapters`, which also looks through a sync engine's async wrapper."""
+class RunsLoras(Protocol):
+    """An engine that runs a request with the LoRA ``GenerationParams.lora`` names, per request: the
+    edit-follower's name, or an :class:`LoraRef` (a tenant's consolidated adapter, loaded on demand).
+    ``accepts_loras`` may be False at run time (a vLLM started without LoRA); ask
+    :func:`runs_loras`, which also looks through a sync engine's async wrapper."""
 
-    accepts_adapters: bool
+    accepts_loras: bool
 
 
 def sync_engine(engine: Any) -> Any:
@@ -139,11 +139,11 @@ def sync_engine(engine: Any) -> Any:
     return getattr(engine, "sync", engine)
 
 
-def runs_adapters(engine: Any) -> bool:
+def runs_loras(engine: Any) -> bool:
     """Whether ``engine`` (or the sync engine behind its async bridge) runs per-request adapters now
-    (:class:`RunsAdapters`)."""
+    (:class:`RunsLoras`)."""
     engine = sync_engine(engine)
-    return isinstance(engine, RunsAdapters) and bool(engine.accepts_adapters)
+    return isinstance(engine, RunsLoras) and bool(engine.accepts_loras)
 
 
 @runtime_checkable

@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     )
     follower: str = Field(
         "auto", description='Edit-follower adapter: "auto" (the one kem ships for the model, if any), '
-        '"none", or an adapter folder (kem adapter train --out DIR).',
+        '"none", or an adapter folder (kem follower train --out DIR).',
     )
 
     shared_namespaces: str = Field(
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     )
 
     method_plugins: str = Field(
-        "kem.consolidation.methods", description="Modules that register methods when imported (comma "
+        "kem.consolidation.builtin_methods", description="Modules that register methods when imported (comma "
         "separated): kem's weight-editing methods, and your own (docs/architecture.md, How to add a method). "
         "kem eval loads them by name; the eval layer never imports them.",
     )

@@ -10,14 +10,14 @@ No torch here. A tenant's versions (written by ``kem consolidate --namespace``, 
            adapter_with_follower/ (when an edit-follower was configured)
       current             "v1"
 
-:class:`TenantAdapters` answers, per request, in one ``stat`` of the ``current`` pointer (its
+:class:`TenantLoras` answers, per request, in one ``stat`` of the ``current`` pointer (its
 mtime and size are the cache key): a newly published or rolled-back tenant version is picked up by
 the next request, without a restart. The adapter is only ever looked up by the request's own
 namespace, so one tenant's adapter never serves another.
 
 With a PostgreSQL store the tenant's ``current`` is the one recorded in the database
 (:class:`kem.versions.VersionRegistry`), re-read at most every ``refresh`` seconds and at once after
-:meth:`TenantAdapters.invalidate` (``kem serve`` calls it when ``NOTIFY kem_versions`` names the tenant).
+:meth:`TenantLoras.invalidate` (``kem serve`` calls it when ``NOTIFY kem_versions`` names the tenant).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kem.protocols import AdapterRef
+from kem.protocols import LoraRef
 from kem.versions import TENANTS, VersionRegistry, registry_for
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class TenantVersion:
     Attributes:
         namespace: The tenant.
         version: Its current version (``vN``).
-        adapter: The tenant's consolidated facts as a LoRA (out-of-scope requests, and in-scope ones
+        lora: The tenant's consolidated facts as a LoRA (out-of-scope requests, and in-scope ones
             composed as IKE prompts).
         with_follower: One LoRA carrying the tenant's facts and the edit-follower (in-scope requests
             with the follower on), when the version has one.
@@ -58,12 +58,12 @@ class TenantVersion:
 
     namespace: str
     version: str
-    adapter: AdapterRef
-    with_follower: AdapterRef | None
+    lora: LoraRef
+    with_follower: LoraRef | None
     absorbed: frozenset[str]
 
 
-class TenantAdapters:
+class TenantLoras:
     """The current adapter of each tenant under ``<home>/models/tenants``, cached per namespace and
     re-read when the tenant's ``current`` pointer changes (mtime, size).
 
@@ -90,7 +90,7 @@ class TenantAdapters:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_settings(cls, settings: Settings) -> TenantAdapters:
+    def for_settings(cls, settings: Settings) -> TenantLoras:
         """The settings' models folder (``KEM_MODELS_DIR``) and, with a PostgreSQL store, its recorded versions."""
         return cls(settings.home, models_dir=settings.models_root(), registry=registry_for(settings))
 
@@ -104,7 +104,7 @@ class TenantAdapters:
             self._cache.pop(namespace, None)
 
     def __repr__(self) -> str:
-        return f"TenantAdapters({str(self.root)!r})"
+        return f"TenantLoras({str(self.root)!r})"
 
     def clear(self) -> None:
         """Forget every cached lookup (``/admin/reload``)."""
@@ -127,7 +127,7 @@ class TenantAdapters:
             with self._lock:
                 self._cache[namespace] = hit
             if tv is not None:
-                log.info("namespace %s: adapter %s (on shared weights %s)", namespace, tv.adapter.name,
+                log.info("namespace %s: adapter %s (on shared weights %s)", namespace, tv.lora.name,
                          sorted(needs) or "base")
         elif not fresh and self.registry is not None:  # read again just now and unchanged: trusted anew
             hit = (*hit[:3], now)
@@ -170,12 +170,12 @@ class TenantAdapters:
         except KemError as exc:  # a bad name, a missing manifest: served without an adapter, said once
             log.warning("tenant %s: no adapter served (%s)", namespace, exc)
             return None, frozenset()
-        adapter = served.adapter
+        adapter = served.lora
         if adapter is None or not (adapter / "adapter_config.json").is_file():
             log.warning("tenant %s: %s has no adapter/ folder; serving it without one", namespace, served.path)
             return None, frozenset()
         name = f"{namespace}/{served.version}"
         both = served.adapter_with_follower
-        with_follower = AdapterRef(f"{name}+follower", str(both.resolve())) if both is not None else None
-        return TenantVersion(namespace, served.version, AdapterRef(name, str(adapter.resolve())), with_follower,
+        with_follower = LoraRef(f"{name}+follower", str(both.resolve())) if both is not None else None
+        return TenantVersion(namespace, served.version, LoraRef(name, str(adapter.resolve())), with_follower,
                              served.absorbed), needs

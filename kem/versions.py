@@ -1,7 +1,7 @@
 """Published model versions under the models folder (``KEM_MODELS_DIR``, default ``<KEM_HOME>/models/``):
 the bookkeeping consolidation, ``kem serve`` and the CLI share (list, resolve ``vN`` / ``current`` /
 ``base``, absorbed versions, publish, roll back). No torch here: writing and loading weights stays in
-:mod:`kem.consolidation.versions`. Build one with :func:`versions_for` (the settings' folder and store).
+:mod:`kem.consolidation.version_weights`. Build one with :func:`versions_for` (the settings' folder and store).
 
 With a PostgreSQL edit store the versions are also recorded in the database (a :class:`VersionRegistry`,
 :mod:`kem.stores.pg_versions`): the database says which version is ``current`` (replicas sharing the
@@ -141,7 +141,7 @@ class ServedVersion:
     parent: str | None = None
 
     @property
-    def adapter(self) -> Path | None:
+    def lora(self) -> Path | None:
         """A tenant version's peft LoRA folder (None for shared versions and ``base``)."""
         return None if self.namespace is None or self.path is None else self.path / ADAPTER
 

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kem.errors import ValidationError
 from kem.settings import Settings
-from kem.stores.memory import InMemoryStore
+from kem.stores.in_memory import InMemoryStore
 from kem.stores.services import StoreServices, is_postgres, services_for
 from kem.stores.sqlite import SQLiteStore
 

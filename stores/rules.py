@@ -1,5 +1,5 @@
 """The rules every edit store shares: which fields an update may change, superseding, fact keys,
-vector checks. :class:`kem.stores.memory.InMemoryStore` (the reference),
+vector checks. :class:`kem.stores.in_memory.InMemoryStore` (the reference),
 :class:`kem.stores.sqlite.SQLiteStore` (the durable default) and
 :class:`kem.stores.postgres.PostgresStore` (shared by replicas) all apply them, and all pass
 ``tests/store_conformance.py``.

@@ -55,7 +55,7 @@ def generator(lm_and_tok):
 @pytest.fixture(scope="session")
 def tenant_adapters(lm_and_tok, tmp_path_factory):
     """Two tenants' fact adapters (``tests.generator_conformance.TENANT_FACTS``: the same prompt answered
-    differently), as ``{tenant: AdapterRef}``; built once per session (a few seconds, no training)."""
+    differently), as ``{tenant: LoraRef}``; built once per session (a few seconds, no training)."""
     from tests.generator_conformance import build_tenant_adapters
 
     model, tok = lm_and_tok

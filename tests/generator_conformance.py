@@ -222,7 +222,7 @@ def check_context_length(gen: Any) -> None:
 def check_unknown_adapter_fails_alone(gen: Any) -> None:
     alone = gen.generate(PROMPT, GREEDY)
     with cf.ThreadPoolExecutor(2) as pool:
-        bad = pool.submit(gen.generate, PROMPT, _with(GREEDY, adapter="no-such-adapter"))
+        bad = pool.submit(gen.generate, PROMPT, _with(GREEDY, lora="no-such-adapter"))
         good = pool.submit(gen.generate, PROMPT, GREEDY)
         try:
             bad.result()
@@ -259,7 +259,7 @@ VLLM_CHECKS: list[Callable[[Any], None]] = [
 ]
 
 
-# ---- tenants' adapters (engines that run an AdapterRef per request) ----------------------------------
+# ---- tenants' adapters (engines that run an LoraRef per request) ----------------------------------
 # Two tenants whose adapters answer the same prompt differently, and a fact of their own each
 # (tests/fact_adapters.py builds them; the first token of each answer is the target's).
 TENANT_FACTS: dict[str, list[tuple[str, str]]] = {
@@ -279,7 +279,7 @@ def check_tenant_adapters_answer_and_do_not_mix(gen: Any, adapters: dict[str, An
     base = {p: gen.generate(p, ADAPTER_GREEDY) for facts in TENANT_FACTS.values() for p, _ in facts}
     alone: dict[tuple[str, str], str] = {}
     for tenant, facts in TENANT_FACTS.items():
-        params = _with(ADAPTER_GREEDY, adapter=adapters[tenant])
+        params = _with(ADAPTER_GREEDY, lora=adapters[tenant])
         for p, target in facts:
             alone[(tenant, p)] = text = gen.generate(p, params)
             assert _starts(text, target) and not _starts(base[p], target), (tenant, p, text, base[p])
@@ -289,24 +289,24 @@ def check_tenant_adapters_answer_and_do_not_mix(gen: Any, adapters: dict[str, An
                     assert not _starts(gen.generate(p, params), target), (tenant, "answers", other, p)
     jobs = [(t, p) for (t, p) in alone] * 2 + [("", p) for p in base]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
-        got = list(pool.map(lambda j: gen.generate(j[1], _with(ADAPTER_GREEDY, adapter=adapters[j[0]]) if j[0]
+        got = list(pool.map(lambda j: gen.generate(j[1], _with(ADAPTER_GREEDY, lora=adapters[j[0]]) if j[0]
                                                    else ADAPTER_GREEDY), jobs))
     for (tenant, p), text in zip(jobs, got, strict=True):
         want = alone[(tenant, p)] if tenant else base[p]
         assert text == want, (tenant or "base", p, text, want)
-    streamed = "".join(gen.stream(TENANT_FACTS["bob"][0][0], _with(ADAPTER_GREEDY, adapter=adapters["bob"])))
+    streamed = "".join(gen.stream(TENANT_FACTS["bob"][0][0], _with(ADAPTER_GREEDY, lora=adapters["bob"])))
     assert streamed == alone[("bob", TENANT_FACTS["bob"][0][0])], streamed
 
 
 def check_missing_adapter_folder_fails_alone(gen: Any, adapters: dict[str, Any]) -> None:
-    from kem.protocols import AdapterRef
+    from kem.protocols import LoraRef
 
-    bad = AdapterRef("nobody/v1", str(Path(adapters["alice"].path).parent / "no-such-adapter"))
+    bad = LoraRef("nobody/v1", str(Path(adapters["alice"].path).parent / "no-such-adapter"))
     p = TENANT_FACTS["alice"][0][0]
-    want = gen.generate(p, _with(ADAPTER_GREEDY, adapter=adapters["alice"]))
+    want = gen.generate(p, _with(ADAPTER_GREEDY, lora=adapters["alice"]))
     with cf.ThreadPoolExecutor(2) as pool:
-        fail = pool.submit(gen.generate, p, _with(ADAPTER_GREEDY, adapter=bad))
-        good = pool.submit(gen.generate, p, _with(ADAPTER_GREEDY, adapter=adapters["alice"]))
+        fail = pool.submit(gen.generate, p, _with(ADAPTER_GREEDY, lora=bad))
+        good = pool.submit(gen.generate, p, _with(ADAPTER_GREEDY, lora=adapters["alice"]))
         try:
             fail.result()
             raise AssertionError("a missing adapter folder was accepted")
@@ -330,10 +330,10 @@ def _bind(check: Callable[[Any, dict[str, Any]], None], adapters: dict[str, Any]
 
 
 def tenant_adapters(folder: str | Path) -> dict[str, Any]:
-    """``{tenant: AdapterRef}`` of the adapters :func:`build_tenant_adapters` wrote under ``folder``."""
-    from kem.protocols import AdapterRef
+    """``{tenant: LoraRef}`` of the adapters :func:`build_tenant_adapters` wrote under ``folder``."""
+    from kem.protocols import LoraRef
 
-    return {t: AdapterRef(f"{t}/v1", str(Path(folder, t).resolve())) for t in TENANT_FACTS}
+    return {t: LoraRef(f"{t}/v1", str(Path(folder, t).resolve())) for t in TENANT_FACTS}
 
 
 def build_tenant_adapters(model: Any, tok: Any, folder: str | Path) -> dict[str, Any]:
@@ -373,7 +373,7 @@ if pytest is not None:
 
     class AdapterConformance:
         """Subclass with ``engine`` and ``adapters`` (:func:`tenant_adapters`) fixtures, for engines
-        that run an AdapterRef per request."""
+        that run an LoraRef per request."""
 
         @pytest.mark.parametrize("check", ADAPTER_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
         def test_adapter_conformance(self, engine: Any, adapters: dict[str, Any],

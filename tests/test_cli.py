@@ -157,3 +157,11 @@ def test_a_command_whose_module_cannot_load_says_why(tmp_path):
     assert "unavailable" not in lines["edit"] and "unavailable" not in lines["consolidate"]
     served = subprocess.run([*run, "serve", "--port", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert served.returncode == 2 and "kem serve is unavailable" in served.stderr and "kem[server]" in served.stderr
+
+
+def test_kem_follower_keeps_its_earlier_name_hidden(home):
+    """``kem follower`` manages the edit-follower LoRA; ``kem adapter`` still works and is not listed."""
+    listed = kem(home, "--help").stdout
+    assert "follower" in listed and " adapter " not in listed
+    new, old = kem(home, "follower", "show"), kem(home, "adapter", "show")
+    assert new.stdout == old.stdout and json.loads(new.stdout)["kind"] == "kem edit-follower (LoRA)"

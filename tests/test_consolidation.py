@@ -19,7 +19,7 @@ import torch
 from kem.consolidation.arch import ARCHITECTURES, arch_for
 from kem.consolidation.context import EditContext
 from kem.consolidation.delta import WeightDelta, apply_delta, delta_hooks
-from kem.consolidation.registry import get_method, list_methods, register_method
+from kem.consolidation.method_registry import get_method, list_methods, register_method
 from kem.edit import Edit
 from kem.errors import ConflictError, ModelError
 
@@ -120,8 +120,8 @@ def test_arch_table(lm_and_tok):
 
 
 def test_registry():
-    from kem.consolidation.registry import default_method
-    from kem.eval.methods import eval_methods
+    from kem.consolidation.method_registry import default_method
+    from kem.eval.eval_methods import eval_methods
 
     assert set(METHODS) <= set(list_methods())
     assert set(METHODS) <= set(eval_methods())  # each registered its eval factory too
@@ -261,7 +261,7 @@ def test_alphaedit_state_forgets_edits_but_keeps_projectors(tmp_path):
 
 
 def test_hparams_overrides_parse_and_merge_into_presets(lm_and_tok):
-    from kem.consolidation.registry import parse_hparams
+    from kem.consolidation.method_registry import parse_hparams
 
     assert parse_hparams(["layer=18", "values.edit_batch=4", "lr=1e-3", "x=true", "name=abc"]) == {
         "layer": 18, "values": {"edit_batch": 4}, "lr": 0.001, "x": True, "name": "abc"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kem.consolidation import versions as V
+from kem.consolidation import version_weights as V
 from kem.consolidation.job import Gates, consolidate, pending_edits
 from kem.consolidation.judge import default_probes
 from kem.edit import Edit, EditStatus
@@ -234,8 +234,8 @@ def test_cli_consolidate_nothing_pending(home, published):
     import typer
     from typer.testing import CliRunner
 
-    from kem.consolidation.cli import consolidate as cmd
-    from kem.consolidation.cli import models_app
+    from kem.consolidation.consolidate_cli import consolidate as cmd
+    from kem.consolidation.consolidate_cli import models_app
 
     app = typer.Typer()
     app.command()(cmd)
@@ -260,8 +260,8 @@ def _served(home: Path, namespace: str, lm_and_tok, prompts: list[str]) -> list[
 
     model, tok = lm_and_tok
     served = VersionStore(home, namespace).resolve("current")
-    assert served.adapter is not None
-    return greedy(PeftModel.from_pretrained(copy.deepcopy(model), str(served.adapter)).eval(), tok, prompts, 6)
+    assert served.lora is not None
+    return greedy(PeftModel.from_pretrained(copy.deepcopy(model), str(served.lora)).eval(), tok, prompts, 6)
 
 
 def test_tenant_consolidation_publishes_an_isolated_adapter(tmp_path, lm_and_tok, monkeypatch):
@@ -272,7 +272,7 @@ def test_tenant_consolidation_publishes_an_isolated_adapter(tmp_path, lm_and_tok
     from typer.testing import CliRunner
 
     import kem.consolidation.tenant as tenant_mod
-    from kem.consolidation.cli import models_app
+    from kem.consolidation.consolidate_cli import models_app
     from kem.consolidation.judge import greedy
     from kem.settings import Settings
     from kem.stores.sqlite import SQLiteStore
@@ -290,7 +290,7 @@ def test_tenant_consolidation_publishes_an_isolated_adapter(tmp_path, lm_and_tok
     def boom(*a, **k):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(tenant_mod, "combine_adapters", boom)
+    monkeypatch.setattr(tenant_mod, "combine_loras", boom)
     with pytest.raises(OSError, match="injected"):
         consolidate(settings, method="memit", namespace="bob", hparams=BARE, probes=PROBES, corpus=WIKITEXT)
     monkeypatch.undo()

@@ -154,7 +154,7 @@ def test_distill_publishes_a_version_whose_weights_answer_every_form(distilled, 
     """The issue's done-when on kem demo's store: `kem consolidate --method distill` publishes a version
     whose weights alone answer the strongly-held edits as cloze, paraphrase and chat question, with
     unrelated answers unchanged (the locality gate), and retires exactly the edits that pass every form."""
-    from kem.consolidation import versions as V
+    from kem.consolidation import version_weights as V
     from kem.consolidation.judge import greedy
     from kem.edit import EditStatus
     from kem.settings import Settings

@@ -147,7 +147,7 @@ def test_micro_batcher_gives_each_caller_its_row(onnx_emb, texts):
 
 
 def test_metrics_expose_the_cache(onnx_emb):
-    from kem.server.metrics import Metrics
+    from kem.server.prometheus import Metrics
 
     m = Metrics()
     m.embedder = onnx_emb

@@ -10,8 +10,8 @@ import pytest
 
 from kem.errors import ConflictError, DatasetFormatError, NotFoundError
 from kem.eval import metrics as M
+from kem.eval.eval_methods import EvalContext, WeightMethod, build_method, eval_methods, register_eval_method
 from kem.eval.harness import scope_metrics, summarize
-from kem.eval.methods import EvalContext, WeightMethod, build_method, eval_methods, register_eval_method
 from kem.eval.scoring import TargetScore
 from tests.conftest import shared_data
 

@@ -1,5 +1,5 @@
 """The learned edit-follower: its training set, the shipped adapter, the LoRA on the transformers engine
-(in-scope requests only), the ``adapter`` eval method, and ``kem adapter train`` end to end."""
+(in-scope requests only), the ``adapter`` eval method, and ``kem follower train`` end to end."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from kem.compose import follower_chat, follower_completion
 from kem.edit import Edit
 from kem.follower.data import build_examples, eval_subjects, load_records, without_eval_overlap
+from kem.follower.follower_registry import FOLLOWER_NAME, default_adapter_dir, read_manifest
 from kem.follower.questions import question_for
-from kem.follower.registry import FOLLOWER_NAME, default_adapter_dir, read_manifest
 from kem.protocols import GenerationParams
 from tests.conftest import shared_data
 
@@ -222,7 +222,7 @@ def test_editor_uses_the_follower_for_in_scope_requests_only(follower_gen, gener
                                     settings=ke.settings.model_copy(update={"fast_path": "ike"}))
     ike.add(Edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English"))
     rw = ike.rewrite_prompt("The mother tongue of Danielle Darrieux is")
-    assert ike.follower_of() is None and rw.adapter is None and "Prompt:" in rw.request and rw.request.count("New Fact") > 1
+    assert ike.follower_of() is None and rw.lora is None and "Prompt:" in rw.request and rw.request.count("New Fact") > 1
 
 
 def test_concurrent_requests_keep_base_answers_byte_identical(follower_gen, generator):
@@ -237,7 +237,7 @@ def test_concurrent_requests_keep_base_answers_byte_identical(follower_gen, gene
     def work(i: int) -> None:
         try:
             if i % 2:
-                got.append(("in", follower_gen.generate(in_text, GenerationParams(5, adapter=FOLLOWER_NAME))))
+                got.append(("in", follower_gen.generate(in_text, GenerationParams(5, lora=FOLLOWER_NAME))))
             else:
                 q = outs[i // 2 % len(outs)]
                 got.append((q, follower_gen.generate(q, GenerationParams(max_new_tokens=5))))
@@ -258,14 +258,14 @@ def test_concurrent_requests_keep_base_answers_byte_identical(follower_gen, gene
     from kem.errors import EngineError
 
     with pytest.raises(EngineError, match="no adapter"):
-        generator.generate("x", GenerationParams(2, adapter=FOLLOWER_NAME))
+        generator.generate("x", GenerationParams(2, lora=FOLLOWER_NAME))
 
 
 def test_eval_adapter_method_scores_in_scope_with_the_follower(follower_gen, embedder, lm_and_tok):
     from kem.adapters.transformers import TransformersGenerator
     from kem.datasets import load_cases
+    from kem.eval.eval_methods import EvalContext
     from kem.eval.harness import EvalConfig, Evaluator
-    from kem.eval.methods import EvalContext
 
     model, tok = lm_and_tok
     gen = TransformersGenerator(model, tok)  # the eval attaches the follower itself
@@ -280,7 +280,7 @@ def test_eval_adapter_method_scores_in_scope_with_the_follower(follower_gen, emb
     assert loc and all(p["unchanged"] for p in loc)  # out of scope: the base model's own answer
 
 
-# ---- kem adapter train, end to end ----------------------------------------------------------------------
+# ---- kem follower train, end to end ----------------------------------------------------------------------
 def test_kem_adapter_train_end_to_end(tmp_path, lm_and_tok):
     out = tmp_path / "tiny"
     cmd = [sys.executable, "-m", "kem", "adapter", "train", "--out", str(out), "--records", "12", "--steps", "2",
@@ -291,13 +291,13 @@ def test_kem_adapter_train_end_to_end(tmp_path, lm_and_tok):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["steps"] == 2 and row["examples"] > 12
     man = read_manifest(out)
-    assert man["steps"] == 2 and man["base_model"].startswith("llama-") and "kem adapter train" in man["command"]
+    assert man["steps"] == 2 and man["base_model"].startswith("llama-") and "kem follower train" in man["command"]
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "manifest.json"}
     from kem.adapters.transformers import TransformersGenerator
 
     model, tok = lm_and_tok
     g = TransformersGenerator(model, tok, follower=out)
-    assert g.follower == FOLLOWER_NAME and g.generate("The capital of France is", GenerationParams(3, adapter=FOLLOWER_NAME))
+    assert g.follower == FOLLOWER_NAME and g.generate("The capital of France is", GenerationParams(3, lora=FOLLOWER_NAME))
     bad = subprocess.run([*cmd[:3], "adapter", "train", "--out", str(tmp_path / "x"), "--steps", "1",
                           "--data", shared_data("counterfact", "counterfact-edit.json")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)

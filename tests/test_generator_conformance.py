@@ -25,7 +25,7 @@ class TestTransformersEngine(GeneratorConformance):
 
 
 class TestTransformersEngineAdapters(AdapterConformance):
-    """Tenants' adapters (AdapterRef per request) on the transformers engine."""
+    """Tenants' adapters (LoraRef per request) on the transformers engine."""
 
     @pytest.fixture
     def engine(self, generator):

@@ -517,7 +517,7 @@ def test_memory_sync_after_a_stale_revision_read_does_not_rebuild(embedder, monk
     store went back in time" and rebuild the whole index."""
     from kem.edit import Edit
     from kem.memory import EditMemory
-    from kem.stores.memory import InMemoryStore
+    from kem.stores.in_memory import InMemoryStore
 
     mem = EditMemory(InMemoryStore(), embedder)
     mem.add_many([Edit(subject="Paris", prompt="{} is the capital of", target_new="Italy")])

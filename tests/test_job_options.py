@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 import kem.consolidation.job as job
-from kem.consolidation.cli import consolidate as cli_consolidate
+from kem.consolidation.consolidate_cli import consolidate as cli_consolidate
 from kem.consolidation.job import ConsolidationResult, Gates, JobConfig
-from kem.consolidation.registry import MethodSpec, get_method
+from kem.consolidation.method_registry import MethodSpec, get_method
 from kem.errors import ValidationError
 
 #: ``kem consolidate`` options that are not job options: settings, output, and a shortcut for one

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # top to bottom; a prefix names a module and everything under it. The first matching row wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("commands", ("kem.__main__", "kem.cli", "kem.demo", "kem.server.cli", "kem.server.__main__",
-                  "kem.server.keys_cli", "kem.eval.cli", "kem.consolidation.cli", "kem.follower.cli")),
+    ("commands", ("kem.__main__", "kem.cli", "kem.demo", "kem.server.serve_cli", "kem.server.__main__",
+                  "kem.server.keys_cli", "kem.eval.eval_cli", "kem.consolidation.consolidate_cli", "kem.follower.follower_cli")),
     ("server", ("kem.server",)),
     ("consolidation", ("kem.consolidation",)),
     ("eval", ("kem.eval",)),
@@ -109,8 +109,8 @@ def test_the_contract_catches_an_upward_import(tmp_path):
 # Where a Settings() may be built from the environment: the commands, and the documented entry points of the
 # Python API (KnowledgeEditor.open / in_memory, consolidate(), run_eval's context, the dataset readers, and
 # open_store for callers with only a URL). Everything else receives the settings it is given.
-SETTINGS_BUILDERS = {"kem.settings", "kem.cli", "kem.demo", "kem.server.cli", "kem.server.keys_cli", "kem.eval.cli",
-                     "kem.follower.cli", "kem.consolidation.cli", "kem.editor", "kem.consolidation.job",
+SETTINGS_BUILDERS = {"kem.settings", "kem.cli", "kem.demo", "kem.server.serve_cli", "kem.server.keys_cli", "kem.eval.eval_cli",
+                     "kem.follower.follower_cli", "kem.consolidation.consolidate_cli", "kem.editor", "kem.consolidation.job",
                      "kem.eval.run", "kem.datasets", "kem.stores"}
 
 
@@ -135,3 +135,16 @@ def test_library_functions_take_typed_settings():
                     if arg.arg == "settings" and ("Any" in ann or ann in ("object", "")):
                         loose.append(f"{name}.{node.name}")
     assert not loose, f"settings parameters that are not typed Settings: {loose}"
+
+
+def test_library_file_names_are_unique():
+    """One file name, one module: ``kem/server/serve_cli.py``, not a fifth ``cli.py``. Package ``__init__``,
+    ``__main__`` and a method folder's fixed parts (``hparams.py``, ``main.py``: the plug-in shape,
+    docs/architecture.md) are exempt."""
+    exempt = {"__init__.py", "__main__.py", "hparams.py", "main.py", "solve.py", "train.py", "data.py"}
+    seen: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        if path.name not in exempt:
+            seen.setdefault(path.name, []).append(name)
+    repeated = {f: sorted(m) for f, m in seen.items() if len(m) > 1}
+    assert not repeated, f"file names used twice in the library: {repeated}"

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kem.consolidation.arch import arch_for
 from kem.consolidation.delta import WeightDelta
 from kem.consolidation.job import Gates, JobConfig, consolidate
-from kem.consolidation.registry import (
+from kem.consolidation.method_registry import (
     get_method,
     list_methods,
     method_specs,
@@ -32,7 +32,7 @@ from kem.consolidation.registry import (
 )
 from kem.edit import Edit
 from kem.errors import ConflictError, NotFoundError, ValidationError
-from kem.eval.methods import EvalContext, build_method, eval_methods
+from kem.eval.eval_methods import EvalContext, build_method, eval_methods
 
 NAME = "toy-plugin"
 SEEN: list[int] = []  # the state's edit count each compute call found (before adding its own)

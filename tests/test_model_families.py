@@ -19,7 +19,7 @@ import torch
 from kem.consolidation.arch import arch_for, mlp_out_module, num_layers
 from kem.consolidation.context import EditContext
 from kem.consolidation.delta import apply_delta
-from kem.consolidation.registry import get_method
+from kem.consolidation.method_registry import get_method
 from kem.edit import Edit
 from kem.errors import ModelError
 
@@ -144,7 +144,7 @@ def test_tenant_adapter_export_equals_the_delta_in_peft_and_kem_hooks(family, ct
     peft and through kem's hooks (what the transformers engine runs for a tenant)."""
     from peft import PeftModel
 
-    from kem.consolidation.adapter import export_adapter
+    from kem.consolidation.lora_export import export_lora
     from kem.follower.lora import LoraHooks
 
     name, model, tok = family
@@ -154,7 +154,7 @@ def test_tenant_adapter_export_equals_the_delta_in_peft_and_kem_hooks(family, ct
     apply_delta(edited, delta)
     want = _logits(edited, tok)
     folder = tmp_path / name
-    export_adapter(delta, folder, base_model=name, transposed=arch_for(model).transposed)
+    export_lora(delta, folder, base_model=name, transposed=arch_for(model).transposed)
     hooks = LoraHooks(model, folder)
     with hooks.active():
         got = _logits(model, tok)

@@ -359,7 +359,7 @@ def test_model_version_at_startup(tmp):
     """``kem serve --model-version current`` (here upstream mode: no model to load) skips the edits of the
     current version and its ancestors from the start."""
     from kem.models import resolve_model
-    from kem.server.cli import create
+    from kem.server.serve_cli import create
     from kem.settings import Settings
 
     home = tmp / "mv-home"

@@ -186,10 +186,10 @@ def test_engine_protocols(generator):
         assert not isinstance(generator, ForwardingEngine) and not isinstance(generator, Reloadable)
         # per-request adapters: the transformers engine always; upstream mode only with runtime LoRA
         from kem.adapters.base import to_async
-        from kem.protocols import runs_adapters
+        from kem.protocols import runs_loras
 
-        assert runs_adapters(generator) and runs_adapters(to_async(generator))
-        assert not runs_adapters(http) and not runs_adapters(object())
+        assert runs_loras(generator) and runs_loras(to_async(generator))
+        assert not runs_loras(http) and not runs_loras(object())
     finally:
         run(http.aclose())
 

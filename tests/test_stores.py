@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from kem.errors import StoreError
-from kem.stores.memory import InMemoryStore
+from kem.stores.in_memory import InMemoryStore
 from kem.stores.sqlite import SQLiteStore
 from tests.store_conformance import StoreConformance, mk
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kem.consolidation.adapter import combine_adapters, export_adapter, lora_factors, read_adapter
 from kem.consolidation.context import EditContext
 from kem.consolidation.delta import Factors, WeightDelta, apply_delta
-from kem.consolidation.registry import get_method
+from kem.consolidation.lora_export import combine_loras, export_lora, lora_factors, read_lora
+from kem.consolidation.method_registry import get_method
 from kem.edit import Edit
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -71,7 +71,7 @@ def test_adapter_on_the_base_model_reproduces_the_merged_weights(name, deltas, l
 
     model, tok = lm_and_tok
     delta, edits = deltas[name]
-    exp = export_adapter(delta, tmp_path / "adapter", base_model="smollm2-135m-instruct", max_rank=16)
+    exp = export_lora(delta, tmp_path / "adapter", base_model="smollm2-135m-instruct", max_rank=16)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and sorted(cfg["target_modules"]) == sorted(n[: -len(".weight")] for n in delta.updates)
     want_rank = 1 if name == "rome" else len(edits)
@@ -109,7 +109,7 @@ def test_truncation_reports_its_true_error_and_dense_updates_factorise(deltas):
         lora_factors(f, max_rank=0)
     bad = WeightDelta({"model.norm.bias": Factors(torch.zeros(3))})
     with pytest.raises(Exception, match="module weights only"):
-        export_adapter(bad, "/nonexistent", base_model="x")
+        export_lora(bad, "/nonexistent", base_model="x")
 
 
 def test_combined_adapter_answers_consolidated_and_pending_edits(deltas, lm_and_tok, tmp_path):
@@ -119,20 +119,20 @@ def test_combined_adapter_answers_consolidated_and_pending_edits(deltas, lm_and_
     from peft import PeftModel
 
     from kem.compose import follower_completion
+    from kem.follower.follower_registry import default_adapter_dir
     from kem.follower.lora import LoraHooks
-    from kem.follower.registry import default_adapter_dir
 
     model, tok = lm_and_tok
     follower = default_adapter_dir("smollm2-135m-instruct")
     assert follower is not None
     delta, (edit,) = deltas["rome"]
-    export_adapter(delta, tmp_path / "tenant", base_model="smollm2-135m-instruct")
-    both = combine_adapters([tmp_path / "tenant", follower], tmp_path / "combined", base_model="smollm2-135m-instruct")
-    parts = read_adapter(both)
-    f_parts, t_parts = read_adapter(follower), read_adapter(tmp_path / "tenant")
+    export_lora(delta, tmp_path / "tenant", base_model="smollm2-135m-instruct")
+    both = combine_loras([tmp_path / "tenant", follower], tmp_path / "combined", base_model="smollm2-135m-instruct")
+    parts = read_lora(both)
+    f_parts, t_parts = read_lora(follower), read_lora(tmp_path / "tenant")
     assert set(parts) == set(f_parts) | set(t_parts)  # the union of target modules (layer 5 + layers 10-29)
     # a module in both parts gets the ranks concatenated: the adapter twice is twice the update
-    twice = read_adapter(combine_adapters([tmp_path / "tenant"] * 2, tmp_path / "twice", base_model="m"))
+    twice = read_lora(combine_loras([tmp_path / "tenant"] * 2, tmp_path / "twice", base_model="m"))
     ((mod, (b2, a2)),) = twice.items()
     assert a2.shape[0] == 2 and torch.allclose(b2 @ a2, 2 * delta.updates[mod + ".weight"].dense(), atol=1e-6)
 

@@ -14,7 +14,7 @@ import pytest
 
 from kem.edit import Edit
 from kem.errors import ValidationError
-from kem.protocols import AdapterRef
+from kem.protocols import LoraRef
 from kem.versions import VersionStore
 from tests.conftest import kem_server
 from tests.fact_adapters import fact_adapter, publish_tenant
@@ -72,7 +72,7 @@ def test_resident_adapters_are_a_bounded_lru(lm_and_tok, tenant_adapters) -> Non
     with pytest.raises(ValidationError, match="max_adapters"):
         ResidentAdapters(model, capacity=0)
     with pytest.raises(ValidationError, match="adapter"):
-        AdapterRef("", a.path)
+        LoraRef("", a.path)
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_a_namespace_runs_with_its_own_adapter_and_skips_only_its_absorbed_edits
                                                                                   tmp_path: Path) -> None:
     publish_tenant(tmp_path, "alice", tenant_adapters["alice"].path)
     tv = editor.tenant_of("alice")
-    assert tv is not None and tv.adapter.name == "alice/v1" and editor.tenant_of("bob") is None
+    assert tv is not None and tv.lora.name == "alice/v1" and editor.tenant_of("bob") is None
     assert editor.generate(MOTHER, "alice", max_new_tokens=3).text.strip().startswith("English")
     assert editor.generate(MOTHER, "bob", max_new_tokens=3).text.strip().startswith("French")  # no version: base
     # issue 20: alice's weights alone (no fast path) are the shared weights plus her adapter, and say so
@@ -111,7 +111,7 @@ def test_a_namespace_runs_with_its_own_adapter_and_skips_only_its_absorbed_edits
     assert [s.edit.id for s in editor.rewrite_prompt(ceo, "alice").applied] == []
     assert [s.edit.id for s in editor.rewrite_prompt(ceo, "bob").applied] == [same_name.id]
     rw = editor.rewrite_prompt("Kem Tower is located in", "alice")
-    assert [s.edit.id for s in rw.applied] == [pending.id] and rw.adapter == tv.adapter  # IKE + the adapter
+    assert [s.edit.id for s in rw.applied] == [pending.id] and rw.lora == tv.lora  # IKE + the adapter
     # the shared behaviour is unchanged: served versions skip their edits in every namespace
     editor.serve_version({absorbed})
     assert editor.rewrite_prompt(ceo, "bob").applied == []
@@ -119,13 +119,13 @@ def test_a_namespace_runs_with_its_own_adapter_and_skips_only_its_absorbed_edits
 
     # the edit-follower: in-scope requests need the combined adapter, else they are composed as IKE
     both = tmp_path / "models" / "tenants" / "alice" / "v1" / "adapter_with_follower"
-    shutil.copytree(tv.adapter.path, both)
+    shutil.copytree(tv.lora.path, both)
     editor.tenants.clear()
     tv2 = editor.tenant_of("alice")
     assert tv2 is not None and tv2.with_follower is not None
     rw = editor.rewrite_prompt("Kem Tower is located in", "alice", follower="kem-editor")
-    assert rw.adapter == tv2.with_follower and rw.adapter.name == "alice/v1+follower"
-    assert editor.rewrite_prompt(MOTHER, "alice", follower="kem-editor").adapter == tv2.adapter  # out of scope
+    assert rw.lora == tv2.with_follower and rw.lora.name == "alice/v1+follower"
+    assert editor.rewrite_prompt(MOTHER, "alice", follower="kem-editor").lora == tv2.lora  # out of scope
 
     # a newly published version is picked up by the next request (the pointer's mtime), rollback too
     time.sleep(0.01)

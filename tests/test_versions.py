@@ -60,7 +60,7 @@ def test_tenant_versions_live_apart_and_recover_covers_them(tmp_path):
     assert shared.tenants() == ["alice"] and bob.list() == [] and bob.current() is None
     assert alice.absorbed("v1") == frozenset({"alice/v1"}) and shared.absorbed("v1") == frozenset({"v1"})
     served = alice.resolve("current")
-    assert served.parent == "v1" and served.namespace == "alice" and served.adapter == alice.root / "v1" / "adapter"
+    assert served.parent == "v1" and served.namespace == "alice" and served.lora == alice.root / "v1" / "adapter"
     assert alice.adapter_on("v1") == served and alice.adapter_on(None) is None  # valid on its shared version only
     man2 = alice.publish({"base": "m", "method": "toy", "parent": "v1", "tenant_parent": "v1"}, lambda f: None)
     assert alice.absorbed(man2.version) == frozenset({"alice/v1", "alice/v2"}) and shared.next_version() == "v2"

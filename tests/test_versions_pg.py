@@ -47,7 +47,7 @@ def test_publish_and_rollback_are_recorded_and_announced(pg_url, tmp_path):
     """Two homes (two machines) on one store and one shared models folder: what one publishes or rolls back,
     the other reads as current, from the database, whatever its pointer file says; each move of current is
     announced on kem_versions; tenants' adapters follow the recorded current."""
-    from kem.tenants import TenantAdapters
+    from kem.tenants import TenantLoras
 
     models = tmp_path / "shared-models"
     a, b = _settings(tmp_path / "a", pg_url, models), _settings(tmp_path / "b", pg_url, models)
@@ -72,7 +72,7 @@ def test_publish_and_rollback_are_recorded_and_announced(pg_url, tmp_path):
         alice_a, alice_b = va.of("alice"), vb.of("alice")
         alice_a.publish({"base": "m", "method": "toy", "parent": None}, _tenant_adapter)
         assert vb.tenants() == ["alice"] and alice_b.current() == "v1"
-        tenants = TenantAdapters.for_settings(b)
+        tenants = TenantLoras.for_settings(b)
         try:
             assert tenants.get("alice").version == "v1"  # type: ignore[union-attr]
             alice_a.rollback("base")
@@ -133,7 +133,7 @@ def test_recover_records_what_the_database_missed(pg_url, tmp_path):
 
 
 def test_kem_models_commands_take_the_store(pg_url, tmp_path):
-    from kem.consolidation.cli import models_app
+    from kem.consolidation.consolidate_cli import models_app
 
     models = tmp_path / "shared"
     with versions_for(_settings(tmp_path / "a", pg_url, models)) as vs:
@@ -181,7 +181,7 @@ def test_a_replica_serving_current_hot_swaps_on_publish(pg_url, tmp_path):
     """A real `kem serve --model-version current` on the store: a version published by this process (another
     machine, as far as the replica knows) is served within seconds; a version it cannot load leaves the
     old one serving; a rollback through `kem models rollback` swaps back."""
-    from kem.consolidation.cli import models_app
+    from kem.consolidation.consolidate_cli import models_app
 
     models = tmp_path / "shared-models"
     settings = _settings(tmp_path / "publisher", pg_url, models)

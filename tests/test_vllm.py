@@ -177,8 +177,8 @@ def test_vllm_http_engine_loads_tenants_adapters_at_run_time(vllm_server, tenant
     from kem.adapters.openai_http import OpenAIHTTPGenerator
 
     gen = OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180, runtime_lora=True)
-    gen.ensure_adapter(tenant_adapters["alice"])  # from now on requests without an adapter use the zero one
-    assert gen.null_adapter == "kem-null"
+    gen.ensure_lora(tenant_adapters["alice"])  # from now on requests without an adapter use the zero one
+    assert gen.null_lora == "kem-null"
     results = run_all(gen, [_bind(c, tenant_adapters) for c in ADAPTER_CHECKS])
     assert all(v == "ok" for v in results.values()), {k: v for k, v in results.items() if v != "ok"}
     served = [m.id for m in client(vllm_server).models.list()]
@@ -192,9 +192,9 @@ def test_vllm_http_engine_unloads_the_adapter_used_longest_ago(vllm_server, tena
 
     gen = OpenAIHTTPGenerator(vllm_server.url, model="smollm2", timeout=180, runtime_lora=True, max_adapters=1)
     prompt, target = TENANT_FACTS["alice"][0]
-    alice = GenerationParams(max_new_tokens=3, temperature=0.0, adapter=tenant_adapters["alice"])
+    alice = GenerationParams(max_new_tokens=3, temperature=0.0, lora=tenant_adapters["alice"])
     assert gen.generate(prompt, alice).strip().startswith(target)
-    gen.ensure_adapter(tenant_adapters["bob"])
+    gen.ensure_lora(tenant_adapters["bob"])
     served = [m.id for m in client(vllm_server).models.list()]
     assert "bob/v1" in served and "alice/v1" not in served, served
     assert gen.generate(prompt, alice).strip().startswith(target)  # loaded again, bob's unloaded

@@ -72,7 +72,7 @@ class EditContext:
 def served_follower(settings: Settings) -> Path | None:
     """The edit-follower the fast path serves with (distill's teacher), or None."""
     from kem.errors import ModelError
-    from kem.follower.registry import follower_for
+    from kem.follower.follower_registry import follower_for
 
     try:
         return follower_for(settings)

@@ -27,7 +27,7 @@ publishes nothing.
 A tenant namespace (not in ``KEM_SHARED_NAMESPACES``) never reaches the shared weights: its job computes
 the delta on the shared version (plus the tenant's current adapter when that adapter was computed on
 the same shared version: tenant versions are cumulative), exports the sum as a LoRA adapter
-(:mod:`kem.consolidation.adapter`), runs the gates on the shared weights with the adapter applied (as it
+(:mod:`kem.consolidation.lora_export`), runs the gates on the shared weights with the adapter applied (as it
 will be served), and publishes ``models/tenants/<namespace>/vN`` (``adapter/``, ``delta.safetensors``
 and, when an edit-follower is configured, ``adapter_with_follower/``); the edits are marked
 ``consolidated_in = "<namespace>/vN"``.
@@ -45,7 +45,7 @@ from types import MappingProxyType
 from typing import Any
 
 from kem.consolidation.judge import ask_forms, forms_summary, greedy, perplexity, select_probes
-from kem.consolidation.registry import MethodSpec, get_method, method_specs
+from kem.consolidation.method_registry import MethodSpec, get_method, method_specs
 from kem.consolidation.target import SharedTarget, Target, TenantTarget
 from kem.edit import Edit, EditStatus, utcnow
 from kem.errors import ValidationError
@@ -368,7 +368,7 @@ def _compute(job: _Job) -> None:
     chunks of ``batch_size`` (each on the model with the earlier chunks applied) and leave it applied."""
     from tqdm.auto import tqdm
 
-    from kem.consolidation import versions as V
+    from kem.consolidation import version_weights as V
     from kem.consolidation.delta import WeightDelta, apply_delta
     from kem.consolidation.shared.prompts import model_fingerprint
 
@@ -435,7 +435,7 @@ def _judge(job: _Job) -> bool:
     after = greedy(judged, tok, job.probes, gates.probe_tokens, progress=cfg.progress, desc="probes (edited)")
     same = [a.strip() == b.strip() for a, b in zip(after, job.before, strict=True)]
     ppl_new = perplexity(judged, tok) if job.ppl_parent is not None else None
-    job.timings["evaluate"] = time.perf_counter() - t0 - job.timings.get("export_adapter", 0.0)
+    job.timings["evaluate"] = time.perf_counter() - t0 - job.timings.get("export_lora", 0.0)
 
     retired = [all(f["ok"] for f in fs) for fs in asked]
     result.absorbed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if ok]

@@ -95,7 +95,7 @@ class SharedTarget:
 
     def publish(self, model: Any, tok: Any, total: WeightDelta, manifest: dict[str, Any],
                 extra_files: dict[str, Callable[[Path], Any]]) -> Manifest:
-        from kem.consolidation import versions as V
+        from kem.consolidation import version_weights as V
 
         return V.publish(self.versions, model, tok, total, manifest, extra_files=extra_files)
 
@@ -123,7 +123,7 @@ class TenantTarget:
         self.state_from = (self.versions.path(self.extends) if self.extends else
                            shared.path(parent) if parent else None)
         self.settings, self.max_rank = settings, max_rank
-        self.adapter: TenantAdapter | None = None
+        self.lora: TenantAdapter | None = None
 
     def nothing_to_do(self) -> str:
         return f"nothing to consolidate: no pending edits in the tenant namespace {self.namespace}"
@@ -153,22 +153,22 @@ class TenantTarget:
         t0 = time.perf_counter()
         for handle in reversed(applied):
             handle.revert()
-        self.adapter = TenantAdapter.build(total, model, self.settings, self.max_rank)
-        timings["export_adapter"] = time.perf_counter() - t0
-        return self.adapter.view
+        self.lora = TenantAdapter.build(total, model, self.settings, self.max_rank)
+        timings["export_lora"] = time.perf_counter() - t0
+        return self.lora.view
 
     def metrics(self) -> dict[str, Any]:
-        return {} if self.adapter is None else {"adapter": self.adapter.summary()}
+        return {} if self.lora is None else {"adapter": self.lora.summary()}
 
     def publish(self, model: Any, tok: Any, total: WeightDelta, manifest: dict[str, Any],
                 extra_files: dict[str, Callable[[Path], Any]]) -> Manifest:
-        assert self.adapter is not None, "judged() builds the adapter before publish()"
-        return self.adapter.publish(self.versions, {**manifest, "tenant_parent": self.extends},
+        assert self.lora is not None, "judged() builds the adapter before publish()"
+        return self.lora.publish(self.versions, {**manifest, "tenant_parent": self.extends},
                                     extra_files=extra_files)
 
     def published(self) -> str:
         return f", an adapter extending {self.versions.label(self.extends)}" if self.extends else ", an adapter"
 
     def close(self) -> None:
-        if self.adapter is not None:
-            self.adapter.close()
+        if self.lora is not None:
+            self.lora.close()

@@ -2,7 +2,7 @@
 weights with the adapter applied (as it will be served), publish it as the tenant's next version.
 
 A tenant version folder (``models/tenants/<namespace>/vN``) holds ``adapter/`` (peft LoRA, see
-:mod:`kem.consolidation.adapter`), ``delta.safetensors`` (the exact delta, which the tenant's next job
+:mod:`kem.consolidation.lora_export`), ``delta.safetensors`` (the exact delta, which the tenant's next job
 extends) and, when an edit-follower is configured, ``adapter_with_follower/``: the adapter and the
 follower's LoRA in one, for in-scope requests (one adapter per request serves both).
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kem.consolidation.adapter import AdapterExport, combine_adapters, export_adapter
 from kem.consolidation.delta import WeightDelta
+from kem.consolidation.lora_export import LoraExport, combine_loras, export_lora
 from kem.settings import Settings
 from kem.versions import ADAPTER, ADAPTER_WITH_FOLLOWER, DELTA, Manifest, VersionStore
 
@@ -36,7 +36,7 @@ class TenantAdapter:
         follower: The edit-follower folder combined at publish time (None: none configured).
     """
 
-    def __init__(self, delta: WeightDelta, export: AdapterExport, tmp: Path, view: Any, follower: Path | None,
+    def __init__(self, delta: WeightDelta, export: LoraExport, tmp: Path, view: Any, follower: Path | None,
                  base_model: str, max_rank: int) -> None:
         self.delta, self.export, self.tmp, self.view = delta, export, tmp, view
         self.follower, self.base_model, self.max_rank = follower, base_model, max_rank
@@ -49,17 +49,17 @@ class TenantAdapter:
             ModelError: the configured edit-follower is missing or was trained on another base model.
         """
         from kem.consolidation.arch import arch_for
-        from kem.follower.lora import LoraHooks, WithAdapter
-        from kem.follower.registry import check_base, follower_for
+        from kem.follower.follower_registry import check_base, follower_for
+        from kem.follower.lora import LoraHooks, WithLora
 
         follower = follower_for(settings)
         if follower is not None:
             check_base(follower, model)
         tmp = Path(tempfile.mkdtemp(prefix="kem-adapter-"))
         try:
-            export = export_adapter(delta, tmp / ADAPTER, base_model=str(settings.model), max_rank=max_rank,
+            export = export_lora(delta, tmp / ADAPTER, base_model=str(settings.model), max_rank=max_rank,
                                     transposed=arch_for(model).transposed)
-            view = WithAdapter(model, LoraHooks(model, tmp / ADAPTER))
+            view = WithLora(model, LoraHooks(model, tmp / ADAPTER))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -78,7 +78,7 @@ class TenantAdapter:
             shutil.copytree(self.tmp / ADAPTER, folder / ADAPTER)
             self.delta.save(folder / DELTA)
             if self.follower is not None:
-                combine_adapters([folder / ADAPTER, self.follower], folder / ADAPTER_WITH_FOLLOWER,
+                combine_loras([folder / ADAPTER, self.follower], folder / ADAPTER_WITH_FOLLOWER,
                                  base_model=self.base_model)
             for name, write_file in (extra_files or {}).items():
                 write_file(folder / name)

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from kem.eval.methods import EvalContext, Prepared, Request, WeightMethod, eval_methods, register_eval_method
+from kem.eval.eval_methods import (
+    EvalContext,
+    Prepared,
+    Request,
+    WeightMethod,
+    eval_methods,
+    register_eval_method,
+)
 
 __all__ = [
     "EvalContext",

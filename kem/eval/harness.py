@@ -18,7 +18,7 @@ from typing import Any
 
 from kem.datasets import EvalCase, Probe
 from kem.eval import metrics as M
-from kem.eval.methods import EvalContext, Prepared, Request, build_method
+from kem.eval.eval_methods import EvalContext, Prepared, Request, build_method
 from kem.eval.scoring import Job, Scorer
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Evaluator:
             from kem.protocols import GenerationParams
 
             text = self.ctx.generator.generate(req.text, GenerationParams(max_new_tokens=budget, stop=stop,
-                                                                          adapter=req.adapter))
+                                                                          lora=req.lora))
             return cut_at_stop(text, stop)[0]
         out = self.scorer.generated(key, req.text, budget, stop)
         if out is None:
@@ -242,7 +242,7 @@ class Evaluator:
         """Evaluate ``methods`` on ``cases`` in the configured mode."""
         from tqdm.auto import tqdm
 
-        from kem.eval.methods import PlainPrepared
+        from kem.eval.eval_methods import PlainPrepared
 
         built = [build_method(m, self.ctx) for m in methods]
         runs = [MethodRun(m.name) for m in built]

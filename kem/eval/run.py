@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from kem.datasets import EvalCase, Loaded, read_cases
+from kem.eval.eval_methods import EvalContext
 from kem.eval.harness import EvalConfig, Evaluator
-from kem.eval.methods import EvalContext
 from kem.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def load_context(settings: Settings | None = None, generator: Any = None, embedd
 
 def register_optional_methods(settings: Settings | None = None) -> None:
     """Import the modules that plug methods in (``settings.method_plugins``, ``KEM_METHOD_PLUGINS``; default
-    ``kem.consolidation.methods``: the weight-editing methods, each with its eval factory). The eval layer
+    ``kem.consolidation.builtin_methods``: the weight-editing methods, each with its eval factory). The eval layer
     names them as data, never imports them in code; a build without one keeps none/ike/adapter."""
     import importlib
 

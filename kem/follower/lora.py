@@ -173,7 +173,7 @@ class ResidentAdapters:
         return len(self._lru)
 
 
-class WithAdapter:
+class WithLora:
     """A model view whose calls run with ``hooks`` active (for code that calls ``model(...)`` directly,
     such as the evaluation scorer). Every other attribute is the model's own."""
 

@@ -1,6 +1,6 @@
 """Train the edit-follower: a LoRA (peft) on the served model that answers from the facts kem composes.
 
-``kem adapter train`` calls :func:`train_follower`. The loop is plain PyTorch (AdamW, warm-up then
+``kem follower train`` calls :func:`train_follower`. The loop is plain PyTorch (AdamW, warm-up then
 cosine decay, loss on the answer tokens only, length-bucketed batches); it saves a checkpoint every
 ``save_every`` steps and a restarted run with the same options resumes from it. The result is a peft
 adapter folder (fp16 safetensors) with ``manifest.json``: base model hash, data hash, command, options.

@@ -3,7 +3,7 @@
 Guarded: vLLM's in-process engine spawns processes that re-import the main module.
 """
 
-from kem.server.cli import main
+from kem.server.serve_cli import main
 
 if __name__ == "__main__":
     main()

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 
 from kem.editor import KnowledgeEditor
 from kem.server.auth import KeyRing
-from kem.server.metrics import Metrics
 from kem.server.middleware import CountRequests, LimitBody, install_error_handlers
+from kem.server.prometheus import Metrics
 from kem.server.routes import ROUTERS
 from kem.server.serving import Reloader, Serving
 from kem.settings import Settings

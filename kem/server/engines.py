@@ -1,5 +1,5 @@
 """The engines ``kem serve`` runs in process (transformers, vLLM), and the hook that builds the next one on
-``/admin/reload``: used by the command (:mod:`kem.server.cli`) and by :class:`~kem.server.serving.Serving`
+``/admin/reload``: used by the command (:mod:`kem.server.serve_cli`) and by :class:`~kem.server.serving.Serving`
 (the playground's other version)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ENGINES = ("transformers", "vllm")
 
 def build_engine(kind: str, model: str, settings: Settings, name: str | None = None) -> Any:
     """Load an in-process engine: ``transformers`` (the embedded default) or ``vllm`` (``vllm.LLM``)."""
-    from kem.follower.registry import follower_for
+    from kem.follower.follower_registry import follower_for
 
     follower = follower_for(settings)  # the base model's, also when ``model`` is a version folder
     if kind == "transformers":
@@ -62,7 +62,7 @@ def make_reloader(kind: str, settings: Settings, base_name: str, upstream_key: s
                                       "that serves the new version)", field="upstream")
             from kem.adapters.openai_http import OpenAIHTTPGenerator
 
-            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key, adapter=upstream_adapter,
+            return OpenAIHTTPGenerator(req.upstream, model=req.name, api_key=upstream_key, lora=upstream_adapter,
                                        runtime_lora=settings.upstream_runtime_lora, max_adapters=settings.max_adapters)
         if req.path is None:
             raise ValidationError("send {\"path\": \"/the/new/model/folder\"}", field="path")

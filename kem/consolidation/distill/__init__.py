@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kem.consolidation.distill.hparams import PRESETS, DistillHParams
 from kem.consolidation.distill.main import compute_distill
-from kem.consolidation.registry import register_method
+from kem.consolidation.method_registry import register_method
 
 SPEC = register_method("distill", DistillHParams, compute_distill, PRESETS)
 

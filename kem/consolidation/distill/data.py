@@ -84,10 +84,10 @@ def teacher_labels(model: Any, tok: Any, edits: Sequence[Edit], forms: Sequence[
     labels: list[list[str]] = [[_fallback(e, f) for f in fs] for e, fs in zip(edits, forms, strict=True)]
     if follower is None:
         return labels, 0
-    from kem.follower.lora import LoraHooks, WithAdapter
+    from kem.follower.lora import LoraHooks, WithLora
 
     hooks = LoraHooks(model, follower)
-    teacher = WithAdapter(model, hooks)
+    teacher = WithLora(model, hooks)
     comp: list[tuple[int, int, str]] = []
     chat: list[tuple[int, int, str]] = []
     for i, (e, fs) in enumerate(zip(edits, forms, strict=True)):

@@ -68,7 +68,7 @@ class DistillHParams(BaseModel):
             return v
         if v == "distill":
             raise ValueError("distill cannot start from itself (use a weight-editing method such as memit, or none)")
-        from kem.consolidation.registry import list_methods
+        from kem.consolidation.method_registry import list_methods
 
         if v not in list_methods():
             raise ValueError(f"unknown method {v!r} (known: none, {', '.join(m for m in list_methods() if m != 'distill')})")

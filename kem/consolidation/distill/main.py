@@ -59,7 +59,7 @@ def compute_distill(model: Any, tok: Any, edits: Sequence[Edit], hparams: Distil
         fixed_a = subject_keys(model, tok, edits, layers, prefixes, covs, hp.key_ridge)
     start = None
     if hp.start != "none":
-        from kem.consolidation.registry import get_method
+        from kem.consolidation.method_registry import get_method
 
         t4 = time.perf_counter()
         spec = get_method(hp.start)

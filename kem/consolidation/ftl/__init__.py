@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kem.consolidation.ftl.hparams import PRESETS, FtlHParams
 from kem.consolidation.ftl.main import compute_ftl
-from kem.consolidation.registry import register_method
+from kem.consolidation.method_registry import register_method
 
 SPEC = register_method("ft-l", FtlHParams, compute_ftl, PRESETS)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kem.consolidation.memit.hparams import PRESETS, MemitHParams
 from kem.consolidation.memit.main import compute_memit
-from kem.consolidation.registry import register_method
+from kem.consolidation.method_registry import register_method
 
 SPEC = register_method("memit", MemitHParams, compute_memit, PRESETS)
 

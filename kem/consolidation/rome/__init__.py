@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kem.consolidation.registry import register_method
+from kem.consolidation.method_registry import register_method
 from kem.consolidation.rome.hparams import PRESETS, RomeHParams
 from kem.consolidation.rome.main import compute_rome
 

@@ -522,8 +522,8 @@ def _edit_fields(form: dict[str, list[str]]) -> dict[str, Any]:
 
 
 def _methods() -> list[str]:
-    import kem.consolidation.methods  # noqa: F401  registers the built-in methods
-    from kem.consolidation.registry import list_methods
+    import kem.consolidation.builtin_methods  # noqa: F401  registers the built-in methods
+    from kem.consolidation.method_registry import list_methods
 
     return list_methods()
 

@@ -62,7 +62,7 @@ def consolidate(
     time per store: a second one says who holds the lock and exits with code 2, touching nothing."""
     from kem.consolidation.job import Gates
     from kem.consolidation.job import consolidate as run_job
-    from kem.consolidation.registry import get_method, parse_hparams
+    from kem.consolidation.method_registry import get_method, parse_hparams
 
     spec = get_method(method)  # the job's one lookup: the spec is passed along
     try:

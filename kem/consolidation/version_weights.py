@@ -57,7 +57,7 @@ def use_version(ke: Any, version: str) -> None:
     :class:`~kem.adapters.transformers.TransformersGenerator` over the version's weights and the fast
     path skips the edits of the version and its ancestors."""
     from kem.adapters.transformers import TransformersGenerator
-    from kem.follower.registry import follower_for
+    from kem.follower.follower_registry import follower_for
 
     with versions_for(ke.settings) as vs:
         served = vs.resolve(version)

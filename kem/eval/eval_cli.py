@@ -57,7 +57,7 @@ def eval_command(
         typer.secho(loaded.summary(), fg=typer.colors.YELLOW, err=True)
     # kem/__init__.py sets OMP_WAIT_POLICY=PASSIVE before torch loads. Measured here on 2 busy cores:
     # one SmolLM2-135M decode step at batch 16 took 7.0 s with spinning OpenMP threads, 0.39 s passive.
-    from kem.consolidation.registry import parse_hparams
+    from kem.consolidation.method_registry import parse_hparams
     from kem.eval.harness import EvalConfig
     from kem.eval.report import markdown_table
     from kem.eval.run import run_eval
@@ -102,7 +102,7 @@ def default_out(method: str, dataset: str, n: int, mode: str) -> Path:
     return Path(Settings().home) / "eval" / re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
 
 
-def main() -> None:  # pragma: no cover - `python -m kem.eval.cli`
+def main() -> None:  # pragma: no cover - `python -m kem.eval.eval_cli`
     from kem.cli_support import run_app
 
     app = typer.Typer(add_completion=False)

@@ -11,7 +11,7 @@ relative Frobenius error (exact: from the dropped singular values). Every module
 vLLM (0.32 reads both patterns, ``vllm/lora/peft_helper.py``) and :class:`kem.follower.lora.LoraHooks`
 compute the same ``W + B @ A``.
 
-:func:`combine_adapters` writes one adapter holding several: modules in both get their ranks
+:func:`combine_loras` writes one adapter holding several: modules in both get their ranks
 concatenated (``[s1 B1, s2 B2] @ [A1; A2] = s1 B1 A1 + s2 B2 A2``, each part's scaling folded into its
 ``B``), target modules are the union. A tenant's delta plus the edit-follower make one adapter, so one
 LoRA per request serves both.
@@ -61,8 +61,8 @@ class ModuleExport:
 
 
 @dataclass
-class AdapterExport:
-    """What :func:`export_adapter` wrote: per-module ranks and errors, the folder and its size."""
+class LoraExport:
+    """What :func:`export_lora` wrote: per-module ranks and errors, the folder and its size."""
 
     path: Path
     modules: list[ModuleExport] = field(default_factory=list)
@@ -120,8 +120,8 @@ def lora_factors(f: Factors, max_rank: int, transposed: bool = False) -> tuple[t
     return big_b, big_a, max(full, 1), err
 
 
-def export_adapter(delta: WeightDelta, folder: str | Path, *, base_model: str, max_rank: int = 64,
-                   transposed: bool = False, dtype: torch.dtype = torch.float32) -> AdapterExport:
+def export_lora(delta: WeightDelta, folder: str | Path, *, base_model: str, max_rank: int = 64,
+                   transposed: bool = False, dtype: torch.dtype = torch.float32) -> LoraExport:
     """Write ``delta`` as a peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Args:
@@ -139,7 +139,7 @@ def export_adapter(delta: WeightDelta, folder: str | Path, *, base_model: str, m
     if not delta.updates:
         raise ValidationError("the delta has no updates: nothing to export as an adapter", field="updates")
     tensors: dict[str, torch.Tensor] = {}
-    out = AdapterExport(Path(folder))
+    out = LoraExport(Path(folder))
     for name, f in sorted(delta.updates.items()):
         module, _, pname = name.rpartition(".")
         if pname != "weight" or not module:
@@ -172,7 +172,7 @@ def _write(folder: Path, tensors: dict[str, torch.Tensor], ranks: dict[str, int]
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS), metadata={"format": "pt"})
 
 
-def read_adapter(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def read_lora(folder: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module: (B * scaling, A)}`` of a peft LoRA folder, float32 (scaling per module from ``r``,
     ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, matched as peft does)."""
     from safetensors.torch import load_file
@@ -213,7 +213,7 @@ def _pattern(pattern: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def combine_adapters(folders: Sequence[str | Path], out: str | Path, *, base_model: str) -> Path:
+def combine_loras(folders: Sequence[str | Path], out: str | Path, *, base_model: str) -> Path:
     """One LoRA folder computing the sum of ``folders``' adapters (ranks concatenated per module, the
     union of target modules, scaling 1), float32.
 
@@ -222,7 +222,7 @@ def combine_adapters(folders: Sequence[str | Path], out: str | Path, *, base_mod
     """
     merged: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for folder in folders:
-        for mod, (b, a) in read_adapter(folder).items():
+        for mod, (b, a) in read_lora(folder).items():
             bs, as_ = merged.setdefault(mod, ([], []))
             if bs and (bs[0].shape[0] != b.shape[0] or as_[0].shape[1] != a.shape[1]):
                 raise ModelError(f"adapters disagree on {mod}'s shape: {tuple(bs[0].shape)} vs {tuple(b.shape)}")

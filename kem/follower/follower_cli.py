@@ -1,4 +1,4 @@
-"""``kem adapter ...``: train and inspect the edit-follower adapter."""
+"""``kem follower ...``: train and inspect the edit-follower adapter."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Annotated
 
 import typer
 
-adapter_app = typer.Typer(no_args_is_help=True, help="Train and inspect the edit-follower (a LoRA on the served model).")
+follower_app = typer.Typer(no_args_is_help=True, help="Train and inspect the edit-follower (a LoRA on the served model).")
 
 
-@adapter_app.command("train")
+@follower_app.command("train")
 def train(
     out: Annotated[Path, typer.Option("--out", help="Adapter folder to write.")],
     data: Annotated[Path, typer.Option("--data", help="CounterFact TRAIN split (flat format).")] = Path(
@@ -32,7 +32,7 @@ def train(
     """Train the edit-follower on the CounterFact train split; resumes an interrupted run with the same options."""
     import torch
 
-    from kem.follower.registry import embedding_fingerprint
+    from kem.follower.follower_registry import embedding_fingerprint
     from kem.follower.train import TrainConfig, train_follower
     from kem.models import load_causal_lm
     from kem.settings import Settings
@@ -54,16 +54,16 @@ def train(
                    f"final loss {row['final_loss']}")
 
 
-@adapter_app.command("show")
+@follower_app.command("show")
 def show(
     path: Annotated[Path | None, typer.Argument(help="Adapter folder (default: the one for $KEM_MODEL).")] = None,
 ) -> None:
     """Print an adapter's manifest."""
     from kem.errors import NotFoundError
-    from kem.follower.registry import default_adapter_dir
+    from kem.follower.follower_registry import default_adapter_dir
     from kem.settings import Settings
 
     p = path or default_adapter_dir(Settings().model)
     if p is None or not (Path(p) / "manifest.json").exists():
-        raise NotFoundError(f"no edit-follower adapter at {p} (train one: kem adapter train --out DIR)")
+        raise NotFoundError(f"no edit-follower adapter at {p} (train one: kem follower train --out DIR)")
     typer.echo((Path(p) / "manifest.json").read_text(encoding="utf-8"))

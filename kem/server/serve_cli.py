@@ -1,6 +1,6 @@
 """``kem serve``: the Typer command that builds the editor, the engine and the app, then runs uvicorn.
 
-The main CLI mounts it with ``app.command("serve")(kem.server.cli.serve)``; it also runs on its own as
+The main CLI mounts it with ``app.command("serve")(kem.server.serve_cli.serve)``; it also runs on its own as
 ``python -m kem.server serve ...``.
 """
 
@@ -51,7 +51,7 @@ def create(*, home: Path | None = None, upstream: str | None = None, upstream_ke
         from kem.adapters.openai_http import OpenAIHTTPGenerator
 
         upstream_key = upstream_key or settings.upstream_api_key
-        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key, adapter=upstream_adapter,
+        eng: Any = OpenAIHTTPGenerator(upstream, model=model, api_key=upstream_key, lora=upstream_adapter,
                                        runtime_lora=settings.upstream_runtime_lora, max_adapters=settings.max_adapters)
         reloader = make_reloader("upstream", settings, eng.name, upstream_key, upstream_adapter)
     else:

@@ -1,9 +1,9 @@
 """The method registry: a method registers everything it needs from its own folder's ``__init__``.
 
 ``register_method(name, hparams_cls, compute_fn, presets, state_cls=..., eval_factory=...)`` records
-the method for the consolidation job and, through :mod:`kem.eval.methods`, for ``kem eval``. Nothing
+the method for the consolidation job and, through :mod:`kem.eval.eval_methods`, for ``kem eval``. Nothing
 outside a method's folder branches on its name; callers look it up here. The built-in methods are
-imported by :mod:`kem.consolidation.methods` (one line per method).
+imported by :mod:`kem.consolidation.builtin_methods` (one line per method).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class MethodState(Protocol):
         """Read a state written by :meth:`save`."""
 
 
-EvalFactory = Callable[[Any], Any]  # EvalContext -> EvalMethod (kem.eval.methods)
+EvalFactory = Callable[[Any], Any]  # EvalContext -> EvalMethod (kem.eval.eval_methods)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 _METHODS: dict[str, MethodSpec] = {}
-_default: str | None = None  # set by kem.consolidation.methods
+_default: str | None = None  # set by kem.consolidation.builtin_methods
 
 
 def register_method(
@@ -115,14 +115,14 @@ def register_method(
         presets: Per-model numbers (see :mod:`kem.consolidation.presets`).
         state_cls: A :class:`MethodState` the method keeps in ``ctx.state[name]`` (None: stateless).
         eval_factory: ``factory(EvalContext) -> EvalMethod``; default: compute, apply and revert the
-            delta (:func:`kem.consolidation.eval_methods.weight_method_factory`).
+            delta (:func:`kem.consolidation.weight_eval.weight_method_factory`).
 
     Raises:
         ConflictError: ``name`` is taken (here or among the eval methods); nothing is registered.
         ValidationError: ``name`` is empty or ``state_cls`` has no ``file_name``.
     """
-    from kem.consolidation.eval_methods import weight_method_factory
-    from kem.eval.methods import eval_methods, register_eval_method
+    from kem.consolidation.weight_eval import weight_method_factory
+    from kem.eval.eval_methods import eval_methods, register_eval_method
 
     key = name.strip().lower()
     if not key:
@@ -149,7 +149,7 @@ def unregister_method(name: str) -> None:
     Raises:
         NotFoundError: ``name`` is not registered.
     """
-    from kem.eval.methods import unregister_eval_method
+    from kem.eval.eval_methods import unregister_eval_method
 
     key = name.strip().lower()
     if key not in _METHODS:
@@ -190,7 +190,7 @@ def set_default_method(name: str) -> None:
 
 
 def default_method() -> str:
-    """The method used when none is named (:mod:`kem.consolidation.methods` sets it).
+    """The method used when none is named (:mod:`kem.consolidation.builtin_methods` sets it).
 
     Raises:
         NotFoundError: none was set.

@@ -15,18 +15,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kem.edit import Edit
-from kem.eval.methods import EvalContext, WeightMethod
+from kem.eval.eval_methods import EvalContext, WeightMethod
 
 if TYPE_CHECKING:
-    from kem.consolidation.registry import MethodSpec
+    from kem.consolidation.method_registry import MethodSpec
 
 
 def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable[[], None]]:
-    """``apply(model, tok, edits, fresh=True) -> revert`` for :class:`~kem.eval.methods.WeightMethod`:
+    """``apply(model, tok, edits, fresh=True) -> revert`` for :class:`~kem.eval.eval_methods.WeightMethod`:
     computes ``spec``'s delta with one :class:`EditContext` kept across calls and applies it."""
     from kem.consolidation.context import EditContext, served_follower
     from kem.consolidation.delta import apply_delta
-    from kem.consolidation.registry import get_method
+    from kem.consolidation.method_registry import get_method
     if isinstance(spec, str):
         spec = get_method(spec)
     method = spec

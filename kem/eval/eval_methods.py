@@ -51,7 +51,7 @@ class Request:
         applied: Ids of the edits the method put into this request (retrieval methods).
         considered: ``(edit id, score, in_scope)`` of every retrieved edit (retrieval methods).
         messages: The chat messages, for chat requests (kept in the per-case records).
-        model_key, model, adapter: Set when this request runs on its own model (the ``adapter``
+        model_key, model, lora: Set when this request runs on its own model (the ``lora``
             method's in-scope requests: the base model with the edit-follower LoRA on).
     """
 
@@ -62,7 +62,7 @@ class Request:
     messages: list[dict[str, Any]] | None = None
     model_key: str | None = None  # this request runs on another model than the method's (None: the method's)
     model: Any = None  # ...this one (e.g. the base model with the edit-follower on)
-    adapter: str | None = None  # the adapter a served engine must apply
+    lora: str | None = None  # the LoRA a served engine must apply
 
 
 class Prepared(Protocol):
@@ -329,27 +329,27 @@ class AdapterMethod(IkeMethod):
     name = "adapter"
 
     def __init__(self, ctx: EvalContext) -> None:
-        from kem.follower.lora import WithAdapter
-        from kem.follower.registry import FOLLOWER_NAME, resolve_follower
+        from kem.follower.follower_registry import FOLLOWER_NAME, resolve_follower
+        from kem.follower.lora import WithLora
         super().__init__(ctx)
         s = ctx.settings
         path = ctx.options.get(self.name, {}).get("path") or resolve_follower(
             s.follower if s.follower != "none" else "auto", s.model)
         if path is None:
-            raise NotFoundError(f"no edit-follower adapter for {s.model} (train one: kem adapter train --out DIR, "
+            raise NotFoundError(f"no edit-follower adapter for {s.model} (train one: kem follower train --out DIR, "
                                 "then KEM_FOLLOWER=DIR)")
         gen = ctx.generator
         if getattr(gen, "lora", None) is None or str(gen.lora.path) != str(path):
             gen.attach_follower(path)
         self.follower = FOLLOWER_NAME
-        self.view = WithAdapter(gen.model, gen.lora)
+        self.view = WithLora(gen.model, gen.lora)
         self.key = f"adapter:{path}"
 
     def runs_on(self, rw: Any) -> dict[str, Any]:
         """In-scope requests run on the base model with the follower's LoRA on."""
-        if not rw.adapter:
+        if not rw.lora:
             return {}
-        return {"model_key": self.key, "model": self.view, "adapter": rw.adapter}
+        return {"model_key": self.key, "model": self.view, "lora": rw.lora}
 
 
 def _ids(applied: Sequence[Any]) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ def resolve_follower(setting: str | None, model: str) -> Path | None:
         return None
     p = Path(setting).expanduser()
     if not (p / "adapter_config.json").exists():
-        raise ModelError(f"KEM_FOLLOWER={setting!r}: no adapter_config.json there (train one with kem adapter train)")
+        raise ModelError(f"KEM_FOLLOWER={setting!r}: no adapter_config.json there (train one with kem follower train)")
     return p
 
 

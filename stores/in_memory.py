@@ -1,4 +1,4 @@
-"""The in-memory reference edit store (``kem.stores.memory``).
+"""The in-memory reference edit store (``kem.stores.in_memory``).
 
 :class:`InMemoryStore` is the reference implementation of :class:`kem.protocols.EditStore`: plain
 dicts, no persistence, for tests and ephemeral use. :class:`kem.stores.sqlite.SQLiteStore` is the

@@ -4,6 +4,6 @@ a new method is one folder plus one name on the import line below."""
 from __future__ import annotations
 
 from kem.consolidation import alphaedit, distill, ftl, memit, rome  # noqa: F401  each registers itself
-from kem.consolidation.registry import set_default_method
+from kem.consolidation.method_registry import set_default_method
 
 set_default_method(memit.SPEC.name)  # `kem consolidate` without --method
