@@ -33,13 +33,11 @@ from kem.stores.rules import (
     stamp,
     statuses,
 )
-from kem.stores.services import StoreServices
+from kem.stores.services import LocalStore
 
 
-class InMemoryStore:
+class InMemoryStore(LocalStore):
     """Reference :class:`~kem.protocols.EditStore` kept in dicts (lost when the process ends)."""
-
-    services: StoreServices = StoreServices()  # nothing shared with other machines (kem.stores.services)
 
     def __init__(self) -> None:
         self._edits: dict[str, Edit] = {}
@@ -210,10 +208,6 @@ class InMemoryStore:
         if not rows:
             raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
         return rows
-
-    def shared_limits(self, lease: float = 330.0, window: float = 60.0) -> None:
-        """Rate limits shared by replicas: none here (each process keeps its own, :class:`~kem.server.limits.Limiter`)."""
-        return None
 
     def revision(self) -> int:
         return len(self._history)

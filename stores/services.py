@@ -147,6 +147,17 @@ class PostgresServices(StoreServices):
         return f"PostgresServices({redact(self.conninfo)!r}, schema={self.schema!r})"
 
 
+class LocalStore:
+    """A store on this machine only (the SQLite file, the in-memory store): it shares nothing with other
+    machines, neither services nor rate limits."""
+
+    services: StoreServices = StoreServices()
+
+    def shared_limits(self, lease: float = 330.0, window: float = 60.0) -> None:
+        """Rate limits shared by replicas: none (each process keeps its own, :class:`~kem.server.limits.Limiter`)."""
+        return None
+
+
 def is_postgres(url: str | None) -> bool:
     """Whether a store URL names PostgreSQL (``postgresql://`` or ``postgres://``)."""
     return bool(url) and str(url).startswith(POSTGRES_SCHEMES)

@@ -45,7 +45,7 @@ from kem.stores.rules import (
     stamp,
     statuses,
 )
-from kem.stores.services import StoreServices
+from kem.stores.services import LocalStore
 
 SCHEMA_VERSION = 3  # 2: history.actor (who made each change); 3: edits.search (the text filter's haystack)
 _CHANGE_COLS = "seq, edit_id, namespace, op, at, snapshot, actor"
@@ -100,7 +100,7 @@ _FTS = [
 ]
 
 
-class SQLiteStore:
+class SQLiteStore(LocalStore):
     """:class:`~kem.protocols.EditStore` in one SQLite file.
 
     Args:
@@ -108,8 +108,6 @@ class SQLiteStore:
         synchronous: ``"FULL"`` (default: every commit is on disk when it returns) or ``"NORMAL"``
             (faster commits; the last ones can be lost on power loss). See the module docstring.
     """
-
-    services: StoreServices = StoreServices()  # nothing shared with other machines (kem.stores.services)
 
     def __init__(self, path: str | Path, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
         if synchronous not in SYNCHRONOUS:
@@ -364,10 +362,6 @@ class SQLiteStore:
         if not rows:
             raise NotFoundError(f"no history for edit {edit_id!r}" + (f" in namespace {namespace!r}" if namespace else ""))
         return rows
-
-    def shared_limits(self, lease: float = 330.0, window: float = 60.0) -> None:
-        """Rate limits shared by replicas: none here (each process keeps its own, :class:`~kem.server.limits.Limiter`)."""
-        return None
 
     def revision(self) -> int:
         with self._lock:
