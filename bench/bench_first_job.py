@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10, help="edits in the store (the first N records of --data)")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact-edit.json"))
     ap.add_argument("--corpus", default=None, help="passed to kem consolidate --corpus (e.g. model)")
+    ap.add_argument("--args", default="", help="more kem consolidate options, e.g. \"--all-or-nothing\" or "
+                    "\"--batch-size 256\"")
     ap.add_argument("--cache", default=os.environ.get("KEM_CACHE_DIR", "~/.cache/kem"),
                     help="the cache whose converted models are linked into each fresh cache")
     a = ap.parse_args()
@@ -52,7 +54,8 @@ def main() -> None:
             env.pop("KEM_STORE", None)
             subprocess.run([kem, "edit", "import", a.data, "--limit", str(a.n)], env=env, check=True,
                            capture_output=True)
-            cmd = [kem, "consolidate", "--method", method, "--json"] + (["--corpus", a.corpus] if a.corpus else [])
+            cmd = [kem, "consolidate", "--method", method, "--json"] + (["--corpus", a.corpus] if a.corpus else []) \
+                + a.args.split()
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -66,19 +69,19 @@ def main() -> None:
             m = res.get("metrics", {})
             print(method, {k: round(v, 1) for k, v in res.get("timings", {}).items()}, file=sys.stderr)
             rows.append((method, wall, cpu, (res.get("version") if res.get("published") else "refused") if res else "-",
-                         m.get("retired"), m.get("reliability"), m.get("generalization"), m.get("locality"),
-                         m.get("perplexity_increase")))
+                         m.get("retired"), m.get("deferred"), m.get("reliability"), m.get("generalization"),
+                         m.get("locality"), m.get("perplexity_increase")))
             if p.returncode not in (0, 1) or not res:
                 print(p.stdout[-2000:], p.stderr[-3000:], file=sys.stderr)
     print(f"\nfirst job on a fresh cache, {a.n} edits, corpus {a.corpus or 'shipped text'}, "
-          f"{os.cpu_count()} cores\n")
-    print("| method | wall s | CPU s | version | retired | reliability | generalization | locality | perplexity |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+          f"options {a.args or '(defaults)'}, {os.cpu_count()} cores\n")
+    print("| method | wall s | CPU s | version | retired | deferred | reliability | generalization | locality | perplexity |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     def f(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}"
 
-    for method, wall, cpu, ver, ret, rel, gen, loc, ppl in rows:
-        print(f"| {method} | {wall:.0f} | {cpu:.0f} | {ver} | {'-' if ret is None else ret} | {f(rel)} | {f(gen)} | "
+    for method, wall, cpu, ver, ret, dfr, rel, gen, loc, ppl in rows:
+        print(f"| {method} | {wall:.0f} | {cpu:.0f} | {ver} | {'-' if ret is None else ret} | {dfr or 0} | {f(rel)} | {f(gen)} | "
               f"{f(loc)} | {'-' if ppl is None else f'{100 * ppl:+.1f}%'} |")
 
 

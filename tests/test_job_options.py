@@ -69,14 +69,14 @@ def test_cli_forwards_each_option_to_its_field(tmp_path, monkeypatch):
                                  "--from", "v2", "--min-reliability", "0.5", "--min-locality", "0.6",
                                  "--min-generalization", "0.1", "--max-perplexity-increase", "0.2",
                                  "--corpus", "x.txt", "--cov-samples", "100", "--batch-size", "8", "--max-rank", "4",
-                                 "-H", "values.steps=3", "--home", str(tmp_path), "--json"])
+                                 "--all-or-nothing", "-H", "values.steps=3", "--home", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["message"] == "not run"
     cfg = JobConfig(**got)
     assert isinstance(cfg.method, MethodSpec) and cfg.method.name == "memit"  # looked up once, by the CLI
     assert (cfg.namespace, cfg.max_edits, cfg.dry_run, cfg.parent) == ("alice", 3, True, "v2")
     assert cfg.gates == Gates(0.5, 0.6, min_generalization=0.1, max_perplexity_increase=0.2)
-    assert cfg.corpus == Path("x.txt") and (cfg.batch_size, cfg.max_rank) == (8, 4)
+    assert cfg.corpus == Path("x.txt") and (cfg.batch_size, cfg.max_rank, cfg.partial) == (8, 4, False)
     assert dict(cfg.hparams) == {"values": {"steps": 3}, "mom2_samples": 100}
     changed = {n for n in CONFIG if getattr(cfg, n) != getattr(JobConfig(), n)}
     assert changed == set(CONFIG) - NOT_ON_CLI, "an option of kem consolidate does not reach its JobConfig field"

@@ -35,6 +35,7 @@ from kem.errors import ConflictError, NotFoundError, ValidationError
 from kem.eval.eval_methods import EvalContext, build_method, eval_methods
 
 NAME = "toy-plugin"
+BREAK = "a target whose update wrecks the model"
 SEEN: list[int] = []  # the state's edit count each compute call found (before adding its own)
 
 
@@ -73,7 +74,8 @@ def compute_toy(model: Any, tok: Any, edits: Sequence[Edit], hparams: ToyHParams
     name = arch_for(model).mlp_out_param(hparams.layer)
     rows, cols = dict(model.named_parameters())[name].shape
     delta = WeightDelta(method=NAME, meta={"edit_ids": [e.id for e in edits]})
-    delta.add(name, torch.full((rows, 1), hparams.scale), torch.ones(1, cols))
+    scale = 1.0 if any(e.target_new == BREAK for e in edits) else hparams.scale  # BREAK: wrecks the model
+    delta.add(name, torch.full((rows, 1), scale), torch.ones(1, cols))
     return delta
 
 
@@ -86,8 +88,8 @@ def toy():
     assert NAME not in list_methods() and NAME not in eval_methods()
 
 
-def _edit(namespace: str = "default") -> Edit:
-    return Edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English",
+def _edit(namespace: str = "default", target: str = "English") -> Edit:
+    return Edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new=target,
                 namespace=namespace)
 
 
@@ -152,3 +154,33 @@ def test_job_config_is_frozen_and_validated():
         JobConfig(batch_size=0)
     with pytest.raises(ValidationError, match="max_edits"):
         JobConfig(max_edits=0)
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_a_chunk_that_breaks_the_gates_waits_for_a_later_job(toy, tmp_path, partial):
+    """partial (the default): chunk by chunk within the gates; the chunk that would break locality is
+    taken back with its state, it and the later edits stay active. --all-or-nothing: the job is refused."""
+    from kem.edit import EditStatus
+    from kem.settings import Settings
+    from kem.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    first, breaking, last = store.add_many([_edit(), _edit(target=BREAK), _edit(target="French")],
+                                           on_conflict="keep")
+    settings = Settings(home=tmp_path, device="cpu")
+    probes = ["The capital of France is", "The largest planet is", "Water is made of"]
+    res = consolidate(settings, method=NAME, probes=probes, batch_size=1, partial=partial, max_edits=3,
+                      gates=Gates(min_reliability=0.0, min_locality=0.9, probe_tokens=3, max_perplexity_increase=None))
+    if not partial:
+        assert not res.published and any("locality" in r for r in res.reasons), res.message
+        return
+    assert res.published and res.version == "v1", res.message
+    assert res.edit_ids == [first.id] and res.deferred_ids == [breaking.id, last.id]
+    assert res.metrics["locality"] == 1.0 and res.metrics["deferred"] == 2
+    assert "chunk 2 of 3: locality" in res.metrics["deferred_because"] and "2 more left for a later job" in res.message
+    saved = json.loads((tmp_path / "models" / "v1" / ToyState.file_name).read_text())
+    assert saved == {"edits": 1}  # the taken-back chunk's state went with it
+    manifest = json.loads((tmp_path / "models" / "v1" / "manifest.json").read_text())
+    assert manifest["deferred_edit_ids"] == [breaking.id, last.id]
+    assert {store.get(i).status for i in (breaking.id, last.id)} == {EditStatus.active}
+    store.close()

@@ -49,7 +49,12 @@ def consolidate(
                                                            "not measured).")] = 0.05,
     corpus: Annotated[Path | None, typer.Option(help="Covariance corpus: .txt, folder or .jsonl (default: the WikiText-2 text kem ships; \"model\" samples texts from the model).")] = None,
     cov_samples: Annotated[int | None, typer.Option(help="Covariance texts (method default: 1000).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Edits per compute call.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Edits per compute call; each chunk is computed on the model "
+                                            "with the earlier ones applied.")] = 64,
+    partial: Annotated[bool, typer.Option("--partial/--all-or-nothing", help="Stay within the gates chunk by "
+                                          "chunk: a chunk that would break the locality or perplexity gate is "
+                                          "taken back, and it and the later edits wait for a later job "
+                                          "(--all-or-nothing: publish all or nothing).")] = True,
     max_rank: Annotated[int, typer.Option(help="Tenant adapters: per-module LoRA rank limit (the engine's max LoRA "
                                           "rank); larger updates are SVD-truncated and the gates check the result.")] = 64,
     hparams: Annotated[list[str] | None, typer.Option("--hparams", "-H", help="KEY=VALUE hyperparameter override "
@@ -77,7 +82,7 @@ def consolidate(
     result = run_job(_settings(home, store), method=spec, namespace=namespace, max_edits=max_edits, dry_run=dry_run,
                      gates=Gates(min_reliability, min_locality, min_generalization=min_generalization,
                                  max_perplexity_increase=None if max_perplexity_increase < 0 else max_perplexity_increase), parent=parent, corpus=corpus, hparams=overrides,
-                     batch_size=batch_size, progress=not as_json, max_rank=max_rank)
+                     batch_size=batch_size, partial=partial, progress=not as_json, max_rank=max_rank)
     if as_json:
         _print_json(result.as_dict())
     else:

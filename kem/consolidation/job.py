@@ -35,6 +35,7 @@ and, when an edit-follower is configured, ``adapter_with_follower/``); the edits
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -123,8 +124,12 @@ class JobConfig:
         "texts from the model."))
     hparams: Mapping[str, Any] = field(default_factory=dict, metadata=_opt(
         "Overrides of the method's hyperparameters (e.g. {'mom2_samples': 500})."))
-    batch_size: int = field(default=256, metadata=_opt(
-        "Edits per compute call; larger jobs run chunk after chunk on the updated model."))
+    batch_size: int = field(default=64, metadata=_opt(
+        "Edits per compute call; each chunk is computed on the model with the earlier chunks applied."))
+    partial: bool = field(default=True, metadata=_opt(
+        "Stay within the gates chunk by chunk: after each chunk past the first, the probes' locality and the "
+        "perplexity are checked, and a chunk that would break a gate is taken back; it and the later edits "
+        "stay on the fast path for a later job. False: all or nothing."))
     probes: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Held-out locality prompts (None: default_probes())."))
     progress: bool = field(default=False, metadata=_opt("Show progress bars."))
@@ -164,6 +169,8 @@ class ConsolidationResult:
         edit_ids: Edits taken by the job.
         absorbed_ids: Edits marked ``consolidated`` in ``version``.
         failed_ids: Edits whose greedy answer did not carry the target (left active).
+        deferred_ids: Edits of the chunks left out to stay within the gates (``partial``; left active, not
+            judged: a later job takes them again).
         metrics: reliability, locality, per-probe / per-edit details.
         reasons: Why the gates refused (empty when they passed).
         timings: Seconds per step.
@@ -180,6 +187,7 @@ class ConsolidationResult:
     edit_ids: list[str] = field(default_factory=list)
     absorbed_ids: list[str] = field(default_factory=list)
     failed_ids: list[str] = field(default_factory=list)
+    deferred_ids: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -322,6 +330,7 @@ class _Job:
     total: Any = None  # the WeightDelta of the new version
     applied: list[Any] = field(default_factory=list)
     teacher: Any = None
+    deferred_because: str | None = None  # partial: why the chunks from there on were left for a later job
 
     @classmethod
     def plan(cls, settings: Settings, cfg: JobConfig, spec: MethodSpec, shared: Any,
@@ -392,17 +401,51 @@ def _compute(job: _Job) -> None:
     job.total = WeightDelta(method=spec.name)
     job.applied = job.target.start(model, job.total)
     chunks = [job.edits[i : i + cfg.batch_size] for i in range(0, len(job.edits), cfg.batch_size)]
-    for chunk in tqdm(chunks, desc=f"{spec.name} ({len(job.edits)} edits)", unit="batch",
-                      disable=not cfg.progress or len(chunks) < 2):
+    taken: list[Edit] = []
+    for n, chunk in enumerate(tqdm(chunks, desc=f"{spec.name} ({len(job.edits)} edits)", unit="batch",
+                                   disable=not cfg.progress or len(chunks) < 2)):
+        check = cfg.partial and n > 0  # the first chunk is judged by the gates as a whole job would be
+        state = copy.deepcopy(ctx.state) if check else None
         delta = spec.compute(model, tok, chunk, job.hp, ctx)
+        applied = apply_delta(model, delta)  # the next chunk is computed on the updated model
+        if check and (broken := _breaks_gates(job)):
+            applied.revert()  # this chunk and the later ones wait for a later job
+            ctx.state.clear()
+            ctx.state.update(state or {})
+            job.result.deferred_ids = [e.id for c in chunks[n:] for e in c]
+            job.deferred_because = f"chunk {n + 1} of {len(chunks)}: {broken}"
+            log.info("chunk %d of %d taken back (%s): %d edits left for a later job", n + 1, len(chunks), broken,
+                     len(job.result.deferred_ids))
+            break
         job.teacher = job.teacher or delta.meta.get("teacher")
-        job.applied.append(apply_delta(model, delta))  # the next chunk is computed on the updated model
+        job.applied.append(applied)
+        taken += chunk
         for name, f in delta.updates.items():
             job.total.add(name, f.a, f.b)
+    job.edits = taken
+    job.result.edit_ids = [e.id for e in taken]
     timings["compute"] = time.perf_counter() - t0
     timings["covariance"] = ctx.covariance.last_compute_seconds
     job.total.meta = {"edit_ids": job.result.edit_ids, "hparams": job.hp.model_dump(mode="json"),
                       "parent": job.parent, **job.target.delta_meta()}
+
+
+def _breaks_gates(job: _Job) -> str | None:
+    """Why the model as it stands would fail the locality or perplexity gate (None: within both): the check
+    between two chunks of a ``partial`` job."""
+    gates = job.cfg.gates
+    t0 = time.perf_counter()
+    after = greedy(job.model, job.tok, job.probes, gates.probe_tokens)
+    locality = sum(a.strip() == b.strip() for a, b in zip(after, job.before, strict=True)) / max(len(after), 1)
+    why = None
+    if locality < gates.min_locality:
+        why = f"locality {locality:.3f} < {gates.min_locality}"
+    elif job.ppl_parent and gates.max_perplexity_increase is not None:
+        rise = perplexity(job.model, job.tok) / job.ppl_parent - 1.0
+        if rise > gates.max_perplexity_increase:
+            why = f"perplexity {rise:+.1%} > +{gates.max_perplexity_increase:.0%}"
+    job.timings["chunk_checks"] = job.timings.get("chunk_checks", 0.0) + time.perf_counter() - t0
+    return why
 
 
 def _context(job: _Job) -> Any:
@@ -462,6 +505,8 @@ def _metrics(job: _Job, asked: list[list[dict[str, Any]]], retired: list[bool], 
         **forms_summary(edits, asked),
         "locality": sum(same) / len(same) if same else 1.0,
         "edits": len(edits),
+        "deferred": len(job.result.deferred_ids),
+        "deferred_because": job.deferred_because,
         "retired": sum(retired),
         "kept": len(retired) - sum(retired),
         "probes": len(job.probes),
@@ -526,6 +571,7 @@ def _publish(job: _Job) -> None:
         "hparams": job.hp.model_dump(mode="json"),
         "edit_ids": result.absorbed_ids,
         "failed_edit_ids": result.failed_ids,
+        "deferred_edit_ids": result.deferred_ids,
         "namespace": namespaces[0] if len(namespaces) == 1 else None,
         "namespaces": sorted({e.namespace for e in edits}),
         "metrics": {k: v for k, v in result.metrics.items() if k not in ("changed_probes", "failed_edits", "per_edit")},
@@ -563,7 +609,8 @@ def _retire_line(m: dict[str, Any], retired: int | None = None) -> str:
     r = m["retired"] if retired is None else retired
     why = [f"{k} missed by {m[f'{k}_missed']}" for k in ("cloze", "paraphrase", "question") if m.get(f"{k}_missed")]
     return (f"{r} of {n} edits retired (answered in every form by the weights alone)"
-            + (f", {n - r} kept on the fast path ({', '.join(why)})" if n - r else ""))
+            + (f", {n - r} kept on the fast path ({', '.join(why)})" if n - r else "")
+            + (f"; {m['deferred']} more left for a later job (the {m['deferred_because']})" if m.get("deferred") else ""))
 
 
 def _unchanged(store: Any, edits: Sequence[Edit]) -> list[str]:
