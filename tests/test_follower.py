@@ -281,9 +281,9 @@ def test_eval_adapter_method_scores_in_scope_with_the_follower(follower_gen, emb
 
 
 # ---- kem follower train, end to end ----------------------------------------------------------------------
-def test_kem_adapter_train_end_to_end(tmp_path, lm_and_tok):
+def test_kem_follower_train_end_to_end(tmp_path, lm_and_tok):
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "-m", "kem", "adapter", "train", "--out", str(out), "--records", "12", "--steps", "2",
+    cmd = [sys.executable, "-m", "kem", "follower", "train", "--out", str(out), "--records", "12", "--steps", "2",
            "--batch-size", "4", "--threads", "1", "--data", shared_data("counterfact", "counterfact-train.json"),
            "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -298,7 +298,7 @@ def test_kem_adapter_train_end_to_end(tmp_path, lm_and_tok):
     model, tok = lm_and_tok
     g = TransformersGenerator(model, tok, follower=out)
     assert g.follower == FOLLOWER_NAME and g.generate("The capital of France is", GenerationParams(3, lora=FOLLOWER_NAME))
-    bad = subprocess.run([*cmd[:3], "adapter", "train", "--out", str(tmp_path / "x"), "--steps", "1",
+    bad = subprocess.run([*cmd[:3], "follower", "train", "--out", str(tmp_path / "x"), "--steps", "1",
                           "--data", shared_data("counterfact", "counterfact-edit.json")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert bad.returncode == 2 and "train split only" in bad.stderr
