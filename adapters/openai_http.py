@@ -68,7 +68,7 @@ class OpenAIHTTPGenerator:
 
         import httpx
 
-        self.accepts_loras = runtime_lora  # requests may carry an LoraRef
+        self.accepts_loras = runtime_lora  # requests may carry a LoraRef
         self.max_adapters = max_adapters
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> folder, loaded upstream
         self._lora_lock = threading.Lock()

@@ -57,7 +57,7 @@ class TransformersGenerator:
 
         self.model = model
         self.adapters = ResidentAdapters(model, max_adapters)  # tenants' adapters, loaded on demand
-        self.accepts_loras = True  # requests may carry an LoraRef
+        self.accepts_loras = True  # requests may carry a LoraRef
         self.tokenizer = tokenizer
         self.name = name
         self._turns = FairTurns()

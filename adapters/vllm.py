@@ -139,7 +139,7 @@ class VLLMGenerator:
     def __init__(self, llm: Any, name: str = "vllm", max_batch: int = 64, model_dir: str | None = None,
                  follower: str | Path | None = None) -> None:
         self.llm = llm
-        # requests may carry an LoraRef when the engine was built with LoRA enabled
+        # requests may carry a LoraRef when the engine was built with LoRA enabled
         self.accepts_loras = getattr(llm.llm_engine.vllm_config, "lora_config", None) is not None
         self._lora_ids: dict[str, int] = {}  # adapter folder -> its LoRARequest int id (stable)
         self._lora_lock = threading.Lock()

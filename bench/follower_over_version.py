@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--methods", default="ike,adapter")
     args = ap.parse_args()
 
-    from kem.consolidation.weight_eval import _apply_fn
+    from kem.consolidation.weight_eval import apply_fn
     from kem.datasets import load_cases
     from kem.eval.harness import EvalConfig, Evaluator
     from kem.eval.report import markdown_table
@@ -43,7 +43,7 @@ def main() -> None:
     for m, r in zip(methods, Evaluator(ctx, cfg).run(methods, cases, progress=False), strict=True):
         cols[f"{m} on base"] = r.summary
     t0 = time.perf_counter()
-    revert = _apply_fn(args.method, ctx)(ctx.model, ctx.tokenizer, [e for c in absorbed for e in c.edits])
+    revert = apply_fn(args.method, ctx)(ctx.model, ctx.tokenizer, [e for c in absorbed for e in c.edits])
     print(f"{args.method}: {args.consolidate} edits consolidated in {time.perf_counter() - t0:.0f} s", flush=True)
     try:
         for m, r in zip(methods, Evaluator(ctx, cfg).run(methods, cases, progress=False), strict=True):

@@ -380,7 +380,10 @@ def _mount_optional() -> None:
         except ImportError as exc:
             missing = missing or [str(exc.name or exc)]
         if missing:
-            _mount_unavailable(name, f"needs {', '.join(missing)}" + (f" ({install})" if install else ""))
+            why = f"needs {', '.join(missing)}" + (f" ({install})" if install else "")
+            _mount_unavailable(name, why)
+            for old in (a for a, new in ALIASES.items() if new == name):
+                _mount_unavailable(old, why, hidden=True)
         elif sub_app:
             app.add_typer(target, name=name)
             for old in (a for a, new in ALIASES.items() if new == name):
@@ -389,13 +392,13 @@ def _mount_optional() -> None:
             app.command(name)(target)
 
 
-def _mount_unavailable(name: str, why: str) -> None:
+def _mount_unavailable(name: str, why: str, hidden: bool = False) -> None:
     def unavailable() -> None:
         raise KemError(f"kem {name} is unavailable: {why}")
 
     unavailable.__doc__ = "(unavailable: " + why.replace("[", "\\[") + ")"  # \[: not rich markup
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                        "help_option_names": []})(unavailable)
+    app.command(name, hidden=hidden, context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                                       "help_option_names": []})(unavailable)
 
 
 def main() -> NoReturn:

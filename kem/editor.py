@@ -330,7 +330,7 @@ class KnowledgeEditor:
     def _follower(self, follower: str | None | object) -> str | None:
         return self.follower_of() if follower is _AUTO else follower  # type: ignore[return-value]
 
-    def _adapters(self, follower: str | None | object, tenant: TenantVersion | None,
+    def _loras(self, follower: str | None | object, tenant: TenantVersion | None,
                   ) -> tuple[str | LoraRef | None, str | LoraRef | None]:
         """``(adapter for an in-scope request in the follower's format or None: compose IKE, adapter
         for every other request)``. A tenant with a consolidated version runs with its adapter; with the
@@ -362,7 +362,7 @@ class KnowledgeEditor:
                  tenant: TenantVersion | None | object, as_of: datetime | None) -> Rewrite:
         """One fast path for both request shapes; ``chat`` decides only how the facts are put in."""
         tv = self._tenant(tenant, namespace)
-        follow, plain = self._adapters(follower, tv)
+        follow, plain = self._loras(follower, tv)
         if chat and not query.strip():
             return Rewrite(list(request), [], [], lora=plain)
         qv = self.memory.embedder.embed([query])[0]

@@ -56,7 +56,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # passed through to engines that know them
-    # run with this LoRA: a name (the engine's edit-follower, in-scope requests) or an LoraRef (a folder,
+    # run with this LoRA: a name (the engine's edit-follower, in-scope requests) or a LoraRef (a folder,
     # loaded on demand: a tenant's adapter); None: base weights
     lora: str | LoraRef | None = None
     deadline: float | None = None  # time.monotonic() after which engines stop (DeadlineExceeded)

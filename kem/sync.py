@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class AnnouncingStore(EditStore, Protocol):
     """A store whose services announce writes (``services.notifications``: :class:`kem.stores.postgres.PostgresStore`)."""
 

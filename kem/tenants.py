@@ -175,7 +175,7 @@ class TenantLoras:
             log.warning("tenant %s: %s has no adapter/ folder; serving it without one", namespace, served.path)
             return None, frozenset()
         name = f"{namespace}/{served.version}"
-        both = served.adapter_with_follower
+        both = served.lora_with_follower
         with_follower = LoraRef(f"{name}+follower", str(both.resolve())) if both is not None else None
         return TenantVersion(namespace, served.version, LoraRef(name, str(adapter.resolve())), with_follower,
                              served.absorbed), needs

@@ -146,7 +146,7 @@ class ServedVersion:
         return None if self.namespace is None or self.path is None else self.path / ADAPTER
 
     @property
-    def adapter_with_follower(self) -> Path | None:
+    def lora_with_follower(self) -> Path | None:
         """A tenant version's adapter combined with the edit-follower, when it was built."""
         p = None if self.path is None or self.namespace is None else self.path / ADAPTER_WITH_FOLLOWER
         return p if p is not None and (p / "adapter_config.json").is_file() else None

@@ -13,7 +13,7 @@ another, so tests and deployments can share a database):
   the other, like SQLite's ``BEGIN IMMEDIATE``: a ``seq`` never commits after a larger one is visible,
   and ``changes_since(r)`` never misses a change (a plain sequence would allow that with concurrent
   writers). The lock also makes the supersede check race-free.
-- ``schema_version``; :mod:`kem.server.auth_store` adds ``api_keys`` and the consolidation lock adds
+- ``schema_version``; :mod:`kem.stores.pg_keys` adds ``api_keys`` and :mod:`kem.stores.pg_lock` adds
   ``job_lock`` in the same schema.
 
 Each write transaction also sends ``NOTIFY kem_changes, '<schema>:<seq>'`` (delivered at commit), so a

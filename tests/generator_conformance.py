@@ -259,7 +259,7 @@ VLLM_CHECKS: list[Callable[[Any], None]] = [
 ]
 
 
-# ---- tenants' adapters (engines that run an LoraRef per request) ----------------------------------
+# ---- tenants' adapters (engines that run a LoraRef per request) ----------------------------------
 # Two tenants whose adapters answer the same prompt differently, and a fact of their own each
 # (tests/fact_adapters.py builds them; the first token of each answer is the target's).
 TENANT_FACTS: dict[str, list[tuple[str, str]]] = {
@@ -373,7 +373,7 @@ if pytest is not None:
 
     class AdapterConformance:
         """Subclass with ``engine`` and ``adapters`` (:func:`tenant_adapters`) fixtures, for engines
-        that run an LoraRef per request."""
+        that run a LoraRef per request."""
 
         @pytest.mark.parametrize("check", ADAPTER_CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
         def test_adapter_conformance(self, engine: Any, adapters: dict[str, Any],

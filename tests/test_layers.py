@@ -107,20 +107,24 @@ def test_the_contract_catches_an_upward_import(tmp_path):
 
 
 # Where a Settings() may be built from the environment: the commands, and the documented entry points of the
-# Python API (KnowledgeEditor.open / in_memory, consolidate(), run_eval's context, the dataset readers, and
-# open_store for callers with only a URL). Everything else receives the settings it is given.
-SETTINGS_BUILDERS = {"kem.settings", "kem.cli", "kem.demo", "kem.server.serve_cli", "kem.server.keys_cli", "kem.eval.eval_cli",
-                     "kem.follower.follower_cli", "kem.consolidation.consolidate_cli", "kem.editor", "kem.consolidation.job",
-                     "kem.eval.run", "kem.datasets", "kem.stores"}
+# Python API (KnowledgeEditor.open / in_memory, consolidate(), run_eval and its EvalContext, the dataset
+# readers, and open_store for callers with only a URL). Everything else receives the settings it is given.
+SETTINGS_BUILDERS = {"kem.settings", "kem.cli", "kem.demo", "kem.server.serve_cli", "kem.server.keys_cli",
+                     "kem.eval.eval_cli", "kem.follower.follower_cli", "kem.consolidation.consolidate_cli",
+                     "kem.editor", "kem.consolidation.job", "kem.eval.run", "kem.eval.eval_methods", "kem.datasets",
+                     "kem.stores"}
 
 
 def test_settings_are_built_only_at_entry_points():
     hidden = []
     for name, path in sorted(modules().items()):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Settings" \
-                    and not node.args and not node.keywords and name not in SETTINGS_BUILDERS:
-                hidden.append(f"{name}:{node.lineno}")
+            built = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Settings" \
+                and not node.args and not node.keywords
+            factory = isinstance(node, ast.keyword) and node.arg == "default_factory" \
+                and isinstance(node.value, ast.Name) and node.value.id == "Settings"
+            if (built or factory) and name not in SETTINGS_BUILDERS:
+                hidden.append(f"{name}:{getattr(node, 'lineno', getattr(node.value, 'lineno', '?'))}")
     assert not hidden, f"Settings() built from the environment outside an entry point: {hidden}"
 
 

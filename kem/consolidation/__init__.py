@@ -1,10 +1,10 @@
-"""Consolidation: write accumulated edits into the weights (ROME, MEMIT, AlphaEdit, FT-L).
+"""Consolidation: write accumulated edits into the weights (ROME, MEMIT, AlphaEdit, FT-L, distill).
 
 Each method computes a :class:`~kem.consolidation.delta.WeightDelta` without touching the model;
 :func:`~kem.consolidation.delta.apply_delta` applies it (and reverts exactly). Methods register
 themselves in :mod:`kem.consolidation.method_registry` (for the job and for ``kem eval``); importing this
-package registers the built-in ones (:mod:`.methods`). Module paths come from :mod:`kem.consolidation.arch`.
-:func:`consolidate` is the periodic job (:mod:`.job`) that publishes model versions (:mod:`.versions`).
+package registers the built-in ones (:mod:`.builtin_methods`). Module paths come from :mod:`kem.consolidation.arch`.
+:func:`consolidate` is the periodic job (:mod:`.job`) that publishes model versions (:mod:`.version_weights`).
 """
 
 from __future__ import annotations

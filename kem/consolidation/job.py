@@ -1,7 +1,7 @@
 """The consolidation job: write the pending edits into the weights, check the result, publish a version.
 
 :func:`consolidate` validates the options (:class:`JobConfig`), resolves the method once, takes the job
-lock (:mod:`kem.joblock`), picks the target (:mod:`kem.consolidation.target`: the shared weights, or a
+lock (:func:`kem.stores.services.job_lock`), picks the target (:mod:`kem.consolidation.target`: the shared weights, or a
 tenant's adapter; the only part that differs) and runs five steps on one job state (:class:`_Job`):
 
 1. collect (:func:`_collect`): finish what a killed job left (``recover``), then take the pending edits of
@@ -267,7 +267,7 @@ def consolidate(settings: Settings | None = None, config: JobConfig | None = Non
         settings = settings.model_copy(update={"home": Path(home)})
     cfg = replace(config, **options) if config is not None else JobConfig(**options)  # validated here
     spec = cfg.method if isinstance(cfg.method, MethodSpec) else get_method(cfg.method)  # the one lookup
-    with job_lock(settings) as held:  # one job at a time: a file lock, or PostgreSQL's advisory lock (kem.joblock)
+    with job_lock(settings) as held:  # one job at a time: a file lock, or PostgreSQL's advisory lock (kem.stores.services)
         return _run(settings, cfg, spec, held.check)
 
 
@@ -478,7 +478,7 @@ def _judge(job: _Job) -> bool:
     after = greedy(judged, tok, job.probes, gates.probe_tokens, progress=cfg.progress, desc="probes (edited)")
     same = [a.strip() == b.strip() for a, b in zip(after, job.before, strict=True)]
     ppl_new = perplexity(judged, tok) if job.ppl_parent is not None else None
-    job.timings["evaluate"] = time.perf_counter() - t0 - job.timings.get("export_lora", 0.0)
+    job.timings["evaluate"] = time.perf_counter() - t0 - job.timings.get("export_adapter", 0.0)
 
     retired = [all(f["ok"] for f in fs) for fs in asked]
     result.absorbed_ids = [e.id for e, ok in zip(edits, retired, strict=True) if ok]

@@ -154,7 +154,7 @@ class TenantTarget:
         for handle in reversed(applied):
             handle.revert()
         self.lora = TenantAdapter.build(total, model, self.settings, self.max_rank)
-        timings["export_lora"] = time.perf_counter() - t0
+        timings["export_adapter"] = time.perf_counter() - t0  # the manifest's key since 2026-11
         return self.lora.view
 
     def metrics(self) -> dict[str, Any]:

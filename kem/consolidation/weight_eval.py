@@ -53,7 +53,6 @@ def apply_fn(spec: MethodSpec | str, ctx: EvalContext) -> Callable[..., Callable
     return apply
 
 
-_apply_fn = apply_fn  # the name bench/follower_over_version.py imports
 
 
 def weight_method_factory(spec: MethodSpec) -> Callable[[EvalContext], WeightMethod]:

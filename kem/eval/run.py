@@ -32,20 +32,22 @@ def load_context(settings: Settings | None = None, generator: Any = None, embedd
     return EvalContext(generator=generator, embedder=embedder, settings=settings)
 
 
-def register_optional_methods(settings: Settings | None = None) -> None:
+def register_optional_methods(settings: Settings) -> None:
     """Import the modules that plug methods in (``settings.method_plugins``, ``KEM_METHOD_PLUGINS``; default
-    ``kem.consolidation.builtin_methods``: the weight-editing methods, each with its eval factory). The eval layer
-    names them as data, never imports them in code; a build without one keeps none/ike/adapter."""
+    ``kem.consolidation.builtin_methods``: the weight-editing methods, each with its eval factory). The eval
+    layer names them as data, never imports them in code; a build without kem's own keeps none/ike/adapter,
+    and a plug-in you named that cannot load is a warning."""
     import importlib
 
-    names = (settings.method_plugins if settings is not None else Settings.model_fields["method_plugins"].default)
-    for name in (n.strip() for n in str(names).split(",")):
+    default = Settings.model_fields["method_plugins"].default
+    for name in (n.strip() for n in settings.method_plugins.split(",")):
         if not name:
             continue
         try:
             importlib.import_module(name)
         except ImportError as exc:  # a build without that package, or without its dependencies
-            log.debug("eval methods of %s unavailable: %s", name, exc)
+            (log.debug if name in default.split(",") else log.warning)("eval methods of %s unavailable: %s",
+                                                                       name, exc)
 
 
 def run_eval(
@@ -97,6 +99,7 @@ def run_eval(
     from dataclasses import replace
 
     t0, c0 = time.perf_counter(), time.process_time()
+    settings = settings or (ctx.settings if ctx is not None else None) or Settings()  # the environment's
     register_optional_methods(settings)
     methods = [m.strip() for m in (method.split(",") if isinstance(method, str) else method) if m.strip()]
     loaded_here = cases is None

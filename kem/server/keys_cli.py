@@ -59,8 +59,8 @@ def keys_add(
     keys: KeysOpt = None, store: StoreOpt = None, home: HomeOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Create a key; it is printed once (only its SHA-256 digest is stored)."""
+    from kem.keys import KeyLimits
     from kem.server.auth import digest
-    from kem.server.limits import KeyLimits
 
     ring = ring_for(keys, store, home, create=True)
     key = ring.create(namespace, admin, limits=KeyLimits(rpm=rpm, tpm=tpm, parallel=parallel), review=review)

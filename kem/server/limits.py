@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 PARALLEL_RETRY_AFTER = 1.0
 
 
-
-
 class _Bucket:
     """A token bucket holding at most ``per_minute`` and refilling ``per_minute`` over 60 s. The level may
     go below zero when a request used more than it reserved; that debt is repaid by the refill."""

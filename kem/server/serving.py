@@ -361,13 +361,13 @@ class Serving:
         return rw
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, extra_stop: tuple[str, ...],
-                adapter: str | LoraRef | None, max_new_tokens: int) -> GenerationParams:
+                lora: str | LoraRef | None, max_new_tokens: int) -> GenerationParams:
         stop = tuple(dict.fromkeys(req.stop_list() + extra_stop))
         return GenerationParams(
             max_new_tokens=max_new_tokens,
             temperature=req.temperature if req.temperature is not None else 0.0,
             top_p=req.top_p if req.top_p is not None else 1.0,
-            stop=stop, extra=req.engine_extra(), lora=adapter,
+            stop=stop, extra=req.engine_extra(), lora=lora,
             deadline=time.monotonic() + self.settings.request_timeout, cancel=threading.Event(),
         )
 
@@ -437,8 +437,7 @@ class Serving:
         upstream_model = self._check_model(req.model)
         if not isinstance(engine, ForwardingEngine):
             req.single_choice()
-        rewrite = self.editor.rewrite_chat if kind is _CHAT else self.editor.rewrite_prompt
-        rw = await self._rewrite(rewrite, kind.request(req), namespace, engine, as_of, use_edits)
+        rw = await self._rewrite(kind.rewrite(self.editor), kind.request(req), namespace, engine, as_of, use_edits)
         info = kem_info(rw.applied, namespace)
         _, n, adm = await self._admit_async(engine, req, rw, caller, kind.field)
         if isinstance(engine, ForwardingEngine):
@@ -509,44 +508,53 @@ class Serving:
 @dataclass(frozen=True)
 class _Kind:
     """What differs between a chat completion and a completion, in one place: the request field the fast path
-    rewrites, the engine calls, the upstream path and the response shapes."""
+    rewrites (and how), the engine calls, the upstream path and the response shapes."""
 
     name: str
     path: str  # on an upstream (ForwardingEngine)
     field: str  # the request field rewritten (and named in errors)
     id_prefix: str
     opens_with_role: bool  # a chat stream opens with an empty assistant delta
-
-    def request(self, req: Any) -> Any:
-        return req.messages if self.name == "chat" else req.prompt_text()
-
-    def generate(self, engine: Any, request: Any, params: GenerationParams) -> Awaitable[str]:
-        return engine.achat(request, params) if self.name == "chat" else engine.agenerate(request, params)  # type: ignore[no-any-return]
-
-    def stream(self, engine: Any, request: Any, params: GenerationParams) -> AsyncIterator[str]:
-        return engine.astream_chat(request, params) if self.name == "chat" else engine.astream(request, params)  # type: ignore[no-any-return]
-
-    def response(self, model: str, info: KemInfo, text: str, finish: str) -> dict[str, Any]:
-        if self.name == "chat":
-            return ChatCompletionResponse(model=model, kem=info, choices=[ChatChoice(
-                message=ChatMessageOut(content=text), finish_reason=finish)]).model_dump(exclude_none=True)
-        return CompletionResponse(model=model, kem=info, choices=[
-            CompletionChoice(text=text, finish_reason=finish)]).model_dump(exclude_none=True)
-
-    def chunk(self, cid: str, created: int, model: str, text: str | None, finish: str | None,
-              kem: KemInfo | None) -> dict[str, Any]:
-        """One stream event; chat: ``text`` None with no ``finish`` is the opening role delta."""
-        if self.name == "chat":
-            delta = ChatDelta(role="assistant", content="") if text is None and finish is None else \
-                ChatDelta(content=text) if text is not None else ChatDelta()
-            return ChatCompletionChunk(id=cid, created=created, model=model, kem=kem, choices=[
-                ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump(exclude_none=True)
-        return CompletionResponse(id=cid, created=created, model=model, kem=kem, choices=[
-            CompletionChoice(text=text or "", finish_reason=finish)]).model_dump(exclude_none=True)
+    request: Callable[[Any], Any]  # the request's messages or prompt
+    rewrite: Callable[[KnowledgeEditor], Callable[..., Rewrite]]  # the editor's fast path for it
+    generate: Callable[[Any, Any, GenerationParams], Awaitable[str]]
+    stream: Callable[[Any, Any, GenerationParams], AsyncIterator[str]]
+    response: Callable[[str, KemInfo, str, str], dict[str, Any]]  # (model, kem, text, finish)
+    chunk: Callable[[str, int, str, str | None, str | None, KemInfo | None], dict[str, Any]]
+    """One stream event ``(id, created, model, text, finish, kem)``; chat: ``text`` None with no ``finish``
+    is the opening role delta."""
 
 
-_CHAT = _Kind("chat", "/v1/chat/completions", "messages", "chatcmpl", opens_with_role=True)
-_COMPLETION = _Kind("completion", "/v1/completions", "prompt", "cmpl", opens_with_role=False)
+def _chat_response(model: str, info: KemInfo, text: str, finish: str) -> dict[str, Any]:
+    return ChatCompletionResponse(model=model, kem=info, choices=[ChatChoice(
+        message=ChatMessageOut(content=text), finish_reason=finish)]).model_dump(exclude_none=True)
+
+
+def _chat_chunk(cid: str, created: int, model: str, text: str | None, finish: str | None,
+                kem: KemInfo | None) -> dict[str, Any]:
+    delta = ChatDelta(role="assistant", content="") if text is None and finish is None else \
+        ChatDelta(content=text) if text is not None else ChatDelta()
+    return ChatCompletionChunk(id=cid, created=created, model=model, kem=kem, choices=[
+        ChatChunkChoice(delta=delta, finish_reason=finish)]).model_dump(exclude_none=True)
+
+
+def _completion_response(model: str, info: KemInfo, text: str, finish: str) -> dict[str, Any]:
+    return CompletionResponse(model=model, kem=info, choices=[
+        CompletionChoice(text=text, finish_reason=finish)]).model_dump(exclude_none=True)
+
+
+def _completion_chunk(cid: str, created: int, model: str, text: str | None, finish: str | None,
+                      kem: KemInfo | None) -> dict[str, Any]:
+    return CompletionResponse(id=cid, created=created, model=model, kem=kem, choices=[
+        CompletionChoice(text=text or "", finish_reason=finish)]).model_dump(exclude_none=True)
+
+
+_CHAT = _Kind("chat", "/v1/chat/completions", "messages", "chatcmpl", True, lambda r: r.messages,
+              lambda ed: ed.rewrite_chat, lambda e, r, p: e.achat(r, p), lambda e, r, p: e.astream_chat(r, p),
+              _chat_response, _chat_chunk)
+_COMPLETION = _Kind("completion", "/v1/completions", "prompt", "cmpl", False, lambda r: r.prompt_text(),
+                    lambda ed: ed.rewrite_prompt, lambda e, r, p: e.agenerate(r, p), lambda e, r, p: e.astream(r, p),
+                    _completion_response, _completion_chunk)
 
 
 async def _close_later(engine: Any, grace: float = 2.0) -> None:

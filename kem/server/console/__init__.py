@@ -470,7 +470,7 @@ def build_console(serving: Serving, keys: KeyRing, settings: Settings, jobs: Con
     @router.get("/health")
     @page
     async def health(request: Request) -> Response:
-        from kem.server.limits import KeyLimits
+        from kem.keys import KeyLimits
 
         p, _ = caller(request)
         body = serving.health() if p.admin else {"status": "ok"}
