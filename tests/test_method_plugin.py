@@ -156,10 +156,11 @@ def test_job_config_is_frozen_and_validated():
         JobConfig(max_edits=0)
 
 
-@pytest.mark.parametrize("partial", [True, False])
-def test_a_chunk_that_breaks_the_gates_waits_for_a_later_job(toy, tmp_path, partial):
-    """partial (the default): chunk by chunk within the gates; the chunk that would break locality is
-    taken back with its state, it and the later edits stay active. --all-or-nothing: the job is refused."""
+@pytest.mark.parametrize(("partial", "batch_size"), [(True, 1), (True, 3), (False, 1)])
+def test_a_chunk_that_breaks_the_gates_waits_for_a_later_job(toy, tmp_path, partial, batch_size):
+    """partial (the default): chunk by chunk within the gates; a chunk that would break locality is taken
+    back with its state and its halves tried (batch 3: [ok, BREAK] + [ok] -> [ok] + [BREAK] + [ok]); the
+    edit that breaks it and the later ones stay active. --all-or-nothing: the job is refused."""
     from kem.edit import EditStatus
     from kem.settings import Settings
     from kem.stores.sqlite import SQLiteStore
@@ -169,7 +170,7 @@ def test_a_chunk_that_breaks_the_gates_waits_for_a_later_job(toy, tmp_path, part
                                            on_conflict="keep")
     settings = Settings(home=tmp_path, device="cpu")
     probes = ["The capital of France is", "The largest planet is", "Water is made of"]
-    res = consolidate(settings, method=NAME, probes=probes, batch_size=1, partial=partial, max_edits=3,
+    res = consolidate(settings, method=NAME, probes=probes, batch_size=batch_size, partial=partial, max_edits=3,
                       gates=Gates(min_reliability=0.0, min_locality=0.9, probe_tokens=3, max_perplexity_increase=None))
     if not partial:
         assert not res.published and any("locality" in r for r in res.reasons), res.message
@@ -177,10 +178,26 @@ def test_a_chunk_that_breaks_the_gates_waits_for_a_later_job(toy, tmp_path, part
     assert res.published and res.version == "v1", res.message
     assert res.edit_ids == [first.id] and res.deferred_ids == [breaking.id, last.id]
     assert res.metrics["locality"] == 1.0 and res.metrics["deferred"] == 2
-    assert "chunk 2 of 3: locality" in res.metrics["deferred_because"] and "2 more left for a later job" in res.message
+    assert res.metrics["deferred_because"].startswith("one more edit: locality")
+    assert "2 more left for a later job (one more edit: locality" in res.message
     saved = json.loads((tmp_path / "models" / "v1" / ToyState.file_name).read_text())
     assert saved == {"edits": 1}  # the taken-back chunk's state went with it
     manifest = json.loads((tmp_path / "models" / "v1" / "manifest.json").read_text())
     assert manifest["deferred_edit_ids"] == [breaking.id, last.id]
     assert {store.get(i).status for i in (breaking.id, last.id)} == {EditStatus.active}
     store.close()
+
+
+def test_when_not_one_edit_fits_the_gates_refuse_with_every_reason(toy, tmp_path):
+    """Every edit breaks locality: the first chunk is judged whole, and the refusal names the gate."""
+    from kem.settings import Settings
+    from kem.stores.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "edits.sqlite")
+    store.add_many([_edit(target=BREAK), _edit(target=BREAK)], on_conflict="keep")
+    store.close()
+    res = consolidate(Settings(home=tmp_path, device="cpu"), method=NAME, probes=["The capital of France is"],
+                      batch_size=2, gates=Gates(min_reliability=0.0, min_locality=0.9, probe_tokens=3,
+                                                max_perplexity_increase=None))
+    assert not res.published and any(r.startswith("locality") for r in res.reasons), res.message
+    assert len(res.edit_ids) == 2 and res.deferred_ids == []

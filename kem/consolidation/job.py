@@ -127,9 +127,9 @@ class JobConfig:
     batch_size: int = field(default=64, metadata=_opt(
         "Edits per compute call; each chunk is computed on the model with the earlier chunks applied."))
     partial: bool = field(default=True, metadata=_opt(
-        "Stay within the gates chunk by chunk: after each chunk past the first, the probes' locality and the "
-        "perplexity are checked, and a chunk that would break a gate is taken back; it and the later edits "
-        "stay on the fast path for a later job. False: all or nothing."))
+        "Stay within the gates chunk by chunk: after each chunk the probes' locality and the perplexity are "
+        "checked; a chunk that would break a gate is taken back and its halves tried, down to one edit; the "
+        "edit that breaks it and the later ones stay on the fast path for a later job. False: all or nothing."))
     probes: tuple[str, ...] | None = field(default=None, metadata=_opt(
         "Held-out locality prompts (None: default_probes())."))
     progress: bool = field(default=False, metadata=_opt("Show progress bars."))
@@ -400,28 +400,47 @@ def _compute(job: _Job) -> None:
     t0 = time.perf_counter()
     job.total = WeightDelta(method=spec.name)
     job.applied = job.target.start(model, job.total)
-    chunks = [job.edits[i : i + cfg.batch_size] for i in range(0, len(job.edits), cfg.batch_size)]
+    pending = [job.edits[i : i + cfg.batch_size] for i in range(0, len(job.edits), cfg.batch_size)]
     taken: list[Edit] = []
-    for n, chunk in enumerate(tqdm(chunks, desc=f"{spec.name} ({len(job.edits)} edits)", unit="batch",
-                                   disable=not cfg.progress or len(chunks) < 2)):
-        check = cfg.partial and n > 0  # the first chunk is judged by the gates as a whole job would be
-        state = copy.deepcopy(ctx.state) if check else None
+    first: tuple[Any, dict[str, Any], list[Edit]] | None = None  # the first chunk as computed, whole
+    bar = tqdm(total=len(job.edits), desc=f"{spec.name} ({len(job.edits)} edits)", unit="edit",
+               disable=not cfg.progress or len(pending) < 2 and not cfg.partial)
+    while pending:
+        chunk = pending.pop(0)
+        state = copy.deepcopy(ctx.state) if cfg.partial else {}
         delta = spec.compute(model, tok, chunk, job.hp, ctx)
         applied = apply_delta(model, delta)  # the next chunk is computed on the updated model
-        if check and (broken := _breaks_gates(job)):
-            applied.revert()  # this chunk and the later ones wait for a later job
+        broken = _breaks_gates(job) if cfg.partial else None
+        if broken:  # take it back with the methods' state; try its halves, down to one edit
+            applied.revert()
+            if first is None and not taken:
+                first = (delta, dict(ctx.state), chunk)
             ctx.state.clear()
-            ctx.state.update(state or {})
-            job.result.deferred_ids = [e.id for c in chunks[n:] for e in c]
-            job.deferred_because = f"chunk {n + 1} of {len(chunks)}: {broken}"
-            log.info("chunk %d of %d taken back (%s): %d edits left for a later job", n + 1, len(chunks), broken,
-                     len(job.result.deferred_ids))
+            ctx.state.update(state)
+            if len(chunk) > 1:
+                half = (len(chunk) + 1) // 2
+                pending[:0] = [chunk[:half], chunk[half:]]
+                continue
+            job.deferred_because = f"one more edit: {broken}"
+            job.result.deferred_ids = [e.id for e in chunk] + [e.id for c in pending for e in c]
+            log.info("%d edits left for a later job (%s)", len(job.result.deferred_ids), broken)
             break
         job.teacher = job.teacher or delta.meta.get("teacher")
         job.applied.append(applied)
         taken += chunk
+        bar.update(len(chunk))
         for name, f in delta.updates.items():
             job.total.add(name, f.a, f.b)
+    bar.close()
+    if not taken and first is not None:  # not one edit fits: the first chunk whole, for the gates to refuse
+        delta, state, taken = first     # with every reason, as an all-or-nothing job would
+        ctx.state.clear()
+        ctx.state.update(state)
+        job.applied.append(apply_delta(model, delta))
+        for name, f in delta.updates.items():
+            job.total.add(name, f.a, f.b)
+        kept = {e.id for e in taken}
+        job.result.deferred_ids = [e.id for e in job.edits if e.id not in kept]
     job.edits = taken
     job.result.edit_ids = [e.id for e in taken]
     timings["compute"] = time.perf_counter() - t0
@@ -610,7 +629,7 @@ def _retire_line(m: dict[str, Any], retired: int | None = None) -> str:
     why = [f"{k} missed by {m[f'{k}_missed']}" for k in ("cloze", "paraphrase", "question") if m.get(f"{k}_missed")]
     return (f"{r} of {n} edits retired (answered in every form by the weights alone)"
             + (f", {n - r} kept on the fast path ({', '.join(why)})" if n - r else "")
-            + (f"; {m['deferred']} more left for a later job (the {m['deferred_because']})" if m.get("deferred") else ""))
+            + (f"; {m['deferred']} more left for a later job ({m['deferred_because']})" if m.get("deferred") else ""))
 
 
 def _unchanged(store: Any, edits: Sequence[Edit]) -> list[str]:
