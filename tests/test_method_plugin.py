@@ -201,3 +201,28 @@ def test_when_not_one_edit_fits_the_gates_refuse_with_every_reason(toy, tmp_path
                                                 max_perplexity_increase=None))
     assert not res.published and any(r.startswith("locality") for r in res.reasons), res.message
     assert len(res.edit_ids) == 2 and res.deferred_ids == []
+
+
+def test_eval_loads_the_plugins_settings_name(tmp_path, monkeypatch, caplog):
+    """KEM_METHOD_PLUGINS: a module named there registers its methods when kem eval starts; one that cannot
+    load is a warning, not a silent gap."""
+    import logging
+    import sys
+
+    from kem.eval.eval_methods import unregister_eval_method
+    from kem.eval.run import register_optional_methods
+    from kem.settings import Settings
+
+    (tmp_path / "my_kem_plugin.py").write_text(
+        "from kem.eval.eval_methods import NoneMethod, register_eval_method\n"
+        "register_eval_method('my-plugin-method', NoneMethod)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("KEM_METHOD_PLUGINS", "kem.consolidation.builtin_methods, my_kem_plugin, no_such_plugin_here")
+    try:
+        with caplog.at_level(logging.WARNING, logger="kem.eval.run"):
+            register_optional_methods(Settings())
+        assert "my-plugin-method" in eval_methods() and "memit" in eval_methods()
+        assert any("no_such_plugin_here" in r.getMessage() for r in caplog.records)
+    finally:
+        unregister_eval_method("my-plugin-method")
+        sys.modules.pop("my_kem_plugin", None)
