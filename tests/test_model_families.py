@@ -21,7 +21,7 @@ from kem.consolidation.context import EditContext
 from kem.consolidation.delta import apply_delta
 from kem.consolidation.method_registry import get_method
 from kem.edit import Edit
-from kem.errors import ModelError
+from kem.errors import ModelError, ValidationError
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 if not DATA.is_dir():
@@ -193,3 +193,14 @@ def test_an_unsupported_family_names_what_is_missing():
     config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=100)
     with pytest.raises(ModelError, match=r"model_type 'bloom'.*ARCHITECTURES"):
         arch_for(config)
+
+
+def test_blocks_beyond_the_model_are_a_clear_error(family):
+    """A model with no preset gets the class defaults (SmolLM2's blocks): beyond a 4-block model they are
+    refused naming the field, the model's depth and how to choose, before any work."""
+    _, model, _ = family
+    for method, field in (("memit", "layers"), ("alphaedit", "layers"), ("rome", "layer"), ("ft-l", "layer")):
+        with pytest.raises(ValidationError, match=r"the model has 4 \(0\.\.3\).*-H " + field) as err:
+            get_method(method).hparams_for(model)
+        assert err.value.field == field
+    assert get_method("memit").hparams_for(model, layers=(1, 2)).layers == (1, 2)

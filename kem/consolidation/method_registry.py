@@ -80,7 +80,28 @@ class MethodSpec:
         if name and name in self.presets:
             _merge(values, self.presets[name])
         _merge(values, {k: v for k, v in overrides.items() if v is not None})
-        return self.hparams_cls(**values)
+        hp = self.hparams_cls(**values)
+        if model is not None:
+            _check_layers(self.name, hp, model, preset=bool(name and name in self.presets))
+        return hp
+
+
+def _check_layers(method: str, hp: Any, model: Any, preset: bool) -> None:
+    """A clear error when the blocks ``hp`` edits are beyond the model's (a model with no preset gets the
+    class defaults, written for SmolLM2's 30 blocks)."""
+    from kem.consolidation.arch import num_layers
+
+    field = "layers" if "layers" in type(hp).model_fields else "layer" if "layer" in type(hp).model_fields else None
+    value = getattr(hp, field) if field else None
+    if value is None:
+        return
+    n = num_layers(model)
+    wanted = (value,) if isinstance(value, int) else tuple(value)
+    if any(i >= n for i in wanted):
+        why = "" if preset else " (no preset for this model: the defaults are SmolLM2-135M's)"
+        raise ValidationError(f"{method} edits block(s) {list(wanted)} but the model has {n} (0..{n - 1}){why}; "
+                              f"choose them with -H {field}={'[1,2]' if field == 'layers' else n // 2}",
+                              field=field)
 
 
 def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
