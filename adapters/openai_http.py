@@ -6,7 +6,7 @@ also a :class:`~kem.protocols.ForwardingEngine`: it forwards whole request bodie
 requests reach the upstream byte-for-byte. Upstream errors come back as
 :class:`~kem.errors.EngineError` carrying the upstream's status and error body.
 
-Tenants' adapters (``runtime_lora=True``): a request carrying an :class:`~kem.protocols.LoraRef`
+Tenants' adapters (``runtime_lora=True``): a request carrying a :class:`~kem.protocols.LoraRef`
 is addressed to the upstream by the adapter's name (the ``model`` field); an adapter the upstream has
 not been given yet is loaded first through vLLM's runtime endpoint ``POST /v1/load_lora_adapter``
 (``vllm serve --enable-lora`` with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; the folder must be

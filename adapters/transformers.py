@@ -9,7 +9,7 @@ tests and the out-of-scope "byte-identical" guarantee rely on.
 With an edit-follower adapter (``follower=``), a request whose params name it
 (``GenerationParams.lora``) runs with the LoRA on (:class:`kem.follower.lora.LoraHooks`, switched on
 for that request's forward passes only); every other request runs on the bare base model. A request
-whose params carry an :class:`~kem.protocols.LoraRef` (a tenant's adapter folder) runs with that
+whose params carry a :class:`~kem.protocols.LoraRef` (a tenant's adapter folder) runs with that
 LoRA: adapters load on first use and stay resident in an LRU of ``max_adapters``
 (:class:`kem.follower.lora.ResidentAdapters`); since every forward pass takes one turn of the
 turnstile and switches its request's adapter on for that pass only, requests of different tenants
@@ -95,7 +95,7 @@ class TransformersGenerator:
 
     def _hooks(self, params: GenerationParams) -> Any:
         """The LoRA the request runs with (None: the base weights): the edit-follower when
-        ``params.lora`` names it, or the folder of an :class:`LoraRef` (loaded now if not resident)."""
+        ``params.lora`` names it, or the folder of a :class:`LoraRef` (loaded now if not resident)."""
         ref = params.lora
         if ref is None:
             return None

@@ -62,7 +62,7 @@ class Rewrite:
         considered: Every retrieved edit with its score and verdict.
         stop: Stop strings the rewrite needs (added to the caller's).
         lora: The LoRA the engine must apply: the edit-follower's name (edits in scope, request
-            composed in the follower's format), or the tenant's adapter (an :class:`LoraRef`: the
+            composed in the follower's format), or the tenant's adapter (a :class:`LoraRef`: the
             namespace has a consolidated version; with the follower, the combined adapter).
     """
 
@@ -331,7 +331,7 @@ class KnowledgeEditor:
         return self.follower_of() if follower is _AUTO else follower  # type: ignore[return-value]
 
     def _loras(self, follower: str | None | object, tenant: TenantVersion | None,
-                  ) -> tuple[str | LoraRef | None, str | LoraRef | None]:
+               ) -> tuple[str | LoraRef | None, str | LoraRef | None]:
         """``(adapter for an in-scope request in the follower's format or None: compose IKE, adapter
         for every other request)``. A tenant with a consolidated version runs with its adapter; with the
         follower on, its in-scope requests need the combined adapter (else they are composed as IKE)."""

@@ -126,7 +126,7 @@ class ForwardingEngine(Protocol):
 @runtime_checkable
 class RunsLoras(Protocol):
     """An engine that runs a request with the LoRA ``GenerationParams.lora`` names, per request: the
-    edit-follower's name, or an :class:`LoraRef` (a tenant's consolidated adapter, loaded on demand).
+    edit-follower's name, or a :class:`LoraRef` (a tenant's consolidated adapter, loaded on demand).
     ``accepts_loras`` may be False at run time (a vLLM started without LoRA); ask
     :func:`runs_loras`, which also looks through a sync engine's async wrapper."""
 

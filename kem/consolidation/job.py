@@ -45,7 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from kem.consolidation.judge import ask_forms, forms_summary, greedy, perplexity, select_probes
+from kem.consolidation.judge import ask_forms, forms_summary, greedy, perplexity, select_probes, unchanged
 from kem.consolidation.method_registry import MethodSpec, get_method, method_specs
 from kem.consolidation.target import SharedTarget, Target, TenantTarget
 from kem.edit import Edit, EditStatus, utcnow
@@ -455,7 +455,7 @@ def _breaks_gates(job: _Job) -> str | None:
     gates = job.cfg.gates
     t0 = time.perf_counter()
     after = greedy(job.model, job.tok, job.probes, gates.probe_tokens)
-    locality = sum(a.strip() == b.strip() for a, b in zip(after, job.before, strict=True)) / max(len(after), 1)
+    locality = sum(unchanged(after, job.before)) / max(len(after), 1)
     why = None
     if locality < gates.min_locality:
         why = f"locality {locality:.3f} < {gates.min_locality}"
@@ -495,7 +495,7 @@ def _judge(job: _Job) -> bool:
     judged = job.target.judged(job.model, job.applied, job.total, job.timings)
     asked = ask_forms(judged, tok, edits, gates.chat_tokens, progress=cfg.progress)
     after = greedy(judged, tok, job.probes, gates.probe_tokens, progress=cfg.progress, desc="probes (edited)")
-    same = [a.strip() == b.strip() for a, b in zip(after, job.before, strict=True)]
+    same = unchanged(after, job.before)
     ppl_new = perplexity(judged, tok) if job.ppl_parent is not None else None
     job.timings["evaluate"] = time.perf_counter() - t0 - job.timings.get("export_adapter", 0.0)
 

@@ -134,3 +134,8 @@ def forms_summary(edits: Sequence[Edit], asked: Sequence[Sequence[dict[str, Any]
             "generalization": frac(other), "forms": sum(len(v) for v in by.values()),
             "cloze_missed": missed["cloze"], "paraphrase_missed": missed["paraphrase"],
             "question_missed": missed["question"]}
+
+
+def unchanged(after: Sequence[str], before: Sequence[str]) -> list[bool]:
+    """Per probe: answered as by the parent (the locality gate's unit), ignoring surrounding whitespace."""
+    return [a.strip() == b.strip() for a, b in zip(after, before, strict=True)]
